@@ -1,0 +1,169 @@
+//! Relay configuration, validated before anything starts.
+
+use std::time::Duration;
+
+use outbox::SchemaName;
+
+use crate::kafka::KafkaConfig;
+
+/// What happens to a message once Kafka acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Keep the row with its `processed_at` time (for republishing and audits); the leader
+    /// deletes rows older than `retention` in bounded batches.
+    Keep {
+        /// How long processed rows are kept.
+        retention: Duration,
+    },
+    /// Delete the row as soon as it is acknowledged.
+    Delete,
+}
+
+/// Relay settings. [`RelayConfig::new`] gives production defaults; [`RelayConfig::validate`]
+/// names the setting at fault.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Schema holding the outbox objects.
+    pub schema: SchemaName,
+    /// Sent as `x-source` on every record; identifies the publishing service to consumers.
+    pub source: String,
+    /// Name of the lease row: relays sharing a name take turns (one active at a time).
+    pub lease_name: String,
+    /// How long a lease term lasts without renewal. A standby takes over at most this long after
+    /// the holder stops renewing.
+    pub lease_ttl: Duration,
+    /// How often the holder renews; must be well under `lease_ttl` (at most a third of it).
+    pub lease_renew_interval: Duration,
+    /// Messages claimed and sent per batch.
+    pub batch_size: usize,
+    /// Fallback poll when no notification arrives (notifications can be lost on reconnects).
+    pub poll_interval: Duration,
+    /// Keep-and-clean-up or delete-on-ack.
+    pub completion: Completion,
+    /// How often the leader runs retention cleanup (with [`Completion::Keep`]).
+    pub cleanup_interval: Duration,
+    /// Rows deleted per cleanup statement, so cleanup never holds long locks.
+    pub cleanup_batch_size: usize,
+    /// First retry delay after a failure; doubles per consecutive failure, with jitter.
+    pub backoff_initial: Duration,
+    /// Cap of the retry delay.
+    pub backoff_max: Duration,
+    /// On shutdown, how long to wait for in-flight deliveries before giving up on them (they
+    /// stay pending and are published again by the next holder).
+    pub shutdown_timeout: Duration,
+    /// Kafka producer properties, passed to librdkafka verbatim.
+    pub kafka: KafkaConfig,
+}
+
+/// A relay setting that cannot work, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid relay configuration: {key}: {reason}")]
+pub struct InvalidConfig {
+    /// The setting at fault, as named in configuration files (`lease_ttl`, `kafka.acks`, ...).
+    pub key: String,
+    /// Why it is rejected.
+    pub reason: String,
+}
+
+impl InvalidConfig {
+    pub(crate) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        InvalidConfig {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Defaults for a relay publishing to `bootstrap_servers` as `source`.
+    pub fn new(bootstrap_servers: impl Into<String>, source: impl Into<String>) -> Self {
+        RelayConfig {
+            schema: SchemaName::default_schema(),
+            source: source.into(),
+            lease_name: "relay".to_owned(),
+            lease_ttl: Duration::from_secs(10),
+            lease_renew_interval: Duration::from_secs(3),
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            completion: Completion::Keep {
+                retention: Duration::from_secs(7 * 24 * 3600),
+            },
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch_size: 10_000,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+            kafka: KafkaConfig::new(bootstrap_servers),
+        }
+    }
+
+    /// Checks every setting; the error names the first one at fault.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.source.is_empty() {
+            return Err(InvalidConfig::new("source", "must not be empty"));
+        }
+        if self.lease_name.is_empty() {
+            return Err(InvalidConfig::new("lease_name", "must not be empty"));
+        }
+        if self.lease_ttl < Duration::from_millis(100) {
+            return Err(InvalidConfig::new("lease_ttl", "must be at least 100ms"));
+        }
+        if self.lease_renew_interval.is_zero() || self.lease_renew_interval * 3 > self.lease_ttl {
+            return Err(InvalidConfig::new(
+                "lease_renew_interval",
+                format!(
+                    "must be positive and at most a third of lease_ttl ({:?}), so that a renewal can fail twice before the lease expires",
+                    self.lease_ttl
+                ),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return Err(InvalidConfig::new(
+                "batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(InvalidConfig::new("poll_interval", "must be positive"));
+        }
+        if self.cleanup_interval.is_zero() {
+            return Err(InvalidConfig::new("cleanup_interval", "must be positive"));
+        }
+        if self.cleanup_batch_size == 0 {
+            return Err(InvalidConfig::new("cleanup_batch_size", "must be positive"));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+            return Err(InvalidConfig::new(
+                "backoff_initial",
+                "must be positive and not above backoff_max",
+            ));
+        }
+        self.kafka.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        RelayConfig::new("localhost:9092", "svc")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn renew_interval_must_leave_room_before_expiry() {
+        let mut config = RelayConfig::new("localhost:9092", "svc");
+        config.lease_ttl = Duration::from_secs(3);
+        config.lease_renew_interval = Duration::from_secs(2);
+        assert_eq!(config.validate().unwrap_err().key, "lease_renew_interval");
+    }
+
+    #[test]
+    fn empty_source_is_rejected() {
+        let config = RelayConfig::new("localhost:9092", "");
+        assert_eq!(config.validate().unwrap_err().key, "source");
+    }
+}

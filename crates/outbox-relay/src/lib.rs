@@ -1,0 +1,229 @@
+//! The relay: publishes committed outbox messages to Apache Kafka.
+//!
+//! Run it embedded ([`Relay::start`]) or as the standalone `outbox relay` command. Any number of
+//! relays may run against one outbox; they share a lease, and only its holder publishes.
+//!
+//! # What is guaranteed, and why it holds
+//!
+//! **At-least-once.** A message is marked complete (or deleted) only after Kafka acknowledged it
+//! with `acks=all`. Whatever was not acknowledged stays pending and is sent again by the same or
+//! the next holder, so a crash at any point yields at most duplicates, never a loss.
+//!
+//! **Only committed messages, and every one of them.** The relay reads with ordinary snapshots,
+//! so it never sees an uncommitted row. It claims *all* pending rows in sequence order, never
+//! "rows above the last sequence seen": a transaction that took sequence 10 but commits after 11
+//! was published is still found on the next claim. There is no high-water mark a late commit
+//! could fall under.
+//!
+//! **Per-key order.** For messages A and B with the same topic and key, where A's transaction
+//! committed before B was enqueued, the first delivery of A to Kafka precedes the first delivery
+//! of B. This is causal order: a service that locks its entity row before enqueuing gets its
+//! events in entity-version order. Why:
+//! 1. Sequences come from an identity with `CACHE 1`, i.e. in `nextval` order. A committed before
+//!    B's insert, so A's sequence is lower, and any snapshot that sees B also sees A.
+//! 2. The single active relay claims the lowest pending sequences first, so a batch containing B
+//!    contains A, unless A was completed (acknowledged) before.
+//! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
+//!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
+//!    timeout it never lets a later record of a partition through after giving up on an earlier
+//!    one. When a record fails anyway (e.g. the topic does not exist), no later record of its key
+//!    is sent, and any that were delivered are not completed (see [`kafka`]); the failed one is
+//!    retried with capped, jittered backoff, and the others follow it again.
+//! 4. Duplicates (redeliveries after a crash, or a deposed relay's in-flight batch landing late)
+//!    are copies of records whose first delivery was already in order: each producer's stream is
+//!    in order, and every producer that sent B had sent A before it or found A complete.
+//!
+//! Consumers that need exactly-once *effects* deduplicate on (`x-source`, `x-sequence`); see
+//! [`outbox::headers`] for what the sequence does and does not promise.
+//!
+//! **One publisher at a time, fenced.** See [`lease`]: a relay publishes a new batch only while
+//! its local, conservative lease deadline is ahead, claims and completes only with the fence
+//! (holder, token, unexpired) checked in the same statement, and purges its producer as soon as
+//! it learns the lease is gone. A deposed relay (GC pause, network cut) therefore cannot mark
+//! anything complete or start another batch; at worst the batch it had in flight lands as
+//! duplicates. A standby takes over once the lease expires, or at once after a clean release.
+//!
+//! **Wake-ups.** Inserting messages sends a NOTIFY in the writing transaction, delivered at
+//! commit; the relay LISTENs and also polls every `poll_interval`. A full batch is followed by
+//! the next at once.
+//!
+//! **Shutdown.** [`RelayHandle::shutdown`] (the CLI calls it on SIGTERM/SIGINT) stops claiming,
+//! waits up to `shutdown_timeout` for in-flight deliveries, completes what was acknowledged and
+//! releases the lease so a standby takes over immediately.
+
+mod backoff;
+mod cleanup;
+pub mod config;
+pub mod kafka;
+pub mod lease;
+mod pipeline;
+mod wakeup;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::postgres::Statements;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Completion, InvalidConfig, RelayConfig};
+pub use kafka::KafkaConfig;
+
+use crate::lease::{LeaseKeeper, Term};
+use crate::pipeline::Pipeline;
+use crate::wakeup::Wakeups;
+
+/// Why the relay could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidConfig),
+    /// The Kafka producer could not be created.
+    #[error("cannot create the Kafka producer: {0}")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    /// A database statement failed where the relay cannot go on without it.
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A relay task panicked (a bug).
+    #[error("a relay task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Entry point: starts relays.
+#[derive(Debug)]
+pub struct Relay;
+
+impl Relay {
+    /// Validates `config` and starts the relay's tasks on the current Tokio runtime: the lease
+    /// keeper, the listener, the pipeline and (with [`Completion::Keep`]) retention cleanup.
+    /// The schema must have been migrated.
+    pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        config.validate()?;
+        let statements = Arc::new(Statements::new(&config.schema));
+        let publisher =
+            kafka::Publisher::new(&config.kafka, &config.source).map_err(RelayError::Kafka)?;
+        let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
+        let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
+        let wakeups = Arc::new(Wakeups::default());
+        let cancel = CancellationToken::new();
+        // The lease keeper outlives the pipeline so that it can release the lease last.
+        let keeper_cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn(wakeup::listen(
+            pool.clone(),
+            config.schema.channel(),
+            wakeups.clone(),
+            cancel.clone(),
+        ));
+        if let Completion::Keep { retention } = config.completion {
+            tasks.spawn(cleanup::run_periodically(
+                pool.clone(),
+                statements.clone(),
+                term_rx.clone(),
+                retention,
+                config.cleanup_interval,
+                config.cleanup_batch_size,
+                cancel.clone(),
+            ));
+        }
+        let keeper = LeaseKeeper {
+            pool: pool.clone(),
+            statements: statements.clone(),
+            lease: config.lease_name.clone(),
+            holder: holder.clone(),
+            ttl: config.lease_ttl,
+            renew_interval: config.lease_renew_interval,
+            released: wakeups.lease_released.clone(),
+            term: term_tx,
+        };
+        let keeper_task = tokio::spawn(keeper.run(keeper_cancel.clone()));
+        let pipeline = Pipeline {
+            pool,
+            statements,
+            config,
+            publisher,
+            term: term_rx.clone(),
+            wakeups,
+        };
+        let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
+        Ok(RelayHandle {
+            holder,
+            cancel,
+            keeper_cancel,
+            tasks,
+            pipeline_task,
+            keeper_task,
+            term: term_rx,
+        })
+    }
+}
+
+/// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
+#[derive(Debug)]
+pub struct RelayHandle {
+    holder: String,
+    cancel: CancellationToken,
+    keeper_cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    pipeline_task: tokio::task::JoinHandle<Result<(), RelayError>>,
+    keeper_task: tokio::task::JoinHandle<()>,
+    term: watch::Receiver<Option<Term>>,
+}
+
+impl RelayHandle {
+    /// This relay's holder id in the lease table.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Whether this relay currently holds the lease.
+    pub fn is_leader(&self) -> bool {
+        matches!(&*self.term.borrow(), Some(term) if term.valid_for(Duration::ZERO))
+    }
+
+    /// Waits until this relay holds the lease.
+    pub async fn wait_until_leader(&self) {
+        let mut term = self.term.clone();
+        let _ = term
+            .wait_for(|t| t.as_ref().is_some_and(|t| t.valid_for(Duration::ZERO)))
+            .await;
+    }
+
+    /// Graceful shutdown: stop claiming, wait for in-flight deliveries (up to the configured
+    /// timeout), complete what was acknowledged, release the lease.
+    pub async fn shutdown(mut self) -> Result<(), RelayError> {
+        self.cancel.cancel();
+        let pipeline = (&mut self.pipeline_task).await;
+        while self.tasks.join_next().await.is_some() {}
+        self.keeper_cancel.cancel();
+        (&mut self.keeper_task).await?;
+        pipeline?
+    }
+
+    /// Resolves if the relay stops on its own (a fatal error); otherwise runs forever.
+    pub async fn stopped(&mut self) -> Result<(), RelayError> {
+        (&mut self.pipeline_task).await?
+    }
+
+    /// Stops at once, as a crash would: no flush, no completion, no lease release. For tests
+    /// of failover; the lease expires on its own.
+    pub fn abort(mut self) {
+        self.pipeline_task.abort();
+        self.keeper_task.abort();
+        self.tasks.abort_all();
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".to_owned())
+}

@@ -1,0 +1,233 @@
+//! Claim → publish → complete, while this relay holds the lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::postgres::{Fenced, Statements};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{Completion, RelayConfig};
+use crate::kafka::{BatchOutcome, Publisher};
+use crate::lease::Term;
+use crate::wakeup::Wakeups;
+use crate::RelayError;
+
+/// How long before its local deadline a term stops being used to start a batch: a batch
+/// claimed this close to expiry would likely be completed by nobody but the next holder.
+const TERM_MARGIN: Duration = Duration::from_millis(50);
+
+pub(crate) struct Pipeline {
+    pub(crate) pool: PgPool,
+    pub(crate) statements: Arc<Statements>,
+    pub(crate) config: RelayConfig,
+    pub(crate) publisher: Publisher,
+    pub(crate) term: watch::Receiver<Option<Term>>,
+    pub(crate) wakeups: Arc<Wakeups>,
+}
+
+enum Step {
+    /// A full batch was published: go on at once.
+    More,
+    /// Nothing (more) to do: wait for a wake-up or the poll interval.
+    Idle,
+    /// Something failed: back off before trying again.
+    Failed,
+    /// The lease was lost or not held.
+    NotLeader,
+}
+
+impl Pipeline {
+    pub(crate) async fn run(mut self, cancel: CancellationToken) -> Result<(), RelayError> {
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
+        while !cancel.is_cancelled() {
+            let term = self.term.borrow_and_update().clone();
+            let step = match term {
+                Some(term) if term.valid_for(TERM_MARGIN) => self.step(&term, &cancel).await,
+                _ => Step::NotLeader,
+            };
+            match step {
+                Step::More => backoff.reset(),
+                Step::Idle => {
+                    backoff.reset();
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = self.wakeups.messages.notified() => {}
+                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = self.term.changed() => {}
+                    }
+                }
+                Step::Failed => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(?delay, "backing off");
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Step::NotLeader => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        // The keeper publishes every renewal and every change of holder.
+                        changed = self.term.changed() => if changed.is_err() { break },
+                    }
+                }
+            }
+            if let Some(reason) = self.publisher.fatal_error() {
+                tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
+                self.publisher = Publisher::new(&self.config.kafka, &self.config.source)
+                    .map_err(RelayError::Kafka)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self, term: &Term, cancel: &CancellationToken) -> Step {
+        let batch = match self.claim(term).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim messages");
+                return Step::Failed;
+            }
+        };
+        if batch.is_empty() {
+            return Step::Idle;
+        }
+        // The claim may have taken long (a slow database); never start publishing on a term
+        // that could have ended meanwhile.
+        if !self.term_still_valid(term) {
+            return Step::NotLeader;
+        }
+        let full = batch.len() == self.config.batch_size;
+        // Deliveries are always awaited to the end, so that whatever Kafka acknowledged is
+        // completed. Losing the lease, or a shutdown that outlasts its timeout, purges the
+        // producer instead, which fails the outstanding deliveries at once.
+        let shutdown_deadline = async {
+            cancel.cancelled().await;
+            tracing::info!(
+                in_flight = batch.len(),
+                "shutting down: waiting for in-flight deliveries"
+            );
+            tokio::time::sleep(self.config.shutdown_timeout).await;
+        };
+        let publish = self.publisher.publish(&batch);
+        tokio::pin!(publish, shutdown_deadline);
+        let mut purged = false;
+        let mut lost = false;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut publish => break outcome,
+                _ = self.lease_lost(term), if !purged => {
+                    tracing::warn!("lost the lease with a batch in flight; abandoning it");
+                    self.publisher.purge();
+                    (purged, lost) = (true, true);
+                }
+                _ = &mut shutdown_deadline, if !purged => {
+                    tracing::warn!("in-flight deliveries outlasted the shutdown timeout; they stay pending");
+                    self.publisher.purge();
+                    purged = true;
+                }
+            }
+        };
+        if lost {
+            return Step::NotLeader;
+        }
+        self.finish(term, outcome, full).await
+    }
+
+    async fn claim(
+        &self,
+        term: &Term,
+    ) -> Result<Vec<outbox::postgres::PendingMessage>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.statements
+            .claim(&mut conn, self.config.batch_size as i64, &term.fence)
+            .await
+    }
+
+    fn term_still_valid(&self, term: &Term) -> bool {
+        matches!(&*self.term.borrow(), Some(current) if current.fence == term.fence && current.valid_for(Duration::ZERO))
+    }
+
+    /// Resolves when the term ends (lost, stepped down, or its deadline passed unrenewed).
+    async fn lease_lost(&self, term: &Term) {
+        let mut watch = self.term.clone();
+        loop {
+            let deadline = match &*watch.borrow_and_update() {
+                Some(current) if current.fence == term.fence => current.deadline,
+                _ => return,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.term_still_valid(term) { return }
+                }
+                changed = watch.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    async fn finish(&self, term: &Term, outcome: BatchOutcome, full: bool) -> Step {
+        let delete = matches!(self.config.completion, Completion::Delete);
+        if !outcome.delivered.is_empty() {
+            let completed = async {
+                let mut conn = self.pool.acquire().await?;
+                self.statements
+                    .complete(&mut conn, &outcome.delivered, delete, &term.fence)
+                    .await
+            }
+            .await;
+            match completed {
+                Ok(Fenced::Done(count)) => {
+                    tracing::debug!(count, "published and completed");
+                }
+                Ok(Fenced::LeaseLost) => {
+                    tracing::warn!(
+                        count = outcome.delivered.len(),
+                        "lost the lease before completing; the next holder publishes these again"
+                    );
+                    return Step::NotLeader;
+                }
+                Err(error) => {
+                    // They stay pending and are published again: a duplicate, never a loss.
+                    tracing::warn!(%error, count = outcome.delivered.len(), "cannot mark delivered messages complete");
+                    return Step::Failed;
+                }
+            }
+        }
+        if outcome.failed.is_empty() {
+            return if full { Step::More } else { Step::Idle };
+        }
+        for (id, error) in &outcome.failed {
+            tracing::warn!(sequence = id, %error, retriable = is_retriable(error), "delivery failed; the message and later ones of its key stay pending");
+        }
+        let failures: Vec<(i64, String)> = outcome
+            .failed
+            .iter()
+            .map(|(id, error)| (*id, error.to_string()))
+            .collect();
+        if let Err(error) = async {
+            let mut conn = self.pool.acquire().await?;
+            self.statements
+                .record_failures(&mut conn, &failures, &term.fence)
+                .await
+        }
+        .await
+        {
+            tracing::warn!(%error, "cannot record delivery failures");
+        }
+        Step::Failed
+    }
+}
+
+fn is_retriable(error: &rdkafka::error::KafkaError) -> bool {
+    error.rdkafka_error_code().is_some_and(|code| {
+        !matches!(
+            code,
+            rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
+                | rdkafka::types::RDKafkaErrorCode::InvalidRecord
+                | rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
+        )
+    })
+}

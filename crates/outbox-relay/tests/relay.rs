@@ -1,0 +1,521 @@
+//! The relay against the real PostgreSQL and Apache Kafka started by `dev/up`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outbox::Message;
+use outbox_relay::{Completion, Relay, RelayConfig};
+use outbox_test_support::{
+    create_topic, kafka_bootstrap_servers, unique_topic, wait_until, KafkaBroker, TestOutbox,
+    TopicReader,
+};
+
+const SOURCE: &str = "relay-tests";
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn config(outbox: &TestOutbox) -> RelayConfig {
+    config_for(outbox, &kafka_bootstrap_servers())
+}
+
+fn config_for(outbox: &TestOutbox, bootstrap: &str) -> RelayConfig {
+    let mut config = RelayConfig::new(bootstrap, SOURCE);
+    config.schema = outbox.schema.clone();
+    config.lease_ttl = Duration::from_secs(2);
+    config.lease_renew_interval = Duration::from_millis(500);
+    config.poll_interval = Duration::from_millis(500);
+    config.backoff_initial = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(500);
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
+}
+
+async fn topic(partitions: i32) -> String {
+    let topic = unique_topic("relay");
+    create_topic(&kafka_bootstrap_servers(), &topic, partitions).await;
+    topic
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_message_is_published_with_compatible_headers() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
+
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let sequence = outbox
+        .outbox
+        .save_for_publishing(
+            &mut tx,
+            Message::new(&topic, b"{\"id\":1}".to_vec())
+                .key("thing-1")
+                .header("x-value-type", "ThingCreated")
+                .header("binary", vec![0u8, 255, 1]),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut reader = TopicReader::new(&topic);
+    let record = reader.read_at_least(1, READ_TIMEOUT).await[0].clone();
+    assert_eq!(record.key_str(), "thing-1");
+    assert_eq!(record.payload_str(), "{\"id\":1}");
+    let x_sequence = record.header("x-sequence").unwrap();
+    assert_eq!(x_sequence.len(), 8, "x-sequence is 8 bytes");
+    assert_eq!(i64::from_be_bytes(x_sequence.try_into().unwrap()), sequence);
+    assert_eq!(record.header("x-source"), Some(SOURCE.as_bytes()));
+    assert_eq!(record.header("x-value-type"), Some(&b"ThingCreated"[..]));
+    assert_eq!(record.header("binary"), Some(&[0u8, 255, 1][..]));
+    wait_until(
+        Duration::from_secs(10),
+        "the message is marked processed",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_transaction_publishes_nothing() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
+
+    let mut tx = outbox.pool.begin().await.unwrap();
+    outbox
+        .outbox
+        .save_for_publishing(&mut tx, Message::new(&topic, b"rolled back".to_vec()))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    // A later committed message: once it is out, the rolled-back one (lower id) would be too.
+    outbox
+        .commit_each([Message::new(&topic, b"committed".to_vec())])
+        .await;
+
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(1, READ_TIMEOUT).await;
+    let received = reader.read_for(Duration::from_millis(500)).await;
+    let payloads: Vec<&str> = received.iter().map(|r| r.payload_str()).collect();
+    assert_eq!(payloads, ["committed"]);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_messages_over_several_keys_arrive_in_per_key_order() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    let mut config = config(&outbox);
+    config.batch_size = 64; // many batches, so ordering across batches is exercised
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for chunk in 0..20 {
+        let messages: Vec<Message> = (0..50)
+            .map(|i| {
+                let n = chunk * 50 + i;
+                let key = format!("key-{}", n % 7);
+                let payload = format!("{key}:{n}");
+                expected
+                    .entry(key.clone())
+                    .or_default()
+                    .push(payload.clone());
+                Message::new(&topic, payload).key(key)
+            })
+            .collect();
+        let mut tx = outbox.pool.begin().await.unwrap();
+        outbox
+            .outbox
+            .save_all_for_publishing(&mut tx, messages)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(1000, READ_TIMEOUT).await;
+    reader.assert_per_key_order();
+    let mut actual: HashMap<String, Vec<String>> = HashMap::new();
+    for record in &reader.received {
+        actual
+            .entry(record.key_str().to_owned())
+            .or_default()
+            .push(record.payload_str().to_owned());
+    }
+    assert_eq!(actual, expected, "every message once, in per-key order");
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_locking_entity_rows_publish_versions_in_increasing_order_per_key() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    let table = format!("{}.entity", outbox.schema);
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (id text PRIMARY KEY, version bigint NOT NULL)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    for id in ["hot-a", "hot-b", "hot-c"] {
+        sqlx::query(&format!("INSERT INTO {table} VALUES ($1, 0)"))
+            .bind(id)
+            .execute(&outbox.pool)
+            .await
+            .unwrap();
+    }
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
+
+    const WRITERS: usize = 12;
+    const UPDATES: usize = 25;
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let (pool, writer_outbox, table, topic) = (
+            outbox.pool.clone(),
+            outbox.outbox.clone(),
+            table.clone(),
+            topic.clone(),
+        );
+        writers.spawn(async move {
+            for update in 0..UPDATES {
+                let id = ["hot-a", "hot-b", "hot-c"][(writer + update) % 3];
+                let mut tx = pool.begin().await.unwrap();
+                let version: i64 = sqlx::query_scalar(&format!(
+                    "UPDATE {table} SET version = version + 1 WHERE id = $1 RETURNING version"
+                ))
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                writer_outbox
+                    .save_for_publishing(&mut tx, Message::new(&topic, version.to_string()).key(id))
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result.unwrap();
+    }
+
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(WRITERS * UPDATES, READ_TIMEOUT).await;
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for record in &reader.received {
+        let version: i64 = record.payload_str().parse().unwrap();
+        let previous = last
+            .insert(record.key_str().to_owned(), version)
+            .unwrap_or(0);
+        assert_eq!(
+            version,
+            previous + 1,
+            "key {} jumped from version {previous} to {version}",
+            record.key_str()
+        );
+    }
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_whose_transaction_commits_late_is_not_skipped() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
+
+    // The slow transaction takes the lower sequence and holds it open.
+    let mut slow = outbox.pool.begin().await.unwrap();
+    let slow_sequence = outbox
+        .outbox
+        .save_for_publishing(
+            &mut slow,
+            Message::new(&topic, b"late".to_vec()).key("late"),
+        )
+        .await
+        .unwrap();
+    let later = outbox
+        .commit_each((0..20).map(|i| Message::new(&topic, format!("early-{i}")).key("early")))
+        .await;
+    assert!(later.iter().all(|s| *s > slow_sequence));
+
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(20, READ_TIMEOUT).await;
+    assert!(
+        !reader.distinct_sequences().contains(&slow_sequence),
+        "uncommitted message published"
+    );
+
+    slow.commit().await.unwrap();
+    reader
+        .read_until(READ_TIMEOUT, |r| {
+            r.iter().any(|r| r.payload_str() == "late")
+        })
+        .await;
+    assert_eq!(reader.distinct_sequences().len(), 21);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_with_an_aggressive_lease_deliver_everything_in_order() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let mut config = config(&outbox);
+        config.lease_ttl = Duration::from_millis(300);
+        config.lease_renew_interval = Duration::from_millis(100);
+        config.batch_size = 25;
+        relays.push(Relay::start(outbox.pool.clone(), config).unwrap());
+    }
+    const COUNT: usize = 600;
+    for round in 0..12 {
+        let messages: Vec<Message> = (0..COUNT / 12)
+            .map(|i| Message::new(&topic, format!("{round}-{i}")).key(format!("k{}", i % 5)))
+            .collect();
+        let mut tx = outbox.pool.begin().await.unwrap();
+        outbox
+            .outbox
+            .save_all_for_publishing(&mut tx, messages)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await; // spread writes over lease changes
+    }
+
+    let mut reader = TopicReader::new(&topic);
+    reader
+        .read_until(READ_TIMEOUT, |r| {
+            r.iter()
+                .map(|r| r.sequence())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= COUNT
+        })
+        .await;
+    let duplicates = reader.assert_per_key_order();
+    println!("three relays: {COUNT} messages, {duplicates} duplicate deliveries");
+    for relay in relays {
+        relay.shutdown().await.unwrap();
+    }
+    assert_eq!(outbox.pending().await, 0);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_finishes_the_job_when_the_leader_is_aborted_mid_stream() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    let mut leader_config = config(&outbox);
+    leader_config.batch_size = 50;
+    let leader = Relay::start(outbox.pool.clone(), leader_config.clone()).unwrap();
+    leader.wait_until_leader().await;
+    let standby = Relay::start(outbox.pool.clone(), leader_config).unwrap();
+
+    const COUNT: usize = 3000;
+    let messages: Vec<Message> = (0..COUNT)
+        .map(|i| Message::new(&topic, format!("{i}")).key(format!("k{}", i % 11)))
+        .collect();
+    let mut tx = outbox.pool.begin().await.unwrap();
+    outbox
+        .outbox
+        .save_all_for_publishing(&mut tx, messages)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    wait_until(
+        Duration::from_secs(30),
+        "the leader has published some",
+        || async { outbox.pending().await < COUNT as i64 },
+    )
+    .await;
+    assert!(!standby.is_leader());
+    leader.abort();
+
+    let mut reader = TopicReader::new(&topic);
+    reader
+        .read_until(READ_TIMEOUT, |r| {
+            r.iter()
+                .map(|r| r.sequence())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= COUNT
+        })
+        .await;
+    assert!(standby.is_leader());
+    let duplicates = reader.assert_per_key_order();
+    println!("failover: {COUNT} messages, {duplicates} duplicate deliveries");
+    wait_until(
+        Duration::from_secs(10),
+        "everything is completed",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    standby.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_shutdown_hands_the_lease_over_at_once() {
+    let outbox = TestOutbox::new().await;
+    let mut long_lease = config(&outbox);
+    long_lease.lease_ttl = Duration::from_secs(60);
+    long_lease.lease_renew_interval = Duration::from_secs(20);
+    let first = Relay::start(outbox.pool.clone(), long_lease.clone()).unwrap();
+    first.wait_until_leader().await;
+    let second = Relay::start(outbox.pool.clone(), long_lease).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_leader(), "two leaders at once");
+
+    let released_at = std::time::Instant::now();
+    first.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second.wait_until_leader())
+        .await
+        .expect("the standby took over well within the 60 s lease");
+    println!("takeover after clean release: {:?}", released_at.elapsed());
+    second.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_started_while_kafka_is_down_delivers_once_it_is_up() {
+    let outbox = TestOutbox::new().await;
+    let mut broker = KafkaBroker::new();
+    let topic = unique_topic("down");
+    outbox
+        .commit_each(
+            (0..50).map(|i| Message::new(&topic, format!("{i}")).key(format!("k{}", i % 3))),
+        )
+        .await;
+    let relay = Relay::start(
+        outbox.pool.clone(),
+        config_for(&outbox, &broker.bootstrap_servers()),
+    )
+    .unwrap();
+    relay.wait_until_leader().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        outbox.pending().await,
+        50,
+        "nothing may be completed while Kafka is down"
+    );
+
+    broker.start();
+    // The broker is up but the topic is missing: deliveries fail and are retried with backoff.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        outbox.pending().await,
+        50,
+        "nothing may be completed while the topic is missing"
+    );
+    create_topic(&broker.bootstrap_servers(), &topic, 2).await;
+
+    let mut reader = TopicReader::on(&broker.bootstrap_servers(), &topic);
+    reader
+        .read_until(Duration::from_secs(90), |r| {
+            r.iter()
+                .map(|r| r.sequence())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= 50
+        })
+        .await;
+    reader.assert_per_key_order();
+    wait_until(
+        Duration::from_secs(10),
+        "everything is completed",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_only_processed_rows_older_than_the_retention() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let ids = outbox
+        .commit_each((0..6).map(|i| Message::new(&topic, format!("{i}"))))
+        .await;
+    let table = format!("{}.message", outbox.schema);
+    // 0,1: processed long ago; 2,3: processed recently; 4,5: pending (old, but unpublished).
+    sqlx::query(&format!(
+        "UPDATE {table} SET processed_at = now() - interval '2 days' WHERE id = ANY($1)"
+    ))
+    .bind(&ids[0..2])
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "UPDATE {table} SET processed_at = now() WHERE id = ANY($1)"
+    ))
+    .bind(&ids[2..4])
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "UPDATE {table} SET created_at = now() - interval '3 days' WHERE id = ANY($1)"
+    ))
+    .bind(&ids[4..6])
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+
+    let mut config = config(&outbox);
+    config.completion = Completion::Keep {
+        retention: Duration::from_secs(24 * 3600),
+    };
+    config.cleanup_interval = Duration::from_millis(100);
+    config.cleanup_batch_size = 1; // several bounded rounds
+                                   // The relay also publishes 4 and 5 meanwhile; they are then processed too recently to go.
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let remaining = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM {table} ORDER BY id"))
+            .fetch_all(&outbox.pool)
+            .await
+            .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "old processed rows are gone",
+        || async { remaining().await.len() == 4 },
+    )
+    .await;
+    assert_eq!(remaining().await, ids[2..6].to_vec());
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_completion_leaves_no_rows() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let mut config = config(&outbox);
+    config.completion = Completion::Delete;
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    outbox
+        .commit_each((0..10).map(|i| Message::new(&topic, format!("{i}"))))
+        .await;
+    TopicReader::new(&topic)
+        .read_at_least(10, READ_TIMEOUT)
+        .await;
+    let count_rows = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {}.message", outbox.schema))
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "published rows are deleted",
+        || async { count_rows().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}

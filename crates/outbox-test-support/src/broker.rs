@@ -1,0 +1,188 @@
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Kafka broker of its own (KRaft, single node, loopback), for tests that stop or kill one
+/// without disturbing the shared `dev/up` broker. Uses the jars `dev/up` fetched.
+pub struct KafkaBroker {
+    port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    process: Option<Child>,
+}
+
+fn libs_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("OUTBOX_KAFKA_LIBS") {
+        return dir.into();
+    }
+    let cache = std::env::var("OUTBOX_DEV_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/outbox-dev")
+        });
+    cache.join("kafka/libs")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl KafkaBroker {
+    /// Picks ports and formats storage; the broker is not started yet, so a client pointed at
+    /// [`KafkaBroker::bootstrap_servers`] finds nothing listening.
+    pub fn new() -> Self {
+        let libs = libs_dir();
+        assert!(
+            libs.join(".complete").exists(),
+            "the Kafka broker jars are missing at {}\nRun dev/up first: it fetches them",
+            libs.display()
+        );
+        let dir = std::env::temp_dir().join(format!("outbox-test-kafka-{}", crate::short_id()));
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        let broker = KafkaBroker {
+            port: free_port(),
+            controller_port: free_port(),
+            dir,
+            process: None,
+        };
+        std::fs::write(broker.dir.join("server.properties"), broker.properties())
+            .expect("properties");
+        let status = broker
+            .java()
+            .args([
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                "q1Sh-9_ISia_zwGINzRvyQ",
+                "-c",
+            ])
+            .arg(broker.dir.join("server.properties"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run Kafka's StorageTool");
+        assert!(
+            status.success(),
+            "formatting the test broker's storage failed"
+        );
+        broker
+    }
+
+    fn properties(&self) -> String {
+        format!(
+            "process.roles=broker,controller\nnode.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{c}\n\
+             listeners=PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{p}\n\
+             controller.listener.names=CONTROLLER\ninter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             log.dirs={dir}/data\nauto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\noffsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n",
+            p = self.port,
+            c = self.controller_port,
+            dir = self.dir.display()
+        )
+    }
+
+    fn java(&self) -> Command {
+        let mut command = Command::new("java");
+        command
+            .args([
+                "-Xms128m",
+                "-Xmx512m",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",
+            ])
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                self.log_config().display()
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", libs_dir().display()));
+        command
+    }
+
+    fn log_config(&self) -> PathBuf {
+        let path = self.dir.join("log4j2.properties");
+        if !path.exists() {
+            std::fs::write(
+                &path,
+                "rootLogger.level=WARN\nrootLogger.appenderRef.out.ref=out\n\
+                 appender.out.type=Console\nappender.out.name=out\n\
+                 appender.out.layout.type=PatternLayout\nappender.out.layout.pattern=%m%n\n\
+                 logger.server.name=kafka.server.KafkaRaftServer\nlogger.server.level=INFO\n",
+            )
+            .expect("log config");
+        }
+        path
+    }
+
+    /// `host:port` of this broker.
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the broker and waits until it serves requests.
+    pub fn start(&mut self) {
+        assert!(self.process.is_none(), "broker already running");
+        let mut child = self
+            .java()
+            .arg("kafka.Kafka")
+            .arg(self.dir.join("server.properties"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the Kafka broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("Kafka Server started") {
+                    let _ = started_tx.send(());
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if started_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the test Kafka broker exited during startup: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the test Kafka broker did not start within 90s"
+            );
+        }
+        self.process = Some(child);
+    }
+
+    /// SIGKILLs the broker: no clean shutdown, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Default for KafkaBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,213 @@
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::{kafka_bootstrap_servers, short_id};
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", short_id())
+}
+
+/// Creates `topic` with `partitions` partitions on `bootstrap` (replication 1). Panics with
+/// instructions when Kafka is unreachable.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let results = admin
+        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &options)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("cannot reach Kafka at {bootstrap}: {error}\nStart the services with: eval \"$(dev/up)\"")
+        });
+    for result in results {
+        result.unwrap_or_else(|(name, code)| panic!("cannot create topic {name}: {code:?}"));
+    }
+}
+
+/// A record as read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Received {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The decoded `x-sequence` header; panics when absent or malformed.
+    pub fn sequence(&self) -> i64 {
+        outbox::headers::decode_sequence(
+            self.header(outbox::headers::SEQUENCE)
+                .expect("x-sequence header"),
+        )
+        .expect("well-formed x-sequence")
+    }
+
+    /// The key as UTF-8.
+    pub fn key_str(&self) -> &str {
+        std::str::from_utf8(self.key.as_deref().expect("key")).expect("utf-8 key")
+    }
+
+    /// The payload as UTF-8.
+    pub fn payload_str(&self) -> &str {
+        std::str::from_utf8(self.payload.as_deref().expect("payload")).expect("utf-8 payload")
+    }
+}
+
+/// Reads a topic from the beginning of every partition, without a consumer group.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    /// Everything read so far, in arrival order per partition.
+    pub received: Vec<Received>,
+}
+
+impl TopicReader {
+    /// Reads `topic` (which must exist) on the default broker.
+    pub fn new(topic: &str) -> Self {
+        Self::on(&kafka_bootstrap_servers(), topic)
+    }
+
+    /// Reads `topic` on `bootstrap`.
+    pub fn on(bootstrap: &str, topic: &str) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("reader-{}", short_id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap_or_else(|error| panic!("cannot read metadata of {topic}: {error}"));
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            assignment
+                .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                .expect("assignment");
+        }
+        assert!(assignment.count() > 0, "topic {topic} has no partitions");
+        consumer.assign(&assignment).expect("assign");
+        TopicReader {
+            consumer,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads until `done(&received)` holds; panics after `timeout`.
+    pub async fn read_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Received]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&self.received) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {timeout:?}; read {} records so far",
+                self.received.len()
+            );
+            self.poll_for(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads until at least `count` records arrived.
+    pub async fn read_at_least(&mut self, count: usize, timeout: Duration) -> &[Received] {
+        self.read_until(timeout, |r| r.len() >= count).await;
+        &self.received
+    }
+
+    /// Keeps reading for `duration` (to prove that something does *not* arrive).
+    pub async fn read_for(&mut self, duration: Duration) -> &[Received] {
+        let deadline = tokio::time::Instant::now() + duration;
+        while tokio::time::Instant::now() < deadline {
+            self.poll_for(Duration::from_millis(50)).await;
+        }
+        &self.received
+    }
+
+    async fn poll_for(&mut self, duration: Duration) {
+        // BaseConsumer::poll blocks; it runs on a blocking thread so the relay under test keeps
+        // its share of the runtime.
+        let consumer = &self.consumer;
+        let batch = tokio::task::block_in_place(|| {
+            let mut batch = Vec::new();
+            let deadline = std::time::Instant::now() + duration;
+            while let Some(now) = Some(std::time::Instant::now()).filter(|now| *now < deadline) {
+                match consumer.poll(deadline - now) {
+                    Some(Ok(message)) => batch.push(Received {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        headers: message
+                            .headers()
+                            .map(|headers| {
+                                headers
+                                    .iter()
+                                    .map(|h| {
+                                        (h.key.to_owned(), h.value.unwrap_or_default().to_vec())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    }),
+                    Some(Err(error)) => panic!("consumer error: {error}"),
+                    None => break,
+                }
+            }
+            batch
+        });
+        self.received.extend(batch);
+    }
+
+    /// Checks per-key order: the first delivery of each sequence, per key, must be increasing.
+    /// Returns the number of duplicate deliveries seen.
+    pub fn assert_per_key_order(&self) -> usize {
+        let mut last_first: HashMap<Option<Vec<u8>>, i64> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut duplicates = 0;
+        for record in &self.received {
+            let sequence = record.sequence();
+            if !seen.insert(sequence) {
+                duplicates += 1;
+                continue;
+            }
+            if let Some(previous) = last_first.insert(record.key.clone(), sequence) {
+                assert!(
+                    previous < sequence,
+                    "per-key order broken for key {:?}: sequence {sequence} arrived after {previous}",
+                    record.key.as_deref().map(String::from_utf8_lossy)
+                );
+            }
+        }
+        duplicates
+    }
+
+    /// Distinct sequences received.
+    pub fn distinct_sequences(&self) -> std::collections::BTreeSet<i64> {
+        self.received.iter().map(Received::sequence).collect()
+    }
+}

@@ -1,0 +1,148 @@
+//! Test support: the `dev/up` services (failing loudly when they are absent), a unique schema
+//! and topic per test so tests run in parallel, a Kafka reader, a throwaway Kafka broker for
+//! tests that stop one, and condition waits with deadlines instead of sleeps.
+
+mod broker;
+mod kafka;
+
+use std::future::Future;
+use std::time::Duration;
+
+use outbox::{Outbox, OutboxConfig, SchemaName};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+pub use broker::KafkaBroker;
+pub use kafka::{create_topic, unique_topic, Received, TopicReader};
+
+/// The `dev/up` PostgreSQL unless `DATABASE_URL` says otherwise.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
+/// The `dev/up` Kafka unless `KAFKA_BOOTSTRAP_SERVERS` says otherwise.
+pub const DEFAULT_KAFKA_BOOTSTRAP_SERVERS: &str = "127.0.0.1:19092";
+
+/// `DATABASE_URL`, defaulting to the `dev/up` database.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// `KAFKA_BOOTSTRAP_SERVERS`, defaulting to the `dev/up` broker.
+pub fn kafka_bootstrap_servers() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .unwrap_or_else(|_| DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_owned())
+}
+
+/// A pool on the test database. Panics with instructions when PostgreSQL is unreachable: a test
+/// that needs the database fails, it never skips.
+pub async fn pool() -> PgPool {
+    let url = database_url();
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot reach PostgreSQL at {}: {error}\nStart the services with: eval \"$(dev/up)\"",
+                redact(&url)
+            )
+        })
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// An outbox in a schema of its own, migrated, so that tests do not see each other's messages.
+pub struct TestOutbox {
+    /// Pool on the test database.
+    pub pool: PgPool,
+    /// Writer for the test schema.
+    pub outbox: Outbox,
+    /// The test schema.
+    pub schema: SchemaName,
+}
+
+impl TestOutbox {
+    /// Creates and migrates a fresh schema.
+    pub async fn new() -> Self {
+        let pool = pool().await;
+        let schema = SchemaName::new(format!("t_{}", short_id())).expect("valid schema name");
+        let outbox = Outbox::new(OutboxConfig {
+            schema: schema.clone(),
+            ..OutboxConfig::default()
+        });
+        outbox
+            .migrate(&pool)
+            .await
+            .expect("migrate the test schema");
+        TestOutbox {
+            pool,
+            outbox,
+            schema,
+        }
+    }
+
+    /// Saves and commits each message in a transaction of its own; returns the sequences.
+    pub async fn commit_each(
+        &self,
+        messages: impl IntoIterator<Item = outbox::Message>,
+    ) -> Vec<i64> {
+        let mut sequences = Vec::new();
+        for message in messages {
+            let mut tx = self.pool.begin().await.expect("begin");
+            sequences.push(
+                self.outbox
+                    .save_for_publishing(&mut tx, message)
+                    .await
+                    .expect("save"),
+            );
+            tx.commit().await.expect("commit");
+        }
+        sequences
+    }
+
+    /// Pending (unpublished) messages.
+    pub async fn pending(&self) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}.message WHERE processed_at IS NULL",
+            self.schema
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("count pending")
+    }
+
+    /// Removes the schema and everything in it.
+    pub async fn drop_schema(self) {
+        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
+            .execute(&self.pool)
+            .await
+            .expect("drop the test schema");
+    }
+}
+
+/// A short random id for names.
+pub fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

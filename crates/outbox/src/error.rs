@@ -1,0 +1,67 @@
+use crate::schema::InvalidSchemaName;
+
+/// Errors of the write side: invalid messages and database failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The message cannot be published as given; nothing was written. The caller's transaction
+    /// is untouched and remains the caller's to roll back or to continue.
+    #[error("invalid outbox message: {0}")]
+    InvalidMessage(#[from] InvalidMessage),
+    /// The configured schema name is not a plain SQL identifier.
+    #[error(transparent)]
+    InvalidSchemaName(#[from] InvalidSchemaName),
+    /// The database rejected or failed a statement.
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The database holds a newer outbox schema than this build knows.
+    #[error("the outbox schema {schema} is at version {found}, newer than this build's {known}; upgrade the library")]
+    SchemaTooNew {
+        /// Schema name.
+        schema: String,
+        /// Version found in the database.
+        found: i32,
+        /// Newest version this build knows.
+        known: i32,
+    },
+}
+
+/// Why a message was rejected at save time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    /// Kafka rejects empty topic names.
+    #[error("the topic name is empty")]
+    EmptyTopic,
+    /// Kafka rejects topic names over 249 characters.
+    #[error("the topic name is {len} characters long; Kafka allows at most 249")]
+    TopicTooLong {
+        /// Length of the rejected name.
+        len: usize,
+    },
+    /// Kafka topic names are made of ASCII letters, digits, '.', '_' and '-', and are not "." or "..".
+    #[error("the topic name {topic:?} is not a legal Kafka topic name (allowed: ASCII letters, digits, '.', '_', '-'; not \".\" or \"..\")")]
+    IllegalTopic {
+        /// The rejected name.
+        topic: String,
+    },
+    /// Header names must be non-empty.
+    #[error("a header name is empty")]
+    EmptyHeaderName,
+    /// The relay sets these headers itself; a message may not carry its own.
+    #[error("the header {name:?} is reserved: the relay sets it")]
+    ReservedHeader {
+        /// The reserved name.
+        name: String,
+    },
+    /// Kafka would reject the record as too large.
+    #[error(
+        "the message is {size} bytes (payload, key and headers); the configured maximum is {max}"
+    )]
+    TooLarge {
+        /// Size of payload + key + headers.
+        size: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+}

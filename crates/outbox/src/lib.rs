@@ -1,0 +1,43 @@
+//! The transactional outbox for PostgreSQL and Apache Kafka: the part a service links.
+//!
+//! A service saves the events it wants to publish **in the same database transaction** as its
+//! business data. Either both commit or neither does; a relay (the `outbox-relay` crate, or the
+//! standalone `outbox relay` command) then publishes every committed message to Kafka.
+//!
+//! ```no_run
+//! # async fn example(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox::{Message, Outbox, OutboxConfig};
+//!
+//! let outbox = Outbox::new(OutboxConfig::default());
+//! outbox.migrate(&pool).await?;
+//!
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("insert into thing (id, name) values ($1, $2)")
+//!     .bind(42_i64)
+//!     .bind("a thing")
+//!     .execute(&mut *tx)
+//!     .await?;
+//! outbox
+//!     .save_for_publishing(&mut tx, Message::new("thing_topic", br#"{"id":42}"#.to_vec()).key("42"))
+//!     .await?;
+//! tx.commit().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Services in other languages enqueue with the SQL function `outbox.enqueue(topic, key, payload,
+//! headers)` inside their own transaction and run only the standalone relay.
+
+mod error;
+pub mod headers;
+mod message;
+mod migrate;
+pub mod postgres;
+mod schema;
+mod writer;
+
+pub use error::{Error, InvalidMessage};
+pub use message::{Header, Message};
+pub use migrate::MigrationReport;
+pub use schema::{InvalidSchemaName, SchemaName};
+pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};

@@ -1,0 +1,191 @@
+use crate::error::InvalidMessage;
+use crate::headers;
+
+/// A message to publish: the Kafka topic, an optional key (which picks the partition and so the
+/// order), the payload and user headers.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Message {
+    pub(crate) topic: String,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) headers: Vec<Header>,
+}
+
+/// A Kafka header: a name and raw bytes. Names may repeat, as in Kafka.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: Vec<u8>,
+}
+
+impl Message {
+    /// A message for `topic` carrying `payload`, without key or headers.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Message {
+            topic: topic.into(),
+            key: None,
+            payload: Some(payload.into()),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A tombstone (a record without a value) for `key`, as compacted topics use for deletion.
+    pub fn tombstone(topic: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        Message {
+            topic: topic.into(),
+            key: Some(key.into()),
+            payload: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Sets the key: bytes, or a string (its UTF-8 bytes). Messages with the same key go to the
+    /// same partition and are published in order.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push(Header {
+            name: name.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The key, if any.
+    pub fn key_bytes(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The payload; `None` for a tombstone.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_deref()
+    }
+
+    /// The user headers.
+    pub fn headers(&self) -> &[Header] {
+        &self.headers
+    }
+
+    /// Bytes Kafka counts against its record size limit, near enough: payload, key, headers.
+    fn size(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+
+    /// Checks what can be known at save time, so that a message the relay could never publish
+    /// is rejected while the caller can still roll back.
+    pub(crate) fn validate(&self, max_bytes: usize) -> Result<(), InvalidMessage> {
+        validate_topic(&self.topic)?;
+        for header in &self.headers {
+            if header.name.is_empty() {
+                return Err(InvalidMessage::EmptyHeaderName);
+            }
+            if headers::RESERVED.contains(&header.name.as_str()) {
+                return Err(InvalidMessage::ReservedHeader {
+                    name: header.name.clone(),
+                });
+            }
+        }
+        let size = self.size();
+        if size > max_bytes {
+            return Err(InvalidMessage::TooLarge {
+                size,
+                max: max_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Kafka's own rules for topic names (`org.apache.kafka.common.internals.Topic`).
+pub(crate) fn validate_topic(topic: &str) -> Result<(), InvalidMessage> {
+    if topic.is_empty() {
+        return Err(InvalidMessage::EmptyTopic);
+    }
+    if topic.len() > 249 {
+        return Err(InvalidMessage::TopicTooLong { len: topic.len() });
+    }
+    let legal = topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !legal || topic == "." || topic == ".." {
+        return Err(InvalidMessage::IllegalTopic {
+            topic: topic.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1_000_000;
+
+    #[test]
+    fn accepts_legal_topics() {
+        for topic in ["things", "thing_topic", "a.b-c_D9", &"x".repeat(249)] {
+            assert_eq!(Message::new(topic, vec![]).validate(MAX), Ok(()));
+        }
+    }
+
+    #[test]
+    fn rejects_topics_kafka_would_reject() {
+        assert_eq!(validate_topic(""), Err(InvalidMessage::EmptyTopic));
+        assert_eq!(
+            validate_topic(&"x".repeat(250)),
+            Err(InvalidMessage::TopicTooLong { len: 250 })
+        );
+        for topic in ["with space", "slash/topic", ".", "..", "ümlaut"] {
+            assert!(
+                matches!(
+                    validate_topic(topic),
+                    Err(InvalidMessage::IllegalTopic { .. })
+                ),
+                "{topic:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_reserved_and_empty_header_names() {
+        let reserved = Message::new("t", vec![]).header("x-sequence", vec![1]);
+        assert_eq!(
+            reserved.validate(MAX),
+            Err(InvalidMessage::ReservedHeader {
+                name: "x-sequence".into()
+            })
+        );
+        let empty = Message::new("t", vec![]).header("", vec![1]);
+        assert_eq!(empty.validate(MAX), Err(InvalidMessage::EmptyHeaderName));
+    }
+
+    #[test]
+    fn rejects_messages_over_the_size_limit() {
+        let message = Message::new("t", vec![0; 90]).key("0123456789");
+        assert_eq!(message.validate(100), Ok(()));
+        assert_eq!(
+            message.header("h", vec![0]).validate(100),
+            Err(InvalidMessage::TooLarge {
+                size: 102,
+                max: 100
+            })
+        );
+    }
+}

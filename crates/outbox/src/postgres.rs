@@ -1,0 +1,620 @@
+//! The PostgreSQL driver: every SQL statement of the outbox, one function per statement.
+//!
+//! Nothing outside this module builds SQL. The only text placed into statements is the
+//! [`SchemaName`], validated as a plain identifier before it gets here; every value is a bind
+//! parameter. All times come from the database clock (`now()`), so relays on hosts whose clocks
+//! disagree still agree on who holds a lease.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+
+use crate::message::{Header, Message};
+use crate::schema::SchemaName;
+
+/// Embedded migrations, in order. `{schema}` and `{channel}` are replaced by the validated
+/// schema name and its notification channel.
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "outbox table, lease table, notify trigger, enqueue()",
+    include_str!("migrations/0001_outbox.sql"),
+)];
+
+/// The statements of one outbox schema, rendered once.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    schema: SchemaName,
+    insert_one: String,
+    insert_many: String,
+    claim: String,
+    complete_mark: String,
+    complete_delete: String,
+    record_failures: String,
+    lease_acquire: String,
+    lease_renew: String,
+    lease_release: String,
+    cleanup: String,
+    backlog: String,
+    leases: String,
+}
+
+/// A lease row, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// Lease name.
+    pub name: String,
+    /// Current or last holder.
+    pub holder: String,
+    /// Fencing token of the current or last term.
+    pub token: i64,
+    /// Milliseconds until expiry; zero or negative when free.
+    pub expires_in_ms: i64,
+}
+
+/// A committed, not yet published message, as the relay claims it.
+#[derive(Debug, Clone)]
+pub struct PendingMessage {
+    /// The sequence (x-sequence).
+    pub id: i64,
+    /// Kafka topic.
+    pub topic: String,
+    /// Kafka key.
+    pub key: Option<Vec<u8>>,
+    /// Kafka value; `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// User headers, in order.
+    pub headers: Vec<Header>,
+    /// How long the message has waited since its insert, per the database clock.
+    pub age: Duration,
+    /// Failed delivery attempts so far.
+    pub attempts: i32,
+}
+
+/// The fencing identity of a lease term: only statements carrying the current holder and token,
+/// while the lease is unexpired, may change messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// Lease name.
+    pub lease: String,
+    /// Holder id (unique per relay process run).
+    pub holder: String,
+    /// Fencing token, incremented on every acquisition.
+    pub token: i64,
+}
+
+/// What an acquisition attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// We hold the lease for `remaining` (database clock) under `token`.
+    Held {
+        /// Fencing token of this term.
+        token: i64,
+        /// Time left until expiry.
+        remaining: Duration,
+    },
+    /// Someone else holds it for `remaining`.
+    HeldByOther {
+        /// The other holder.
+        holder: String,
+        /// Time left until it expires unless renewed.
+        remaining: Duration,
+    },
+}
+
+/// Outcome of a fenced statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced<T> {
+    /// The lease was still ours; the statement took effect.
+    Done(T),
+    /// The lease was lost; nothing was changed.
+    LeaseLost,
+}
+
+/// Backlog figures for status and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages not yet published.
+    pub pending: i64,
+    /// Age of the oldest pending message.
+    pub oldest_age: Option<Duration>,
+}
+
+const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
+     WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
+
+impl Statements {
+    /// Renders every statement for `schema`.
+    pub fn new(schema: &SchemaName) -> Self {
+        let render = |sql: &str| {
+            sql.replace("{fence}", FENCE)
+                .replace("{schema}", schema.as_str())
+        };
+        // Fenced statements take the fence as their last three parameters.
+        let fenced = |sql: &str, first: usize| {
+            render(sql)
+                .replace("$F1", &format!("${first}"))
+                .replace("$F2", &format!("${}", first + 1))
+                .replace("$F3", &format!("${}", first + 2))
+        };
+        Statements {
+            schema: schema.clone(),
+            insert_one: render(
+                "INSERT INTO {schema}.message (topic, key, payload, headers)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+            ),
+            // Ids follow the input order (ORDER BY ordinality), so a batch keeps its order.
+            insert_many: render(
+                "INSERT INTO {schema}.message (topic, key, payload, headers)
+                 SELECT topic, key, payload, headers
+                   FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[])
+                        WITH ORDINALITY AS m(topic, key, payload, headers, n)
+                  ORDER BY n
+                 RETURNING id",
+            ),
+            claim: fenced(
+                "SELECT id, topic, key, payload, headers, attempts,
+                        (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us
+                   FROM {schema}.message
+                  WHERE processed_at IS NULL AND {fence}
+                  ORDER BY id
+                  LIMIT $1",
+                2,
+            ),
+            complete_mark: fenced(
+                "WITH fence AS (SELECT {fence} AS held),
+                      done AS (UPDATE {schema}.message SET processed_at = now()
+                                WHERE id = ANY($1) AND processed_at IS NULL
+                                  AND (SELECT held FROM fence)
+                            RETURNING 1)
+                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)",
+                2,
+            ),
+            complete_delete: fenced(
+                "WITH fence AS (SELECT {fence} AS held),
+                      done AS (DELETE FROM {schema}.message
+                                WHERE id = ANY($1) AND (SELECT held FROM fence)
+                            RETURNING 1)
+                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)",
+                2,
+            ),
+            record_failures: fenced(
+                "UPDATE {schema}.message m
+                    SET attempts = m.attempts + 1, last_error = f.error
+                   FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+                  WHERE m.id = f.id AND {fence}",
+                3,
+            ),
+            // Takes the lease when it is free or expired; otherwise reports who holds it.
+            lease_acquire: render(
+                "WITH taken AS (
+                     INSERT INTO {schema}.relay_lease AS l
+                            (name, holder, token, acquired_at, renewed_at, expires_at)
+                     VALUES ($1, $2, 1, now(), now(), now() + $3 * interval '1 microsecond')
+                     ON CONFLICT (name) DO UPDATE
+                        SET holder = excluded.holder, token = l.token + 1,
+                            acquired_at = now(), renewed_at = now(), expires_at = excluded.expires_at
+                      WHERE l.expires_at <= now()
+                     RETURNING holder, token, expires_at)
+                 SELECT holder, token,
+                        (extract(epoch FROM expires_at - now()) * 1000000)::bigint AS remaining_us
+                   FROM taken
+                 UNION ALL
+                 SELECT holder, token,
+                        (extract(epoch FROM expires_at - now()) * 1000000)::bigint
+                   FROM {schema}.relay_lease
+                  WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM taken)",
+            ),
+            // Renews only an unexpired term of ours: once expired, another relay may have taken
+            // over, so the holder must step down rather than extend.
+            lease_renew: render(
+                "UPDATE {schema}.relay_lease
+                    SET renewed_at = now(), expires_at = now() + $4 * interval '1 microsecond'
+                  WHERE name = $1 AND holder = $2 AND token = $3 AND expires_at > now()
+                 RETURNING (extract(epoch FROM expires_at - now()) * 1000000)::bigint",
+            ),
+            lease_release: render(
+                "UPDATE {schema}.relay_lease SET expires_at = now()
+                  WHERE name = $1 AND holder = $2 AND token = $3",
+            ),
+            cleanup: fenced(
+                "DELETE FROM {schema}.message
+                  WHERE id IN (SELECT id FROM {schema}.message
+                                WHERE processed_at < now() - $1 * interval '1 microsecond'
+                                ORDER BY processed_at
+                                LIMIT $2)
+                    AND {fence}",
+                3,
+            ),
+            backlog: render(
+                "SELECT count(*),
+                        (extract(epoch FROM now() - min(created_at)) * 1000000)::bigint
+                   FROM {schema}.message WHERE processed_at IS NULL",
+            ),
+            leases: render(
+                "SELECT name, holder, token,
+                        (extract(epoch FROM expires_at - now()) * 1000)::bigint
+                   FROM {schema}.relay_lease ORDER BY name",
+            ),
+        }
+    }
+
+    /// The schema these statements address.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// Applies the embedded migrations that are missing, under an advisory lock so that
+    /// concurrent migrators (several service instances starting at once) take turns. Returns the
+    /// versions applied now.
+    pub async fn migrate(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<(Vec<i32>, i32), sqlx::Error> {
+        let schema = self.schema.as_str();
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate:' || $1))")
+            .bind(schema)
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&mut **tx)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+                 version integer PRIMARY KEY,
+                 description text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .execute(&mut **tx)
+        .await?;
+        let current: i32 = sqlx::query_scalar(&format!(
+            "SELECT coalesce(max(version), 0) FROM {schema}.schema_version"
+        ))
+        .fetch_one(&mut **tx)
+        .await?;
+        let mut applied = Vec::new();
+        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let sql = sql
+                .replace("{schema}", schema)
+                .replace("{channel}", &self.schema.channel());
+            sqlx::raw_sql(&sql).execute(&mut **tx).await?;
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.schema_version (version, description) VALUES ($1, $2)"
+            ))
+            .bind(version)
+            .bind(description)
+            .execute(&mut **tx)
+            .await?;
+            applied.push(*version);
+        }
+        Ok((applied, current))
+    }
+
+    /// Inserts one message; returns its sequence.
+    pub async fn insert_one(
+        &self,
+        conn: &mut PgConnection,
+        message: &Message,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(&self.insert_one)
+            .bind(&message.topic)
+            .bind(message.key.as_deref())
+            .bind(message.payload.as_deref())
+            .bind(encode_headers(&message.headers))
+            .fetch_one(conn)
+            .await
+    }
+
+    /// Inserts many messages in one statement; returns their sequences in input order.
+    pub async fn insert_many(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[Message],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let topics: Vec<&str> = messages.iter().map(|m| m.topic.as_str()).collect();
+        let keys: Vec<Option<&[u8]>> = messages.iter().map(|m| m.key.as_deref()).collect();
+        let payloads: Vec<Option<&[u8]>> = messages.iter().map(|m| m.payload.as_deref()).collect();
+        let headers: Vec<Option<Value>> = messages
+            .iter()
+            .map(|m| encode_headers(&m.headers))
+            .collect();
+        sqlx::query_scalar(&self.insert_many)
+            .bind(topics)
+            .bind(keys)
+            .bind(payloads)
+            .bind(headers)
+            .fetch_all(conn)
+            .await
+    }
+
+    /// Claims up to `limit` pending messages in sequence order, only while `fence` holds.
+    /// A single active relay needs no row locks: the fence makes it the only publisher.
+    pub async fn claim(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+        fence: &Fence,
+    ) -> Result<Vec<PendingMessage>, sqlx::Error> {
+        let rows = sqlx::query(&self.claim)
+            .bind(limit)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .fetch_all(conn)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let headers: Option<Value> = row.try_get("headers")?;
+                let age_us: i64 = row.try_get("age_us")?;
+                Ok(PendingMessage {
+                    id: row.try_get("id")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("key")?,
+                    payload: row.try_get("payload")?,
+                    headers: decode_headers(headers).map_err(|e| sqlx::Error::Decode(e.into()))?,
+                    age: Duration::from_micros(age_us.max(0) as u64),
+                    attempts: row.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Marks delivered messages processed (kept for retention) or deletes them, fenced.
+    /// Returns how many rows changed.
+    pub async fn complete(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+        delete: bool,
+        fence: &Fence,
+    ) -> Result<Fenced<u64>, sqlx::Error> {
+        let sql = if delete {
+            &self.complete_delete
+        } else {
+            &self.complete_mark
+        };
+        let (held, count): (bool, i64) = sqlx::query_as(sql)
+            .bind(ids)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .fetch_one(conn)
+            .await?;
+        Ok(if held {
+            Fenced::Done(count as u64)
+        } else {
+            Fenced::LeaseLost
+        })
+    }
+
+    /// Counts a failed attempt and records its error on each message, fenced.
+    pub async fn record_failures(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[(i64, String)],
+        fence: &Fence,
+    ) -> Result<(), sqlx::Error> {
+        let ids: Vec<i64> = failures.iter().map(|f| f.0).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
+        sqlx::query(&self.record_failures)
+            .bind(ids)
+            .bind(errors)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the lease if it is free or expired.
+    pub async fn lease_acquire(
+        &self,
+        conn: &mut PgConnection,
+        lease: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<LeaseState, sqlx::Error> {
+        let (current, token, remaining_us): (String, i64, i64) =
+            sqlx::query_as(&self.lease_acquire)
+                .bind(lease)
+                .bind(holder)
+                .bind(micros(ttl))
+                .fetch_one(conn)
+                .await?;
+        let remaining = Duration::from_micros(remaining_us.max(0) as u64);
+        Ok(if current == holder {
+            LeaseState::Held { token, remaining }
+        } else {
+            LeaseState::HeldByOther {
+                holder: current,
+                remaining,
+            }
+        })
+    }
+
+    /// Extends our unexpired term; `LeaseLost` when it had expired or was taken.
+    pub async fn lease_renew(
+        &self,
+        conn: &mut PgConnection,
+        fence: &Fence,
+        ttl: Duration,
+    ) -> Result<Fenced<Duration>, sqlx::Error> {
+        let remaining: Option<i64> = sqlx::query_scalar(&self.lease_renew)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .bind(micros(ttl))
+            .fetch_optional(conn)
+            .await?;
+        Ok(match remaining {
+            Some(us) => Fenced::Done(Duration::from_micros(us.max(0) as u64)),
+            None => Fenced::LeaseLost,
+        })
+    }
+
+    /// Ends our term now and wakes standbys, so one takes over at once.
+    pub async fn lease_release(
+        &self,
+        conn: &mut PgConnection,
+        fence: &Fence,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.lease_release)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("SELECT pg_notify($1, 'lease-released')")
+            .bind(self.schema.channel())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes at most `limit` messages processed longer than `retention` ago, fenced.
+    pub async fn cleanup(
+        &self,
+        conn: &mut PgConnection,
+        retention: Duration,
+        limit: i64,
+        fence: &Fence,
+    ) -> Result<u64, sqlx::Error> {
+        let result = sqlx::query(&self.cleanup)
+            .bind(micros(retention))
+            .bind(limit)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Pending count and oldest pending age.
+    pub async fn backlog(&self, conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
+        let (pending, oldest_us): (i64, Option<i64>) =
+            sqlx::query_as(&self.backlog).fetch_one(conn).await?;
+        Ok(Backlog {
+            pending,
+            oldest_age: oldest_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+        })
+    }
+}
+
+impl Statements {
+    /// All lease rows.
+    pub async fn leases(&self, conn: &mut PgConnection) -> Result<Vec<LeaseRow>, sqlx::Error> {
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as(&self.leases).fetch_all(conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, holder, token, expires_in_ms)| LeaseRow {
+                name,
+                holder,
+                token,
+                expires_in_ms,
+            })
+            .collect())
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Headers are stored as `[{"name": n, "text": v}]`, or `"base64"` for values that are not
+/// UTF-8, so that operators can read them with psql and SQL writers can produce them.
+fn encode_headers(headers: &[Header]) -> Option<Value> {
+    if headers.is_empty() {
+        return None;
+    }
+    let encoded = headers
+        .iter()
+        .map(|h| match std::str::from_utf8(&h.value) {
+            Ok(text) => json!({ "name": h.name, "text": text }),
+            Err(_) => json!({
+                "name": h.name,
+                "base64": base64::engine::general_purpose::STANDARD.encode(&h.value),
+            }),
+        })
+        .collect();
+    Some(Value::Array(encoded))
+}
+
+/// A stored header that cannot be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed stored outbox headers: {0}")]
+pub struct MalformedHeaders(String);
+
+fn decode_headers(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(items) = value else {
+        return Err(MalformedHeaders(format!(
+            "expected an array, found {value}"
+        )));
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let name = item["name"]
+                .as_str()
+                .ok_or_else(|| MalformedHeaders(format!("header without a name: {item}")))?;
+            let value = if let Some(text) = item["text"].as_str() {
+                text.as_bytes().to_vec()
+            } else if let Some(b64) = item["base64"].as_str() {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| MalformedHeaders(format!("header {name}: {e}")))?
+            } else {
+                return Err(MalformedHeaders(format!("header {name} has no value")));
+            };
+            Ok(Header {
+                name: name.to_owned(),
+                value,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_text_and_binary_in_order() {
+        let headers = vec![
+            Header {
+                name: "traceparent".into(),
+                value: b"00-abc-def-01".to_vec(),
+            },
+            Header {
+                name: "bin".into(),
+                value: vec![0, 159, 146, 150],
+            },
+            Header {
+                name: "traceparent".into(),
+                value: b"dup".to_vec(),
+            },
+        ];
+        let stored = encode_headers(&headers);
+        assert_eq!(stored.as_ref().unwrap()[0]["text"], "00-abc-def-01");
+        assert!(stored.as_ref().unwrap()[1]["base64"].is_string());
+        assert_eq!(decode_headers(stored).unwrap(), headers);
+    }
+
+    #[test]
+    fn fenced_statements_number_their_fence_parameters() {
+        let sql = Statements::new(&SchemaName::default_schema());
+        assert!(sql
+            .claim
+            .contains("l.name = $2 AND l.holder = $3 AND l.token = $4"));
+        assert!(sql
+            .cleanup
+            .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
+        assert!(!sql.complete_mark.contains("$F"));
+    }
+}

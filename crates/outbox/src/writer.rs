@@ -1,0 +1,91 @@
+use std::sync::Arc;
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::Error;
+use crate::message::Message;
+use crate::migrate::MigrationReport;
+use crate::postgres::Statements;
+use crate::schema::SchemaName;
+
+/// A message's outbox sequence: its row id, sent to Kafka as the `x-sequence` header.
+pub type Sequence = i64;
+
+/// Default limit on payload + key + headers: Kafka's default `message.max.bytes` (1,048,588)
+/// less room for the record and batch framing, so that an accepted message is one the default
+/// broker accepts too.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
+
+/// Write-side configuration.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxConfig {
+    /// Schema holding the outbox objects (default `outbox`).
+    pub schema: SchemaName,
+    /// Largest message accepted, in bytes of payload + key + headers; `None` for
+    /// [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub max_message_bytes: Option<usize>,
+}
+
+/// The write side of the outbox: saves messages inside the caller's transaction.
+///
+/// Cheap to clone; build one at startup and share it.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    statements: Arc<Statements>,
+    max_message_bytes: usize,
+}
+
+impl Outbox {
+    /// An outbox writing to the configured schema.
+    pub fn new(config: OutboxConfig) -> Self {
+        Outbox {
+            statements: Arc::new(Statements::new(&config.schema)),
+            max_message_bytes: config
+                .max_message_bytes
+                .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+        }
+    }
+
+    /// The schema this outbox writes to.
+    pub fn schema(&self) -> &SchemaName {
+        self.statements.schema()
+    }
+
+    /// Creates or upgrades the outbox schema (idempotent, safe to run from many instances at
+    /// once).
+    pub async fn migrate(&self, pool: &PgPool) -> Result<MigrationReport, Error> {
+        crate::migrate::run(&self.statements, pool).await
+    }
+
+    /// Saves `message` for publishing as part of `tx`: it is published if and only if `tx`
+    /// commits. Returns the message's sequence (`x-sequence`).
+    ///
+    /// An invalid message is rejected with [`Error::InvalidMessage`] before anything is written;
+    /// the transaction stays usable and is the caller's to roll back or continue.
+    pub async fn save_for_publishing(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        message: Message,
+    ) -> Result<Sequence, Error> {
+        message.validate(self.max_message_bytes)?;
+        Ok(self.statements.insert_one(tx, &message).await?)
+    }
+
+    /// Saves many messages as part of `tx` in one statement. Sequences follow the input order,
+    /// so messages of one key are published in the order given. Nothing is written if any
+    /// message is invalid.
+    pub async fn save_all_for_publishing(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Vec<Sequence>, Error> {
+        let messages: Vec<Message> = messages.into_iter().collect();
+        for message in &messages {
+            message.validate(self.max_message_bytes)?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.statements.insert_many(tx, &messages).await?)
+    }
+}

@@ -1,0 +1,27 @@
+# Shared by dev/up and dev/down. Logs go to stderr so that stdout stays `eval`-able.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# One cache for every checkout on this machine, so a CI clone reuses what dev/up already fetched.
+CACHE="${OUTBOX_DEV_CACHE:-$HOME/.cache/outbox-dev}"
+PG_VERSION=15
+PG_CLUSTER=outbox
+PG_PORT="${OUTBOX_DEV_PG_PORT:-55432}"
+KAFKA_PORT="${OUTBOX_DEV_KAFKA_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${OUTBOX_DEV_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_HOME="$CACHE/kafka"
+DATABASE_URL="postgres://outbox:outbox@127.0.0.1:${PG_PORT}/outbox"
+KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT}"
+
+log() { echo "dev: $*" >&2; }
+die() { echo "dev: error: $*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits until `$2...` succeeds, at most $1 seconds.
+wait_for() {
+  local seconds=$1; shift
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.2
+  done
+}
