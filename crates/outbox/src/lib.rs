@@ -30,13 +30,16 @@
 
 mod error;
 pub mod headers;
+pub mod inbox;
 mod message;
 mod migrate;
 pub mod postgres;
 mod schema;
+pub mod typed;
 mod writer;
 
 pub use error::{Error, InvalidMessage};
+pub use inbox::Inbox;
 pub use message::{Header, Message};
 pub use migrate::MigrationReport;
 pub use schema::{InvalidSchemaName, SchemaName};

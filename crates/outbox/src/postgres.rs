@@ -16,11 +16,14 @@ use crate::schema::SchemaName;
 
 /// Embedded migrations, in order. `{schema}` and `{channel}` are replaced by the validated
 /// schema name and its notification channel.
-pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "outbox table, lease table, notify trigger, enqueue()",
-    include_str!("migrations/0001_outbox.sql"),
-)];
+pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "outbox table, lease table, notify trigger, enqueue()",
+        include_str!("migrations/0001_outbox.sql"),
+    ),
+    (2, "inbox table", include_str!("migrations/0002_inbox.sql")),
+];
 
 /// The statements of one outbox schema, rendered once.
 #[derive(Debug, Clone)]
@@ -38,6 +41,7 @@ pub struct Statements {
     cleanup: String,
     backlog: String,
     leases: String,
+    inbox_record: String,
 }
 
 /// A lease row, for status displays.
@@ -231,6 +235,12 @@ impl Statements {
                 "SELECT count(*),
                         (extract(epoch FROM now() - min(created_at)) * 1000000)::bigint
                    FROM {schema}.message WHERE processed_at IS NULL",
+            ),
+            // Waits on a concurrent insert of the same key until that transaction ends, so two
+            // consumers racing on one message cannot both see it as new.
+            inbox_record: render(
+                "INSERT INTO {schema}.inbox (source, sequence) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
             ),
             leases: render(
                 "SELECT name, holder, token,
@@ -504,6 +514,21 @@ impl Statements {
 }
 
 impl Statements {
+    /// Records (`source`, `sequence`) in the inbox; `true` if it was not there yet.
+    pub async fn inbox_record(
+        &self,
+        conn: &mut PgConnection,
+        source: &str,
+        sequence: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let result = sqlx::query(&self.inbox_record)
+            .bind(source)
+            .bind(sequence)
+            .execute(conn)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
     /// All lease rows.
     pub async fn leases(&self, conn: &mut PgConnection) -> Result<Vec<LeaseRow>, sqlx::Error> {
         let rows: Vec<(String, String, i64, i64)> =

@@ -1,0 +1,289 @@
+//! A Kafka consumer loop for effectively-once processing with the [`outbox::Inbox`].
+//!
+//! For each record, in one database transaction: record (`x-source`, `x-sequence`) in the inbox;
+//! if the record is new, run the handler; commit. Only then is the record's offset stored for
+//! Kafka's commit. So:
+//! - a redelivered record (relay duplicate, consumer restart, rebalance) finds its inbox row and
+//!   is skipped without running the handler;
+//! - a handler error rolls back the inbox row and the handler's writes, the offset is not
+//!   stored, and the record is retried (with backoff) until it succeeds: a partition does not
+//!   move past a record that was not applied;
+//! - a crash anywhere loses nothing: what was not committed in the database is redelivered.
+//!
+//! Records without a well-formed `x-sequence` or `x-source` cannot be deduplicated; they are
+//! reported (log and [`ConsumerStats::malformed`]) and skipped, never a panic.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::headers;
+use outbox::Inbox;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::ClientConfig;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+
+/// A consumed record, owned, with its outbox identity parsed.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// `x-source`.
+    pub source: String,
+    /// `x-sequence`.
+    pub sequence: i64,
+}
+
+impl Record {
+    /// The first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The `x-value-type` header, if present and UTF-8.
+    pub fn value_type(&self) -> Option<&str> {
+        self.header(headers::VALUE_TYPE)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Why a record lacks an outbox identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedRecord {
+    /// No `x-sequence` header.
+    #[error("no x-sequence header")]
+    MissingSequence,
+    /// `x-sequence` is not 8 bytes.
+    #[error(transparent)]
+    BadSequence(#[from] headers::MalformedSequence),
+    /// No `x-source` header, or not UTF-8.
+    #[error("no UTF-8 x-source header")]
+    MissingSource,
+}
+
+impl Record {
+    /// Parses a Kafka message; headers are read leniently (a malformed one is an error value).
+    pub fn from_message(message: &BorrowedMessage<'_>) -> Result<Self, MalformedRecord> {
+        let headers: Vec<(String, Vec<u8>)> = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let sequence = headers::decode_sequence(
+            find(headers::SEQUENCE).ok_or(MalformedRecord::MissingSequence)?,
+        )?;
+        let source = find(headers::SOURCE)
+            .and_then(|v| String::from_utf8(v.clone()).ok())
+            .ok_or(MalformedRecord::MissingSource)?;
+        Ok(Record {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+            source,
+            sequence,
+        })
+    }
+}
+
+/// Counters of a running consumer, shared with the caller.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Records applied (new, handler succeeded, committed).
+    pub applied: AtomicU64,
+    /// Records skipped because the inbox had them.
+    pub duplicates: AtomicU64,
+    /// Handler or database failures (each retried).
+    pub failures: AtomicU64,
+    /// Records skipped for lack of an outbox identity.
+    pub malformed: AtomicU64,
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Kafka bootstrap servers.
+    pub bootstrap_servers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Delay before retrying a failed record (doubles up to 30 s).
+    pub retry_initial: Duration,
+    /// Extra librdkafka consumer properties, verbatim.
+    pub properties: Vec<(String, String)>,
+}
+
+/// Why the consumer stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    /// Kafka client failure.
+    #[error("Kafka consumer error: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Runs until `cancel`: consumes `config.topics`, and for each new record runs `handler` inside
+/// the transaction that records it in `inbox`.
+pub async fn run<H, E>(
+    config: ConsumerConfig,
+    pool: PgPool,
+    inbox: Inbox,
+    stats: Arc<ConsumerStats>,
+    cancel: CancellationToken,
+    mut handler: H,
+) -> Result<(), ConsumerError>
+where
+    H: AsyncFnMut(&mut Transaction<'static, Postgres>, &Record) -> Result<(), E>,
+    E: std::fmt::Display,
+{
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("group.id", &config.group_id)
+        .set("auto.offset.reset", "earliest")
+        // Offsets are stored only after the database commit; librdkafka commits stored offsets.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true");
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
+    let consumer: StreamConsumer = client.create()?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => break,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "Kafka consumer error");
+                continue;
+            }
+        };
+        match Record::from_message(&message) {
+            Ok(record) => {
+                let applied = apply_until_done(
+                    &pool,
+                    &inbox,
+                    &stats,
+                    &cancel,
+                    &mut handler,
+                    &record,
+                    config.retry_initial,
+                )
+                .await;
+                if !applied {
+                    break; // cancelled while retrying; the record stays uncommitted
+                }
+            }
+            Err(reason) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    %reason,
+                    "record without an outbox identity cannot be deduplicated; skipping it"
+                );
+            }
+        }
+        consumer.store_offset_from_message(&message)?;
+    }
+    consumer
+        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
+        .ok();
+    Ok(())
+}
+
+/// Returns false only when cancelled before the record was applied.
+async fn apply_until_done<H, E>(
+    pool: &PgPool,
+    inbox: &Inbox,
+    stats: &ConsumerStats,
+    cancel: &CancellationToken,
+    handler: &mut H,
+    record: &Record,
+    retry_initial: Duration,
+) -> bool
+where
+    H: AsyncFnMut(&mut Transaction<'static, Postgres>, &Record) -> Result<(), E>,
+    E: std::fmt::Display,
+{
+    let mut delay = retry_initial;
+    loop {
+        match apply_once(pool, inbox, handler, record).await {
+            Ok(true) => {
+                stats.applied.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Ok(false) => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Err(error) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    source = %record.source,
+                    sequence = record.sequence,
+                    %error,
+                    ?delay,
+                    "processing failed; rolled back, retrying"
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// `Ok(true)`: applied; `Ok(false)`: duplicate; `Err`: rolled back.
+async fn apply_once<H, E>(
+    pool: &PgPool,
+    inbox: &Inbox,
+    handler: &mut H,
+    record: &Record,
+) -> Result<bool, String>
+where
+    H: AsyncFnMut(&mut Transaction<'static, Postgres>, &Record) -> Result<(), E>,
+    E: std::fmt::Display,
+{
+    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+    let new = inbox
+        .try_record(&mut tx, &record.source, record.sequence)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !new {
+        return Ok(false); // dropping tx rolls back
+    }
+    handler(&mut tx, record).await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| e.to_string())?;
+    Ok(true)
+}

@@ -1,0 +1,48 @@
+//! The inbox: effectively-once processing for consumers whose effects live in this database.
+//!
+//! Kafka delivers at least once: a relay may publish a message twice, and a consumer may see a
+//! record again after a crash or rebalance. A consumer that, **in one database transaction**,
+//! records the message's (`x-source`, `x-sequence`) with [`Inbox::try_record`], applies its
+//! effects only if the message is new, and commits *before* committing the Kafka offset,
+//! applies every message exactly once: a redelivery finds the inbox row and is skipped; a crash
+//! before the commit leaves neither the row nor the effects, and the uncommitted offset brings
+//! the message back. Two consumers racing on one message serialize on the inbox's primary key,
+//! and the second sees it as already recorded.
+//!
+//! This holds for effects in the same database only. Effects elsewhere (an e-mail, another
+//! service) need their own idempotency.
+
+use std::sync::Arc;
+
+use sqlx::{Postgres, Transaction};
+
+use crate::error::Error;
+use crate::postgres::Statements;
+use crate::schema::SchemaName;
+
+/// Records processed messages; created over a migrated outbox schema.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    statements: Arc<Statements>,
+}
+
+impl Inbox {
+    /// An inbox in `schema` (migrate it with [`crate::Outbox::migrate`]).
+    pub fn new(schema: SchemaName) -> Self {
+        Inbox {
+            statements: Arc::new(Statements::new(&schema)),
+        }
+    }
+
+    /// Records the message as processed within `tx`; returns `true` if it is new, `false` if it
+    /// was processed before (skip it). Blocks while another transaction holds the same message,
+    /// then answers according to whether that one committed.
+    pub async fn try_record(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        source: &str,
+        sequence: i64,
+    ) -> Result<bool, Error> {
+        Ok(self.statements.inbox_record(tx, source, sequence).await?)
+    }
+}

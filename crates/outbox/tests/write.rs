@@ -1,0 +1,262 @@
+//! The write side and the inbox against the real PostgreSQL started by `dev/up`.
+
+use std::time::Duration;
+
+use outbox::postgres::{Fence, Fenced, LeaseState, Statements};
+use outbox::{Error, Inbox, InvalidMessage, Message};
+use outbox_test_support::TestOutbox;
+
+async fn count(outbox: &TestOutbox) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", outbox.schema))
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
+    let outbox = TestOutbox::new().await;
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let error = outbox
+        .outbox
+        .save_for_publishing(&mut tx, Message::new("bad topic!", b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidMessage(InvalidMessage::IllegalTopic { .. })
+        ),
+        "{error}"
+    );
+    let error = outbox
+        .outbox
+        .save_all_for_publishing(
+            &mut tx,
+            [
+                Message::new("ok", b"x".to_vec()),
+                Message::new("ok", vec![0; 2_000_000]),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidMessage(InvalidMessage::TooLarge { .. })
+        ),
+        "{error}"
+    );
+    // Nothing was written, and the caller may go on with the same transaction.
+    outbox
+        .outbox
+        .save_for_publishing(&mut tx, Message::new("ok", b"x".to_vec()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&outbox).await, 1);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn batch_insert_keeps_the_input_order() {
+    let outbox = TestOutbox::new().await;
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let sequences = outbox
+        .outbox
+        .save_all_for_publishing(
+            &mut tx,
+            (0..500).map(|i| Message::new("t", format!("{i}")).key("k")),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]));
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(&format!(
+        "SELECT payload FROM {}.message ORDER BY id",
+        outbox.schema
+    ))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    let expected: Vec<Vec<u8>> = (0..500).map(|i| format!("{i}").into_bytes()).collect();
+    assert_eq!(payloads, expected);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn sql_enqueue_function_stores_a_message_with_text_headers() {
+    let outbox = TestOutbox::new().await;
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let sequence: i64 = sqlx::query_scalar(&format!(
+        "SELECT {}.enqueue('thing_topic', '42', convert_to('{{\"id\":42}}', 'UTF8'), '{{\"x-value-type\": \"ThingCreated\"}}')",
+        outbox.schema
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let (topic, key, headers): (String, Vec<u8>, serde_json::Value) = sqlx::query_as(&format!(
+        "SELECT topic, key, headers FROM {}.message WHERE id = $1",
+        outbox.schema
+    ))
+    .bind(sequence)
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (topic.as_str(), key.as_slice()),
+        ("thing_topic", &b"42"[..])
+    );
+    assert_eq!(
+        headers,
+        serde_json::json!([{"name": "x-value-type", "text": "ThingCreated"}])
+    );
+
+    let bad = sqlx::query(&format!(
+        "SELECT {}.enqueue('no/slashes', NULL, NULL)",
+        outbox.schema
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap_err();
+    assert!(bad.to_string().contains("message_topic_is_legal"), "{bad}");
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn migrating_twice_changes_nothing() {
+    let outbox = TestOutbox::new().await;
+    let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
+    assert!(report.applied.is_empty(), "{report}");
+    assert_eq!(report.current_version(), 2);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn fenced_statements_do_nothing_for_a_deposed_holder() {
+    let outbox = TestOutbox::new().await;
+    let ids = outbox.commit_each([Message::new("t", b"x".to_vec())]).await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let ttl = Duration::from_secs(30);
+    let LeaseState::Held { token, .. } = sql
+        .lease_acquire(&mut conn, "relay", "old", ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("free lease not acquired")
+    };
+    let old = Fence {
+        lease: "relay".into(),
+        holder: "old".into(),
+        token,
+    };
+    assert!(matches!(
+        sql.lease_acquire(&mut conn, "relay", "new", ttl)
+            .await
+            .unwrap(),
+        LeaseState::HeldByOther { .. }
+    ));
+    // The old holder's term expires (as after a long pause) and a new holder takes over.
+    sqlx::query(&format!(
+        "UPDATE {}.relay_lease SET expires_at = now()",
+        outbox.schema
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let LeaseState::Held {
+        token: new_token, ..
+    } = sql
+        .lease_acquire(&mut conn, "relay", "new", ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("expired lease not taken over")
+    };
+    assert_eq!(new_token, token + 1);
+
+    assert_eq!(
+        sql.complete(&mut conn, &ids, false, &old).await.unwrap(),
+        Fenced::LeaseLost
+    );
+    assert!(sql.claim(&mut conn, 10, &old).await.unwrap().is_empty());
+    assert_eq!(
+        sql.lease_renew(&mut conn, &old, ttl).await.unwrap(),
+        Fenced::LeaseLost
+    );
+    assert_eq!(
+        outbox.pending().await,
+        1,
+        "the deposed holder changed nothing"
+    );
+
+    let new = Fence {
+        lease: "relay".into(),
+        holder: "new".into(),
+        token: new_token,
+    };
+    assert_eq!(sql.claim(&mut conn, 10, &new).await.unwrap().len(), 1);
+    assert_eq!(
+        sql.complete(&mut conn, &ids, false, &new).await.unwrap(),
+        Fenced::Done(1)
+    );
+    drop(conn);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn inbox_applies_the_same_message_once_across_transactions() {
+    let outbox = TestOutbox::new().await;
+    let inbox = Inbox::new(outbox.schema.clone());
+    let mut first = outbox.pool.begin().await.unwrap();
+    assert!(inbox.try_record(&mut first, "svc", 7).await.unwrap());
+    first.commit().await.unwrap();
+    let mut second = outbox.pool.begin().await.unwrap();
+    assert!(!inbox.try_record(&mut second, "svc", 7).await.unwrap());
+    assert!(
+        inbox.try_record(&mut second, "other-svc", 7).await.unwrap(),
+        "sources are separate"
+    );
+    second.rollback().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_lets_one_of_two_racing_consumers_apply_a_message() {
+    let outbox = TestOutbox::new().await;
+    let inbox = Inbox::new(outbox.schema.clone());
+    let mut first = outbox.pool.begin().await.unwrap();
+    assert!(inbox.try_record(&mut first, "svc", 1).await.unwrap());
+
+    // The second consumer blocks on the first one's uncommitted row...
+    let (pool, racing_inbox) = (outbox.pool.clone(), inbox.clone());
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        let new = racing_inbox.try_record(&mut tx, "svc", 1).await.unwrap();
+        tx.commit().await.unwrap();
+        new
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the racing insert must wait for the first transaction"
+    );
+    // ...and sees the message as processed once the first commits.
+    first.commit().await.unwrap();
+    assert!(!second.await.unwrap());
+
+    // Had the first rolled back, the second would apply it.
+    let mut first = outbox.pool.begin().await.unwrap();
+    assert!(inbox.try_record(&mut first, "svc", 2).await.unwrap());
+    let (pool, racing_inbox) = (outbox.pool.clone(), inbox.clone());
+    let second = tokio::spawn(async move {
+        let mut tx = pool.begin().await.unwrap();
+        racing_inbox.try_record(&mut tx, "svc", 2).await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.rollback().await.unwrap();
+    assert!(second.await.unwrap());
+    outbox.drop_schema().await;
+}
