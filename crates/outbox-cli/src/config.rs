@@ -55,6 +55,10 @@ pub struct RelayFile {
     pub backoff_max_ms: Option<u64>,
     /// How long shutdown waits for in-flight deliveries, in milliseconds.
     pub shutdown_timeout_ms: Option<u64>,
+    /// A leader whose backlog does not shrink for this long reports not ready, in milliseconds.
+    pub stall_timeout_ms: Option<u64>,
+    /// How often backlog and Kafka reachability are sampled, in milliseconds.
+    pub monitor_interval_ms: Option<u64>,
 }
 
 /// A configuration error: exit code 2, one line naming the key.
@@ -96,7 +100,72 @@ impl ConfigError {
     }
 }
 
+/// Environment variables of the form `OUTBOX_<RELAY KEY>` (e.g. `OUTBOX_BATCH_SIZE`) and
+/// `OUTBOX_KAFKA_<PROPERTY>` (dots as underscores, e.g. `OUTBOX_KAFKA_LINGER_MS`), applied over
+/// the file. Variables the CLI reads through flags, and `OUTBOX_DEV_*` (the dev scripts'), are
+/// left alone; any other `OUTBOX_*` name is a typo and rejected by name.
+const FLAG_VARIABLES: [&str; 5] = [
+    "OUTBOX_CONFIG",
+    "OUTBOX_SCHEMA",
+    "OUTBOX_SOURCE",
+    "OUTBOX_LOG",
+    "OUTBOX_METRICS_ADDR",
+];
+
 impl FileConfig {
+    /// Applies `OUTBOX_*` variables from `vars` over the file's values.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("OUTBOX_") else {
+                continue;
+            };
+            if FLAG_VARIABLES.contains(&name.as_str()) || rest.starts_with("DEV_") {
+                continue;
+            }
+            if let Some(property) = rest.strip_prefix("KAFKA_") {
+                let key = property.to_ascii_lowercase().replace('_', ".");
+                self.kafka.insert(key, toml::Value::String(value));
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let number = |value: &str| -> Result<u64, ConfigError> {
+                value.parse().map_err(|_| {
+                    ConfigError::invalid(&name, format!("expected a whole number, got {value:?}"))
+                })
+            };
+            let r = &mut self.relay;
+            match key.as_str() {
+                "database_url" => self.database_url = Some(value),
+                "lease_name" => r.lease_name = Some(value),
+                "completion" => r.completion = Some(value),
+                "lease_ttl_ms" => r.lease_ttl_ms = Some(number(&value)?),
+                "lease_renew_interval_ms" => r.lease_renew_interval_ms = Some(number(&value)?),
+                "batch_size" => r.batch_size = Some(number(&value)? as usize),
+                "poll_interval_ms" => r.poll_interval_ms = Some(number(&value)?),
+                "retention_hours" => {
+                    r.retention_hours = Some(value.parse().map_err(|_| {
+                        ConfigError::invalid(
+                            &name,
+                            format!("expected a number of hours, got {value:?}"),
+                        )
+                    })?)
+                }
+                "cleanup_interval_ms" => r.cleanup_interval_ms = Some(number(&value)?),
+                "cleanup_batch_size" => r.cleanup_batch_size = Some(number(&value)? as usize),
+                "backoff_initial_ms" => r.backoff_initial_ms = Some(number(&value)?),
+                "backoff_max_ms" => r.backoff_max_ms = Some(number(&value)?),
+                "shutdown_timeout_ms" => r.shutdown_timeout_ms = Some(number(&value)?),
+                "stall_timeout_ms" => r.stall_timeout_ms = Some(number(&value)?),
+                "monitor_interval_ms" => r.monitor_interval_ms = Some(number(&value)?),
+                _ => return Err(ConfigError::invalid(&name, "unknown environment variable")),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -370,6 +439,26 @@ mod tests {
         assert_eq!(settings.schema.as_str(), "from_flag");
         assert_eq!(settings.relay.batch_size, 10);
         assert_eq!(settings.relay.kafka.get("linger.ms"), Some("1"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_typos_are_named() {
+        let mut file: FileConfig = toml::from_str("[relay]\nbatch_size = 10\n").unwrap();
+        file.apply_env([
+            ("OUTBOX_BATCH_SIZE".to_owned(), "20".to_owned()),
+            ("OUTBOX_KAFKA_LINGER_MS".to_owned(), "7".to_owned()),
+            ("OUTBOX_DEV_CACHE".to_owned(), "/x".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ])
+        .unwrap();
+        let settings = Settings::resolve(file, &Overrides::default()).unwrap();
+        assert_eq!(settings.relay.batch_size, 20);
+        assert_eq!(settings.relay.kafka.get("linger.ms"), Some("7"));
+        let error = FileConfig::default()
+            .apply_env([("OUTBOX_BATCH_SISE".to_owned(), "1".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("OUTBOX_BATCH_SISE"), "{error}");
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use outbox::{Message, Outbox, OutboxConfig};
-use outbox_relay::Relay;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use outbox::postgres::RepublishFilter;
+use outbox_relay::{Completion, Health, HealthReport, Relay};
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -49,11 +54,53 @@ pub enum LogFormat {
 pub enum Command {
     /// Create or upgrade the outbox schema (idempotent).
     Migrate,
-    /// Run the relay until SIGTERM or SIGINT, then shut down gracefully.
+    /// Run the relay until SIGTERM or SIGINT, then shut down gracefully: stop claiming, wait
+    /// for in-flight deliveries, complete what Kafka acknowledged, release the lease.
     Relay {
         /// Print the effective configuration (secrets masked) and exit.
         #[arg(long)]
         print_config: bool,
+        /// Serve /metrics (Prometheus), /health/live and /health/ready on HOST:PORT.
+        #[arg(long, env = "OUTBOX_METRICS_ADDR", value_name = "HOST:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Publish already processed messages again, keeping their original x-sequence (for a
+    /// consumer that lost data). Needs `completion = "keep"` (deleted rows are gone).
+    Republish {
+        /// One sequence.
+        #[arg(long, conflicts_with_all = ["from_id", "to_id"])]
+        id: Option<i64>,
+        /// Lowest sequence, inclusive.
+        #[arg(long)]
+        from_id: Option<i64>,
+        /// Highest sequence, inclusive.
+        #[arg(long)]
+        to_id: Option<i64>,
+        /// Only messages with this key (UTF-8).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only messages of this topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only messages created at or after this time (e.g. 2026-11-28T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only messages created at or before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+        /// Ask for confirmation when more than this many messages match.
+        #[arg(long, default_value_t = 1000)]
+        confirm_above: u64,
+    },
+    /// Run retention cleanup now: delete processed messages older than the retention, in
+    /// bounded batches.
+    Cleanup {
+        /// Override the configured retention, in hours.
+        #[arg(long)]
+        retention_hours: Option<f64>,
     },
     /// Save one message for publishing, in a transaction of its own (for scripts and smoke tests;
     /// services enqueue inside their own transactions).
@@ -70,11 +117,15 @@ pub enum Command {
         /// Payload (UTF-8).
         payload: String,
     },
-    /// Show the backlog and the lease holder.
+    /// Show the backlog, the oldest pending message, failing messages, the last publish and
+    /// the lease holders.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Refresh every SECONDS until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<f64>,
     },
 }
 
@@ -119,13 +170,16 @@ fn init_logging(format: LogFormat) {
 
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let file = match &cli.config {
+    let mut file = match &cli.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    file.apply_env(std::env::vars())?;
     let settings = Settings::resolve(file, &cli.overrides)?;
     match cli.command {
-        Command::Relay { print_config: true } => {
+        Command::Relay {
+            print_config: true, ..
+        } => {
             print!("{}", settings.to_masked_toml());
             Ok(())
         }
@@ -140,7 +194,30 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Relay {
             print_config: false,
-        } => run_relay(settings).await,
+            metrics_addr,
+        } => run_relay(settings, metrics_addr).await,
+        Command::Republish {
+            id,
+            from_id,
+            to_id,
+            key,
+            topic,
+            since,
+            until,
+            yes,
+            confirm_above,
+        } => {
+            let filter = RepublishFilter {
+                from_id: id.or(from_id),
+                to_id: id.or(to_id),
+                key: key.map(String::into_bytes),
+                topic,
+                since,
+                until,
+            };
+            republish(&settings, filter, yes, confirm_above).await
+        }
+        Command::Cleanup { retention_hours } => cleanup(&settings, retention_hours).await,
         Command::Enqueue {
             topic,
             key,
@@ -176,7 +253,24 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("{sequence}");
             Ok(())
         }
-        Command::Status { json } => status(&settings, json).await,
+        Command::Status { json, watch } => match watch {
+            None => status(&settings, json).await,
+            Some(seconds) if seconds.is_finite() && seconds > 0.0 => loop {
+                if !json {
+                    print!("\x1b[2J\x1b[H"); // clear the screen between refreshes
+                }
+                status(&settings, json).await?;
+                tokio::select! {
+                    _ = shutdown_signal() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {}
+                }
+            },
+            Some(_) => Err(ConfigError::Invalid {
+                key: "--watch".into(),
+                reason: "must be a positive number of seconds".into(),
+            }
+            .into()),
+        },
     }
 }
 
@@ -222,8 +316,12 @@ async fn connect(settings: &Settings) -> Result<PgPool, CliError> {
         .connect_lazy_with(options))
 }
 
-async fn run_relay(settings: Settings) -> Result<(), CliError> {
+async fn run_relay(settings: Settings, metrics_addr: Option<SocketAddr>) -> Result<(), CliError> {
     let pool = connect(&settings).await?;
+    let metrics = match metrics_addr {
+        Some(addr) => Some((addr, install_metrics_recorder()?)),
+        None => None,
+    };
     tracing::info!(
         schema = %settings.schema,
         source = %settings.relay.source,
@@ -232,6 +330,13 @@ async fn run_relay(settings: Settings) -> Result<(), CliError> {
     );
     let mut relay =
         Relay::start(pool, settings.relay).map_err(|e| CliError::Runtime(e.to_string()))?;
+    if let Some((addr, handle)) = metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CliError::Runtime(format!("cannot listen on {addr} for metrics: {e}")))?;
+        tracing::info!(%addr, "serving /metrics, /health/live and /health/ready");
+        tokio::spawn(serve_http(listener, handle, relay.health()));
+    }
     let stopped = tokio::select! {
         signal = shutdown_signal() => {
             tracing::info!(%signal, "shutting down");
@@ -248,6 +353,185 @@ async fn run_relay(settings: Settings) -> Result<(), CliError> {
             .map_err(|e| CliError::Runtime(format!("relay stopped: {e}")))
             .and(Err(CliError::Runtime("relay stopped unexpectedly".into()))),
     }
+}
+
+fn install_metrics_recorder() -> Result<PrometheusHandle, CliError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let latency_buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(outbox_relay::metrics::PUBLISH_LATENCY.to_owned()),
+            &latency_buckets,
+        )
+        .and_then(|builder| builder.install_recorder())
+        .map_err(|e| CliError::Runtime(format!("cannot install the metrics recorder: {e}")))
+}
+
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let ready_health = health.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/health/live", get(|| std::future::ready("live")))
+        .route(
+            "/health/ready",
+            get(move || {
+                let report = ready_health.report();
+                let status = if report.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                std::future::ready((status, axum::Json(health_json(&report))))
+            }),
+        );
+    if let Err(error) = axum::serve(listener, app).await {
+        tracing::error!(%error, "the metrics endpoint stopped");
+    }
+}
+
+fn health_json(report: &HealthReport) -> serde_json::Value {
+    serde_json::json!({
+        "ready": report.ready,
+        "reasons": report.reasons,
+        "leader": report.leader,
+        "database_ok": report.database_ok,
+        "kafka_ok": report.kafka_ok,
+        "backlog": report.backlog,
+        "oldest_pending_age_ms": report.oldest_pending_age.map(|a| a.as_millis() as u64),
+        "since_last_publish_ms": report.since_last_publish.map(|a| a.as_millis() as u64),
+    })
+}
+
+async fn republish(
+    settings: &Settings,
+    filter: RepublishFilter,
+    yes: bool,
+    confirm_above: u64,
+) -> Result<(), CliError> {
+    let pool = connect(settings).await?;
+    let mut conn = pool.acquire().await.map_err(db_error)?;
+    for (key, value) in [("--since", &filter.since), ("--until", &filter.until)] {
+        if let Some(value) = value {
+            if sqlx::query("SELECT $1::timestamptz")
+                .bind(value)
+                .execute(&mut *conn)
+                .await
+                .is_err()
+            {
+                return Err(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: format!("{value:?} is not a timestamp (e.g. 2026-11-28T10:00:00Z)"),
+                }
+                .into());
+            }
+        }
+    }
+    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let total = statements
+        .republish_count(&mut conn, &filter)
+        .await
+        .map_err(db_error)? as u64;
+    if total == 0 {
+        println!("no processed messages match; nothing to republish");
+        return Ok(());
+    }
+    if total > confirm_above && !yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            return Err(ConfigError::Invalid {
+                key: "--yes".into(),
+                reason: format!(
+                    "{total} messages match (more than {confirm_above}); confirm with --yes"
+                ),
+            }
+            .into());
+        }
+        print!("Republish {total} messages? Type 'yes' to continue: ");
+        std::io::stdout().flush().ok();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer).ok();
+        if answer.trim() != "yes" {
+            println!("cancelled");
+            return Ok(());
+        }
+    }
+    let bar = progress_bar(total, "republish")?;
+    let mut after = i64::MIN;
+    let mut done = 0;
+    loop {
+        let (count, last) = statements
+            .republish_batch(&mut conn, &filter, after, 10_000)
+            .await
+            .map_err(db_error)?;
+        done += count;
+        bar.set_position(done);
+        match last {
+            Some(last) => after = last,
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    println!("marked {done} messages for publishing again (original sequences kept); the relay sends them next");
+    Ok(())
+}
+
+async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<(), CliError> {
+    let retention = match (retention_hours, settings.relay.completion) {
+        (Some(hours), _) if hours.is_finite() && hours >= 0.0 => {
+            Duration::from_secs_f64(hours * 3600.0)
+        }
+        (Some(_), _) => {
+            return Err(ConfigError::Invalid {
+                key: "--retention-hours".into(),
+                reason: "must be a non-negative number of hours".into(),
+            }
+            .into())
+        }
+        (None, Completion::Keep { retention }) => retention,
+        (None, Completion::Delete) => {
+            println!("completion = \"delete\": processed messages are deleted at once; nothing to clean up");
+            return Ok(());
+        }
+    };
+    let pool = connect(settings).await?;
+    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let bar = indicatif::ProgressBar::new_spinner();
+    let deleted = outbox_relay::cleanup::run_once(
+        &pool,
+        &statements,
+        retention,
+        settings.relay.cleanup_batch_size,
+        |total| bar.set_message(format!("deleted {total} processed messages")),
+    )
+    .await
+    .map_err(db_error)?;
+    bar.finish_and_clear();
+    println!(
+        "deleted {deleted} messages processed more than {:.1} hours ago",
+        retention.as_secs_f64() / 3600.0
+    );
+    Ok(())
+}
+
+fn progress_bar(total: u64, what: &str) -> Result<indicatif::ProgressBar, CliError> {
+    let style = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{pos}}/{{len}} [{{bar:30}}] {{eta}}"
+    ))
+    .map_err(|e| CliError::Runtime(e.to_string()))?
+    .progress_chars("=> ");
+    Ok(indicatif::ProgressBar::new(total).with_style(style))
 }
 
 async fn shutdown_signal() -> &'static str {
@@ -270,6 +554,8 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         ))
     })?;
     let leases = statements.leases(&mut conn).await.map_err(db_error)?;
+    let activity = statements.activity(&mut conn).await.map_err(db_error)?;
+    let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     if json {
         let leases: Vec<serde_json::Value> = leases
             .iter()
@@ -278,7 +564,12 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         let value = serde_json::json!({
             "schema": settings.schema.as_str(),
             "pending": backlog.pending,
-            "oldest_pending_age_ms": backlog.oldest_age.map(|a| a.as_millis() as u64),
+            "oldest_pending_age_ms": ms(backlog.oldest_age),
+            "since_last_publish_ms": ms(activity.since_last_publish),
+            "failing": activity.failing,
+            "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
+                serde_json::json!({"sequence": id, "attempts": attempts, "last_error": error})
+            }),
             "leases": leases,
         });
         println!("{value}");
@@ -288,6 +579,16 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         match backlog.oldest_age {
             Some(age) => println!("oldest pending age:  {:.1}s", age.as_secs_f64()),
             None => println!("oldest pending age:  -"),
+        }
+        match activity.since_last_publish {
+            Some(age) => println!("last publish:        {:.1}s ago", age.as_secs_f64()),
+            None => println!("last publish:        - (none kept)"),
+        }
+        println!("failing messages:    {}", activity.failing);
+        if let Some((id, attempts, error)) = &activity.oldest_failure {
+            println!(
+                "oldest failing:      sequence {id}, {attempts} attempts, last error: {error}"
+            );
         }
         for lease in leases {
             let state = if lease.expires_in_ms > 0 {

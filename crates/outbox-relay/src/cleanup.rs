@@ -1,5 +1,6 @@
-//! Retention cleanup: the leader deletes processed rows older than the retention, in bounded
-//! batches so that no statement holds many row locks or runs long.
+//! Retention cleanup: deletes processed rows older than the retention, in bounded batches so
+//! that no statement holds many row locks or runs long. The leader runs it periodically; the
+//! `outbox cleanup` command runs it on demand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,27 +11,27 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::Term;
+use crate::metrics as m;
 
-/// Deletes processed rows older than `retention`, `batch_size` at a time, while `term` holds.
-/// Returns how many rows were deleted.
-pub(crate) async fn run_once(
+/// Deletes processed rows older than `retention`, `batch_size` per statement, until none are
+/// left; calls `progress` with the running total after each batch. Returns the total.
+pub async fn run_once(
     pool: &PgPool,
     statements: &Statements,
-    term: &Term,
     retention: Duration,
     batch_size: usize,
+    mut progress: impl FnMut(u64),
 ) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        if !term.valid_for(Duration::ZERO) {
-            return Ok(total);
-        }
         let mut conn = pool.acquire().await?;
         let deleted = statements
-            .cleanup(&mut conn, retention, batch_size as i64, &term.fence)
+            .cleanup(&mut conn, retention, batch_size as i64)
             .await?;
         total += deleted;
+        progress(total);
         if deleted < batch_size as u64 {
+            m::cleanup(total);
             return Ok(total);
         }
     }
@@ -39,7 +40,7 @@ pub(crate) async fn run_once(
 pub(crate) async fn run_periodically(
     pool: PgPool,
     statements: Arc<Statements>,
-    mut term: watch::Receiver<Option<Term>>,
+    term: watch::Receiver<Option<Term>>,
     retention: Duration,
     interval: Duration,
     batch_size: usize,
@@ -50,9 +51,14 @@ pub(crate) async fn run_periodically(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let current = term.borrow_and_update().clone();
-        let Some(current) = current else { continue };
-        match run_once(&pool, &statements, &current, retention, batch_size).await {
+        let leader = term
+            .borrow()
+            .as_ref()
+            .is_some_and(|t| t.valid_for(Duration::ZERO));
+        if !leader {
+            continue;
+        }
+        match run_once(&pool, &statements, retention, batch_size, |_| {}).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "retention cleanup removed processed messages"),
             Err(error) => {

@@ -51,6 +51,10 @@ pub struct RelayConfig {
     /// On shutdown, how long to wait for in-flight deliveries before giving up on them (they
     /// stay pending and are published again by the next holder).
     pub shutdown_timeout: Duration,
+    /// A leader whose backlog has not shrunk for this long reports itself not ready.
+    pub stall_timeout: Duration,
+    /// How often the backlog and Kafka's reachability are sampled for health and metrics.
+    pub monitor_interval: Duration,
     /// Kafka producer properties, passed to librdkafka verbatim.
     pub kafka: KafkaConfig,
 }
@@ -93,6 +97,8 @@ impl RelayConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
+            monitor_interval: Duration::from_secs(5),
             kafka: KafkaConfig::new(bootstrap_servers),
         }
     }
@@ -136,6 +142,15 @@ impl RelayConfig {
             return Err(InvalidConfig::new(
                 "backoff_initial",
                 "must be positive and not above backoff_max",
+            ));
+        }
+        if self.monitor_interval.is_zero() {
+            return Err(InvalidConfig::new("monitor_interval", "must be positive"));
+        }
+        if self.stall_timeout <= self.monitor_interval {
+            return Err(InvalidConfig::new(
+                "stall_timeout",
+                "must be longer than monitor_interval, or every sample would look stalled",
             ));
         }
         self.kafka.validate()

@@ -21,7 +21,8 @@ use outbox::postgres::PendingMessage;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::InvalidConfig;
 
@@ -54,6 +55,8 @@ impl KafkaConfig {
             ("message.timeout.ms", "0"),
             ("linger.ms", "5"),
             ("compression.type", "lz4"),
+            // Feeds the producer queue metrics.
+            ("statistics.interval.ms", "5000"),
         ] {
             properties.insert(key.to_owned(), value.to_owned());
         }
@@ -122,6 +125,20 @@ impl KafkaConfig {
         }
         config
     }
+
+    /// The same connection and security settings, for a client that only reads metadata.
+    pub(crate) fn metadata_client_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        for key in [
+            "enable.idempotence",
+            "enable.gapless.guarantee",
+            "acks",
+            "statistics.interval.ms",
+        ] {
+            config.remove(key);
+        }
+        config
+    }
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -142,16 +159,25 @@ pub(crate) struct BatchOutcome {
     pub(crate) held_back: Vec<i64>,
 }
 
+/// Bridges librdkafka's statistics into metrics.
+pub(crate) struct StatsContext;
+
+impl ClientContext for StatsContext {
+    fn stats(&self, statistics: Statistics) {
+        crate::metrics::producer_queue(statistics.msg_cnt, statistics.msg_size);
+    }
+}
+
 /// Sends batches with one idempotent producer.
 pub(crate) struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<StatsContext>,
     source: Vec<u8>,
 }
 
 impl Publisher {
     pub(crate) fn new(config: &KafkaConfig, source: &str) -> Result<Self, KafkaError> {
         Ok(Publisher {
-            producer: config.client_config().create()?,
+            producer: config.client_config().create_with_context(StatsContext)?,
             source: source.as_bytes().to_vec(),
         })
     }

@@ -24,6 +24,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Health;
+use crate::metrics as m;
+
 /// A term during which this relay holds the lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Term {
@@ -49,6 +52,7 @@ pub(crate) struct LeaseKeeper {
     /// Woken when a holder releases the lease.
     pub(crate) released: Arc<Notify>,
     pub(crate) term: watch::Sender<Option<Term>>,
+    pub(crate) health: Arc<Health>,
 }
 
 impl LeaseKeeper {
@@ -65,9 +69,18 @@ impl LeaseKeeper {
                 _ = self.released.notified(), if self.current().is_none() => {}
             }
         }
-        if let Some(term) = self.term.send_replace(None) {
+        if let Some(term) = self.set_term(None) {
             self.release(&term.fence).await;
         }
+    }
+
+    /// Publishes a new term (or none), keeping health and metrics in step.
+    fn set_term(&self, term: Option<Term>) -> Option<Term> {
+        let held = term.is_some();
+        let previous = self.term.send_replace(term);
+        self.health.leader(held);
+        m::lease_held(&self.lease, held);
+        previous
     }
 
     fn current(&self) -> Option<Term> {
@@ -92,7 +105,9 @@ impl LeaseKeeper {
                     holder: self.holder.clone(),
                     token,
                 };
-                self.term.send_replace(Some(Term {
+                self.health.database(true);
+                m::lease_acquired(&self.lease);
+                self.set_term(Some(Term {
                     fence,
                     deadline: sent + remaining,
                 }));
@@ -100,11 +115,13 @@ impl LeaseKeeper {
             }
             Ok(LeaseState::HeldByOther { holder, remaining }) => {
                 tracing::debug!(lease = %self.lease, %holder, ?remaining, "standing by");
+                self.health.database(true);
                 // Try again right after the term would expire, but never sleep longer than a
                 // renewal interval (the holder may have released without our notice).
                 (remaining + Duration::from_millis(20)).min(self.renew_interval)
             }
             Err(error) => {
+                self.health.database(false);
                 tracing::warn!(lease = %self.lease, %error, "cannot reach the database to acquire the lease");
                 self.renew_interval
             }
@@ -122,6 +139,7 @@ impl LeaseKeeper {
         .await;
         match result {
             Ok(Fenced::Done(remaining)) => {
+                self.health.database(true);
                 self.term.send_replace(Some(Term {
                     fence: term.fence,
                     deadline: sent + remaining,
@@ -130,17 +148,21 @@ impl LeaseKeeper {
             }
             Ok(Fenced::LeaseLost) => {
                 tracing::warn!(lease = %self.lease, token = term.fence.token, "lost the lease; stepping down");
-                self.term.send_replace(None);
+                m::lease_lost(&self.lease);
+                self.set_term(None);
                 Duration::ZERO
             }
             Err(error) if term.valid_for(Duration::ZERO) => {
+                self.health.database(false);
                 tracing::warn!(lease = %self.lease, %error, "cannot renew the lease; retrying until it would expire");
                 // Retry soon: the term is only good until its deadline.
                 (self.renew_interval / 4).max(Duration::from_millis(50))
             }
             Err(error) => {
                 tracing::warn!(lease = %self.lease, %error, "the lease expired while the database was unreachable; stepping down");
-                self.term.send_replace(None);
+                self.health.database(false);
+                m::lease_lost(&self.lease);
+                self.set_term(None);
                 self.renew_interval
             }
         }

@@ -52,10 +52,13 @@
 //! releases the lease so a standby takes over immediately.
 
 mod backoff;
-mod cleanup;
+pub mod cleanup;
 pub mod config;
+pub mod health;
 pub mod kafka;
 pub mod lease;
+pub mod metrics;
+mod monitor;
 mod pipeline;
 mod wakeup;
 
@@ -69,6 +72,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Completion, InvalidConfig, RelayConfig};
+pub use health::{Health, HealthReport};
 pub use kafka::KafkaConfig;
 
 use crate::lease::{LeaseKeeper, Term};
@@ -109,6 +113,7 @@ impl Relay {
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
         let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
         let wakeups = Arc::new(Wakeups::default());
+        let health = Arc::new(Health::new(config.stall_timeout));
         let cancel = CancellationToken::new();
         // The lease keeper outlives the pipeline so that it can release the lease last.
         let keeper_cancel = CancellationToken::new();
@@ -118,6 +123,14 @@ impl Relay {
             pool.clone(),
             config.schema.channel(),
             wakeups.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(monitor::run(
+            pool.clone(),
+            statements.clone(),
+            config.kafka.clone(),
+            health.clone(),
+            config.monitor_interval,
             cancel.clone(),
         ));
         if let Completion::Keep { retention } = config.completion {
@@ -140,6 +153,7 @@ impl Relay {
             renew_interval: config.lease_renew_interval,
             released: wakeups.lease_released.clone(),
             term: term_tx,
+            health: health.clone(),
         };
         let keeper_task = tokio::spawn(keeper.run(keeper_cancel.clone()));
         let pipeline = Pipeline {
@@ -149,6 +163,7 @@ impl Relay {
             publisher,
             term: term_rx.clone(),
             wakeups,
+            health: health.clone(),
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {
@@ -159,6 +174,7 @@ impl Relay {
             pipeline_task,
             keeper_task,
             term: term_rx,
+            health,
         })
     }
 }
@@ -173,9 +189,15 @@ pub struct RelayHandle {
     pipeline_task: tokio::task::JoinHandle<Result<(), RelayError>>,
     keeper_task: tokio::task::JoinHandle<()>,
     term: watch::Receiver<Option<Term>>,
+    health: Arc<Health>,
 }
 
 impl RelayHandle {
+    /// The relay's health, shared: serve `health().report()` from a readiness endpoint.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
     /// This relay's holder id in the lease table.
     pub fn holder(&self) -> &str {
         &self.holder

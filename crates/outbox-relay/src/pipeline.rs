@@ -3,15 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Fenced, Statements};
+use outbox::postgres::{Fenced, PendingMessage, Statements};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{Completion, RelayConfig};
+use crate::health::Health;
 use crate::kafka::{BatchOutcome, Publisher};
 use crate::lease::Term;
+use crate::metrics as m;
 use crate::wakeup::Wakeups;
 use crate::RelayError;
 
@@ -26,6 +28,7 @@ pub(crate) struct Pipeline {
     pub(crate) publisher: Publisher,
     pub(crate) term: watch::Receiver<Option<Term>>,
     pub(crate) wakeups: Arc<Wakeups>,
+    pub(crate) health: Arc<Health>,
 }
 
 enum Step {
@@ -60,6 +63,7 @@ impl Pipeline {
                     }
                 }
                 Step::Failed => {
+                    m::retry();
                     let delay = backoff.next_delay();
                     tracing::debug!(?delay, "backing off");
                     tokio::select! {
@@ -89,10 +93,14 @@ impl Pipeline {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim messages");
+                self.health.database(false);
                 return Step::Failed;
             }
         };
+        let claimed_at = tokio::time::Instant::now();
+        self.health.database(true);
         if batch.is_empty() {
+            self.health.progress(false);
             return Step::Idle;
         }
         // The claim may have taken long (a slow database); never start publishing on a term
@@ -134,7 +142,7 @@ impl Pipeline {
         if lost {
             return Step::NotLeader;
         }
-        self.finish(term, outcome, full).await
+        self.finish(term, &batch, claimed_at, outcome, full).await
     }
 
     async fn claim(
@@ -168,7 +176,14 @@ impl Pipeline {
         }
     }
 
-    async fn finish(&self, term: &Term, outcome: BatchOutcome, full: bool) -> Step {
+    async fn finish(
+        &self,
+        term: &Term,
+        batch: &[PendingMessage],
+        claimed_at: tokio::time::Instant,
+        outcome: BatchOutcome,
+        full: bool,
+    ) -> Step {
         let delete = matches!(self.config.completion, Completion::Delete);
         if !outcome.delivered.is_empty() {
             let completed = async {
@@ -181,6 +196,8 @@ impl Pipeline {
             match completed {
                 Ok(Fenced::Done(count)) => {
                     tracing::debug!(count, "published and completed");
+                    self.health.progress(true);
+                    record_published(batch, &outcome.delivered, claimed_at.elapsed());
                 }
                 Ok(Fenced::LeaseLost) => {
                     tracing::warn!(
@@ -190,6 +207,7 @@ impl Pipeline {
                     return Step::NotLeader;
                 }
                 Err(error) => {
+                    self.health.database(false);
                     // They stay pending and are published again: a duplicate, never a loss.
                     tracing::warn!(%error, count = outcome.delivered.len(), "cannot mark delivered messages complete");
                     return Step::Failed;
@@ -200,7 +218,11 @@ impl Pipeline {
             return if full { Step::More } else { Step::Idle };
         }
         for (id, error) in &outcome.failed {
-            tracing::warn!(sequence = id, %error, retriable = is_retriable(error), "delivery failed; the message and later ones of its key stay pending");
+            let retriable = is_retriable(error);
+            if let Some(message) = batch.iter().find(|m| m.id == *id) {
+                m::failed(&message.topic, retriable);
+            }
+            tracing::warn!(sequence = id, %error, retriable, "delivery failed; the message and later ones of its key stay pending");
         }
         let failures: Vec<(i64, String)> = outcome
             .failed
@@ -218,6 +240,31 @@ impl Pipeline {
             tracing::warn!(%error, "cannot record delivery failures");
         }
         Step::Failed
+    }
+}
+
+/// Counts published messages per topic and records their latency from insert to ack.
+fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Duration) {
+    // `delivered` is a subsequence of `batch` (both in sequence order): merge them.
+    let mut delivered = delivered.iter().peekable();
+    let mut run: Option<(&str, u64)> = None;
+    for message in batch {
+        if delivered.peek() != Some(&&message.id) {
+            continue;
+        }
+        delivered.next();
+        m::publish_latency(message.age + since_claim);
+        run = match run {
+            Some((topic, n)) if topic == message.topic => Some((topic, n + 1)),
+            Some((topic, n)) => {
+                m::published(topic, n);
+                Some((&message.topic, 1))
+            }
+            None => Some((&message.topic, 1)),
+        };
+    }
+    if let Some((topic, n)) = run {
+        m::published(topic, n);
     }
 }
 

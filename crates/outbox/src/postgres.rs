@@ -42,6 +42,37 @@ pub struct Statements {
     backlog: String,
     leases: String,
     inbox_record: String,
+    activity: String,
+    republish_count: String,
+    republish_batch: String,
+}
+
+/// What has happened lately, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activity {
+    /// Time since the last message was marked processed (keep mode only).
+    pub since_last_publish: Option<Duration>,
+    /// Pending messages with at least one failed delivery attempt.
+    pub failing: i64,
+    /// The oldest failing message: sequence, attempts, last error.
+    pub oldest_failure: Option<(i64, i32, String)>,
+}
+
+/// Which processed messages to publish again. Unset fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepublishFilter {
+    /// Lowest sequence, inclusive.
+    pub from_id: Option<i64>,
+    /// Highest sequence, inclusive.
+    pub to_id: Option<i64>,
+    /// Exact key.
+    pub key: Option<Vec<u8>>,
+    /// Exact topic.
+    pub topic: Option<String>,
+    /// Created at or after (PostgreSQL timestamptz text).
+    pub since: Option<String>,
+    /// Created at or before (PostgreSQL timestamptz text).
+    pub until: Option<String>,
 }
 
 /// A lease row, for status displays.
@@ -124,6 +155,13 @@ pub struct Backlog {
     /// Age of the oldest pending message.
     pub oldest_age: Option<Duration>,
 }
+
+const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
+     AND ($2::bigint IS NULL OR id <= $2)
+     AND ($3::bytea IS NULL OR key = $3)
+     AND ($4::text IS NULL OR topic = $4)
+     AND ($5::text IS NULL OR created_at >= $5::timestamptz)
+     AND ($6::text IS NULL OR created_at <= $6::timestamptz)";
 
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
@@ -222,14 +260,15 @@ impl Statements {
                 "UPDATE {schema}.relay_lease SET expires_at = now()
                   WHERE name = $1 AND holder = $2 AND token = $3",
             ),
-            cleanup: fenced(
+            // Unfenced: rows processed before the retention are never in flight, so deleting
+            // them is safe from anywhere; only the leader runs it periodically to avoid
+            // duplicate work.
+            cleanup: render(
                 "DELETE FROM {schema}.message
                   WHERE id IN (SELECT id FROM {schema}.message
                                 WHERE processed_at < now() - $1 * interval '1 microsecond'
                                 ORDER BY processed_at
-                                LIMIT $2)
-                    AND {fence}",
-                3,
+                                LIMIT $2)",
             ),
             backlog: render(
                 "SELECT count(*),
@@ -242,6 +281,26 @@ impl Statements {
                 "INSERT INTO {schema}.inbox (source, sequence) VALUES ($1, $2)
                  ON CONFLICT DO NOTHING",
             ),
+            activity: render(
+                "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.message)) * 1000000)::bigint,
+                        (SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL AND attempts > 0),
+                        f.id, f.attempts, f.last_error
+                   FROM (SELECT 1) one
+                   LEFT JOIN LATERAL (SELECT id, attempts, last_error FROM {schema}.message
+                                       WHERE processed_at IS NULL AND attempts > 0
+                                       ORDER BY id LIMIT 1) f ON true",
+            ),
+            republish_count: render(&format!(
+                "SELECT count(*) FROM {{schema}}.message WHERE processed_at IS NOT NULL AND {REPUBLISH_FILTER}"
+            )),
+            // Keyset-paginated by id ($7: last id done) so each statement stays bounded.
+            republish_batch: render(&format!(
+                "UPDATE {{schema}}.message SET processed_at = NULL, attempts = 0, last_error = NULL
+                  WHERE id IN (SELECT id FROM {{schema}}.message
+                                WHERE processed_at IS NOT NULL AND {REPUBLISH_FILTER} AND id > $7
+                                ORDER BY id LIMIT $8)
+                 RETURNING id"
+            )),
             leases: render(
                 "SELECT name, holder, token,
                         (extract(epoch FROM expires_at - now()) * 1000)::bigint
@@ -483,20 +542,16 @@ impl Statements {
         Ok(())
     }
 
-    /// Deletes at most `limit` messages processed longer than `retention` ago, fenced.
+    /// Deletes at most `limit` messages processed longer than `retention` ago.
     pub async fn cleanup(
         &self,
         conn: &mut PgConnection,
         retention: Duration,
         limit: i64,
-        fence: &Fence,
     ) -> Result<u64, sqlx::Error> {
         let result = sqlx::query(&self.cleanup)
             .bind(micros(retention))
             .bind(limit)
-            .bind(&fence.lease)
-            .bind(&fence.holder)
-            .bind(fence.token)
             .execute(conn)
             .await?;
         Ok(result.rows_affected())
@@ -527,6 +582,65 @@ impl Statements {
             .execute(conn)
             .await?;
         Ok(result.rows_affected() == 1)
+    }
+
+    /// Recent activity: last publish, failing messages.
+    pub async fn activity(&self, conn: &mut PgConnection) -> Result<Activity, sqlx::Error> {
+        let (since_us, failing, id, attempts, error): (
+            Option<i64>,
+            i64,
+            Option<i64>,
+            Option<i32>,
+            Option<String>,
+        ) = sqlx::query_as(&self.activity).fetch_one(conn).await?;
+        Ok(Activity {
+            since_last_publish: since_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+            failing,
+            oldest_failure: id.map(|id| (id, attempts.unwrap_or(0), error.unwrap_or_default())),
+        })
+    }
+
+    fn bind_filter<'q, O>(
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+        filter: &'q RepublishFilter,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(filter.from_id)
+            .bind(filter.to_id)
+            .bind(filter.key.as_deref())
+            .bind(filter.topic.as_deref())
+            .bind(filter.since.as_deref())
+            .bind(filter.until.as_deref())
+    }
+
+    /// Processed messages matching `filter`.
+    pub async fn republish_count(
+        &self,
+        conn: &mut PgConnection,
+        filter: &RepublishFilter,
+    ) -> Result<i64, sqlx::Error> {
+        let (count,): (i64,) = Self::bind_filter(sqlx::query_as(&self.republish_count), filter)
+            .fetch_one(conn)
+            .await?;
+        Ok(count)
+    }
+
+    /// Marks up to `limit` processed messages matching `filter` with sequence above `after` as
+    /// pending again (they keep their sequence); returns the highest sequence done, or `None`
+    /// when nothing was left.
+    pub async fn republish_batch(
+        &self,
+        conn: &mut PgConnection,
+        filter: &RepublishFilter,
+        after: i64,
+        limit: i64,
+    ) -> Result<(u64, Option<i64>), sqlx::Error> {
+        let ids: Vec<(i64,)> = Self::bind_filter(sqlx::query_as(&self.republish_batch), filter)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        Ok((ids.len() as u64, ids.iter().map(|r| r.0).max()))
     }
 
     /// All lease rows.
@@ -638,7 +752,7 @@ mod tests {
             .claim
             .contains("l.name = $2 AND l.holder = $3 AND l.token = $4"));
         assert!(sql
-            .cleanup
+            .record_failures
             .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
         assert!(!sql.complete_mark.contains("$F"));
     }

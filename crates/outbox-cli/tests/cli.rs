@@ -1,0 +1,377 @@
+//! The real `outbox` binary against the `dev/up` services.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use outbox::Message;
+use outbox_relay::{Relay, RelayConfig};
+use outbox_test_support::{
+    create_topic, database_url, kafka_bootstrap_servers, unique_topic, wait_until, KafkaBroker,
+    TestOutbox, TopicReader,
+};
+
+fn outbox_cmd(schema: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command
+        .env("DATABASE_URL", database_url())
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap_servers())
+        .env("OUTBOX_SCHEMA", schema)
+        .env_remove("OUTBOX_CONFIG");
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the outbox binary")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A relay process, SIGTERMed (gracefully) on drop.
+struct RelayProcess(Child);
+
+impl RelayProcess {
+    /// Starts `outbox relay <relay_args>`.
+    fn start(command: &mut Command, relay_args: &[&str]) -> Self {
+        RelayProcess(
+            command
+                .arg("relay")
+                .args(relay_args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status()
+            .unwrap();
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Parses Prometheus text: `name{labels}` → value.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_enqueue_and_status_report_the_backlog() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    let migrate = run(outbox_cmd(schema).arg("migrate"));
+    assert!(migrate.status.success(), "{}", stderr(&migrate));
+    assert!(
+        stdout(&migrate).contains("up to date at version 2"),
+        "{}",
+        stdout(&migrate)
+    );
+
+    for i in 0..3 {
+        let enqueue = run(outbox_cmd(schema)
+            .args([
+                "enqueue",
+                "--topic",
+                "cli-status",
+                "--key",
+                "k",
+                "--header",
+                "x-value-type=Note",
+            ])
+            .arg(format!("note {i}")));
+        assert!(enqueue.status.success(), "{}", stderr(&enqueue));
+        stdout(&enqueue)
+            .trim()
+            .parse::<i64>()
+            .expect("enqueue prints the sequence");
+    }
+    let status = run(outbox_cmd(schema).arg("status"));
+    assert!(status.status.success(), "{}", stderr(&status));
+    assert!(
+        stdout(&status).contains("pending messages:    3"),
+        "{}",
+        stdout(&status)
+    );
+
+    let json = run(outbox_cmd(schema).args(["status", "--json"]));
+    let value: serde_json::Value =
+        serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    assert_eq!(value["pending"], 3);
+    assert!(value["oldest_pending_age_ms"].as_u64().is_some());
+
+    let invalid = run(outbox_cmd(schema).args(["enqueue", "--topic", "no spaces allowed", "x"]));
+    assert_eq!(invalid.status.code(), Some(2), "{}", stderr(&invalid));
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republished_range_arrives_again_with_the_original_sequences() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("republish");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let mut config = RelayConfig::new(kafka_bootstrap_servers(), "cli-tests");
+    config.schema = outbox.schema.clone();
+    config.poll_interval = Duration::from_millis(200);
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let sequences = outbox
+        .commit_each((0..6).map(|i| Message::new(&topic, format!("{i}")).key("k")))
+        .await;
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(6, Duration::from_secs(60)).await;
+    wait_until(Duration::from_secs(10), "all are processed", || async {
+        outbox.pending().await == 0
+    })
+    .await;
+
+    let (from, to) = (sequences[1], sequences[3]);
+    let republish = run(outbox_cmd(outbox.schema.as_str())
+        .args(["republish", "--yes", "--from-id"])
+        .arg(from.to_string())
+        .arg("--to-id")
+        .arg(to.to_string()));
+    assert!(republish.status.success(), "{}", stderr(&republish));
+    assert!(
+        stdout(&republish).contains("marked 3 messages"),
+        "{}",
+        stdout(&republish)
+    );
+
+    reader.read_at_least(9, Duration::from_secs(60)).await;
+    let again: Vec<i64> = reader.received[6..].iter().map(|r| r.sequence()).collect();
+    assert_eq!(again, vec![sequences[1], sequences[2], sequences[3]]);
+    let payloads: Vec<&str> = reader.received[6..]
+        .iter()
+        .map(|r| r.payload_str())
+        .collect();
+    assert_eq!(payloads, ["1", "2", "3"]);
+
+    // Above the confirmation threshold without a terminal and without --yes: refused, exit 2.
+    let refused =
+        run(outbox_cmd(outbox.schema.as_str()).args(["republish", "--confirm-above", "1"]));
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("--yes"));
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("outbox-cli-{}", outbox_test_support::short_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("[relay]\nbatch_sise = 5\n", "batch_sise"),
+        (
+            "[relay]\nlease_ttl_ms = 1000\nlease_renew_interval_ms = 900\n",
+            "relay.lease_renew_interval",
+        ),
+        ("[relay]\nretention_hours = -2\n", "relay.retention_hours"),
+        ("[kafka]\nacks = \"1\"\n", "kafka.acks"),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let output = run(outbox_cmd("outbox")
+            .arg("--config")
+            .arg(&path)
+            .args(["relay", "--print-config"]));
+        assert_eq!(output.status.code(), Some(2), "{toml}: {}", stderr(&output));
+        let message = stderr(&output);
+        assert!(message.contains(key), "{toml}: {message}");
+        assert_eq!(message.trim().lines().count(), 1, "one line: {message}");
+    }
+    let typo = run(outbox_cmd("outbox")
+        .env("OUTBOX_BATCH_SISE", "5")
+        .args(["relay", "--print-config"]));
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(stderr(&typo).contains("OUTBOX_BATCH_SISE"));
+}
+
+#[test]
+fn printed_configuration_masks_secrets() {
+    let output = run(outbox_cmd("outbox")
+        .env("DATABASE_URL", "postgres://me:db-secret@127.0.0.1:1/x")
+        .args([
+            "--kafka",
+            "sasl.password=kafka-secret",
+            "relay",
+            "--print-config",
+        ]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let shown = stdout(&output);
+    assert!(shown.contains("sasl.password"));
+    assert!(
+        !shown.contains("db-secret") && !shown.contains("kafka-secret"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unreachable_database_exits_1_with_one_clear_line() {
+    let output = run(outbox_cmd("outbox")
+        .env("DATABASE_URL", "postgres://me:db-secret@127.0.0.1:1/x")
+        .arg("status"));
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(
+        message.contains("cannot connect to PostgreSQL"),
+        "{message}"
+    );
+    assert!(!message.contains("db-secret"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_daemon_serves_metrics_and_shuts_down_cleanly() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("metrics");
+    create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
+    let addr = free_addr();
+    let mut relay = RelayProcess::start(
+        outbox_cmd(outbox.schema.as_str())
+            .env("OUTBOX_MONITOR_INTERVAL_MS", "200")
+            .env("OUTBOX_POLL_INTERVAL_MS", "200"),
+        &["--metrics-addr", &addr],
+    );
+    outbox
+        .commit_each(
+            (0..25).map(|i| Message::new(&topic, format!("{i}")).key(format!("k{}", i % 4))),
+        )
+        .await;
+    TopicReader::new(&topic)
+        .read_at_least(25, Duration::from_secs(60))
+        .await;
+
+    let client = reqwest::Client::new();
+    let published = format!("outbox_messages_published_total{{topic=\"{topic}\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        if let Ok(response) = client.get(format!("http://{addr}/metrics")).send().await {
+            let metrics = parse_metrics(&response.text().await.unwrap_or_default());
+            if metrics.get(&published) == Some(&25.0) {
+                break metrics;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics did not show {published} = 25"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        metrics.get("outbox_lease_held{lease=\"relay\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(
+        metrics.get("outbox_publish_latency_seconds_count"),
+        Some(&25.0)
+    );
+    assert!(metrics.contains_key("outbox_backlog_messages"));
+    let ready = client
+        .get(format!("http://{addr}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let status = relay.terminate();
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+    let expires_in: i64 = sqlx::query_scalar(&format!(
+        "SELECT (extract(epoch FROM expires_at - now()) * 1000)::bigint FROM {}.relay_lease",
+        outbox.schema
+    ))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(expires_in <= 0, "the lease was released on shutdown");
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_when_kafka_is_stopped() {
+    let outbox = TestOutbox::new().await;
+    let mut broker = KafkaBroker::new();
+    broker.start();
+    let addr = free_addr();
+    let _relay = RelayProcess::start(
+        outbox_cmd(outbox.schema.as_str())
+            .env("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap_servers())
+            .env("OUTBOX_MONITOR_INTERVAL_MS", "200")
+            .env("OUTBOX_STALL_TIMEOUT_MS", "5000"),
+        &["--metrics-addr", &addr],
+    );
+    let client = reqwest::Client::new();
+    let ready_url = format!("http://{addr}/health/ready");
+    let status_is = |code: u16| {
+        let (client, url) = (client.clone(), ready_url.clone());
+        move || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == code)
+            }
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the relay is ready",
+        status_is(200),
+    )
+    .await;
+    broker.kill();
+    wait_until(
+        Duration::from_secs(30),
+        "the relay reports not ready",
+        status_is(503),
+    )
+    .await;
+    let body: serde_json::Value = client
+        .get(&ready_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        body["reasons"].to_string().contains("Kafka is unreachable"),
+        "{body}"
+    );
+    outbox.drop_schema().await;
+}

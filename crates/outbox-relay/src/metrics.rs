@@ -1,0 +1,83 @@
+//! Metric names and recording, through the `metrics` facade: nothing is recorded unless the
+//! application installs a recorder (the `outbox` daemon installs a Prometheus one).
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+/// Messages acknowledged by Kafka, by topic.
+pub const PUBLISHED: &str = "outbox_messages_published_total";
+/// Failed delivery attempts, by topic and whether the error is retriable.
+pub const FAILED: &str = "outbox_delivery_failures_total";
+/// Seconds from the message's insert to Kafka's acknowledgement.
+pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
+/// Pending messages.
+pub const BACKLOG: &str = "outbox_backlog_messages";
+/// Age of the oldest pending message, in seconds.
+pub const OLDEST_PENDING: &str = "outbox_oldest_pending_age_seconds";
+/// 1 while this relay holds the lease.
+pub const LEASE_HELD: &str = "outbox_lease_held";
+/// Lease terms acquired.
+pub const LEASE_ACQUIRED: &str = "outbox_lease_acquired_total";
+/// Lease terms lost (expired or taken over while held).
+pub const LEASE_LOST: &str = "outbox_lease_lost_total";
+/// Back-offs after failures.
+pub const RETRIES: &str = "outbox_retries_total";
+/// Retention cleanup runs, and rows they deleted.
+pub const CLEANUP_RUNS: &str = "outbox_cleanup_runs_total";
+/// Rows deleted by retention cleanup.
+pub const CLEANUP_DELETED: &str = "outbox_cleanup_deleted_total";
+/// Messages in librdkafka's queue (librdkafka statistics).
+pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_producer_queue_messages";
+/// Bytes in librdkafka's queue (librdkafka statistics).
+pub const PRODUCER_QUEUE_BYTES: &str = "outbox_producer_queue_bytes";
+/// 1 while the relay is ready (see `health`).
+pub const READY: &str = "outbox_ready";
+
+pub(crate) fn published(topic: &str, count: u64) {
+    counter!(PUBLISHED, "topic" => topic.to_owned()).increment(count);
+}
+
+pub(crate) fn failed(topic: &str, retriable: bool) {
+    counter!(FAILED, "topic" => topic.to_owned(), "retriable" => retriable.to_string())
+        .increment(1);
+}
+
+pub(crate) fn publish_latency(latency: Duration) {
+    histogram!(PUBLISH_LATENCY).record(latency.as_secs_f64());
+}
+
+pub(crate) fn backlog(pending: i64, oldest: Option<Duration>) {
+    gauge!(BACKLOG).set(pending as f64);
+    gauge!(OLDEST_PENDING).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+}
+
+pub(crate) fn lease_held(lease: &str, held: bool) {
+    gauge!(LEASE_HELD, "lease" => lease.to_owned()).set(if held { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn lease_acquired(lease: &str) {
+    counter!(LEASE_ACQUIRED, "lease" => lease.to_owned()).increment(1);
+}
+
+pub(crate) fn lease_lost(lease: &str) {
+    counter!(LEASE_LOST, "lease" => lease.to_owned()).increment(1);
+}
+
+pub(crate) fn retry() {
+    counter!(RETRIES).increment(1);
+}
+
+pub(crate) fn cleanup(deleted: u64) {
+    counter!(CLEANUP_RUNS).increment(1);
+    counter!(CLEANUP_DELETED).increment(deleted);
+}
+
+pub(crate) fn producer_queue(messages: u64, bytes: u64) {
+    gauge!(PRODUCER_QUEUE_MESSAGES).set(messages as f64);
+    gauge!(PRODUCER_QUEUE_BYTES).set(bytes as f64);
+}
+
+pub(crate) fn ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}

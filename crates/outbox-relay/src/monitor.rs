@@ -1,0 +1,69 @@
+//! Periodic sampling for health and metrics: the backlog (one indexed count), and whether Kafka
+//! answers a metadata request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::postgres::Statements;
+use rdkafka::producer::{BaseProducer, Producer};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::kafka::KafkaConfig;
+use crate::metrics as m;
+
+pub(crate) async fn run(
+    pool: PgPool,
+    statements: Arc<Statements>,
+    kafka: KafkaConfig,
+    health: Arc<Health>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    // A plain client for metadata only: the publishing producer must not be shared with a
+    // blocking call, and an idempotent one would register a producer id for nothing.
+    let probe: Option<BaseProducer> = match kafka.metadata_client_config().create() {
+        Ok(client) => Some(client),
+        Err(error) => {
+            tracing::error!(%error, "cannot create the Kafka health probe");
+            None
+        }
+    };
+    let probe = probe.map(Arc::new);
+    loop {
+        let backlog = async {
+            let mut conn = pool.acquire().await?;
+            statements.backlog(&mut conn).await
+        }
+        .await;
+        match backlog {
+            Ok(backlog) => {
+                health.backlog(backlog.pending, backlog.oldest_age);
+                m::backlog(backlog.pending, backlog.oldest_age);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot sample the backlog");
+                health.database(false);
+            }
+        }
+        let kafka_ok = match &probe {
+            Some(probe) => {
+                let probe = probe.clone();
+                let timeout = interval.min(Duration::from_secs(5));
+                tokio::task::spawn_blocking(move || {
+                    probe.client().fetch_metadata(None, timeout).is_ok()
+                })
+                .await
+                .unwrap_or(false)
+            }
+            None => false,
+        };
+        health.kafka(kafka_ok);
+        m::ready(health.report().ready);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
