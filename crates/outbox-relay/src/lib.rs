@@ -60,6 +60,8 @@ pub mod lease;
 pub mod metrics;
 mod monitor;
 mod pipeline;
+#[cfg(feature = "otel")]
+mod trace;
 mod wakeup;
 
 use std::sync::Arc;

@@ -254,6 +254,8 @@ fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Du
         }
         delivered.next();
         m::publish_latency(message.age + since_claim);
+        #[cfg(feature = "otel")]
+        crate::trace::record(message, since_claim);
         run = match run {
             Some((topic, n)) if topic == message.topic => Some((topic, n + 1)),
             Some((topic, n)) => {

@@ -35,6 +35,8 @@ mod message;
 mod migrate;
 pub mod postgres;
 mod schema;
+#[cfg(feature = "otel")]
+pub mod trace;
 pub mod typed;
 mod writer;
 

@@ -67,6 +67,7 @@ impl Outbox {
         tx: &mut Transaction<'_, Postgres>,
         message: Message,
     ) -> Result<Sequence, Error> {
+        let message = with_current_trace(message);
         message.validate(self.max_message_bytes)?;
         Ok(self.statements.insert_one(tx, &message).await?)
     }
@@ -79,7 +80,7 @@ impl Outbox {
         tx: &mut Transaction<'_, Postgres>,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
-        let messages: Vec<Message> = messages.into_iter().collect();
+        let messages: Vec<Message> = messages.into_iter().map(with_current_trace).collect();
         for message in &messages {
             message.validate(self.max_message_bytes)?;
         }
@@ -88,4 +89,11 @@ impl Outbox {
         }
         Ok(self.statements.insert_many(tx, &messages).await?)
     }
+}
+
+/// With the `otel` feature, messages carry the current OpenTelemetry trace context.
+fn with_current_trace(message: Message) -> Message {
+    #[cfg(feature = "otel")]
+    let message = message.with_trace_context(&opentelemetry::Context::current());
+    message
 }
