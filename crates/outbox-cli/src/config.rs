@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use outbox::SchemaName;
-use outbox_relay::{Completion, KafkaConfig, RelayConfig};
+use outbox_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
 use serde::Deserialize;
 
 /// The configuration file's shape.
@@ -43,6 +43,8 @@ pub struct RelayFile {
     pub poll_interval_ms: Option<u64>,
     /// `keep` (default) or `delete`.
     pub completion: Option<String>,
+    /// `block` (default) or `dead-letter`.
+    pub poison_policy: Option<String>,
     /// How long processed messages are kept (with `completion = "keep"`).
     pub retention_hours: Option<f64>,
     /// Retention cleanup interval in milliseconds.
@@ -141,6 +143,7 @@ impl FileConfig {
                 "database_url" => self.database_url = Some(value),
                 "lease_name" => r.lease_name = Some(value),
                 "completion" => r.completion = Some(value),
+                "poison_policy" => r.poison_policy = Some(value),
                 "lease_ttl_ms" => r.lease_ttl_ms = Some(number(&value)?),
                 "lease_renew_interval_ms" => r.lease_renew_interval_ms = Some(number(&value)?),
                 "batch_size" => r.batch_size = Some(number(&value)? as usize),
@@ -297,6 +300,16 @@ impl Settings {
             }
         };
 
+        relay.poison_policy = match r.poison_policy.as_deref() {
+            None | Some("block") => PoisonPolicy::Block,
+            Some("dead-letter") => PoisonPolicy::DeadLetter,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "relay.poison_policy",
+                    format!("must be \"block\" or \"dead-letter\", not {other:?}"),
+                ))
+            }
+        };
         let mut kafka = KafkaConfig::new(DEFAULT_BOOTSTRAP);
         for (key, value) in file.kafka {
             let value = match value {
@@ -364,6 +377,10 @@ impl Settings {
             }
             Completion::Delete => out.push_str("completion = \"delete\"\n"),
         }
+        out.push_str(match r.poison_policy {
+            PoisonPolicy::Block => "poison_policy = \"block\"\n",
+            PoisonPolicy::DeadLetter => "poison_policy = \"dead-letter\"\n",
+        });
         out.push_str(&format!(
             "cleanup_interval_ms = {}\n",
             r.cleanup_interval.as_millis()

@@ -95,6 +95,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         confirm_above: u64,
     },
+    /// Inspect and handle messages that failed permanently under the dead-letter policy.
+    DeadLetters {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Run retention cleanup now: delete processed messages older than the retention, in
     /// bounded batches.
     Cleanup {
@@ -126,6 +132,39 @@ pub enum Command {
         /// Refresh every SECONDS until interrupted.
         #[arg(long, value_name = "SECONDS")]
         watch: Option<f64>,
+    },
+}
+
+/// Dead-letter operations.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List dead letters with their errors.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put dead letters back into the outbox with their original sequence, to be published
+    /// again (after fixing the cause).
+    Retry {
+        /// One dead letter, by sequence.
+        #[arg(long, required_unless_present = "all")]
+        id: Option<i64>,
+        /// All of them.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Drop {
+        /// One dead letter, by sequence.
+        #[arg(long, required_unless_present = "all")]
+        id: Option<i64>,
+        /// All of them.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
     },
 }
 
@@ -218,6 +257,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             republish(&settings, filter, yes, confirm_above).await
         }
         Command::Cleanup { retention_hours } => cleanup(&settings, retention_hours).await,
+        Command::DeadLetters { action } => dead_letters(&settings, action).await,
         Command::Enqueue {
             topic,
             key,
@@ -525,6 +565,66 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
     Ok(())
 }
 
+async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(), CliError> {
+    let pool = connect(settings).await?;
+    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let mut conn = pool.acquire().await.map_err(db_error)?;
+    match action {
+        DeadLetterAction::List { json, limit } => {
+            let letters = statements
+                .dead_letters(&mut conn, limit)
+                .await
+                .map_err(db_error)?;
+            if json {
+                let items: Vec<serde_json::Value> = letters
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "sequence": d.id, "topic": d.topic,
+                            "key": d.key.as_deref().map(String::from_utf8_lossy),
+                            "attempts": d.attempts, "error": d.error,
+                            "age_ms": d.age.as_millis() as u64,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(items));
+            } else if letters.is_empty() {
+                println!("no dead letters");
+            } else {
+                for d in letters {
+                    println!(
+                        "sequence {} topic {} key {} attempts {} ({:.0}s ago): {}",
+                        d.id,
+                        d.topic,
+                        d.key.as_deref().map_or("-".into(), String::from_utf8_lossy),
+                        d.attempts,
+                        d.age.as_secs_f64(),
+                        d.error
+                    );
+                }
+            }
+        }
+        DeadLetterAction::Retry { id, .. } => {
+            let requeued = statements
+                .requeue_dead_letters(&mut conn, id)
+                .await
+                .map_err(db_error)?;
+            println!(
+                "requeued {} dead letter(s) with their original sequences: {requeued:?}",
+                requeued.len()
+            );
+        }
+        DeadLetterAction::Drop { id, .. } => {
+            let dropped = statements
+                .drop_dead_letters(&mut conn, id)
+                .await
+                .map_err(db_error)?;
+            println!("dropped {dropped} dead letter(s)");
+        }
+    }
+    Ok(())
+}
+
 fn progress_bar(total: u64, what: &str) -> Result<indicatif::ProgressBar, CliError> {
     let style = indicatif::ProgressStyle::with_template(&format!(
         "{what} {{pos}}/{{len}} [{{bar:30}}] {{eta}}"
@@ -555,6 +655,14 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     })?;
     let leases = statements.leases(&mut conn).await.map_err(db_error)?;
     let activity = statements.activity(&mut conn).await.map_err(db_error)?;
+    let held = statements
+        .held_keys(&mut conn, 20)
+        .await
+        .map_err(db_error)?;
+    let key_text = |k: &Option<Vec<u8>>| {
+        k.as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+    };
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     if json {
         let leases: Vec<serde_json::Value> = leases
@@ -567,6 +675,12 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             "oldest_pending_age_ms": ms(backlog.oldest_age),
             "since_last_publish_ms": ms(activity.since_last_publish),
             "failing": activity.failing,
+            "held": backlog.held,
+            "dead_letters": backlog.dead_letters,
+            "blocked_keys": held.iter().map(|h| serde_json::json!({
+                "topic": h.topic, "key": key_text(&h.key), "head_sequence": h.head,
+                "attempts": h.attempts, "failed_messages": h.failed_messages, "last_error": h.last_error,
+            })).collect::<Vec<_>>(),
             "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
                 serde_json::json!({"sequence": id, "attempts": attempts, "last_error": error})
             }),
@@ -585,6 +699,18 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             None => println!("last publish:        - (none kept)"),
         }
         println!("failing messages:    {}", activity.failing);
+        println!("held (retry wait):   {}", backlog.held);
+        println!("dead letters:        {}", backlog.dead_letters);
+        for h in &held {
+            println!(
+                "blocked key:         topic {} key {} at sequence {} ({} attempts): {}",
+                h.topic,
+                key_text(&h.key).unwrap_or_else(|| "-".into()),
+                h.head,
+                h.attempts,
+                h.last_error.as_deref().unwrap_or("-")
+            );
+        }
         if let Some((id, attempts, error)) = &activity.oldest_failure {
             println!(
                 "oldest failing:      sequence {id}, {attempts} attempts, last error: {error}"

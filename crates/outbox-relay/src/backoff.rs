@@ -24,8 +24,13 @@ impl Backoff {
     /// Records a failure and returns how long to wait before the next try.
     pub(crate) fn next_delay(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.min(20) - 1;
-        let ceiling = self.initial.saturating_mul(1 << exp).min(self.max);
+        Self::delay_after(self.initial, self.max, self.failures)
+    }
+
+    /// The jittered delay after `failures` consecutive failures (at least 1).
+    pub(crate) fn delay_after(initial: Duration, max: Duration, failures: u32) -> Duration {
+        let exp = failures.clamp(1, 20) - 1;
+        let ceiling = initial.saturating_mul(1 << exp).min(max);
         let floor = ceiling / 2;
         floor
             + ceiling

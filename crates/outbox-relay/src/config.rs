@@ -19,6 +19,17 @@ pub enum Completion {
     Delete,
 }
 
+/// What happens to a message Kafka rejects permanently (too large, invalid, not authorized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonPolicy {
+    /// Keep it, and every later message of its key, in the outbox, retrying with capped backoff
+    /// until the cause is fixed; other keys keep flowing. Preserves order. The default.
+    Block,
+    /// Move it to the dead-letter table with its error and attempts; later messages of its key
+    /// continue. `outbox dead-letters retry` puts it back with its original sequence.
+    DeadLetter,
+}
+
 /// Relay settings. [`RelayConfig::new`] gives production defaults; [`RelayConfig::validate`]
 /// names the setting at fault.
 #[derive(Debug, Clone)]
@@ -40,6 +51,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Keep-and-clean-up or delete-on-ack.
     pub completion: Completion,
+    /// What to do with messages Kafka rejects permanently.
+    pub poison_policy: PoisonPolicy,
     /// How often the leader runs retention cleanup (with [`Completion::Keep`]).
     pub cleanup_interval: Duration,
     /// Rows deleted per cleanup statement, so cleanup never holds long locks.
@@ -92,6 +105,7 @@ impl RelayConfig {
             completion: Completion::Keep {
                 retention: Duration::from_secs(7 * 24 * 3600),
             },
+            poison_policy: PoisonPolicy::Block,
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch_size: 10_000,
             backoff_initial: Duration::from_millis(100),

@@ -147,6 +147,36 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// Whether retrying a failed delivery can succeed without anyone changing anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Broker down, leader election, timeouts, throttling, a topic not (yet) created: retry.
+    Retriable,
+    /// Kafka rejects this record as it is (too large, invalid, not authorized): retrying the
+    /// same bytes fails the same way until an operator changes something.
+    Permanent,
+}
+
+/// Classifies a delivery error by librdkafka's error code (never by message text).
+pub fn classify(error: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode::*;
+    match error.rdkafka_error_code() {
+        Some(
+            MessageSizeTooLarge
+            | InvalidMessageSize
+            | InvalidMessage
+            | InvalidRecord
+            | InvalidTopic
+            | TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | PolicyViolation
+            | UnsupportedForMessageFormat
+            | InvalidTimestamp,
+        ) => ErrorClass::Permanent,
+        _ => ErrorClass::Retriable,
+    }
+}
+
 /// What became of one batch.
 #[derive(Debug, Default)]
 pub(crate) struct BatchOutcome {
@@ -312,6 +342,28 @@ mod tests {
         }
         assert!(shown.contains("relay-1"));
         assert!(shown.contains("sasl.password"));
+    }
+
+    #[test]
+    fn errors_are_classified_by_code() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert_eq!(classify(&produce(code)), ErrorClass::Permanent, "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::LeaderNotAvailable,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::PurgeQueue,
+        ] {
+            assert_eq!(classify(&produce(code)), ErrorClass::Retriable, "{code:?}");
+        }
     }
 
     #[test]

@@ -73,7 +73,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Completion, InvalidConfig, RelayConfig};
+pub use config::{Completion, InvalidConfig, PoisonPolicy, RelayConfig};
 pub use health::{Health, HealthReport};
 pub use kafka::KafkaConfig;
 

@@ -31,6 +31,12 @@ pub const CLEANUP_DELETED: &str = "outbox_cleanup_deleted_total";
 pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_producer_queue_messages";
 /// Bytes in librdkafka's queue (librdkafka statistics).
 pub const PRODUCER_QUEUE_BYTES: &str = "outbox_producer_queue_bytes";
+/// Pending messages held after a failed delivery.
+pub const HELD: &str = "outbox_held_messages";
+/// Messages in the dead-letter table.
+pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+/// Messages moved to the dead-letter table by this relay.
+pub const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
 /// 1 while the relay is ready (see `health`).
 pub const READY: &str = "outbox_ready";
 
@@ -47,8 +53,10 @@ pub(crate) fn publish_latency(latency: Duration) {
     histogram!(PUBLISH_LATENCY).record(latency.as_secs_f64());
 }
 
-pub(crate) fn backlog(pending: i64, oldest: Option<Duration>) {
+pub(crate) fn backlog(pending: i64, oldest: Option<Duration>, held: i64, dead_letters: i64) {
     gauge!(BACKLOG).set(pending as f64);
+    gauge!(HELD).set(held as f64);
+    gauge!(DEAD_LETTERS).set(dead_letters as f64);
     gauge!(OLDEST_PENDING).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
 }
 
@@ -62,6 +70,10 @@ pub(crate) fn lease_acquired(lease: &str) {
 
 pub(crate) fn lease_lost(lease: &str) {
     counter!(LEASE_LOST, "lease" => lease.to_owned()).increment(1);
+}
+
+pub(crate) fn dead_lettered(count: u64) {
+    counter!(DEAD_LETTERED).increment(count);
 }
 
 pub(crate) fn retry() {

@@ -40,7 +40,12 @@ pub(crate) async fn run(
         match backlog {
             Ok(backlog) => {
                 health.backlog(backlog.pending, backlog.oldest_age);
-                m::backlog(backlog.pending, backlog.oldest_age);
+                m::backlog(
+                    backlog.pending,
+                    backlog.oldest_age,
+                    backlog.held,
+                    backlog.dead_letters,
+                );
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot sample the backlog");

@@ -9,13 +9,15 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::config::PoisonPolicy;
 use crate::config::{Completion, RelayConfig};
 use crate::health::Health;
-use crate::kafka::{BatchOutcome, Publisher};
+use crate::kafka::{classify, BatchOutcome, ErrorClass, Publisher};
 use crate::lease::Term;
 use crate::metrics as m;
 use crate::wakeup::Wakeups;
 use crate::RelayError;
+use rdkafka::error::KafkaError;
 
 /// How long before its local deadline a term stops being used to start a batch: a batch
 /// claimed this close to expiry would likely be completed by nobody but the next holder.
@@ -217,29 +219,71 @@ impl Pipeline {
         if outcome.failed.is_empty() {
             return if full { Step::More } else { Step::Idle };
         }
-        for (id, error) in &outcome.failed {
-            let retriable = is_retriable(error);
-            if let Some(message) = batch.iter().find(|m| m.id == *id) {
-                m::failed(&message.topic, retriable);
+        match self.handle_failures(term, batch, &outcome.failed).await {
+            // The failed messages (and their keys) are held; the rest flows on at once.
+            Ok(Fenced::Done(())) => Step::More,
+            Ok(Fenced::LeaseLost) => Step::NotLeader,
+            Err(error) => {
+                tracing::warn!(%error, "cannot record delivery failures");
+                self.health.database(false);
+                Step::Failed
             }
-            tracing::warn!(sequence = id, %error, retriable, "delivery failed; the message and later ones of its key stay pending");
         }
-        let failures: Vec<(i64, String)> = outcome
-            .failed
-            .iter()
-            .map(|(id, error)| (*id, error.to_string()))
-            .collect();
-        if let Err(error) = async {
-            let mut conn = self.pool.acquire().await?;
+    }
+
+    /// Holds each failed message for its backoff, or dead-letters it (permanent errors under
+    /// the dead-letter policy).
+    async fn handle_failures(
+        &self,
+        term: &Term,
+        batch: &[PendingMessage],
+        failed: &[(i64, KafkaError)],
+    ) -> Result<Fenced<()>, sqlx::Error> {
+        let mut held = Vec::new();
+        let mut dead = Vec::new();
+        for (id, error) in failed {
+            let Some(message) = batch.iter().find(|m| m.id == *id) else {
+                continue;
+            };
+            let class = classify(error);
+            m::failed(&message.topic, class == ErrorClass::Retriable);
+            let key = message.key.as_deref().map(String::from_utf8_lossy);
+            if class == ErrorClass::Permanent
+                && self.config.poison_policy == PoisonPolicy::DeadLetter
+            {
+                tracing::error!(sequence = id, topic = %message.topic, ?key, %error, "permanent delivery failure; moving the message to the dead-letter table");
+                dead.push((*id, error.to_string()));
+            } else {
+                let delay = Backoff::delay_after(
+                    self.config.backoff_initial,
+                    self.config.backoff_max,
+                    message.attempts as u32 + 1,
+                );
+                if class == ErrorClass::Permanent {
+                    tracing::error!(sequence = id, topic = %message.topic, ?key, attempts = message.attempts + 1, %error, ?delay, "permanent delivery failure; the key is blocked until it succeeds (policy: block)");
+                } else {
+                    tracing::warn!(sequence = id, topic = %message.topic, ?key, %error, ?delay, "delivery failed; retrying the message, and holding later messages of its key");
+                }
+                held.push((*id, error.to_string(), delay));
+            }
+        }
+        let mut conn = self.pool.acquire().await?;
+        if !held.is_empty() {
             self.statements
-                .record_failures(&mut conn, &failures, &term.fence)
-                .await
+                .record_failures(&mut conn, &held, &term.fence)
+                .await?;
         }
-        .await
-        {
-            tracing::warn!(%error, "cannot record delivery failures");
+        if !dead.is_empty() {
+            match self
+                .statements
+                .dead_letter(&mut conn, &dead, &term.fence)
+                .await?
+            {
+                Fenced::Done(count) => m::dead_lettered(count),
+                Fenced::LeaseLost => return Ok(Fenced::LeaseLost),
+            }
         }
-        Step::Failed
+        Ok(Fenced::Done(()))
     }
 }
 
@@ -268,15 +312,4 @@ fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Du
     if let Some((topic, n)) = run {
         m::published(topic, n);
     }
-}
-
-fn is_retriable(error: &rdkafka::error::KafkaError) -> bool {
-    error.rdkafka_error_code().is_some_and(|code| {
-        !matches!(
-            code,
-            rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
-                | rdkafka::types::RDKafkaErrorCode::InvalidRecord
-                | rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
-        )
-    })
 }

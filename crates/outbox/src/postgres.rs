@@ -23,6 +23,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/0001_outbox.sql"),
     ),
     (2, "inbox table", include_str!("migrations/0002_inbox.sql")),
+    (
+        3,
+        "per-message retry, dead letters",
+        include_str!("migrations/0003_poison.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
@@ -42,6 +47,11 @@ pub struct Statements {
     backlog: String,
     leases: String,
     inbox_record: String,
+    dead_letter: String,
+    dead_letters_list: String,
+    dead_letters_requeue: String,
+    dead_letters_drop: String,
+    held_keys: String,
     activity: String,
     republish_count: String,
     republish_batch: String,
@@ -154,6 +164,44 @@ pub struct Backlog {
     pub pending: i64,
     /// Age of the oldest pending message.
     pub oldest_age: Option<Duration>,
+    /// Pending messages held after a failed delivery (waiting for their retry).
+    pub held: i64,
+    /// Messages in the dead-letter table.
+    pub dead_letters: i64,
+}
+
+/// A dead letter, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Original sequence.
+    pub id: i64,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Delivery attempts.
+    pub attempts: i32,
+    /// The permanent error.
+    pub error: String,
+    /// Time since it was dead-lettered.
+    pub age: Duration,
+}
+
+/// A key whose head message failed and holds back the key's later messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldKey {
+    /// Topic.
+    pub topic: String,
+    /// Key (`None`: a single message without key).
+    pub key: Option<Vec<u8>>,
+    /// Sequence of the failed head message.
+    pub head: i64,
+    /// Its attempts so far.
+    pub attempts: i32,
+    /// Pending messages of the key that have failed at least once.
+    pub failed_messages: i64,
+    /// The head's last error.
+    pub last_error: Option<String>,
 }
 
 const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
@@ -195,11 +243,21 @@ impl Statements {
                   ORDER BY n
                  RETURNING id",
             ),
+            // Held messages (a failed delivery, until retry_at) hold back every later message
+            // of their key; a message without a key holds back only itself. The held set is
+            // normally empty, so this costs one probe of a tiny partial index.
             claim: fenced(
-                "SELECT id, topic, key, payload, headers, attempts,
+                "WITH held AS MATERIALIZED (
+                     SELECT topic, key, id FROM {schema}.message
+                      WHERE processed_at IS NULL AND retry_at > now())
+                 SELECT id, topic, key, payload, headers, attempts,
                         (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us
-                   FROM {schema}.message
+                   FROM {schema}.message m
                   WHERE processed_at IS NULL AND {fence}
+                    AND NOT EXISTS (SELECT 1 FROM held h
+                                     WHERE h.id = m.id
+                                        OR (m.key IS NOT NULL AND h.key = m.key
+                                            AND h.topic = m.topic AND h.id < m.id))
                   ORDER BY id
                   LIMIT $1",
                 2,
@@ -223,10 +281,57 @@ impl Statements {
             ),
             record_failures: fenced(
                 "UPDATE {schema}.message m
-                    SET attempts = m.attempts + 1, last_error = f.error
-                   FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+                    SET attempts = m.attempts + 1, last_error = f.error,
+                        retry_at = now() + f.delay_us * interval '1 microsecond'
+                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS f(id, error, delay_us)
                   WHERE m.id = f.id AND {fence}",
+                4,
+            ),
+            dead_letter: fenced(
+                "WITH fence AS (SELECT {fence} AS held),
+                      moved AS (DELETE FROM {schema}.message m
+                                 USING unnest($1::bigint[], $2::text[]) AS f(id, error)
+                                 WHERE m.id = f.id AND m.processed_at IS NULL
+                                   AND (SELECT held FROM fence)
+                             RETURNING m.id, m.topic, m.key, m.payload, m.headers, m.created_at,
+                                       m.attempts + 1 AS attempts, f.error),
+                      stored AS (INSERT INTO {schema}.dead_letter
+                                        (id, topic, key, payload, headers, created_at, attempts, error)
+                                 SELECT id, topic, key, payload, headers, created_at, attempts, error
+                                   FROM moved
+                                 ON CONFLICT (id) DO UPDATE
+                                    SET dead_at = now(), attempts = excluded.attempts, error = excluded.error
+                                 RETURNING 1)
+                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM stored)",
                 3,
+            ),
+            dead_letters_list: render(
+                "SELECT id, topic, key, attempts, error,
+                        (extract(epoch FROM now() - dead_at) * 1000)::bigint
+                   FROM {schema}.dead_letter ORDER BY id LIMIT $1",
+            ),
+            // Back into the outbox with the original sequence, so x-sequence is kept.
+            dead_letters_requeue: render(
+                "WITH moved AS (DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1
+                                RETURNING id, topic, key, payload, headers, created_at, attempts, error)
+                 INSERT INTO {schema}.message
+                        (id, topic, key, payload, headers, created_at, attempts, last_error)
+                 OVERRIDING SYSTEM VALUE
+                 SELECT id, topic, key, payload, headers, created_at, attempts, error FROM moved
+                 RETURNING id",
+            ),
+            dead_letters_drop: render(
+                "DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1",
+            ),
+            held_keys: render(
+                "SELECT topic, key, min(id), max(attempts), count(*),
+                        (SELECT last_error FROM {schema}.message x
+                          WHERE x.id = min(h.id))
+                   FROM {schema}.message h
+                  WHERE processed_at IS NULL AND retry_at IS NOT NULL
+                  GROUP BY topic, key
+                  ORDER BY min(id)
+                  LIMIT $1",
             ),
             // Takes the lease when it is free or expired; otherwise reports who holds it.
             lease_acquire: render(
@@ -272,7 +377,9 @@ impl Statements {
             ),
             backlog: render(
                 "SELECT count(*),
-                        (extract(epoch FROM now() - min(created_at)) * 1000000)::bigint
+                        (extract(epoch FROM now() - min(created_at)) * 1000000)::bigint,
+                        count(*) FILTER (WHERE retry_at > now()),
+                        (SELECT count(*) FROM {schema}.dead_letter)
                    FROM {schema}.message WHERE processed_at IS NULL",
             ),
             // Waits on a concurrent insert of the same key until that transaction ends, so two
@@ -457,24 +564,128 @@ impl Statements {
         })
     }
 
-    /// Counts a failed attempt and records its error on each message, fenced.
+    /// Counts a failed attempt on each message, records its error, and holds it (and the later
+    /// messages of its key) for its retry delay; fenced.
     pub async fn record_failures(
         &self,
         conn: &mut PgConnection,
-        failures: &[(i64, String)],
+        failures: &[(i64, String, Duration)],
         fence: &Fence,
     ) -> Result<(), sqlx::Error> {
         let ids: Vec<i64> = failures.iter().map(|f| f.0).collect();
         let errors: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
+        let delays: Vec<i64> = failures.iter().map(|f| micros(f.2)).collect();
         sqlx::query(&self.record_failures)
             .bind(ids)
             .bind(errors)
+            .bind(delays)
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
             .execute(conn)
             .await?;
         Ok(())
+    }
+
+    /// Moves permanently failed messages to the dead-letter table (keeping their sequence),
+    /// fenced; returns how many moved.
+    pub async fn dead_letter(
+        &self,
+        conn: &mut PgConnection,
+        failures: &[(i64, String)],
+        fence: &Fence,
+    ) -> Result<Fenced<u64>, sqlx::Error> {
+        let ids: Vec<i64> = failures.iter().map(|f| f.0).collect();
+        let errors: Vec<&str> = failures.iter().map(|f| f.1.as_str()).collect();
+        let (held, count): (bool, i64) = sqlx::query_as(&self.dead_letter)
+            .bind(ids)
+            .bind(errors)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .fetch_one(conn)
+            .await?;
+        Ok(if held {
+            Fenced::Done(count as u64)
+        } else {
+            Fenced::LeaseLost
+        })
+    }
+
+    /// Dead letters, oldest sequence first.
+    pub async fn dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, sqlx::Error> {
+        let rows: Vec<(i64, String, Option<Vec<u8>>, i32, String, i64)> =
+            sqlx::query_as(&self.dead_letters_list)
+                .bind(limit)
+                .fetch_all(conn)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, topic, key, attempts, error, age_ms)| DeadLetter {
+                id,
+                topic,
+                key,
+                attempts,
+                error,
+                age: Duration::from_millis(age_ms.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Puts one dead letter (`Some(id)`) or all of them back into the outbox with their
+    /// original sequence; returns the sequences requeued.
+    pub async fn requeue_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        id: Option<i64>,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        sqlx::query_scalar(&self.dead_letters_requeue)
+            .bind(id)
+            .fetch_all(conn)
+            .await
+    }
+
+    /// Deletes one dead letter (`Some(id)`) or all of them; returns how many.
+    pub async fn drop_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        id: Option<i64>,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(&self.dead_letters_drop)
+            .bind(id)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+
+    /// Keys held back by a failed head message.
+    pub async fn held_keys(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<HeldKey>, sqlx::Error> {
+        type Row = (String, Option<Vec<u8>>, i64, i32, i64, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(&self.held_keys)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(topic, key, head, attempts, failed_messages, last_error)| HeldKey {
+                    topic,
+                    key,
+                    head,
+                    attempts,
+                    failed_messages,
+                    last_error,
+                },
+            )
+            .collect())
     }
 
     /// Takes the lease if it is free or expired.
@@ -559,11 +770,13 @@ impl Statements {
 
     /// Pending count and oldest pending age.
     pub async fn backlog(&self, conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
-        let (pending, oldest_us): (i64, Option<i64>) =
+        let (pending, oldest_us, held, dead_letters): (i64, Option<i64>, i64, i64) =
             sqlx::query_as(&self.backlog).fetch_one(conn).await?;
         Ok(Backlog {
             pending,
             oldest_age: oldest_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+            held,
+            dead_letters,
         })
     }
 }
@@ -753,6 +966,9 @@ mod tests {
             .contains("l.name = $2 AND l.holder = $3 AND l.token = $4"));
         assert!(sql
             .record_failures
+            .contains("l.name = $4 AND l.holder = $5 AND l.token = $6"));
+        assert!(sql
+            .dead_letter
             .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
         assert!(!sql.complete_mark.contains("$F"));
     }
