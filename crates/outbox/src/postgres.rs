@@ -618,11 +618,11 @@ impl Statements {
         conn: &mut PgConnection,
         limit: i64,
     ) -> Result<Vec<DeadLetter>, sqlx::Error> {
-        let rows: Vec<(i64, String, Option<Vec<u8>>, i32, String, i64)> =
-            sqlx::query_as(&self.dead_letters_list)
-                .bind(limit)
-                .fetch_all(conn)
-                .await?;
+        type Row = (i64, String, Option<Vec<u8>>, i32, String, i64);
+        let rows: Vec<Row> = sqlx::query_as(&self.dead_letters_list)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(id, topic, key, attempts, error, age_ms)| DeadLetter {
