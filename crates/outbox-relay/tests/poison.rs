@@ -10,6 +10,7 @@ use std::time::Duration;
 use outbox::postgres::Statements;
 use outbox::Message;
 use outbox_relay::{PoisonPolicy, Relay, RelayConfig};
+use outbox_test_support::chaos::{report, Figures};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,
 };
@@ -131,7 +132,17 @@ async fn block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_
         payloads_of(&reader, "poison"),
         ["poison:0", "BIG", "poison:2", "poison:3"]
     );
-    reader.assert_per_key_order();
+    let duplicates = reader.assert_per_key_order();
+    report(
+        "7a. poison message mid-stream, block policy (key resumes in order after the fix)",
+        1,
+        &Figures {
+            committed: 9,
+            duplicates,
+            ..Figures::default()
+        },
+        None,
+    );
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
@@ -187,6 +198,17 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
         requeued.sequence(),
         poison,
         "published with its original x-sequence"
+    );
+    let duplicates = reader.assert_per_key_order_except(poison);
+    report(
+        "7b. poison message mid-stream, dead-letter policy (requeued and published)",
+        1,
+        &Figures {
+            committed: 9,
+            duplicates,
+            ..Figures::default()
+        },
+        None,
     );
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;

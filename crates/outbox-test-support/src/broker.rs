@@ -7,10 +7,16 @@ use std::time::{Duration, Instant};
 /// A Kafka broker of its own (KRaft, single node, loopback), for tests that stop or kill one
 /// without disturbing the shared `dev/up` broker. Uses the jars `dev/up` fetched.
 pub struct KafkaBroker {
+    node_id: u32,
     port: u16,
+    advertised_port: u16,
     controller_port: u16,
+    /// `id@host:port,...` of every controller in the cluster.
+    voters: String,
+    replication: u32,
     dir: PathBuf,
     process: Option<Child>,
+    started: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 fn libs_dir() -> PathBuf {
@@ -36,6 +42,33 @@ impl KafkaBroker {
     /// Picks ports and formats storage; the broker is not started yet, so a client pointed at
     /// [`KafkaBroker::bootstrap_servers`] finds nothing listening.
     pub fn new() -> Self {
+        let controller_port = free_port();
+        Self::node(
+            1,
+            controller_port,
+            format!("1@127.0.0.1:{controller_port}"),
+            1,
+        )
+    }
+
+    /// A cluster of `size` brokers (each also a KRaft controller), replication factor `size` and
+    /// `min.insync.replicas` = `size - 1` by default; none started yet.
+    pub fn cluster(size: u32) -> Vec<Self> {
+        let controller_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let voters = controller_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("{}@127.0.0.1:{port}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        controller_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| Self::node(i as u32 + 1, *port, voters.clone(), size))
+            .collect()
+    }
+
+    fn node(node_id: u32, controller_port: u16, voters: String, replication: u32) -> Self {
         let libs = libs_dir();
         assert!(
             libs.join(".complete").exists(),
@@ -44,11 +77,17 @@ impl KafkaBroker {
         );
         let dir = std::env::temp_dir().join(format!("outbox-test-kafka-{}", crate::short_id()));
         std::fs::create_dir_all(&dir).expect("broker dir");
+        let port = free_port();
         let broker = KafkaBroker {
-            port: free_port(),
-            controller_port: free_port(),
+            node_id,
+            port,
+            advertised_port: port,
+            controller_port,
+            voters,
+            replication,
             dir,
             process: None,
+            started: None,
         };
         std::fs::write(broker.dir.join("server.properties"), broker.properties())
             .expect("properties");
@@ -73,19 +112,25 @@ impl KafkaBroker {
     }
 
     fn properties(&self) -> String {
+        let min_isr = self.replication.saturating_sub(1).max(1);
         format!(
-            "process.roles=broker,controller\nnode.id=1\n\
-             controller.quorum.voters=1@127.0.0.1:{c}\n\
+            "process.roles=broker,controller\nnode.id={id}\n\
+             controller.quorum.voters={voters}\n\
              listeners=PLAINTEXT://127.0.0.1:{p},CONTROLLER://127.0.0.1:{c}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{p}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{a}\n\
              controller.listener.names=CONTROLLER\ninter.broker.listener.name=PLAINTEXT\n\
              listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
              log.dirs={dir}/data\nauto.create.topics.enable=false\n\
-             offsets.topic.replication.factor=1\noffsets.topic.num.partitions=1\n\
-             transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
-             share.coordinator.state.topic.replication.factor=1\nshare.coordinator.state.topic.min.isr=1\n\
+             offsets.topic.replication.factor={r}\noffsets.topic.num.partitions=1\n\
+             default.replication.factor={r}\nmin.insync.replicas={min_isr}\n\
+             transaction.state.log.replication.factor={r}\ntransaction.state.log.min.isr={min_isr}\n\
+             share.coordinator.state.topic.replication.factor={r}\nshare.coordinator.state.topic.min.isr={min_isr}\n\
              group.initial.rebalance.delay.ms=0\n",
+            id = self.node_id,
+            voters = self.voters,
+            r = self.replication,
             p = self.port,
+            a = self.advertised_port,
             c = self.controller_port,
             dir = self.dir.display()
         )
@@ -124,13 +169,32 @@ impl KafkaBroker {
         path
     }
 
-    /// `host:port` of this broker.
+    /// The port the broker listens on (a proxy in front of it targets this).
+    pub fn listen_port(&self) -> u16 {
+        self.port
+    }
+
+    /// Makes the broker tell clients to connect through `port` (a proxy in front of it), so all
+    /// client traffic, not only the bootstrap connection, passes the proxy. Call before `start`.
+    pub fn advertise_port(&mut self, port: u16) {
+        self.advertised_port = port;
+        std::fs::write(self.dir.join("server.properties"), self.properties()).expect("properties");
+    }
+
+    /// `host:port` clients use (the advertised address).
     pub fn bootstrap_servers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised_port)
     }
 
     /// Starts (or restarts) the broker and waits until it serves requests.
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_started();
+    }
+
+    /// Starts the broker without waiting (the nodes of a cluster must start together: none
+    /// is up before a quorum of controllers is).
+    pub fn spawn(&mut self) {
         assert!(self.process.is_none(), "broker already running");
         let mut child = self
             .java()
@@ -149,20 +213,31 @@ impl KafkaBroker {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(90);
+        self.started = Some(started_rx);
+        self.process = Some(child);
+    }
+
+    /// Waits until a spawned broker serves requests.
+    pub fn wait_started(&mut self) {
+        let started = self.started.take().expect("spawn() first");
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if started_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
-                break;
+            if started.recv_timeout(Duration::from_millis(200)).is_ok() {
+                return;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(Ok(Some(status))) = self.process.as_mut().map(Child::try_wait) {
                 panic!("the test Kafka broker exited during startup: {status}");
             }
             assert!(
                 Instant::now() < deadline,
-                "the test Kafka broker did not start within 90s"
+                "the test Kafka broker did not start within 120s"
             );
         }
-        self.process = Some(child);
+    }
+
+    /// This broker's node id.
+    pub fn node_id(&self) -> u32 {
+        self.node_id
     }
 
     /// SIGKILLs the broker: no clean shutdown, as in a crash.

@@ -17,13 +17,23 @@ pub fn unique_topic(prefix: &str) -> String {
 /// Creates `topic` with `partitions` partitions on `bootstrap` (replication 1). Panics with
 /// instructions when Kafka is unreachable.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    create_replicated_topic(bootstrap, topic, partitions, 1).await;
+}
+
+/// Creates `topic` with `partitions` partitions, each on `replication` brokers.
+pub async fn create_replicated_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let results = admin
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &options)
+        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))], &options)
         .await
         .unwrap_or_else(|error| {
             panic!("cannot reach Kafka at {bootstrap}: {error}\nStart the services with: eval \"$(dev/up)\"")
@@ -31,6 +41,23 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
     for result in results {
         result.unwrap_or_else(|(name, code)| panic!("cannot create topic {name}: {code:?}"));
     }
+}
+
+/// The node id leading `partition` of `topic`.
+pub fn partition_leader(bootstrap: &str, topic: &str, partition: i32) -> i32 {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("metadata client");
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .find(|p| p.id() == partition)
+        .expect("partition")
+        .leader()
 }
 
 /// A record as read back from Kafka.
@@ -186,6 +213,12 @@ impl TopicReader {
     /// Checks per-key order: the first delivery of each sequence, per key, must be increasing.
     /// Returns the number of duplicate deliveries seen.
     pub fn assert_per_key_order(&self) -> usize {
+        self.assert_per_key_order_except(i64::MIN)
+    }
+
+    /// As [`TopicReader::assert_per_key_order`], ignoring the sequence `requeued` (a dead letter
+    /// put back by an operator lands after later messages of its key, by design).
+    pub fn assert_per_key_order_except(&self, requeued: i64) -> usize {
         let mut last_first: HashMap<Option<Vec<u8>>, i64> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
         let mut duplicates = 0;
@@ -193,6 +226,9 @@ impl TopicReader {
             let sequence = record.sequence();
             if !seen.insert(sequence) {
                 duplicates += 1;
+                continue;
+            }
+            if sequence == requeued {
                 continue;
             }
             if let Some(previous) = last_first.insert(record.key.clone(), sequence) {

@@ -3,7 +3,9 @@
 //! tests that stop one, and condition waits with deadlines instead of sleeps.
 
 mod broker;
+pub mod chaos;
 mod kafka;
+mod proxy;
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,7 +15,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
 pub use broker::KafkaBroker;
-pub use kafka::{create_topic, unique_topic, Received, TopicReader};
+pub use kafka::{
+    create_replicated_topic, create_topic, partition_leader, unique_topic, Received, TopicReader,
+};
+pub use proxy::{Fault, TcpProxy};
 
 /// The `dev/up` PostgreSQL unless `DATABASE_URL` says otherwise.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";

@@ -1,0 +1,176 @@
+//! Fault-injection support: a ledger of what writers committed or rolled back, checked against
+//! what Kafka holds, and the report lines that `dev/chaos` renders into docs/reliability.md.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox::{Message, Outbox};
+use sqlx::PgPool;
+
+use crate::TopicReader;
+
+/// What a fault-injection run wrote: committed messages (by sequence), rolled-back payloads, and
+/// commits whose outcome is unknown (the connection failed during COMMIT).
+#[derive(Default)]
+pub struct Ledger {
+    committed: BTreeMap<i64, (String, String)>,
+    rolled_back: HashSet<String>,
+    uncertain: HashSet<String>,
+}
+
+/// The figures a run reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Messages committed.
+    pub committed: usize,
+    /// Messages written in transactions that rolled back.
+    pub rolled_back: usize,
+    /// Committed messages missing from Kafka.
+    pub lost: usize,
+    /// Rolled-back messages found in Kafka.
+    pub rolled_back_published: usize,
+    /// First deliveries out of per-key sequence order.
+    pub order_violations: usize,
+    /// Redeliveries (at-least-once allows them).
+    pub duplicates: usize,
+}
+
+impl Ledger {
+    /// Shared, for writer tasks.
+    pub fn shared() -> Arc<Mutex<Ledger>> {
+        Arc::new(Mutex::new(Ledger::default()))
+    }
+
+    /// Compares what Kafka holds with what was written.
+    pub fn verify(&self, reader: &TopicReader) -> Figures {
+        let mut seen = HashSet::new();
+        let mut last_first: HashMap<String, i64> = HashMap::new();
+        let mut figures = Figures {
+            committed: self.committed.len(),
+            rolled_back: self.rolled_back.len(),
+            ..Figures::default()
+        };
+        for record in &reader.received {
+            let payload = record.payload_str().to_owned();
+            if self.rolled_back.contains(&payload) {
+                figures.rolled_back_published += 1;
+            }
+            let sequence = record.sequence();
+            if !seen.insert(sequence) {
+                figures.duplicates += 1;
+                continue;
+            }
+            let key = record.key_str().to_owned();
+            if let Some(previous) = last_first.insert(key, sequence) {
+                if previous > sequence {
+                    figures.order_violations += 1;
+                }
+            }
+        }
+        figures.lost = self.committed.keys().filter(|s| !seen.contains(s)).count();
+        figures
+    }
+
+    /// Every committed sequence has been received at least once.
+    pub fn all_received(&self, reader: &TopicReader) -> bool {
+        let seen: HashSet<i64> = reader.received.iter().map(|r| r.sequence()).collect();
+        self.committed.keys().all(|s| seen.contains(s))
+    }
+
+    /// Committed messages.
+    pub fn committed(&self) -> usize {
+        self.committed.len()
+    }
+}
+
+/// Writes `count` single-message transactions on `keys` keys, one every `pause`, rolling back
+/// every `rollback_every`-th; database errors are tolerated (the transaction is retried as a new
+/// one; a failed COMMIT is recorded as uncertain). Payloads are `<tag>-<n>`.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_messages(
+    pool: PgPool,
+    outbox: Outbox,
+    topic: String,
+    tag: String,
+    count: usize,
+    keys: usize,
+    pause: Duration,
+    rollback_every: usize,
+    ledger: Arc<Mutex<Ledger>>,
+) {
+    for n in 0..count {
+        let key = format!("key-{}", n % keys);
+        let payload = format!("{tag}-{n}");
+        let rollback = rollback_every > 0 && n % rollback_every == rollback_every - 1;
+        loop {
+            let attempt = async {
+                let mut tx = pool.begin().await?;
+                let sequence = outbox
+                    .save_for_publishing(
+                        &mut tx,
+                        Message::new(&topic, payload.clone()).key(key.clone()),
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        outbox::Error::Database(e) => e,
+                        other => panic!("unexpected write error: {other}"),
+                    })?;
+                Ok::<_, sqlx::Error>((tx, sequence))
+            }
+            .await;
+            let Ok((tx, sequence)) = attempt else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if rollback {
+                let _ = tx.rollback().await;
+                ledger.lock().unwrap().rolled_back.insert(payload.clone());
+            } else {
+                match tx.commit().await {
+                    Ok(()) => {
+                        ledger
+                            .lock()
+                            .unwrap()
+                            .committed
+                            .insert(sequence, (key.clone(), payload.clone()));
+                    }
+                    Err(_) => {
+                        ledger.lock().unwrap().uncertain.insert(payload.clone());
+                    }
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Appends one scenario's figures as a JSON line to `$OUTBOX_CHAOS_REPORT`, when set (the
+/// `dev/chaos` command renders them into docs/reliability.md).
+pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option<Duration>) {
+    println!("{scenario}: faults {faults}, {figures:?}, recovery {recovery:?}");
+    let Ok(path) = std::env::var("OUTBOX_CHAOS_REPORT") else {
+        return;
+    };
+    let line = format!(
+        "{{\"scenario\":{:?},\"faults\":{},\"committed\":{},\"rolled_back\":{},\"lost\":{},\"rolled_back_published\":{},\"order_violations\":{},\"duplicates\":{},\"recovery_ms\":{}}}\n",
+        scenario,
+        faults,
+        figures.committed,
+        figures.rolled_back,
+        figures.lost,
+        figures.rolled_back_published,
+        figures.order_violations,
+        figures.duplicates,
+        recovery.map_or("null".to_owned(), |d| d.as_millis().to_string()),
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the chaos report");
+    file.write_all(line.as_bytes())
+        .expect("write the chaos report");
+}
