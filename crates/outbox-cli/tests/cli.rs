@@ -375,3 +375,63 @@ async fn readiness_flips_when_kafka_is_stopped() {
     );
     outbox.drop_schema().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_requeued_with_their_sequence_and_dropped() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    let topic = unique_topic("cli-dlq");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let limited_relay = |outbox: &TestOutbox| {
+        let mut command = outbox_cmd(outbox.schema.as_str());
+        command
+            .env("OUTBOX_POISON_POLICY", "dead-letter")
+            .env("OUTBOX_KAFKA_MESSAGE_MAX_BYTES", "2000")
+            .env("OUTBOX_KAFKA_BATCH_SIZE", "2000")
+            .env("OUTBOX_POLL_INTERVAL_MS", "100");
+        RelayProcess::start(&mut command, &[])
+    };
+    let enqueue = run(outbox_cmd(schema).args(["enqueue", "--topic", &topic, "--key", "k"]).arg("x".repeat(5000)));
+    assert!(enqueue.status.success(), "{}", stderr(&enqueue));
+    let sequence: i64 = stdout(&enqueue).trim().parse().unwrap();
+
+    let list = || {
+        let output = run(outbox_cmd(schema).args(["dead-letters", "list", "--json"]));
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let mut relay = limited_relay(&outbox);
+    wait_until(Duration::from_secs(30), "the oversized message is dead-lettered", || {
+        let letters = list();
+        async move { letters.as_array().is_some_and(|a| a.len() == 1) }
+    })
+    .await;
+    relay.terminate();
+    let letters = list();
+    assert_eq!(letters[0]["sequence"], sequence);
+    assert!(letters[0]["error"].as_str().unwrap().contains("too large"), "{letters}");
+    let status = run(outbox_cmd(schema).args(["status", "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["dead_letters"], 1);
+
+    let retry = run(outbox_cmd(schema).args(["dead-letters", "retry", "--id"]).arg(sequence.to_string()));
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    let pending: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {schema}.message WHERE processed_at IS NULL"))
+        .fetch_all(&outbox.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, [sequence], "requeued with its original sequence");
+    assert_eq!(list().as_array().unwrap().len(), 0);
+
+    let mut relay = limited_relay(&outbox);
+    wait_until(Duration::from_secs(30), "it is dead-lettered again", || {
+        let letters = list();
+        async move { letters.as_array().is_some_and(|a| a.len() == 1) }
+    })
+    .await;
+    relay.terminate();
+    let dropped = run(outbox_cmd(schema).args(["dead-letters", "drop", "--all"]));
+    assert!(stdout(&dropped).contains("dropped 1"), "{}", stdout(&dropped));
+    assert_eq!(list().as_array().unwrap().len(), 0);
+    outbox.drop_schema().await;
+}

@@ -54,6 +54,14 @@ pub enum InvalidMessage {
         /// The reserved name.
         name: String,
     },
+    /// A header the outbox or its consumers interpret has a value of the wrong form.
+    #[error("the header {name:?} has an invalid value: {reason}")]
+    InvalidHeaderValue {
+        /// The header.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Kafka would reject the record as too large.
     #[error(
         "the message is {size} bytes (payload, key and headers); the configured maximum is {max}"

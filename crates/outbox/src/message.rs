@@ -101,6 +101,7 @@ impl Message {
                     name: header.name.clone(),
                 });
             }
+            validate_header_value(header)?;
         }
         let size = self.size();
         if size > max_bytes {
@@ -111,6 +112,36 @@ impl Message {
         }
         Ok(())
     }
+}
+
+/// Headers with a declared form: text headers consumers parse (`x-value-type`, `content-type`,
+/// `tracestate`) must be printable UTF-8, and `traceparent` must be a W3C trace context.
+fn validate_header_value(header: &Header) -> Result<(), InvalidMessage> {
+    let invalid = |reason: &str| InvalidMessage::InvalidHeaderValue {
+        name: header.name.clone(),
+        reason: reason.to_owned(),
+    };
+    let text_headers = [headers::VALUE_TYPE, "content-type", "traceparent", "tracestate"];
+    if !text_headers.contains(&header.name.as_str()) {
+        return Ok(());
+    }
+    let text = std::str::from_utf8(&header.value).map_err(|_| invalid("not UTF-8 text"))?;
+    if text.is_empty() || text.chars().any(char::is_control) {
+        return Err(invalid("must be non-empty text without control characters"));
+    }
+    if header.name == "traceparent" {
+        let parts: Vec<&str> = text.split('-').collect();
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let well_formed = parts.len() == 4
+            && hex(parts[0], 2)
+            && hex(parts[1], 32)
+            && hex(parts[2], 16)
+            && hex(parts[3], 2);
+        if !well_formed {
+            return Err(invalid("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"));
+        }
+    }
+    Ok(())
 }
 
 /// Kafka's own rules for topic names (`org.apache.kafka.common.internals.Topic`).
@@ -174,6 +205,28 @@ mod tests {
         );
         let empty = Message::new("t", vec![]).header("", vec![1]);
         assert_eq!(empty.validate(MAX), Err(InvalidMessage::EmptyHeaderName));
+    }
+
+    #[test]
+    fn rejects_header_values_of_the_wrong_form() {
+        let cases = [
+            ("x-value-type", vec![0xff, 0xfe]),
+            ("content-type", b"".to_vec()),
+            ("traceparent", b"not-a-trace".to_vec()),
+            ("tracestate", b"a=b\n".to_vec()),
+        ];
+        for (name, value) in cases {
+            let message = Message::new("t", vec![]).header(name, value.clone());
+            assert!(
+                matches!(message.validate(MAX), Err(InvalidMessage::InvalidHeaderValue { .. })),
+                "{name} = {value:?}"
+            );
+        }
+        let fine = Message::new("t", vec![])
+            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .header("x-value-type", "ThingCreated")
+            .header("anything-else", vec![0xff, 0x00]);
+        assert_eq!(fine.validate(MAX), Ok(()));
     }
 
     #[test]
