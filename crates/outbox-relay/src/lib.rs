@@ -26,12 +26,17 @@
 //! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
 //!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
 //!    timeout it never lets a later record of a partition through after giving up on an earlier
-//!    one. When a record fails anyway (e.g. the topic does not exist), no later record of its key
-//!    is sent, and any that were delivered are not completed (see [`kafka`]); the failed one is
-//!    retried with capped, jittered backoff, and the others follow it again.
+//!    one. When a record fails anyway (a topic that does not exist yet, a record Kafka refuses),
+//!    no later record of its key is sent, and any that were delivered are not completed (see
+//!    [`kafka`]). The failed message is held in the database (`retry_at`, capped jittered
+//!    backoff) and the claim skips every later message of its key until it is retried, so the
+//!    hold survives restarts and failovers, and other keys keep flowing meanwhile.
 //! 4. Duplicates (redeliveries after a crash, or a deposed relay's in-flight batch landing late)
 //!    are copies of records whose first delivery was already in order: each producer's stream is
 //!    in order, and every producer that sent B had sent A before it or found A complete.
+//!
+//! The one exception is chosen by configuration: under [`PoisonPolicy::DeadLetter`], a message
+//! Kafka refuses permanently is moved aside and the later messages of its key go on without it.
 //!
 //! Consumers that need exactly-once *effects* deduplicate on (`x-source`, `x-sequence`); see
 //! [`outbox::headers`] for what the sequence does and does not promise.
