@@ -95,7 +95,7 @@ async fn migrate_enqueue_and_status_report_the_backlog() {
     let migrate = run(outbox_cmd(schema).arg("migrate"));
     assert!(migrate.status.success(), "{}", stderr(&migrate));
     assert!(
-        stdout(&migrate).contains("up to date at version 3"),
+        stdout(&migrate).contains("up to date at version 4"),
         "{}",
         stdout(&migrate)
     );
@@ -391,7 +391,9 @@ async fn dead_letters_are_listed_requeued_with_their_sequence_and_dropped() {
             .env("OUTBOX_POLL_INTERVAL_MS", "100");
         RelayProcess::start(&mut command, &[])
     };
-    let enqueue = run(outbox_cmd(schema).args(["enqueue", "--topic", &topic, "--key", "k"]).arg("x".repeat(5000)));
+    let enqueue = run(outbox_cmd(schema)
+        .args(["enqueue", "--topic", &topic, "--key", "k"])
+        .arg("x".repeat(5000)));
     assert!(enqueue.status.success(), "{}", stderr(&enqueue));
     let sequence: i64 = stdout(&enqueue).trim().parse().unwrap();
 
@@ -401,25 +403,36 @@ async fn dead_letters_are_listed_requeued_with_their_sequence_and_dropped() {
         serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
     };
     let mut relay = limited_relay(&outbox);
-    wait_until(Duration::from_secs(30), "the oversized message is dead-lettered", || {
-        let letters = list();
-        async move { letters.as_array().is_some_and(|a| a.len() == 1) }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the oversized message is dead-lettered",
+        || {
+            let letters = list();
+            async move { letters.as_array().is_some_and(|a| a.len() == 1) }
+        },
+    )
     .await;
     relay.terminate();
     let letters = list();
     assert_eq!(letters[0]["sequence"], sequence);
-    assert!(letters[0]["error"].as_str().unwrap().contains("too large"), "{letters}");
+    assert!(
+        letters[0]["error"].as_str().unwrap().contains("too large"),
+        "{letters}"
+    );
     let status = run(outbox_cmd(schema).args(["status", "--json"]));
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["dead_letters"], 1);
 
-    let retry = run(outbox_cmd(schema).args(["dead-letters", "retry", "--id"]).arg(sequence.to_string()));
+    let retry = run(outbox_cmd(schema)
+        .args(["dead-letters", "retry", "--id"])
+        .arg(sequence.to_string()));
     assert!(retry.status.success(), "{}", stderr(&retry));
-    let pending: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM {schema}.message WHERE processed_at IS NULL"))
-        .fetch_all(&outbox.pool)
-        .await
-        .unwrap();
+    let pending: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {schema}.message WHERE processed_at IS NULL"
+    ))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
     assert_eq!(pending, [sequence], "requeued with its original sequence");
     assert_eq!(list().as_array().unwrap().len(), 0);
 
@@ -431,7 +444,11 @@ async fn dead_letters_are_listed_requeued_with_their_sequence_and_dropped() {
     .await;
     relay.terminate();
     let dropped = run(outbox_cmd(schema).args(["dead-letters", "drop", "--all"]));
-    assert!(stdout(&dropped).contains("dropped 1"), "{}", stdout(&dropped));
+    assert!(
+        stdout(&dropped).contains("dropped 1"),
+        "{}",
+        stdout(&dropped)
+    );
     assert_eq!(list().as_array().unwrap().len(), 0);
     outbox.drop_schema().await;
 }

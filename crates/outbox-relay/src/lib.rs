@@ -48,9 +48,12 @@
 //! anything complete or start another batch; at worst the batch it had in flight lands as
 //! duplicates. A standby takes over once the lease expires, or at once after a clean release.
 //!
-//! **Wake-ups.** Inserting messages sends a NOTIFY in the writing transaction, delivered at
-//! commit; the relay LISTENs and also polls every `poll_interval`. A full batch is followed by
-//! the next at once.
+//! **Wake-ups.** While the relay waits for work, inserting messages sends a NOTIFY in the
+//! writing transaction, delivered at commit; the relay LISTENs, and also polls every
+//! `poll_interval`. While it is busy it claims again at once after every batch, and writers skip
+//! the NOTIFY (it serializes committing transactions on a global lock): the relay keeps an
+//! `idle` flag on its lease row, sets it and claims once more before it waits, and polls
+//! shortly after going idle to catch a writer that read the flag just before it changed.
 //!
 //! **Shutdown.** [`RelayHandle::shutdown`] (the CLI calls it on SIGTERM/SIGINT) stops claiming,
 //! waits up to `shutdown_timeout` for in-flight deliveries, completes what was acknowledged and
@@ -171,6 +174,9 @@ impl Relay {
             term: term_rx.clone(),
             wakeups,
             health: health.clone(),
+            idle: false,
+            idle_rounds: 0,
+            term_token: None,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

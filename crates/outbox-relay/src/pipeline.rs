@@ -31,12 +31,18 @@ pub(crate) struct Pipeline {
     pub(crate) term: watch::Receiver<Option<Term>>,
     pub(crate) wakeups: Arc<Wakeups>,
     pub(crate) health: Arc<Health>,
+    /// What this relay last told writers (`relay_lease.idle`): while busy, they skip NOTIFY.
+    pub(crate) idle: bool,
+    /// Consecutive empty claims while idle, for the short grace polls after going idle.
+    pub(crate) idle_rounds: u32,
+    /// The lease term the flags above belong to.
+    pub(crate) term_token: Option<i64>,
 }
 
 enum Step {
-    /// A full batch was published: go on at once.
+    /// Claim again at once (work was found, or the idle flag was just set).
     More,
-    /// Nothing (more) to do: wait for a wake-up or the poll interval.
+    /// Idle and nothing found: wait for a wake-up or a poll.
     Idle,
     /// Something failed: back off before trying again.
     Failed,
@@ -50,17 +56,33 @@ impl Pipeline {
         while !cancel.is_cancelled() {
             let term = self.term.borrow_and_update().clone();
             let step = match term {
-                Some(term) if term.valid_for(TERM_MARGIN) => self.step(&term, &cancel).await,
+                Some(term) if term.valid_for(TERM_MARGIN) => {
+                    if self.term_token != Some(term.fence.token) {
+                        // Acquiring the lease cleared the idle flag.
+                        self.term_token = Some(term.fence.token);
+                        self.idle = false;
+                    }
+                    self.step(&term, &cancel).await
+                }
                 _ => Step::NotLeader,
             };
             match step {
-                Step::More => backoff.reset(),
+                Step::More => {
+                    backoff.reset();
+                    self.idle_rounds = 0;
+                }
                 Step::Idle => {
                     backoff.reset();
+                    // A writer whose transaction read `idle = false` just before we set it may
+                    // commit after our last claim without notifying: poll soon a few times
+                    // (25 ms, 100 ms, 400 ms) before relying on NOTIFY and the fallback poll.
+                    let grace =
+                        Duration::from_millis(25) * 4u32.saturating_pow(self.idle_rounds.min(8));
+                    self.idle_rounds += 1;
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         _ = self.wakeups.messages.notified() => {}
-                        _ = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = tokio::time::sleep(grace.min(self.config.poll_interval)) => {}
                         _ = self.term.changed() => {}
                     }
                 }
@@ -103,14 +125,29 @@ impl Pipeline {
         self.health.database(true);
         if batch.is_empty() {
             self.health.progress(false);
-            return Step::Idle;
+            if self.idle {
+                return Step::Idle;
+            }
+            // Going idle: ask writers to notify, then claim once more, so that a commit that
+            // happened before the flag was visible is not left waiting.
+            return match self.set_idle(term, true).await {
+                Ok(()) => Step::More,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot update the idle flag");
+                    Step::Failed
+                }
+            };
+        }
+        if self.idle {
+            if let Err(error) = self.set_idle(term, false).await {
+                tracing::warn!(%error, "cannot update the idle flag");
+            }
         }
         // The claim may have taken long (a slow database); never start publishing on a term
         // that could have ended meanwhile.
         if !self.term_still_valid(term) {
             return Step::NotLeader;
         }
-        let full = batch.len() == self.config.batch_size;
         // Deliveries are always awaited to the end, so that whatever Kafka acknowledged is
         // completed. Losing the lease, or a shutdown that outlasts its timeout, purges the
         // producer instead, which fails the outstanding deliveries at once.
@@ -144,7 +181,16 @@ impl Pipeline {
         if lost {
             return Step::NotLeader;
         }
-        self.finish(term, &batch, claimed_at, outcome, full).await
+        self.finish(term, &batch, claimed_at, outcome).await
+    }
+
+    async fn set_idle(&mut self, term: &Term, idle: bool) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.statements
+            .lease_set_idle(&mut conn, &term.fence, idle)
+            .await?;
+        self.idle = idle;
+        Ok(())
     }
 
     async fn claim(
@@ -184,7 +230,6 @@ impl Pipeline {
         batch: &[PendingMessage],
         claimed_at: tokio::time::Instant,
         outcome: BatchOutcome,
-        full: bool,
     ) -> Step {
         let delete = matches!(self.config.completion, Completion::Delete);
         if !outcome.delivered.is_empty() {
@@ -217,7 +262,9 @@ impl Pipeline {
             }
         }
         if outcome.failed.is_empty() {
-            return if full { Step::More } else { Step::Idle };
+            // Not idle yet: writers skip NOTIFY while we are busy, so look again at once; an
+            // empty claim then sets the idle flag before waiting.
+            return Step::More;
         }
         match self.handle_failures(term, batch, &outcome.failed).await {
             // The failed messages (and their keys) are held; the rest flows on at once.

@@ -121,7 +121,12 @@ fn validate_header_value(header: &Header) -> Result<(), InvalidMessage> {
         name: header.name.clone(),
         reason: reason.to_owned(),
     };
-    let text_headers = [headers::VALUE_TYPE, "content-type", "traceparent", "tracestate"];
+    let text_headers = [
+        headers::VALUE_TYPE,
+        "content-type",
+        "traceparent",
+        "tracestate",
+    ];
     if !text_headers.contains(&header.name.as_str()) {
         return Ok(());
     }
@@ -138,7 +143,9 @@ fn validate_header_value(header: &Header) -> Result<(), InvalidMessage> {
             && hex(parts[2], 16)
             && hex(parts[3], 2);
         if !well_formed {
-            return Err(invalid("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"));
+            return Err(invalid(
+                "not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+            ));
         }
     }
     Ok(())
@@ -218,12 +225,18 @@ mod tests {
         for (name, value) in cases {
             let message = Message::new("t", vec![]).header(name, value.clone());
             assert!(
-                matches!(message.validate(MAX), Err(InvalidMessage::InvalidHeaderValue { .. })),
+                matches!(
+                    message.validate(MAX),
+                    Err(InvalidMessage::InvalidHeaderValue { .. })
+                ),
                 "{name} = {value:?}"
             );
         }
         let fine = Message::new("t", vec![])
-            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .header("x-value-type", "ThingCreated")
             .header("anything-else", vec![0xff, 0x00]);
         assert_eq!(fine.validate(MAX), Ok(()));

@@ -28,6 +28,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "per-message retry, dead letters",
         include_str!("migrations/0003_poison.sql"),
     ),
+    (
+        4,
+        "notify only while no relay is busy",
+        include_str!("migrations/0004_notify_when_idle.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
@@ -43,6 +48,7 @@ pub struct Statements {
     lease_acquire: String,
     lease_renew: String,
     lease_release: String,
+    lease_set_idle: String,
     cleanup: String,
     backlog: String,
     leases: String,
@@ -337,10 +343,10 @@ impl Statements {
             lease_acquire: render(
                 "WITH taken AS (
                      INSERT INTO {schema}.relay_lease AS l
-                            (name, holder, token, acquired_at, renewed_at, expires_at)
-                     VALUES ($1, $2, 1, now(), now(), now() + $3 * interval '1 microsecond')
+                            (name, holder, token, idle, acquired_at, renewed_at, expires_at)
+                     VALUES ($1, $2, 1, false, now(), now(), now() + $3 * interval '1 microsecond')
                      ON CONFLICT (name) DO UPDATE
-                        SET holder = excluded.holder, token = l.token + 1,
+                        SET holder = excluded.holder, token = l.token + 1, idle = false,
                             acquired_at = now(), renewed_at = now(), expires_at = excluded.expires_at
                       WHERE l.expires_at <= now()
                      RETURNING holder, token, expires_at)
@@ -362,7 +368,11 @@ impl Statements {
                  RETURNING (extract(epoch FROM expires_at - now()) * 1000000)::bigint",
             ),
             lease_release: render(
-                "UPDATE {schema}.relay_lease SET expires_at = now()
+                "UPDATE {schema}.relay_lease SET expires_at = now(), idle = true
+                  WHERE name = $1 AND holder = $2 AND token = $3",
+            ),
+            lease_set_idle: render(
+                "UPDATE {schema}.relay_lease SET idle = $4
                   WHERE name = $1 AND holder = $2 AND token = $3",
             ),
             // Unfenced: rows processed before the retention are never in flight, so deleting
@@ -732,6 +742,24 @@ impl Statements {
             Some(us) => Fenced::Done(Duration::from_micros(us.max(0) as u64)),
             None => Fenced::LeaseLost,
         })
+    }
+
+    /// Tells writers whether this relay waits for work (`true`: they send NOTIFY) or is busy and
+    /// claims again by itself (`false`: they skip the NOTIFY and its commit-time lock).
+    pub async fn lease_set_idle(
+        &self,
+        conn: &mut PgConnection,
+        fence: &Fence,
+        idle: bool,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.lease_set_idle)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .bind(idle)
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 
     /// Ends our term now and wakes standbys, so one takes over at once.

@@ -129,7 +129,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 3);
+    assert_eq!(report.current_version(), 4);
     outbox.drop_schema().await;
 }
 
@@ -258,5 +258,47 @@ async fn inbox_lets_one_of_two_racing_consumers_apply_a_message() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.rollback().await.unwrap();
     assert!(second.await.unwrap());
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_notify_only_while_no_relay_is_busy() {
+    let outbox = TestOutbox::new().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&outbox.pool)
+        .await
+        .unwrap();
+    listener.listen(&outbox.schema.channel()).await.unwrap();
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+
+    // No relay at all: writers notify.
+    outbox.commit_each([Message::new("t", b"1".to_vec())]).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert_eq!(first.expect("notified").unwrap().payload(), "message");
+
+    // A relay holds the lease and is busy: no NOTIFY (and no commit-time lock).
+    let LeaseState::Held { token, .. } = sql
+        .lease_acquire(&mut conn, "relay", "me", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired")
+    };
+    let fence = Fence {
+        lease: "relay".into(),
+        holder: "me".into(),
+        token,
+    };
+    outbox.commit_each([Message::new("t", b"2".to_vec())]).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
+    assert!(quiet.is_err(), "a busy relay's writers must not notify");
+
+    // The relay goes idle: writers notify again.
+    sql.lease_set_idle(&mut conn, &fence, true).await.unwrap();
+    outbox.commit_each([Message::new("t", b"3".to_vec())]).await;
+    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert_eq!(woken.expect("notified").unwrap().payload(), "message");
+    drop(conn);
+    drop(listener);
     outbox.drop_schema().await;
 }
