@@ -23,9 +23,9 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
 
-/// `OUTBOX_CHAOS_SCALE` (default 1) multiplies messages and kills, for soak runs.
+/// `CHAOS_SCALE` (default 1) multiplies messages and kills, for soak runs.
 fn scale(n: usize) -> usize {
-    n * std::env::var("OUTBOX_CHAOS_SCALE")
+    n * std::env::var("CHAOS_SCALE")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1)
@@ -46,6 +46,7 @@ fn relay_config(outbox: &TestOutbox, bootstrap: &str) -> RelayConfig {
 /// Reads until every committed message arrived; returns the time that took, then checks and
 /// reports the figures.
 async fn settle_and_check(
+    outbox: &TestOutbox,
     scenario: &str,
     faults: usize,
     ledger: &Arc<Mutex<Ledger>>,
@@ -54,10 +55,19 @@ async fn settle_and_check(
     let started = Instant::now();
     let deadline = started + RECOVERY_LIMIT;
     while !ledger.lock().unwrap().all_received(reader) {
-        assert!(
-            Instant::now() < deadline,
-            "{scenario}: committed messages still missing after {RECOVERY_LIMIT:?}"
-        );
+        if Instant::now() > deadline {
+            let leases: Vec<(String, i64, bool, f64)> = sqlx::query_as(&format!(
+                "SELECT holder, token, idle, extract(epoch FROM expires_at - now())::float8 FROM {}.relay_lease",
+                outbox.schema
+            ))
+            .fetch_all(&outbox.pool)
+            .await
+            .unwrap_or_default();
+            panic!(
+                "{scenario}: committed messages still missing after {RECOVERY_LIMIT:?}; pending rows {}, leases {leases:?}",
+                outbox.pending().await
+            );
+        }
         reader.read_for(Duration::from_millis(200)).await;
     }
     let recovery = started.elapsed();
@@ -107,9 +117,10 @@ fn relay_process(schema: &str) -> Child {
         .env("OUTBOX_POLL_INTERVAL_MS", "100")
         .env("OUTBOX_BATCH_SIZE", "50")
         .env("OUTBOX_LOG", "warn")
+        .env_remove("OUTBOX_CONFIG")
         .arg("relay")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("start outbox relay")
 }
@@ -134,6 +145,9 @@ async fn relay_process_sigkilled_twenty_times_mid_stream() {
         let mut relay = relay_process(outbox.schema.as_str());
         let lifetime = rand::rng().random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(lifetime)).await;
+        if let Some(status) = relay.try_wait().unwrap() {
+            panic!("the relay exited on its own before it was killed: {status}");
+        }
         relay.kill().expect("SIGKILL the relay");
         relay.wait().unwrap();
     }
@@ -141,6 +155,7 @@ async fn relay_process_sigkilled_twenty_times_mid_stream() {
     let mut survivor = relay_process(outbox.schema.as_str());
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
+        &outbox,
         "1. relay process SIGKILLed at random points",
         kills,
         &ledger,
@@ -181,6 +196,7 @@ async fn kafka_broker_killed_and_restarted_mid_stream() {
     writer.await.unwrap();
     let mut reader = TopicReader::on(&broker.bootstrap_servers(), &topic);
     settle_and_check(
+        &outbox,
         "2. Kafka broker SIGKILLed and restarted",
         1,
         &ledger,
@@ -235,6 +251,7 @@ async fn relay_database_connections_terminated_repeatedly() {
     writer.await.unwrap();
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
+        &outbox,
         "4a. relay's PostgreSQL connections terminated (pg_terminate_backend)",
         terminated,
         &ledger,
@@ -275,7 +292,7 @@ async fn postgresql_restarted_mid_stream() {
     assert!(status.success(), "restarting PostgreSQL failed");
     writer.await.unwrap();
     let mut reader = TopicReader::new(&topic);
-    settle_and_check("4b. PostgreSQL restarted", 1, &ledger, &mut reader).await;
+    settle_and_check(&outbox, "4b. PostgreSQL restarted", 1, &ledger, &mut reader).await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
@@ -325,6 +342,7 @@ async fn network_to_postgresql_delayed_and_blackholed() {
     writer.await.unwrap();
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
+        &outbox,
         "5a. network relay→PostgreSQL: delay, blackhole, drop",
         3,
         &ledger,
@@ -370,6 +388,7 @@ async fn network_to_kafka_delayed_blackholed_and_dropped() {
     writer.await.unwrap();
     let mut reader = TopicReader::on(&broker.bootstrap_servers(), &topic);
     settle_and_check(
+        &outbox,
         "5b. network relay→Kafka: delay, blackhole, drop",
         3,
         &ledger,
@@ -451,6 +470,7 @@ async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once() 
     writer.await.unwrap();
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
+        &outbox,
         "6. two relays, lease (1 s) shorter than a 3 s+ stall",
         1,
         &ledger,
@@ -515,6 +535,7 @@ async fn partition_leader_killed_in_a_three_broker_cluster() {
         .join(",");
     let mut reader = TopicReader::on(&survivors, &topic);
     settle_and_check(
+        &outbox,
         "3. partition leader SIGKILLed, 3 brokers, RF 3, min.insync 2",
         1,
         &ledger,

