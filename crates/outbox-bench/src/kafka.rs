@@ -1,0 +1,256 @@
+//! Kafka without the outbox: the raw producer baseline (same records, same producer settings as
+//! the relay), the consumer that timestamps receipts, and topic cleanup.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use indicatif::ProgressBar;
+use outbox_relay::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::util::{key, now_micros, payload};
+
+/// The source name the relay sends as `x-source`; the raw producer sends the same header.
+pub(crate) const SOURCE: &str = "bench";
+
+/// Producer properties copied from the relay's defaults (`KafkaConfig::new`): idempotence,
+/// `acks=all`, gapless guarantee, no message timeout, `linger.ms=5`, lz4.
+pub(crate) fn relay_producer_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in KafkaConfig::new(bootstrap).masked() {
+        config.set(key, value);
+    }
+    config
+}
+
+/// A producer with the relay's settings.
+pub(crate) fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
+    relay_producer_config(bootstrap)
+        .create()
+        .context("create a Kafka producer")
+}
+
+/// Sends `count` records shaped like the relay's (key `key-<n mod keys>`, `payload_bytes` payload,
+/// `x-sequence` and `x-source` headers) to `topic` with a new producer, and waits for every
+/// acknowledgement. With `batch`, works like the relay's publish loop: hands `batch` records to
+/// librdkafka, waits for all of them, then the next batch; without, keeps librdkafka's queue
+/// full (the ceiling). Returns the time from creating the producer to the last acknowledgement.
+pub(crate) async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    payload_bytes: usize,
+    keys: usize,
+    batch: Option<usize>,
+    bar: &ProgressBar,
+) -> anyhow::Result<Duration> {
+    let keys: Vec<String> = (0..keys as u64).map(|n| key(n, keys)).collect();
+    let started = Instant::now();
+    let producer = producer(bootstrap)?;
+    let mut pending: std::collections::VecDeque<DeliveryFuture> = std::collections::VecDeque::new();
+    let batch = batch.unwrap_or(usize::MAX);
+    let mut in_batch = 0;
+    for n in 0..count {
+        // Built per record, as the relay has each payload fresh from its claim.
+        let value = payload(payload_bytes, 0, 0, n);
+        let sequence = outbox::headers::encode_sequence(n as i64 + 1);
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: outbox::headers::SEQUENCE,
+                value: Some(&sequence[..]),
+            })
+            .insert(Header {
+                key: outbox::headers::SOURCE,
+                value: Some(SOURCE.as_bytes()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .headers(headers)
+            .key(keys[(n % keys.len() as u64) as usize].as_bytes())
+            .payload(&value[..]);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    match pending.pop_front() {
+                        Some(oldest) => {
+                            await_delivery(oldest).await?;
+                            bar.inc(1);
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+                Err((error, _)) => bail!("cannot send to Kafka: {error}"),
+            }
+        }
+        in_batch += 1;
+        if in_batch == batch {
+            in_batch = 0;
+            while let Some(delivery) = pending.pop_front() {
+                await_delivery(delivery).await?;
+                bar.inc(1);
+            }
+        }
+    }
+    while let Some(delivery) = pending.pop_front() {
+        await_delivery(delivery).await?;
+        bar.inc(1);
+    }
+    Ok(started.elapsed())
+}
+
+async fn await_delivery(delivery: DeliveryFuture) -> anyhow::Result<()> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => bail!("delivery failed: {error}"),
+        Err(_) => bail!("delivery canceled"),
+    }
+}
+
+/// A first receipt: the record's `x-sequence` and when it was polled (µs since the epoch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Receipt {
+    pub(crate) sequence: i64,
+    pub(crate) received_us: u64,
+    /// Send time carried in the payload.
+    pub(crate) sent_us: u64,
+}
+
+/// A consumer on its own thread, reading every partition of a topic from the beginning and
+/// timestamping each record as it is polled.
+pub(crate) struct ConsumerThread {
+    stop: Arc<AtomicBool>,
+    distinct: Arc<AtomicU64>,
+    duplicates: Arc<AtomicU64>,
+    handle: JoinHandle<Vec<Receipt>>,
+}
+
+impl ConsumerThread {
+    pub(crate) fn start(bootstrap: &str, topic: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set(
+                "group.id",
+                format!("bench-{}", outbox_test_support::short_id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            // Return fetches as soon as any data is there (the defaults already do; explicit).
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .context("create the consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("read the metadata of {topic}"))?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in metadata.topics()[0].partitions() {
+            assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let distinct = Arc::new(AtomicU64::new(0));
+        let duplicates = Arc::new(AtomicU64::new(0));
+        let handle = {
+            let (stop, distinct, duplicates) = (stop.clone(), distinct.clone(), duplicates.clone());
+            std::thread::Builder::new()
+                .name("bench-consumer".into())
+                .spawn(move || {
+                    let mut seen = HashSet::new();
+                    let mut receipts = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+                            continue;
+                        };
+                        let received_us = now_micros();
+                        let Ok(message) = result else { continue };
+                        let sequence = message
+                            .headers()
+                            .and_then(|headers| {
+                                headers
+                                    .iter()
+                                    .find(|h| h.key == outbox::headers::SEQUENCE)
+                                    .and_then(|h| h.value)
+                            })
+                            .and_then(|v| outbox::headers::decode_sequence(v).ok());
+                        let (Some(sequence), Some((sent_us, _phase))) = (
+                            sequence,
+                            message.payload().and_then(crate::util::decode_payload),
+                        ) else {
+                            continue;
+                        };
+                        if seen.insert(sequence) {
+                            distinct.fetch_add(1, Ordering::Relaxed);
+                            receipts.push(Receipt {
+                                sequence,
+                                received_us,
+                                sent_us,
+                            });
+                        } else {
+                            duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    receipts
+                })?
+        };
+        Ok(ConsumerThread {
+            stop,
+            distinct,
+            duplicates,
+            handle,
+        })
+    }
+
+    /// Distinct sequences received so far.
+    pub(crate) fn distinct(&self) -> u64 {
+        self.distinct.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `count` distinct sequences arrived; false after `timeout`.
+    pub(crate) async fn wait_for(&self, count: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.distinct() < count {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Stops the thread; returns the first receipt of every sequence and the duplicate count.
+    pub(crate) fn stop(self) -> (Vec<Receipt>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let receipts = self.handle.join().unwrap_or_default();
+        (receipts, self.duplicates.load(Ordering::Relaxed))
+    }
+}
+
+/// Deletes the benchmark's topics (best effort).
+pub(crate) async fn delete_topics(bootstrap: &str, topics: &[String]) {
+    if topics.is_empty() {
+        return;
+    }
+    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create();
+    let Ok(admin) = admin else { return };
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    if let Err(error) = admin.delete_topics(&names, &options).await {
+        crate::util::say(format!("warning: cannot delete the bench topics: {error}"));
+    }
+}

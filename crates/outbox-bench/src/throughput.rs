@@ -1,0 +1,687 @@
+//! Scenarios 1, 2 and 5: the raw producer baseline and the relay draining a pre-filled backlog,
+//! in alternating rounds so that their ratio is taken in the same run; the drain runs in a child
+//! process whose peak RSS (VmHWM) is the relay's memory figure.
+
+use std::process::Stdio;
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, ValueEnum};
+use outbox::postgres::{Fence, LeaseState, Statements};
+use outbox::{Message, SchemaName};
+use outbox_relay::{Completion, Relay, RelayConfig};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Connection as _;
+
+use crate::util::{bar, key, payload, proc_status_kb, say, Spread};
+use crate::{kafka, Ctx};
+
+/// Arguments of the hidden `drain-child` subcommand.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DrainChildArgs {
+    /// The pre-filled schema.
+    #[arg(long)]
+    schema: String,
+    /// Relay batch size.
+    #[arg(long)]
+    batch_size: usize,
+    /// A variant of the relay's configuration, for diagnosis.
+    #[arg(long, value_enum)]
+    diagnostic: Option<Diagnostic>,
+    /// Producer property overrides, KEY=VALUE.
+    #[arg(long)]
+    relay_kafka: Vec<String>,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 900)]
+    timeout_seconds: u64,
+}
+
+/// A drain run once after the alternating rounds, with `pg_stat_activity` sampled to show where
+/// the relay's time goes, in the default configuration or a variant of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Diagnostic {
+    /// The default configuration, again, while being profiled.
+    Keep,
+    /// `Completion::Delete` instead of the default `Completion::Keep`.
+    Delete,
+    /// The relay's sessions with `synchronous_commit = off` (a lost completion after a database
+    /// crash means a duplicate, never a loss).
+    AsyncCommit,
+}
+
+impl Diagnostic {
+    fn label(self) -> &'static str {
+        match self {
+            Diagnostic::Keep => "default (Completion::Keep)",
+            Diagnostic::Delete => "Completion::Delete",
+            Diagnostic::AsyncCommit => "synchronous_commit=off for the relay",
+        }
+    }
+}
+
+/// Runs in the child: starts a relay on the pre-filled schema, polls until nothing is pending,
+/// and prints one JSON line: the drain time (from `Relay::start` until no message is pending)
+/// and the process's RSS before the relay started and its peak (VmHWM) while draining.
+pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
+    let schema = SchemaName::new(args.schema)?;
+    let pool = if args.diagnostic == Some(Diagnostic::AsyncCommit) {
+        let options = PgConnectOptions::from_str(&outbox_test_support::database_url())?
+            .options([("synchronous_commit", "off")]);
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?
+    } else {
+        outbox_test_support::pool().await
+    };
+    let mut config = RelayConfig::new(
+        outbox_test_support::kafka_bootstrap_servers(),
+        kafka::SOURCE,
+    );
+    config.schema = schema.clone();
+    config.batch_size = args.batch_size;
+    if args.diagnostic == Some(Diagnostic::Delete) {
+        config.completion = Completion::Delete;
+    }
+    crate::apply_overrides(&mut config, &args.relay_kafka);
+    // Cheap completion check: one probe of the pending index, not a count.
+    let any_pending =
+        format!("SELECT EXISTS (SELECT 1 FROM {schema}.message WHERE processed_at IS NULL)");
+    let total: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL"
+    ))
+    .fetch_one(&pool)
+    .await?;
+    anyhow::ensure!(total > 0, "nothing to drain");
+    let rss_before_kb = proc_status_kb("self", "VmRSS");
+    let hwm_before_kb = proc_status_kb("self", "VmHWM");
+    let started = Instant::now();
+    let relay = Relay::start(pool.clone(), config)?;
+    let deadline = started + Duration::from_secs(args.timeout_seconds);
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if !sqlx::query_scalar::<_, bool>(&any_pending)
+            .fetch_one(&pool)
+            .await?
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the drain did not finish within {}s", args.timeout_seconds);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let hwm_kb = proc_status_kb("self", "VmHWM");
+    relay.shutdown().await?;
+    let pending: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL"
+    ))
+    .fetch_one(&pool)
+    .await?;
+    println!(
+        "{}",
+        json!({
+            "seconds": seconds,
+            "drained": total - pending,
+            "pending": pending,
+            "rss_before_kb": rss_before_kb,
+            "hwm_before_kb": hwm_before_kb,
+            "hwm_kb": hwm_kb,
+            "hwm_after_shutdown_kb": proc_status_kb("self", "VmHWM"),
+        })
+    );
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+struct Drain {
+    messages: f64,
+    seconds: f64,
+    hwm_mb: f64,
+    rss_before_mb: f64,
+}
+
+impl Drain {
+    fn rate(&self) -> f64 {
+        self.messages / self.seconds
+    }
+}
+
+/// Scenarios 1, 2 and 5.
+pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
+    let args = &ctx.args;
+    let count = args.drain_messages;
+    let raw_topic = ctx.topic("bench-raw").await;
+    let drain_topic = ctx.topic("bench-drain").await;
+    let stop_and_wait = ctx.batch_size();
+    let mut raw = Vec::new();
+    let mut raw_batched = Vec::new();
+    let mut drains: Vec<Vec<Drain>> = vec![Vec::new(); args.batch_sizes.len()];
+    let mut prefill_rates = Vec::new();
+    let mut explains = json!({});
+    for round in 0..args.rounds {
+        let raw_first = round % 2 == 0;
+        let label = format!("round {}/{}", round + 1, args.rounds);
+        if raw_first {
+            raw.push(raw_round(ctx, &raw_topic, None, &label).await?);
+            raw_batched.push(raw_round(ctx, &raw_topic, Some(stop_and_wait), &label).await?);
+        }
+        for (i, &batch_size) in args.batch_sizes.iter().enumerate() {
+            prefill_rates.push(prefill(ctx, &drain_topic, count, &label).await?);
+            if round == 0 && i == 0 {
+                explains = explain_backlog(ctx, batch_size).await?;
+            }
+            let drain = drain_in_child(ctx, batch_size, count, None, None, &label).await?;
+            drains[i].push(drain);
+        }
+        if !raw_first {
+            raw.push(raw_round(ctx, &raw_topic, None, &label).await?);
+            raw_batched.push(raw_round(ctx, &raw_topic, Some(stop_and_wait), &label).await?);
+        }
+        let mut line = format!(
+            "{label}: raw {:.0} msg/s, raw stop-and-wait({stop_and_wait}) {:.0} msg/s",
+            raw[round], raw_batched[round]
+        );
+        for (i, batch_size) in args.batch_sizes.iter().enumerate() {
+            let d = &drains[i][round];
+            line.push_str(&format!(
+                ", drain(batch {batch_size}) {:.0} msg/s = {:.0}% of raw, peak RSS {:.1} MB",
+                d.rate(),
+                100.0 * d.rate() / raw[round],
+                d.hwm_mb
+            ));
+        }
+        say(line);
+    }
+
+    let mut diagnostics = Vec::new();
+    for &diagnostic in &args.drain_diagnostics {
+        prefill(ctx, &drain_topic, count, diagnostic.label()).await?;
+        let samples = Arc::new(ProfileSamples::default());
+        let drain = drain_in_child(
+            ctx,
+            ctx.batch_size(),
+            count,
+            Some(samples.clone()),
+            Some(diagnostic),
+            diagnostic.label(),
+        )
+        .await?;
+        say(format!(
+            "diagnostic drain, {}: {:.0} msg/s",
+            diagnostic.label(),
+            drain.rate()
+        ));
+        let profile = samples.json(&drain, ctx.batch_size());
+        diagnostics.push((diagnostic, drain, profile));
+    }
+
+    let mut report = ctx.report();
+    let raw_spread = Spread::of(&raw);
+    report.row(
+        "1 raw producer",
+        "throughput, queue kept full",
+        "msg/s",
+        &raw,
+    );
+    report.row(
+        "1 raw producer",
+        &format!("throughput, stop-and-wait batches of {stop_and_wait}"),
+        "msg/s",
+        &raw_batched,
+    );
+    let mut details_drains = Vec::new();
+    for (i, &batch_size) in args.batch_sizes.iter().enumerate() {
+        let rates: Vec<f64> = drains[i].iter().map(Drain::rate).collect();
+        let ratios: Vec<f64> = rates.iter().zip(&raw).map(|(d, r)| 100.0 * d / r).collect();
+        let hwm: Vec<f64> = drains[i].iter().map(|d| d.hwm_mb).collect();
+        let before: Vec<f64> = drains[i].iter().map(|d| d.rss_before_mb).collect();
+        let scenario = format!("2 drain, batch {batch_size}");
+        report.row(&scenario, "throughput", "msg/s", &rates);
+        report.row(&scenario, "ratio to raw (same round)", "%", &ratios);
+        let memory = format!("5 memory, batch {batch_size}");
+        report.row(
+            &memory,
+            "relay process peak RSS (VmHWM) while draining",
+            "MB",
+            &hwm,
+        );
+        report.row(&memory, "RSS before Relay::start", "MB", &before);
+        let ratio = Spread::of(&ratios);
+        let rate = Spread::of(&rates);
+        report.target(
+            &format!("drain >= 80% of raw producer (batch {batch_size})"),
+            ">= 80%",
+            format!(
+                "{:.0}% (median of per-round ratios; {:.0}-{:.0}%); {:.0} vs {:.0} msg/s",
+                ratio.median, ratio.min, ratio.max, rate.median, raw_spread.median
+            ),
+            ratio.median >= 80.0,
+        );
+        let peak = Spread::of(&hwm);
+        report.target(
+            &format!("relay peak RSS while draining (batch {batch_size})"),
+            "< 100 MB",
+            format!(
+                "{:.1} MB max over {} drains of {count} messages",
+                peak.max, peak.rounds
+            ),
+            peak.max < 100.0,
+        );
+        details_drains.push(json!({
+            "batch_size": batch_size,
+            "rate": rate.json(&rates),
+            "ratio_to_raw_percent": ratio.json(&ratios),
+            "peak_rss_mb": peak.json(&hwm),
+            "rss_before_start_mb": Spread::of(&before).json(&before),
+            "seconds": drains[i].iter().map(|d| d.seconds).collect::<Vec<_>>(),
+        }));
+    }
+    let scenario = format!(
+        "2 drain: statements on the full backlog of {count}, before the relay starts (1 run)"
+    );
+    report.row(
+        &scenario,
+        &format!("relay's claim of {stop_and_wait}, as the relay runs it"),
+        "ms",
+        &[explains["claim"]["statement_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)],
+    );
+    report.row(
+        &scenario,
+        "same, EXPLAIN ANALYZE execution time",
+        "ms",
+        &[explains["claim"]["execution_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)],
+    );
+    report.row(
+        &scenario,
+        &format!("completion UPDATE of {stop_and_wait} (Completion::Keep), EXPLAIN ANALYZE"),
+        "ms",
+        &[explains["complete_copy"]["execution_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)],
+    );
+    for (diagnostic, drain, profile) in &diagnostics {
+        let scenario = format!(
+            "2 drain, batch {}, {} (diagnostic, 1 run)",
+            ctx.batch_size(),
+            diagnostic.label()
+        );
+        report.row(&scenario, "throughput", "msg/s", &[drain.rate()]);
+        report.row(
+            &scenario,
+            "ratio to raw (median of rounds)",
+            "%",
+            &[100.0 * drain.rate() / raw_spread.median],
+        );
+        report.row(&scenario, "relay process peak RSS", "MB", &[drain.hwm_mb]);
+        for (part, key) in [
+            ("claim", "claim_ms_per_batch"),
+            ("completion", "complete_ms_per_batch"),
+            (
+                "outside the database (publish + acks)",
+                "outside_database_ms_per_batch",
+            ),
+        ] {
+            report.row(
+                &scenario,
+                &format!("time per batch: {part} (pg_stat_activity samples)"),
+                "ms",
+                &[profile[key].as_f64().unwrap_or(f64::NAN)],
+            );
+        }
+    }
+    let diagnostics: Vec<Value> = diagnostics
+        .iter()
+.map(|(d, drain, profile)| {
+            json!({"variant": d.label(), "rate": drain.rate(), "seconds": drain.seconds, "peak_rss_mb": drain.hwm_mb, "profile": profile})
+        })
+        .collect();
+    report.detail(
+        "raw_and_drain",
+        json!({
+            "messages": count,
+            "payload_bytes": args.payload_bytes,
+            "keys": args.keys,
+            "partitions": args.partitions,
+            "raw_rate": raw_spread.json(&raw),
+            "raw_stop_and_wait_rate": Spread::of(&raw_batched).json(&raw_batched),
+            "stop_and_wait_batch": stop_and_wait,
+            "drains": details_drains,
+            "prefill_rate": Spread::of(&prefill_rates).json(&prefill_rates),
+            "explain_on_full_backlog": explains,
+            "diagnostic_drains": diagnostics,
+        }),
+    );
+    Ok(())
+}
+
+async fn raw_round(
+    ctx: &Ctx,
+    topic: &str,
+    batch: Option<usize>,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let count = ctx.args.drain_messages;
+    let name = match batch {
+        None => format!("raw {label}"),
+        Some(b) => format!("raw s&w({b}) {label}"),
+    };
+    let progress = bar(&name, count);
+    let elapsed = kafka::produce(
+        &ctx.bootstrap,
+        topic,
+        count,
+        ctx.args.payload_bytes,
+        ctx.args.keys,
+        batch,
+        &progress,
+    )
+    .await?;
+    progress.finish_and_clear();
+    Ok(count as f64 / elapsed.as_secs_f64())
+}
+
+/// Empties the outbox and fills it with `count` messages, `prefill_chunk` per transaction, then
+/// vacuums and analyzes it (a backlog that has sat during an outage would have been by
+/// autovacuum) and checkpoints, so that every drain starts from the same state. Returns the
+/// fill rate.
+async fn prefill(ctx: &Ctx, topic: &str, count: u64, label: &str) -> anyhow::Result<f64> {
+    let schema = &ctx.schema;
+    sqlx::raw_sql(&format!("TRUNCATE {schema}.message"))
+        .execute(&ctx.pool)
+        .await?;
+    let progress = bar(&format!("prefill {label}"), count);
+    let started = Instant::now();
+    let chunk = ctx.args.prefill_chunk.max(1) as u64;
+    // Two transactions at a time (there are two cores); the order of sequences across chunks
+    // does not matter to the drain.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < count || !tasks.is_empty() {
+        while next < count && tasks.len() < 2 {
+            let end = (next + chunk).min(count);
+            let (pool, outbox, topic) = (ctx.pool.clone(), ctx.outbox.clone(), topic.to_owned());
+            let (payload_bytes, keys) = (ctx.args.payload_bytes, ctx.args.keys);
+            tasks.spawn(async move {
+                let messages = (next..end).map(|n| {
+                    Message::new(topic.as_str(), payload(payload_bytes, 0, 0, n)).key(key(n, keys))
+                });
+                let mut tx = pool.begin().await?;
+                outbox.save_all_for_publishing(&mut tx, messages).await?;
+                tx.commit().await?;
+                anyhow::Ok(end - next)
+            });
+            next = end;
+        }
+        if let Some(done) = tasks.join_next().await {
+            progress.inc(done??);
+        }
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    progress.set_message("vacuum, checkpoint");
+    sqlx::raw_sql(&format!("VACUUM (ANALYZE) {schema}.message"))
+        .execute(&ctx.pool)
+        .await?;
+    sqlx::raw_sql("CHECKPOINT").execute(&ctx.pool).await?;
+    progress.finish_and_clear();
+    Ok(rate)
+}
+
+/// Runs the drain in a child process (this binary, `drain-child`) and reads its result.
+async fn drain_in_child(
+    ctx: &Ctx,
+    batch_size: usize,
+    count: u64,
+    profile: Option<Arc<ProfileSamples>>,
+    diagnostic: Option<Diagnostic>,
+    label: &str,
+) -> anyhow::Result<Drain> {
+    let exe = std::env::current_exe().context("locate the bench binary")?;
+    let updated_sql = "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'message'";
+    let updated_before: i64 = sqlx::query_scalar(updated_sql)
+        .bind(ctx.schema.as_str())
+        .fetch_one(&ctx.pool)
+        .await?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("drain-child")
+        .arg("--schema")
+        .arg(ctx.schema.as_str())
+        .arg("--batch-size")
+        .arg(batch_size.to_string());
+    for item in &ctx.args.relay_kafka {
+        command.arg("--relay-kafka").arg(item);
+    }
+    if let Some(diagnostic) = diagnostic {
+        command.arg("--diagnostic").arg(
+            diagnostic
+                .to_possible_value()
+                .expect("not skipped")
+                .get_name(),
+        );
+    }
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the drain child process")?;
+    let progress = bar(&format!("drain b={batch_size} {label}"), count);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = profile.clone().map(|samples| {
+        let schema = ctx.schema.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { samples.sample(schema, stop).await })
+    });
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let output = loop {
+        tokio::select! {
+            output = &mut output => break output?,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                // Table statistics lag by up to a second: for the progress bar only.
+                if let Ok(updated) = sqlx::query_scalar::<_, i64>(updated_sql)
+                    .bind(ctx.schema.as_str())
+                    .fetch_one(&ctx.pool)
+                    .await
+                {
+                    progress.set_position((updated - updated_before).max(0) as u64);
+                }
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    if let Some(sampler) = sampler {
+        sampler.await??;
+    }
+    progress.finish_and_clear();
+    if !output.status.success() {
+        bail!("the drain child failed: {}", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("the drain child printed no result")?;
+    let result: Value = serde_json::from_str(line)?;
+    let drained = result["drained"].as_f64().unwrap_or(0.0);
+    anyhow::ensure!(
+        result["pending"].as_i64() == Some(0) && drained >= count as f64,
+        "the drain child left messages pending: {line}"
+    );
+    let mb = |key: &str| result[key].as_f64().unwrap_or(f64::NAN) / 1024.0;
+    Ok(Drain {
+        messages: count as f64,
+        seconds: result["seconds"].as_f64().unwrap_or(f64::NAN),
+        hwm_mb: mb("hwm_kb"),
+        rss_before_mb: mb("rss_before_kb"),
+    })
+}
+
+/// Samples `pg_stat_activity` every 10 ms during a drain: which of the relay's statements is
+/// running, if any. A sample with neither the claim nor the completion running is time the
+/// pipeline spends outside the database: publishing to Kafka and waiting for acknowledgements.
+#[derive(Debug, Default)]
+struct ProfileSamples {
+    counts: std::sync::Mutex<[u64; 4]>,
+}
+
+impl ProfileSamples {
+    async fn sample(&self, schema: SchemaName, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
+        // The claim is recognised by its select list, the completion by its leading CTE.
+        let sql = "SELECT coalesce(bool_or(query LIKE '%SELECT id, topic, key, payload, headers, attempts%'), false),
+                          coalesce(bool_or(query LIKE 'WITH fence AS%'), false),
+                          count(*)
+                     FROM pg_stat_activity
+                    WHERE state = 'active' AND pid <> pg_backend_pid()
+                      AND datname = current_database()
+                      AND query LIKE '%' || $1 || '.message%'
+                      AND query NOT LIKE 'SELECT EXISTS%'";
+        let mut started = false;
+        while !stop.load(Ordering::Relaxed) {
+            let (claim, complete, _active): (bool, bool, i64) = sqlx::query_as(sql)
+                .bind(schema.as_str())
+                .fetch_one(&mut conn)
+                .await?;
+            started |= claim || complete;
+            if started {
+                let mut counts = self.counts.lock().expect("counts");
+                counts[0] += 1;
+                counts[1] += u64::from(claim);
+                counts[2] += u64::from(complete);
+                counts[3] += u64::from(!claim && !complete);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    fn json(&self, drain: &Drain, batch_size: usize) -> Value {
+        let counts = *self.counts.lock().expect("counts");
+        let total = counts[0].max(1) as f64;
+        let batches = (drain.messages / batch_size as f64).ceil();
+        let per_batch_ms = |n: u64| 1000.0 * drain.seconds * (n as f64 / total) / batches;
+        json!({
+            "note": "pg_stat_activity sampled every 10 ms during a diagnostic drain",
+            "drain_rate_while_sampled": drain.rate(),
+            "samples": counts[0],
+            "claim_fraction": counts[1] as f64 / total,
+            "complete_fraction": counts[2] as f64 / total,
+            "outside_database_fraction": counts[3] as f64 / total,
+            "batches": batches,
+            "claim_ms_per_batch": per_batch_ms(counts[1]),
+            "complete_ms_per_batch": per_batch_ms(counts[2]),
+            "outside_database_ms_per_batch": per_batch_ms(counts[3]),
+        })
+    }
+}
+
+/// The relay's own claim and (a copy of) its completion statement on the full backlog, before
+/// the relay starts: the claim is run with a lease this function takes and releases (the claim
+/// only reads), timed, and EXPLAINed from its text as PostgreSQL reports it. The completion is
+/// EXPLAINed in a transaction that is rolled back.
+pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Result<Value> {
+    let statements = Statements::new(&ctx.schema);
+    let lease = ctx.relay_config(batch_size).lease_name;
+    let holder = "bench-explain";
+    let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
+    let token = match statements
+        .lease_acquire(&mut conn, &lease, holder, Duration::from_secs(30))
+        .await?
+    {
+        LeaseState::Held { token, .. } => token,
+        other => bail!("cannot take the lease to time the claim: {other:?}"),
+    };
+    let fence = Fence {
+        lease,
+        holder: holder.to_owned(),
+        token,
+    };
+    let claim = explain_claim(ctx, &fence, batch_size).await;
+    statements.lease_release(&mut conn, &fence).await?;
+    let claim = claim?;
+    let mut tx = ctx.pool.begin().await?;
+    let ids: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT id FROM {}.message WHERE processed_at IS NULL ORDER BY id LIMIT {batch_size}",
+        ctx.schema
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let complete: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS, WAL) UPDATE {}.message SET processed_at = now()
+          WHERE id = ANY($1) AND processed_at IS NULL",
+        ctx.schema
+    ))
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(json!({
+        "claim": claim,
+        "complete_copy": {"execution_ms": execution_ms(&complete), "plan": complete},
+    }))
+}
+
+/// Runs the relay's claim statement (`Statements::claim`) once under `fence`, timed, then
+/// EXPLAIN (ANALYZE, BUFFERS) of the same text, read back from `pg_stat_activity`.
+pub(crate) async fn explain_claim(
+    ctx: &Ctx,
+    fence: &Fence,
+    batch_size: usize,
+) -> anyhow::Result<Value> {
+    let statements = Statements::new(&ctx.schema);
+    let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let started = Instant::now();
+    let rows = statements
+        .claim(&mut conn, batch_size as i64, fence)
+        .await?
+        .len();
+    let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let sql: String = sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&ctx.pool)
+        .await?;
+    let plan: Result<Vec<String>, sqlx::Error> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
+            .bind(batch_size as i64)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .fetch_all(&mut conn)
+            .await;
+    Ok(match plan {
+        Ok(plan) => json!({
+            "statement_ms": statement_ms, "rows": rows,
+            "execution_ms": execution_ms(&plan), "plan": plan, "sql": sql,
+        }),
+        Err(error) => json!({
+            "statement_ms": statement_ms, "rows": rows,
+            "explain_error": error.to_string(), "sql": sql,
+        }),
+    })
+}
+
+fn execution_ms(plan: &[String]) -> Option<f64> {
+    plan.iter().find_map(|line| {
+        line.trim()
+            .strip_prefix("Execution Time:")?
+            .trim()
+            .strip_suffix("ms")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
