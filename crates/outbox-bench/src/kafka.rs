@@ -24,7 +24,7 @@ use crate::util::{key, now_micros, payload};
 pub(crate) const SOURCE: &str = "bench";
 
 /// Producer properties copied from the relay's defaults (`KafkaConfig::new`): idempotence,
-/// `acks=all`, gapless guarantee, no message timeout, `linger.ms=5`, lz4.
+/// `acks=all`, gapless guarantee, no message timeout, `linger.ms=0`, lz4.
 pub(crate) fn relay_producer_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (key, value) in KafkaConfig::new(bootstrap).masked() {

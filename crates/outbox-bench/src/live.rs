@@ -263,7 +263,7 @@ impl LiveRig {
             .collect();
         let completed: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(&format!(
             "SELECT id, (extract(epoch FROM processed_at) * 1000000)::bigint
-               FROM {}.message WHERE id = ANY($1) AND processed_at IS NOT NULL",
+               FROM {}.published WHERE id = ANY($1)",
             ctx.schema
         ))
         .bind(&sequences)

@@ -9,10 +9,10 @@ use crate::kafka::KafkaConfig;
 /// What happens to a message once Kafka acknowledged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
-    /// Keep the row with its `processed_at` time (for republishing and audits); the leader
-    /// deletes rows older than `retention` in bounded batches.
+    /// Move the row to the `published` table with its `processed_at` time (for republishing
+    /// and audits); the leader deletes rows older than `retention` in bounded batches.
     Keep {
-        /// How long processed rows are kept.
+        /// How long published rows are kept.
         retention: Duration,
     },
     /// Delete the row as soon as it is acknowledged.

@@ -53,7 +53,9 @@ impl KafkaConfig {
             ("acks", "all"),
             ("enable.gapless.guarantee", "true"),
             ("message.timeout.ms", "0"),
-            ("linger.ms", "5"),
+            // The relay hands librdkafka a whole batch at once, so lingering only adds latency
+            // (outbox-bench: p50 at 500 msg/s 14 ms with 5, 3 ms with 0; drain not slower).
+            ("linger.ms", "0"),
             ("compression.type", "lz4"),
             // Feeds the producer queue metrics.
             ("statistics.interval.ms", "5000"),

@@ -443,21 +443,19 @@ async fn cleanup_removes_only_processed_rows_older_than_the_retention() {
         .commit_each((0..6).map(|i| Message::new(&topic, format!("{i}"))))
         .await;
     let table = format!("{}.message", outbox.schema);
-    // 0,1: processed long ago; 2,3: processed recently; 4,5: pending (old, but unpublished).
-    sqlx::query(&format!(
-        "UPDATE {table} SET processed_at = now() - interval '2 days' WHERE id = ANY($1)"
-    ))
-    .bind(&ids[0..2])
-    .execute(&outbox.pool)
-    .await
-    .unwrap();
-    sqlx::query(&format!(
-        "UPDATE {table} SET processed_at = now() WHERE id = ANY($1)"
-    ))
-    .bind(&ids[2..4])
-    .execute(&outbox.pool)
-    .await
-    .unwrap();
+    let published = format!("{}.published", outbox.schema);
+    // 0,1: published long ago; 2,3: published recently; 4,5: pending (old, but unpublished).
+    let publish_at = |ids: Vec<i64>, at: &'static str| {
+        let sql = format!(
+            "WITH m AS (DELETE FROM {table} WHERE id = ANY($1) RETURNING *)
+             INSERT INTO {published} (id, topic, key, payload, headers, created_at, processed_at, attempts)
+             SELECT id, topic, key, payload, headers, created_at, {at}, attempts FROM m"
+        );
+        let pool = outbox.pool.clone();
+        async move { sqlx::query(&sql).bind(ids).execute(&pool).await.unwrap() }
+    };
+    publish_at(ids[0..2].to_vec(), "now() - interval '2 days'").await;
+    publish_at(ids[2..4].to_vec(), "now()").await;
     sqlx::query(&format!(
         "UPDATE {table} SET created_at = now() - interval '3 days' WHERE id = ANY($1)"
     ))
@@ -475,10 +473,12 @@ async fn cleanup_removes_only_processed_rows_older_than_the_retention() {
                                    // The relay also publishes 4 and 5 meanwhile; they are then processed too recently to go.
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     let remaining = || async {
-        sqlx::query_scalar::<_, i64>(&format!("SELECT id FROM {table} ORDER BY id"))
-            .fetch_all(&outbox.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT id FROM {table} UNION ALL SELECT id FROM {published} ORDER BY id"
+        ))
+        .fetch_all(&outbox.pool)
+        .await
+        .unwrap()
     };
     wait_until(
         Duration::from_secs(20),

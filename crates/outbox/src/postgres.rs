@@ -33,6 +33,16 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notify only while no relay is busy",
         include_str!("migrations/0004_notify_when_idle.sql"),
     ),
+    (
+        5,
+        "published messages move to their own table",
+        include_str!("migrations/0005_published_table.sql"),
+    ),
+    (
+        6,
+        "notify only while a relay waits",
+        include_str!("migrations/0006_notify_only_idle.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
@@ -42,7 +52,7 @@ pub struct Statements {
     insert_one: String,
     insert_many: String,
     claim: String,
-    complete_mark: String,
+    complete_keep: String,
     complete_delete: String,
     record_failures: String,
     lease_acquire: String,
@@ -66,7 +76,7 @@ pub struct Statements {
 /// What has happened lately, for status displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Activity {
-    /// Time since the last message was marked processed (keep mode only).
+    /// Time since the last message was published (keep mode only).
     pub since_last_publish: Option<Duration>,
     /// Pending messages with at least one failed delivery attempt.
     pub failing: i64,
@@ -268,12 +278,21 @@ impl Statements {
                   LIMIT $1",
                 2,
             ),
-            complete_mark: fenced(
+            // Moves the rows to `published` (append-only, for republishing and retention). A
+            // row already there (published, republished by hand, published again) is updated.
+            complete_keep: fenced(
                 "WITH fence AS (SELECT {fence} AS held),
-                      done AS (UPDATE {schema}.message SET processed_at = now()
-                                WHERE id = ANY($1) AND processed_at IS NULL
-                                  AND (SELECT held FROM fence)
-                            RETURNING 1)
+                      moved AS (DELETE FROM {schema}.message
+                                 WHERE id = ANY($1) AND processed_at IS NULL
+                                   AND (SELECT held FROM fence)
+                             RETURNING id, topic, key, payload, headers, created_at, attempts),
+                      done AS (INSERT INTO {schema}.published
+                                      (id, topic, key, payload, headers, created_at, processed_at, attempts)
+                               SELECT id, topic, key, payload, headers, created_at, now(), attempts
+                                 FROM moved
+                               ON CONFLICT (id) DO UPDATE
+                                  SET processed_at = excluded.processed_at, attempts = excluded.attempts
+                               RETURNING 1)
                  SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)",
                 2,
             ),
@@ -379,8 +398,8 @@ impl Statements {
             // them is safe from anywhere; only the leader runs it periodically to avoid
             // duplicate work.
             cleanup: render(
-                "DELETE FROM {schema}.message
-                  WHERE id IN (SELECT id FROM {schema}.message
+                "DELETE FROM {schema}.published
+                  WHERE id IN (SELECT id FROM {schema}.published
                                 WHERE processed_at < now() - $1 * interval '1 microsecond'
                                 ORDER BY processed_at
                                 LIMIT $2)",
@@ -399,7 +418,7 @@ impl Statements {
                  ON CONFLICT DO NOTHING",
             ),
             activity: render(
-                "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.message)) * 1000000)::bigint,
+                "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.published)) * 1000000)::bigint,
                         (SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL AND attempts > 0),
                         f.id, f.attempts, f.last_error
                    FROM (SELECT 1) one
@@ -408,14 +427,21 @@ impl Statements {
                                        ORDER BY id LIMIT 1) f ON true",
             ),
             republish_count: render(&format!(
-                "SELECT count(*) FROM {{schema}}.message WHERE processed_at IS NOT NULL AND {REPUBLISH_FILTER}"
+                "SELECT count(*) FROM {{schema}}.published WHERE {REPUBLISH_FILTER}"
             )),
-            // Keyset-paginated by id ($7: last id done) so each statement stays bounded.
+            // Back into the outbox with the original sequence. Keyset-paginated by id ($7: last
+            // id done) so each statement stays bounded.
             republish_batch: render(&format!(
-                "UPDATE {{schema}}.message SET processed_at = NULL, attempts = 0, last_error = NULL
-                  WHERE id IN (SELECT id FROM {{schema}}.message
-                                WHERE processed_at IS NOT NULL AND {REPUBLISH_FILTER} AND id > $7
-                                ORDER BY id LIMIT $8)
+                "WITH moved AS (DELETE FROM {{schema}}.published
+                                 WHERE id IN (SELECT id FROM {{schema}}.published
+                                               WHERE {REPUBLISH_FILTER} AND id > $7
+                                                 AND NOT EXISTS (SELECT 1 FROM {{schema}}.message m
+                                                                  WHERE m.id = published.id)
+                                               ORDER BY id LIMIT $8)
+                             RETURNING id, topic, key, payload, headers, created_at)
+                 INSERT INTO {{schema}}.message (id, topic, key, payload, headers, created_at)
+                 OVERRIDING SYSTEM VALUE
+                 SELECT id, topic, key, payload, headers, created_at FROM moved
                  RETURNING id"
             )),
             leases: render(
@@ -546,7 +572,8 @@ impl Statements {
             .collect()
     }
 
-    /// Marks delivered messages processed (kept for retention) or deletes them, fenced.
+    /// Completes delivered messages: moves them to `published` (kept for retention) or deletes
+    /// them, fenced.
     /// Returns how many rows changed.
     pub async fn complete(
         &self,
@@ -558,7 +585,7 @@ impl Statements {
         let sql = if delete {
             &self.complete_delete
         } else {
-            &self.complete_mark
+            &self.complete_keep
         };
         let (held, count): (bool, i64) = sqlx::query_as(sql)
             .bind(ids)
@@ -866,8 +893,8 @@ impl Statements {
         Ok(count)
     }
 
-    /// Marks up to `limit` processed messages matching `filter` with sequence above `after` as
-    /// pending again (they keep their sequence); returns the highest sequence done, or `None`
+    /// Moves up to `limit` published messages matching `filter` with sequence above `after` back
+    /// into the outbox (they keep their sequence); returns the highest sequence done, or `None`
     /// when nothing was left.
     pub async fn republish_batch(
         &self,
@@ -998,6 +1025,6 @@ mod tests {
         assert!(sql
             .dead_letter
             .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
-        assert!(!sql.complete_mark.contains("$F"));
+        assert!(!sql.complete_keep.contains("$F"));
     }
 }

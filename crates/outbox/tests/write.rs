@@ -129,7 +129,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 4);
+    assert_eq!(report.current_version(), 6);
     outbox.drop_schema().await;
 }
 
@@ -262,19 +262,44 @@ async fn inbox_lets_one_of_two_racing_consumers_apply_a_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writers_notify_only_while_no_relay_is_busy() {
+async fn writers_notify_only_while_a_relay_waits_for_it() {
     let outbox = TestOutbox::new().await;
+    let channel = outbox.schema.channel();
     let mut listener = sqlx::postgres::PgListener::connect_with(&outbox.pool)
         .await
         .unwrap();
-    listener.listen(&outbox.schema.channel()).await.unwrap();
+    listener.listen(&channel).await.unwrap();
     let sql = Statements::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
+    // Notifications arrive in commit order: commit a message, then send a marker; the first
+    // thing received tells whether the writer notified.
+    let next_notification = async |listener: &mut sqlx::postgres::PgListener, body: &[u8]| {
+        outbox.commit_each([Message::new("t", body.to_vec())]).await;
+        sqlx::query("SELECT pg_notify($1, 'marker')")
+            .bind(&channel)
+            .execute(&outbox.pool)
+            .await
+            .unwrap();
+        let received = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+        let payload = received
+            .expect("a notification")
+            .unwrap()
+            .payload()
+            .to_owned();
+        if payload == "message" {
+            // Consume the marker too, so the next round starts clean.
+            let marker = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+            assert_eq!(marker.expect("the marker").unwrap().payload(), "marker");
+        }
+        payload
+    };
 
-    // No relay at all: writers notify.
-    outbox.commit_each([Message::new("t", b"1".to_vec())]).await;
-    let first = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
-    assert_eq!(first.expect("notified").unwrap().payload(), "message");
+    // No relay at all: nobody would listen, so nobody pays for NOTIFY.
+    assert_eq!(
+        next_notification(&mut listener, b"1").await,
+        "marker",
+        "no relay: no NOTIFY"
+    );
 
     // A relay holds the lease and is busy: no NOTIFY (and no commit-time lock).
     let LeaseState::Held { token, .. } = sql
@@ -289,15 +314,32 @@ async fn writers_notify_only_while_no_relay_is_busy() {
         holder: "me".into(),
         token,
     };
-    outbox.commit_each([Message::new("t", b"2".to_vec())]).await;
-    let quiet = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await;
-    assert!(quiet.is_err(), "a busy relay's writers must not notify");
+    assert_eq!(
+        next_notification(&mut listener, b"2").await,
+        "marker",
+        "busy relay: no NOTIFY"
+    );
 
-    // The relay goes idle: writers notify again.
+    // The relay goes idle and waits: writers wake it.
     sql.lease_set_idle(&mut conn, &fence, true).await.unwrap();
-    outbox.commit_each([Message::new("t", b"3".to_vec())]).await;
-    let woken = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
-    assert_eq!(woken.expect("notified").unwrap().payload(), "message");
+    assert_eq!(
+        next_notification(&mut listener, b"3").await,
+        "message",
+        "idle relay: NOTIFY"
+    );
+
+    // It releases the lease (idle, but expired): no NOTIFY again.
+    sql.lease_release(&mut conn, &fence).await.unwrap();
+    let released = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert_eq!(
+        released.expect("released").unwrap().payload(),
+        "lease-released"
+    );
+    assert_eq!(
+        next_notification(&mut listener, b"4").await,
+        "marker",
+        "released lease: no NOTIFY"
+    );
     drop(conn);
     drop(listener);
     outbox.drop_schema().await;

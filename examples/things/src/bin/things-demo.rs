@@ -315,8 +315,8 @@ async fn main() -> anyhow::Result<()> {
           WHERE s.created_at >= to_timestamp($1)"
     );
     let published_sql = format!(
-        "SELECT count(*) FROM {SERVICE_OUTBOX_SCHEMA}.message
-          WHERE created_at >= to_timestamp($1) AND processed_at IS NOT NULL"
+        "SELECT count(*) FROM {SERVICE_OUTBOX_SCHEMA}.published
+          WHERE created_at >= to_timestamp($1)"
     );
     let difference_sql = format!(
         "SELECT (SELECT count(*) FROM (SELECT id, name, quantity FROM {SERVICE_SCHEMA}.thing
