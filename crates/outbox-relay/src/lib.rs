@@ -22,7 +22,9 @@
 //! 1. Sequences come from an identity with `CACHE 1`, i.e. in `nextval` order. A committed before
 //!    B's insert, so A's sequence is lower, and any snapshot that sees B also sees A.
 //! 2. The single active relay claims the lowest pending sequences first, so a batch containing B
-//!    contains A, unless A was completed (acknowledged) before.
+//!    contains A, unless A was acknowledged before (completed, or its completion still in
+//!    flight: the next batch is claimed while the previous one is completed, and skips exactly
+//!    those acknowledged ids, never "everything below" some sequence).
 //! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
 //!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
 //!    timeout it never lets a later record of a partition through after giving up on an earlier
@@ -177,6 +179,7 @@ impl Relay {
             idle: false,
             idle_rounds: 0,
             term_token: None,
+            completing: None,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

@@ -37,6 +37,16 @@ pub(crate) struct Pipeline {
     pub(crate) idle_rounds: u32,
     /// The lease term the flags above belong to.
     pub(crate) term_token: Option<i64>,
+    /// The previous batch's completion, running while the next batch is claimed and published.
+    pub(crate) completing: Option<Completing>,
+}
+
+/// A completion statement in flight for acknowledged messages. Until it has settled, claims
+/// skip these ids (they may or may not be visible as completed yet); skipping acknowledged
+/// messages keeps the ordering argument intact, a high-water mark would not.
+pub(crate) struct Completing {
+    ids: std::collections::HashSet<i64>,
+    task: tokio::task::JoinHandle<Result<Fenced<u64>, sqlx::Error>>,
 }
 
 enum Step {
@@ -103,12 +113,17 @@ impl Pipeline {
                     }
                 }
             }
+            if !matches!(step, Step::More) {
+                // Before waiting, let the completion in flight land.
+                self.settle_completion().await;
+            }
             if let Some(reason) = self.publisher.fatal_error() {
                 tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
                 self.publisher = Publisher::new(&self.config.kafka, &self.config.source)
                     .map_err(RelayError::Kafka)?;
             }
         }
+        self.settle_completion().await;
         Ok(())
     }
 
@@ -124,6 +139,9 @@ impl Pipeline {
         let claimed_at = tokio::time::Instant::now();
         self.health.database(true);
         if batch.is_empty() {
+            if let Some(step) = self.settle_completion().await {
+                return step;
+            }
             self.health.progress(false);
             if self.idle {
                 return Step::Idle;
@@ -151,30 +169,32 @@ impl Pipeline {
         // Deliveries are always awaited to the end, so that whatever Kafka acknowledged is
         // completed. Losing the lease, or a shutdown that outlasts its timeout, purges the
         // producer instead, which fails the outstanding deliveries at once.
-        let shutdown_deadline = async {
-            cancel.cancelled().await;
-            tracing::info!(
-                in_flight = batch.len(),
-                "shutting down: waiting for in-flight deliveries"
-            );
-            tokio::time::sleep(self.config.shutdown_timeout).await;
-        };
-        let publish = self.publisher.publish(&batch);
-        tokio::pin!(publish, shutdown_deadline);
-        let mut purged = false;
-        let mut lost = false;
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut publish => break outcome,
-                _ = self.lease_lost(term), if !purged => {
-                    tracing::warn!("lost the lease with a batch in flight; abandoning it");
-                    self.publisher.purge();
-                    (purged, lost) = (true, true);
-                }
-                _ = &mut shutdown_deadline, if !purged => {
-                    tracing::warn!("in-flight deliveries outlasted the shutdown timeout; they stay pending");
-                    self.publisher.purge();
-                    purged = true;
+        let (outcome, lost) = {
+            let shutdown_deadline = async {
+                cancel.cancelled().await;
+                tracing::info!(
+                    in_flight = batch.len(),
+                    "shutting down: waiting for in-flight deliveries"
+                );
+                tokio::time::sleep(self.config.shutdown_timeout).await;
+            };
+            let publish = self.publisher.publish(&batch);
+            tokio::pin!(publish, shutdown_deadline);
+            let mut purged = false;
+            let mut lost = false;
+            loop {
+                tokio::select! {
+                    outcome = &mut publish => break (outcome, lost),
+                    _ = self.lease_lost(term), if !purged => {
+                        tracing::warn!("lost the lease with a batch in flight; abandoning it");
+                        self.publisher.purge();
+                        (purged, lost) = (true, true);
+                    }
+                    _ = &mut shutdown_deadline, if !purged => {
+                        tracing::warn!("in-flight deliveries outlasted the shutdown timeout; they stay pending");
+                        self.publisher.purge();
+                        purged = true;
+                    }
                 }
             }
         };
@@ -193,14 +213,74 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn claim(
-        &self,
-        term: &Term,
-    ) -> Result<Vec<outbox::postgres::PendingMessage>, sqlx::Error> {
+    /// The next batch: the lowest pending sequences, skipping the previous batch's messages
+    /// while their completion is in flight. Claiming that many more and dropping them keeps the
+    /// result a prefix, in sequence order, of what is pending and not yet acknowledged.
+    async fn claim(&self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
+        let completing = self.completing.as_ref().map(|c| &c.ids);
+        let skip = completing.map_or(0, |ids| ids.len());
         let mut conn = self.pool.acquire().await?;
-        self.statements
-            .claim(&mut conn, self.config.batch_size as i64, &term.fence)
-            .await
+        let mut batch = self
+            .statements
+            .claim(
+                &mut conn,
+                (self.config.batch_size + skip) as i64,
+                &term.fence,
+            )
+            .await?;
+        if let Some(ids) = completing {
+            batch.retain(|message| !ids.contains(&message.id));
+            batch.truncate(self.config.batch_size);
+        }
+        Ok(batch)
+    }
+
+    /// Completes acknowledged messages in the background, after the previous completion.
+    fn start_completion(&mut self, term: &Term, delivered: Vec<i64>) {
+        let delete = matches!(self.config.completion, Completion::Delete);
+        let (pool, statements, fence) = (
+            self.pool.clone(),
+            self.statements.clone(),
+            term.fence.clone(),
+        );
+        let ids = delivered.iter().copied().collect();
+        let task = tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            statements
+                .complete(&mut conn, &delivered, delete, &fence)
+                .await
+        });
+        self.completing = Some(Completing { ids, task });
+    }
+
+    /// Waits for the completion in flight, if any. `Some(step)` when it did not take effect:
+    /// its messages stay pending and are published again (duplicates, never a loss).
+    async fn settle_completion(&mut self) -> Option<Step> {
+        let Completing { ids, task } = self.completing.take()?;
+        let count = ids.len();
+        match task.await {
+            Ok(Ok(Fenced::Done(completed))) => {
+                tracing::debug!(completed, "published and completed");
+                self.health.progress(true);
+                None
+            }
+            Ok(Ok(Fenced::LeaseLost)) => {
+                tracing::warn!(
+                    count,
+                    "lost the lease before completing; the next holder publishes these again"
+                );
+                Some(Step::NotLeader)
+            }
+            Ok(Err(error)) => {
+                self.health.database(false);
+                tracing::warn!(%error, count, "cannot mark delivered messages complete");
+                Some(Step::Failed)
+            }
+            Err(error) => {
+                tracing::error!(%error, count, "the completion task failed");
+                Some(Step::Failed)
+            }
+        }
     }
 
     fn term_still_valid(&self, term: &Term) -> bool {
@@ -225,12 +305,24 @@ impl Pipeline {
     }
 
     async fn finish(
-        &self,
+        &mut self,
         term: &Term,
         batch: &[PendingMessage],
         claimed_at: tokio::time::Instant,
         outcome: BatchOutcome,
     ) -> Step {
+        // One completion in flight at a time: the previous batch's lands first.
+        if let Some(step) = self.settle_completion().await {
+            return step;
+        }
+        if outcome.failed.is_empty() && !outcome.delivered.is_empty() {
+            // All acknowledged: complete them while the next batch is claimed and published.
+            // Not idle yet either: writers skip NOTIFY while we are busy, so look again at once;
+            // an empty claim then sets the idle flag before waiting.
+            record_published(batch, &outcome.delivered, claimed_at.elapsed());
+            self.start_completion(term, outcome.delivered);
+            return Step::More;
+        }
         let delete = matches!(self.config.completion, Completion::Delete);
         if !outcome.delivered.is_empty() {
             let completed = async {

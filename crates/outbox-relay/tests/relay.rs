@@ -6,8 +6,8 @@ use std::time::Duration;
 use outbox::Message;
 use outbox_relay::{Completion, Relay, RelayConfig};
 use outbox_test_support::{
-    create_topic, kafka_bootstrap_servers, unique_topic, wait_until, KafkaBroker, TestOutbox,
-    TopicReader,
+    create_topic, kafka_bootstrap_servers, record_count, unique_topic, wait_until, KafkaBroker,
+    TestOutbox, TopicReader,
 };
 
 const SOURCE: &str = "relay-tests";
@@ -145,6 +145,41 @@ async fn thousand_messages_over_several_keys_arrive_in_per_key_order() {
     }
     assert_eq!(actual, expected, "every message once, in per-key order");
     relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_order() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    // A backlog first, so that every claim runs while the previous batch's completion is in
+    // flight and must skip exactly those messages.
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let messages =
+        (0..3000).map(|n| Message::new(&topic, format!("{n}")).key(format!("key-{}", n % 11)));
+    outbox
+        .outbox
+        .save_all_for_publishing(&mut tx, messages.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut config = config(&outbox);
+    config.batch_size = 100;
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the backlog is drained",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+
+    // Nothing failed, so nothing may have been sent twice.
+    assert_eq!(record_count(&kafka_bootstrap_servers(), &topic), 3000);
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(3000, READ_TIMEOUT).await;
+    reader.assert_per_key_order();
+    assert_eq!(reader.distinct_sequences().len(), 3000);
     outbox.drop_schema().await;
 }
 

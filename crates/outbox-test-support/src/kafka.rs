@@ -43,6 +43,29 @@ pub async fn create_replicated_topic(
     }
 }
 
+/// Records ever written to `topic`: the sum of its partitions' high watermarks (offsets are
+/// contiguous without transactions), duplicates included.
+pub fn record_count(bootstrap: &str, topic: &str) -> i64 {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("metadata client");
+    let metadata = client
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = client
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            assert_eq!(low, 0, "records were deleted from {topic}");
+            high
+        })
+        .sum()
+}
+
 /// The node id leading `partition` of `topic`.
 pub fn partition_leader(bootstrap: &str, topic: &str, partition: i32) -> i32 {
     let client: BaseConsumer = ClientConfig::new()
