@@ -43,6 +43,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notify only while a relay waits",
         include_str!("migrations/0006_notify_only_idle.sql"),
     ),
+    (
+        7,
+        "wake-up trigger before the insert",
+        include_str!("migrations/0007_notify_before_insert.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
