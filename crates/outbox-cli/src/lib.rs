@@ -655,6 +655,10 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     })?;
     let leases = statements.leases(&mut conn).await.map_err(db_error)?;
     let activity = statements.activity(&mut conn).await.map_err(db_error)?;
+    let snapshot = statements
+        .oldest_snapshot(&mut conn)
+        .await
+        .map_err(db_error)?;
     let held = statements
         .held_keys(&mut conn, 20)
         .await
@@ -684,6 +688,10 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
                 serde_json::json!({"sequence": id, "attempts": attempts, "last_error": error})
             }),
+            "oldest_snapshot": snapshot.as_ref().map(|s| serde_json::json!({
+                "pid": s.pid, "age_ms": s.age.as_millis() as u64, "state": s.state,
+                "application_name": s.application_name,
+            })),
             "leases": leases,
         });
         println!("{value}");
@@ -701,6 +709,17 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         println!("failing messages:    {}", activity.failing);
         println!("held (retry wait):   {}", backlog.held);
         println!("dead letters:        {}", backlog.dead_letters);
+        match &snapshot {
+            // Long-held snapshots keep dead index entries alive, and every claim walks them.
+            Some(s) => println!(
+                "oldest snapshot:     {:.1}s (pid {}, {}, application {:?})",
+                s.age.as_secs_f64(),
+                s.pid,
+                s.state.as_deref().unwrap_or("state hidden"),
+                s.application_name
+            ),
+            None => println!("oldest snapshot:     - (no other session holds one)"),
+        }
         for h in &held {
             println!(
                 "blocked key:         topic {} key {} at sequence {} ({} attempts): {}",

@@ -126,11 +126,36 @@ async fn migrate_enqueue_and_status_report_the_backlog() {
         stdout(&status)
     );
 
+    // A session holding an old snapshot (a report, pg_dump) shows up: the oldest snapshot is
+    // at least as old as this one.
+    let mut report = outbox.pool.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *report)
+        .await
+        .unwrap();
+    let held_ms: f64 = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM clock_timestamp() - xact_start) * 1000)::float8
+           FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *report)
+    .await
+    .unwrap();
     let json = run(outbox_cmd(schema).args(["status", "--json"]));
     let value: serde_json::Value =
         serde_json::from_slice(&json.stdout).expect("status --json is JSON");
     assert_eq!(value["pending"], 3);
     assert!(value["oldest_pending_age_ms"].as_u64().is_some());
+    let oldest_ms = value["oldest_snapshot"]["age_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no oldest snapshot in {value}"));
+    assert!(oldest_ms as f64 >= held_ms.floor(), "{value}");
+    let text = run(outbox_cmd(schema).arg("status"));
+    assert!(
+        stdout(&text).contains("oldest snapshot:     "),
+        "{}",
+        stdout(&text)
+    );
+    report.rollback().await.unwrap();
 
     let invalid = run(outbox_cmd(schema).args(["enqueue", "--topic", "no spaces allowed", "x"]));
     assert_eq!(invalid.status.code(), Some(2), "{}", stderr(&invalid));
@@ -300,6 +325,7 @@ async fn relay_daemon_serves_metrics_and_shuts_down_cleanly() {
         Some(&25.0)
     );
     assert!(metrics.contains_key("outbox_backlog_messages"));
+    assert!(metrics.contains_key("outbox_oldest_snapshot_age_seconds"));
     let ready = client
         .get(format!("http://{addr}/health/ready"))
         .send()

@@ -37,8 +37,15 @@ pub const HELD: &str = "outbox_held_messages";
 pub const DEAD_LETTERS: &str = "outbox_dead_letters";
 /// Messages moved to the dead-letter table by this relay.
 pub const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
+/// Age of the oldest snapshot another session of the database holds, in seconds (0: none).
+/// While it is held, completed messages leave index entries that every claim walks over.
+pub const OLDEST_SNAPSHOT: &str = "outbox_oldest_snapshot_age_seconds";
 /// 1 while the relay is ready (see `health`).
 pub const READY: &str = "outbox_ready";
+
+pub(crate) fn oldest_snapshot(age: Option<Duration>) {
+    gauge!(OLDEST_SNAPSHOT).set(age.map_or(0.0, |d| d.as_secs_f64()));
+}
 
 pub(crate) fn published(topic: &str, count: u64) {
     counter!(PUBLISHED, "topic" => topic.to_owned()).increment(count);

@@ -1,5 +1,5 @@
-//! Periodic sampling for health and metrics: the backlog (one indexed count), and whether Kafka
-//! answers a metadata request.
+//! Periodic sampling for health and metrics: the backlog (one indexed count), the oldest snapshot
+//! held in the database, and whether Kafka answers a metadata request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +34,14 @@ pub(crate) async fn run(
     loop {
         let backlog = async {
             let mut conn = pool.acquire().await?;
-            statements.backlog(&mut conn).await
+            let backlog = statements.backlog(&mut conn).await?;
+            let snapshot = statements.oldest_snapshot(&mut conn).await?;
+            Ok::<_, sqlx::Error>((backlog, snapshot))
         }
         .await;
         match backlog {
-            Ok(backlog) => {
+            Ok((backlog, snapshot)) => {
+                m::oldest_snapshot(snapshot.map(|s| s.age));
                 health.backlog(backlog.pending, backlog.oldest_age);
                 m::backlog(
                     backlog.pending,

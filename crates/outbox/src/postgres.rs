@@ -67,6 +67,7 @@ pub struct Statements {
     cleanup: String,
     backlog: String,
     leases: String,
+    oldest_snapshot: String,
     inbox_record: String,
     dead_letter: String,
     dead_letters_list: String,
@@ -104,6 +105,20 @@ pub struct RepublishFilter {
     pub since: Option<String>,
     /// Created at or before (PostgreSQL timestamptz text).
     pub until: Option<String>,
+}
+
+/// The session whose snapshot is oldest: while it holds it, vacuum cannot remove the index
+/// entries of completed messages, and every claim walks over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldestSnapshot {
+    /// Backend process id (`pg_terminate_backend` takes it).
+    pub pid: i32,
+    /// How long its transaction (or, outside one, its statement) has been running.
+    pub age: Duration,
+    /// `active`, `idle in transaction`, ... (`None` when the role may not see it).
+    pub state: Option<String>,
+    /// The client's `application_name`.
+    pub application_name: String,
 }
 
 /// A lease row, for status displays.
@@ -449,6 +464,18 @@ impl Statements {
                  SELECT id, topic, key, payload, headers, created_at FROM moved
                  RETURNING id"
             )),
+            // Only sessions of this database hold back vacuum of its tables; without
+            // pg_read_all_stats, other roles' sessions show no xmin and are missed.
+            oldest_snapshot: render(
+                "SELECT pid,
+                        (extract(epoch FROM now() - coalesce(xact_start, query_start)) * 1000000)::bigint,
+                        state, coalesce(application_name, '')
+                   FROM pg_stat_activity
+                  WHERE backend_xmin IS NOT NULL AND datname = current_database()
+                    AND pid <> pg_backend_pid()
+                  ORDER BY age(backend_xmin) DESC
+                  LIMIT 1",
+            ),
             leases: render(
                 "SELECT name, holder, token,
                         (extract(epoch FROM expires_at - now()) * 1000)::bigint
@@ -914,6 +941,25 @@ impl Statements {
             .fetch_all(conn)
             .await?;
         Ok((ids.len() as u64, ids.iter().map(|r| r.0).max()))
+    }
+
+    /// The other session holding the oldest snapshot in this database, if any.
+    pub async fn oldest_snapshot(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<OldestSnapshot>, sqlx::Error> {
+        let row: Option<(i32, Option<i64>, Option<String>, String)> =
+            sqlx::query_as(&self.oldest_snapshot)
+                .fetch_optional(conn)
+                .await?;
+        Ok(
+            row.map(|(pid, age_us, state, application_name)| OldestSnapshot {
+                pid,
+                age: Duration::from_micros(age_us.unwrap_or(0).max(0) as u64),
+                state,
+                application_name,
+            }),
+        )
     }
 
     /// All lease rows.
