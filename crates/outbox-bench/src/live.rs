@@ -569,7 +569,10 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
             let mut samples: Vec<(u16, f64, usize)> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                let rows = statements.claim(&mut conn, limit, &fence).await?.len();
+                let rows = statements
+                    .claim(&mut conn, limit, i64::MAX, &fence)
+                    .await?
+                    .len();
                 samples.push((
                     current_phase.load(Ordering::Relaxed),
                     t0.elapsed().as_secs_f64() * 1000.0,

@@ -652,7 +652,7 @@ pub(crate) async fn explain_claim(
         .await?;
     let started = Instant::now();
     let rows = statements
-        .claim(&mut conn, batch_size as i64, fence)
+        .claim(&mut conn, batch_size as i64, i64::MAX, fence)
         .await?
         .len();
     let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -663,6 +663,7 @@ pub(crate) async fn explain_claim(
     let plan: Result<Vec<String>, sqlx::Error> =
         sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
             .bind(batch_size as i64)
+            .bind(i64::MAX)
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)

@@ -39,6 +39,8 @@ pub struct RelayFile {
     pub lease_renew_interval_ms: Option<u64>,
     /// Messages per batch.
     pub batch_size: Option<usize>,
+    /// Bytes of keys and payloads per batch (a larger single message still goes alone).
+    pub max_batch_bytes: Option<usize>,
     /// Fallback poll interval in milliseconds.
     pub poll_interval_ms: Option<u64>,
     /// `keep` (default) or `delete`.
@@ -147,6 +149,7 @@ impl FileConfig {
                 "lease_ttl_ms" => r.lease_ttl_ms = Some(number(&value)?),
                 "lease_renew_interval_ms" => r.lease_renew_interval_ms = Some(number(&value)?),
                 "batch_size" => r.batch_size = Some(number(&value)? as usize),
+                "max_batch_bytes" => r.max_batch_bytes = Some(number(&value)? as usize),
                 "poll_interval_ms" => r.poll_interval_ms = Some(number(&value)?),
                 "retention_hours" => {
                     r.retention_hours = Some(value.parse().map_err(|_| {
@@ -261,6 +264,9 @@ impl Settings {
         if let Some(v) = r.batch_size {
             relay.batch_size = v;
         }
+        if let Some(v) = r.max_batch_bytes {
+            relay.max_batch_bytes = v;
+        }
         if let Some(v) = r.poll_interval_ms {
             relay.poll_interval = ms(v);
         }
@@ -363,6 +369,7 @@ impl Settings {
             r.lease_renew_interval.as_millis()
         ));
         out.push_str(&format!("batch_size = {}\n", r.batch_size));
+        out.push_str(&format!("max_batch_bytes = {}\n", r.max_batch_bytes));
         out.push_str(&format!(
             "poll_interval_ms = {}\n",
             r.poll_interval.as_millis()

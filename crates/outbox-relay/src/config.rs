@@ -47,6 +47,10 @@ pub struct RelayConfig {
     pub lease_renew_interval: Duration,
     /// Messages claimed and sent per batch.
     pub batch_size: usize,
+    /// Bytes of keys and payloads per batch: a batch ends at `batch_size` messages or here,
+    /// whichever comes first (a single larger message still goes alone). Bounds the relay's
+    /// memory whatever the payload sizes.
+    pub max_batch_bytes: usize,
     /// Fallback poll when no notification arrives (notifications can be lost on reconnects).
     pub poll_interval: Duration,
     /// Keep-and-clean-up or delete-on-ack.
@@ -100,7 +104,10 @@ impl RelayConfig {
             lease_name: "relay".to_owned(),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
-            batch_size: 1000,
+            // outbox-bench drain, 256-byte payloads: 1000 → 88k msg/s, 5000 → 126k msg/s
+            // (41 MB peak RSS); max_batch_bytes keeps large payloads from multiplying that.
+            batch_size: 5000,
+            max_batch_bytes: 8 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             completion: Completion::Keep {
                 retention: Duration::from_secs(7 * 24 * 3600),
@@ -141,6 +148,12 @@ impl RelayConfig {
             return Err(InvalidConfig::new(
                 "batch_size",
                 "must be between 1 and 100000",
+            ));
+        }
+        if self.max_batch_bytes == 0 || self.max_batch_bytes > 1 << 30 {
+            return Err(InvalidConfig::new(
+                "max_batch_bytes",
+                "must be between 1 and 1073741824",
             ));
         }
         if self.poll_interval.is_zero() {

@@ -46,6 +46,9 @@ pub(crate) struct Pipeline {
 /// messages keeps the ordering argument intact, a high-water mark would not.
 pub(crate) struct Completing {
     ids: std::collections::HashSet<i64>,
+    /// Their keys' and payloads' bytes: the next claim may return them again, so its byte
+    /// budget grows by as much.
+    bytes: usize,
     task: tokio::task::JoinHandle<Result<Fenced<u64>, sqlx::Error>>,
 }
 
@@ -219,12 +222,14 @@ impl Pipeline {
     async fn claim(&self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let completing = self.completing.as_ref().map(|c| &c.ids);
         let skip = completing.map_or(0, |ids| ids.len());
+        let skip_bytes = self.completing.as_ref().map_or(0, |c| c.bytes);
         let mut conn = self.pool.acquire().await?;
         let mut batch = self
             .statements
             .claim(
                 &mut conn,
                 (self.config.batch_size + skip) as i64,
+                (self.config.max_batch_bytes + skip_bytes) as i64,
                 &term.fence,
             )
             .await?;
@@ -236,27 +241,32 @@ impl Pipeline {
     }
 
     /// Completes acknowledged messages in the background, after the previous completion.
-    fn start_completion(&mut self, term: &Term, delivered: Vec<i64>) {
+    fn start_completion(&mut self, term: &Term, batch: &[PendingMessage], delivered: Vec<i64>) {
         let delete = matches!(self.config.completion, Completion::Delete);
         let (pool, statements, fence) = (
             self.pool.clone(),
             self.statements.clone(),
             term.fence.clone(),
         );
-        let ids = delivered.iter().copied().collect();
+        let ids: std::collections::HashSet<i64> = delivered.iter().copied().collect();
+        let bytes = batch
+            .iter()
+            .filter(|m| ids.contains(&m.id))
+            .map(|m| m.key.as_ref().map_or(0, Vec::len) + m.payload.as_ref().map_or(0, Vec::len))
+            .sum();
         let task = tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
             statements
                 .complete(&mut conn, &delivered, delete, &fence)
                 .await
         });
-        self.completing = Some(Completing { ids, task });
+        self.completing = Some(Completing { ids, bytes, task });
     }
 
     /// Waits for the completion in flight, if any. `Some(step)` when it did not take effect:
     /// its messages stay pending and are published again (duplicates, never a loss).
     async fn settle_completion(&mut self) -> Option<Step> {
-        let Completing { ids, task } = self.completing.take()?;
+        let Completing { ids, task, .. } = self.completing.take()?;
         let count = ids.len();
         match task.await {
             Ok(Ok(Fenced::Done(completed))) => {
@@ -320,7 +330,7 @@ impl Pipeline {
             // Not idle yet either: writers skip NOTIFY while we are busy, so look again at once;
             // an empty claim then sets the idle flag before waiting.
             record_published(batch, &outcome.delivered, claimed_at.elapsed());
-            self.start_completion(term, outcome.delivered);
+            self.start_completion(term, batch, outcome.delivered);
             return Step::More;
         }
         let delete = matches!(self.config.completion, Completion::Delete);

@@ -184,6 +184,51 @@ async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_ord
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_budget_splits_large_messages_into_small_batches_losing_nothing() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let messages = (0..300).map(|n| {
+        let mut payload = format!("{n}:").into_bytes();
+        payload.resize(1000, b'.');
+        Message::new(&topic, payload).key(format!("key-{}", n % 7))
+    });
+    outbox
+        .outbox
+        .save_all_for_publishing(&mut tx, messages.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut config = config(&outbox);
+    config.max_batch_bytes = 10_000; // ~10 messages per batch, ~30 batches
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the backlog is drained",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    relay.shutdown().await.unwrap();
+
+    assert_eq!(record_count(&kafka_bootstrap_servers(), &topic), 300);
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(300, READ_TIMEOUT).await;
+    reader.assert_per_key_order();
+    let batches: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(DISTINCT processed_at) FROM {}.published",
+        outbox.schema
+    ))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert!(
+        batches >= 25,
+        "{batches} completions for 300 KB in 10 KB batches"
+    );
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_locking_entity_rows_publish_versions_in_increasing_order_per_key() {
     let outbox = TestOutbox::new().await;
     let topic = topic(3).await;

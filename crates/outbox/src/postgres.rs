@@ -282,21 +282,31 @@ impl Statements {
             // Held messages (a failed delivery, until retry_at) hold back every later message
             // of their key; a message without a key holds back only itself. The held set is
             // normally empty, so this costs one probe of a tiny partial index.
+            // The batch ends at $1 messages or once $2 bytes of keys and payloads are reached
+            // (always at least one message), so the relay's memory is bounded whatever the
+            // payload sizes; either way the result is a prefix in sequence order. The sizes come
+            // from the stored lengths (octet_length does not detoast).
             claim: fenced(
                 "WITH held AS MATERIALIZED (
                      SELECT topic, key, id FROM {schema}.message
                       WHERE processed_at IS NULL AND retry_at > now())
-                 SELECT id, topic, key, payload, headers, attempts,
-                        (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us
-                   FROM {schema}.message m
-                  WHERE processed_at IS NULL AND {fence}
-                    AND NOT EXISTS (SELECT 1 FROM held h
-                                     WHERE h.id = m.id
-                                        OR (m.key IS NOT NULL AND h.key = m.key
-                                            AND h.topic = m.topic AND h.id < m.id))
-                  ORDER BY id
-                  LIMIT $1",
-                2,
+                 SELECT id, topic, key, payload, headers, attempts, age_us
+                   FROM (SELECT c.*, sum(size) OVER (ORDER BY id) - size AS before
+                           FROM (SELECT id, topic, key, payload, headers, attempts,
+                                        (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us,
+                                        coalesce(octet_length(key), 0)
+                                          + coalesce(octet_length(payload), 0) AS size
+                                   FROM {schema}.message m
+                                  WHERE processed_at IS NULL AND {fence}
+                                    AND NOT EXISTS (SELECT 1 FROM held h
+                                                     WHERE h.id = m.id
+                                                        OR (m.key IS NOT NULL AND h.key = m.key
+                                                            AND h.topic = m.topic AND h.id < m.id))
+                                  ORDER BY id
+                                  LIMIT $1) c) b
+                  WHERE before < $2
+                  ORDER BY id",
+                3,
             ),
             // Moves the rows to `published` (append-only, for republishing and retention). A
             // row already there (published, republished by hand, published again) is updated.
@@ -572,16 +582,19 @@ impl Statements {
             .await
     }
 
-    /// Claims up to `limit` pending messages in sequence order, only while `fence` holds.
-    /// A single active relay needs no row locks: the fence makes it the only publisher.
+    /// Claims up to `limit` pending messages in sequence order, stopping once their keys and
+    /// payloads reach `max_bytes` (at least one message), only while `fence` holds. A single
+    /// active relay needs no row locks: the fence makes it the only publisher.
     pub async fn claim(
         &self,
         conn: &mut PgConnection,
         limit: i64,
+        max_bytes: i64,
         fence: &Fence,
     ) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let rows = sqlx::query(&self.claim)
             .bind(limit)
+            .bind(max_bytes)
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
@@ -1069,7 +1082,7 @@ mod tests {
         let sql = Statements::new(&SchemaName::default_schema());
         assert!(sql
             .claim
-            .contains("l.name = $2 AND l.holder = $3 AND l.token = $4"));
+            .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
         assert!(sql
             .record_failures
             .contains("l.name = $4 AND l.holder = $5 AND l.token = $6"));

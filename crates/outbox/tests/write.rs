@@ -181,7 +181,11 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         sql.complete(&mut conn, &ids, false, &old).await.unwrap(),
         Fenced::LeaseLost
     );
-    assert!(sql.claim(&mut conn, 10, &old).await.unwrap().is_empty());
+    assert!(sql
+        .claim(&mut conn, 10, 1 << 20, &old)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(
         sql.lease_renew(&mut conn, &old, ttl).await.unwrap(),
         Fenced::LeaseLost
@@ -197,7 +201,10 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         holder: "new".into(),
         token: new_token,
     };
-    assert_eq!(sql.claim(&mut conn, 10, &new).await.unwrap().len(), 1);
+    assert_eq!(
+        sql.claim(&mut conn, 10, 1 << 20, &new).await.unwrap().len(),
+        1
+    );
     assert_eq!(
         sql.complete(&mut conn, &ids, false, &new).await.unwrap(),
         Fenced::Done(1)
@@ -342,5 +349,46 @@ async fn writers_notify_only_while_a_relay_waits_for_it() {
     );
     drop(conn);
     drop(listener);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    // Keys of 1 byte and payloads of 99: 100 bytes per message.
+    let ids = outbox
+        .commit_each((0..5).map(|i| Message::new("t", vec![b'x'; 99]).key(format!("{i}"))))
+        .await;
+    let LeaseState::Held { token, .. } = sql
+        .lease_acquire(&mut conn, "relay", "me", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired")
+    };
+    let fence = Fence {
+        lease: "relay".into(),
+        holder: "me".into(),
+        token,
+    };
+    let claimed = |limit: i64, max_bytes: i64| {
+        let (sql, fence, pool) = (&sql, &fence, &outbox.pool);
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            let batch = sql.claim(&mut conn, limit, max_bytes, fence).await.unwrap();
+            batch.iter().map(|m| m.id).collect::<Vec<_>>()
+        }
+    };
+    // A message is taken while the bytes before it are under the budget.
+    assert_eq!(claimed(10, 250).await, ids[..3]);
+    assert_eq!(claimed(10, 300).await, ids[..3]);
+    assert_eq!(claimed(10, 301).await, ids[..4]);
+    // The message count still applies.
+    assert_eq!(claimed(2, 1 << 20).await, ids[..2]);
+    // A message larger than the budget goes alone.
+    assert_eq!(claimed(10, 1).await, ids[..1]);
+    drop(conn);
     outbox.drop_schema().await;
 }
