@@ -639,7 +639,7 @@ pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Res
 }
 
 /// Runs the relay's claim statement (`Statements::claim`) once under `fence`, timed, then
-/// EXPLAIN (ANALYZE, BUFFERS) of the same text, read back from `pg_stat_activity`.
+/// EXPLAIN (ANALYZE, BUFFERS) of the same text (`Statements::claim_sql`).
 pub(crate) async fn explain_claim(
     ctx: &Ctx,
     fence: &Fence,
@@ -647,19 +647,13 @@ pub(crate) async fn explain_claim(
 ) -> anyhow::Result<Value> {
     let statements = Statements::new(&ctx.schema);
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut conn)
-        .await?;
     let started = Instant::now();
     let rows = statements
         .claim(&mut conn, batch_size as i64, i64::MAX, fence)
         .await?
         .len();
     let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let sql: String = sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1")
-        .bind(pid)
-        .fetch_one(&ctx.pool)
-        .await?;
+    let sql = statements.claim_sql();
     let plan: Result<Vec<String>, sqlx::Error> =
         sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
             .bind(batch_size as i64)

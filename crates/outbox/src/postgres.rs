@@ -494,6 +494,12 @@ impl Statements {
         }
     }
 
+    /// The claim statement's text (parameters: limit, byte budget, lease, holder, token), for
+    /// diagnostics such as EXPLAIN; `pg_stat_activity` truncates it.
+    pub fn claim_sql(&self) -> &str {
+        &self.claim
+    }
+
     /// The schema these statements address.
     pub fn schema(&self) -> &SchemaName {
         &self.schema
