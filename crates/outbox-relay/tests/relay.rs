@@ -148,23 +148,23 @@ async fn thousand_messages_over_several_keys_arrive_in_per_key_order() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_order() {
-    let outbox = TestOutbox::new().await;
-    let topic = topic(3).await;
-    // A backlog first, so that every claim runs while the previous batch's completion is in
-    // flight and must skip exactly those messages.
+/// Commits `messages` as one backlog, lets a relay with `config` drain it, and checks that each
+/// reached `topic` exactly once (nothing failed, so nothing may have been sent twice), in
+/// per-key order.
+async fn drain_backlog_exactly_once(
+    outbox: &TestOutbox,
+    topic: &str,
+    messages: Vec<Message>,
+    config: RelayConfig,
+) {
+    let count = messages.len();
     let mut tx = outbox.pool.begin().await.unwrap();
-    let messages =
-        (0..3000).map(|n| Message::new(&topic, format!("{n}")).key(format!("key-{}", n % 11)));
     outbox
         .outbox
-        .save_all_for_publishing(&mut tx, messages.collect::<Vec<_>>())
+        .save_all_for_publishing(&mut tx, messages)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let mut config = config(&outbox);
-    config.batch_size = 100;
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     wait_until(
         Duration::from_secs(60),
@@ -174,12 +174,28 @@ async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_ord
     .await;
     relay.shutdown().await.unwrap();
 
-    // Nothing failed, so nothing may have been sent twice.
-    assert_eq!(record_count(&kafka_bootstrap_servers(), &topic), 3000);
-    let mut reader = TopicReader::new(&topic);
-    reader.read_at_least(3000, READ_TIMEOUT).await;
+    assert_eq!(
+        record_count(&kafka_bootstrap_servers(), topic),
+        count as i64
+    );
+    let mut reader = TopicReader::new(topic);
+    reader.read_at_least(count, READ_TIMEOUT).await;
     reader.assert_per_key_order();
-    assert_eq!(reader.distinct_sequences().len(), 3000);
+    assert_eq!(reader.distinct_sequences().len(), count);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_order() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(3).await;
+    // A backlog first, so that every claim runs while the previous batch's completion is in
+    // flight and must skip exactly those messages.
+    let messages = (0..3000)
+        .map(|n| Message::new(&topic, format!("{n}")).key(format!("key-{}", n % 11)))
+        .collect();
+    let mut config = config(&outbox);
+    config.batch_size = 100;
+    drain_backlog_exactly_once(&outbox, &topic, messages, config).await;
     outbox.drop_schema().await;
 }
 
@@ -187,33 +203,16 @@ async fn backlog_drained_in_overlapping_batches_is_published_exactly_once_in_ord
 async fn byte_budget_splits_large_messages_into_small_batches_losing_nothing() {
     let outbox = TestOutbox::new().await;
     let topic = topic(3).await;
-    let mut tx = outbox.pool.begin().await.unwrap();
-    let messages = (0..300).map(|n| {
-        let mut payload = format!("{n}:").into_bytes();
-        payload.resize(1000, b'.');
-        Message::new(&topic, payload).key(format!("key-{}", n % 7))
-    });
-    outbox
-        .outbox
-        .save_all_for_publishing(&mut tx, messages.collect::<Vec<_>>())
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let messages = (0..300)
+        .map(|n| {
+            let mut payload = format!("{n}:").into_bytes();
+            payload.resize(1000, b'.');
+            Message::new(&topic, payload).key(format!("key-{}", n % 7))
+        })
+        .collect();
     let mut config = config(&outbox);
     config.max_batch_bytes = 10_000; // ~10 messages per batch, ~30 batches
-    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "the backlog is drained",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
-    relay.shutdown().await.unwrap();
-
-    assert_eq!(record_count(&kafka_bootstrap_servers(), &topic), 300);
-    let mut reader = TopicReader::new(&topic);
-    reader.read_at_least(300, READ_TIMEOUT).await;
-    reader.assert_per_key_order();
+    drain_backlog_exactly_once(&outbox, &topic, messages, config).await;
     let batches: i64 = sqlx::query_scalar(&format!(
         "SELECT count(DISTINCT processed_at) FROM {}.published",
         outbox.schema
