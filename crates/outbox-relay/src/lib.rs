@@ -5,9 +5,10 @@
 //!
 //! # What is guaranteed, and why it holds
 //!
-//! **At-least-once.** A message is marked complete (or deleted) only after Kafka acknowledged it
-//! with `acks=all`. Whatever was not acknowledged stays pending and is sent again by the same or
-//! the next holder, so a crash at any point yields at most duplicates, never a loss.
+//! **At-least-once.** A message is completed (moved to `published`, or deleted) only after Kafka
+//! acknowledged it with `acks=all`. Whatever was not acknowledged stays pending and is sent again
+//! by the same or the next holder, so a crash at any point yields at most duplicates, never a
+//! loss.
 //!
 //! **Only committed messages, and every one of them.** The relay reads with ordinary snapshots,
 //! so it never sees an uncommitted row. It claims *all* pending rows in sequence order, never
