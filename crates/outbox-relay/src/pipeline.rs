@@ -126,7 +126,9 @@ impl Pipeline {
                     .map_err(RelayError::Kafka)?;
             }
         }
-        self.settle_completion().await;
+        // Let the last completion land, but not for longer than a shutdown may take: what it
+        // does not complete is published again by the next holder.
+        let _ = tokio::time::timeout(self.config.shutdown_timeout, self.settle_completion()).await;
         Ok(())
     }
 
@@ -235,7 +237,19 @@ impl Pipeline {
             .await?;
         if let Some(ids) = completing {
             batch.retain(|message| !ids.contains(&message.id));
+            // The budgets were raised for rows that may not have come back (their completion
+            // landed first): apply the real ones again, still keeping at least one message.
             batch.truncate(self.config.batch_size);
+            let mut bytes = 0;
+            let within = batch
+                .iter()
+                .take_while(|message| {
+                    let before = bytes;
+                    bytes += message_bytes(message);
+                    before < self.config.max_batch_bytes
+                })
+                .count();
+            batch.truncate(within.max(1));
         }
         Ok(batch)
     }
@@ -252,7 +266,7 @@ impl Pipeline {
         let bytes = batch
             .iter()
             .filter(|m| ids.contains(&m.id))
-            .map(|m| m.key.as_ref().map_or(0, Vec::len) + m.payload.as_ref().map_or(0, Vec::len))
+            .map(message_bytes)
             .sum();
         let task = tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
@@ -321,11 +335,12 @@ impl Pipeline {
         claimed_at: tokio::time::Instant,
         outcome: BatchOutcome,
     ) -> Step {
-        // One completion in flight at a time: the previous batch's lands first.
-        if let Some(step) = self.settle_completion().await {
-            return step;
-        }
-        if outcome.failed.is_empty() && !outcome.delivered.is_empty() {
+        // One completion in flight at a time: the previous batch's lands first. If it did not
+        // take effect, its messages stay pending and go out again (duplicates of messages
+        // acknowledged before this batch, so first deliveries stay in order); this batch is
+        // still completed, and its failures recorded, under the current term, synchronously.
+        let previous_failed = self.settle_completion().await.is_some();
+        if !previous_failed && outcome.failed.is_empty() && !outcome.delivered.is_empty() {
             // All acknowledged: complete them while the next batch is claimed and published.
             // Not idle yet either: writers skip NOTIFY while we are busy, so look again at once;
             // an empty claim then sets the idle flag before waiting.
@@ -434,6 +449,11 @@ impl Pipeline {
         }
         Ok(Fenced::Done(()))
     }
+}
+
+/// What a message weighs against the batch byte budget: its key and payload, as in the claim.
+fn message_bytes(message: &PendingMessage) -> usize {
+    message.key.as_ref().map_or(0, Vec::len) + message.payload.as_ref().map_or(0, Vec::len)
 }
 
 /// Counts published messages per topic and records their latency from insert to ack.

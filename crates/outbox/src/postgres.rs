@@ -474,16 +474,20 @@ impl Statements {
                  SELECT id, topic, key, payload, headers, created_at FROM moved
                  RETURNING id"
             )),
-            // Only sessions of this database hold back vacuum of its tables; without
-            // pg_read_all_stats, other roles' sessions show no xmin and are missed.
+            // What holds back vacuum of this database's tables: its sessions' snapshots
+            // (backend_xmin) and open write transactions (backend_xid, also when idle in
+            // transaction), and standbys' feedback through walsenders (no datname). Without
+            // pg_read_all_stats, other roles' sessions show neither and are missed.
             oldest_snapshot: render(
                 "SELECT pid,
-                        (extract(epoch FROM now() - coalesce(xact_start, query_start)) * 1000000)::bigint,
+                        (extract(epoch FROM now() - coalesce(xact_start, query_start, backend_start))
+                           * 1000000)::bigint,
                         state, coalesce(application_name, '')
                    FROM pg_stat_activity
-                  WHERE backend_xmin IS NOT NULL AND datname = current_database()
+                  WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+                    AND (datname = current_database() OR datname IS NULL)
                     AND pid <> pg_backend_pid()
-                  ORDER BY age(backend_xmin) DESC
+                  ORDER BY greatest(age(backend_xmin), age(backend_xid)) DESC NULLS LAST
                   LIMIT 1",
             ),
             leases: render(

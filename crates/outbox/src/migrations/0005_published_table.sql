@@ -17,10 +17,13 @@ CREATE TABLE {schema}.published (
 -- Retention cleanup and "last publish" read this one.
 CREATE INDEX published_processed ON {schema}.published (processed_at);
 
+-- One statement, so a row marked meanwhile by a relay still running the old code is either moved
+-- or left alone, never deleted without its copy.
+WITH moved AS (
+    DELETE FROM {schema}.message WHERE processed_at IS NOT NULL
+    RETURNING id, topic, key, payload, headers, created_at, processed_at, attempts)
 INSERT INTO {schema}.published (id, topic, key, payload, headers, created_at, processed_at, attempts)
-SELECT id, topic, key, payload, headers, created_at, processed_at, attempts
-  FROM {schema}.message WHERE processed_at IS NOT NULL;
-DELETE FROM {schema}.message WHERE processed_at IS NOT NULL;
+SELECT id, topic, key, payload, headers, created_at, processed_at, attempts FROM moved;
 -- message.processed_at stays (always NULL now) so the pending index and its predicate keep
 -- working for anything that still reads it.
 DROP INDEX {schema}.message_processed;
