@@ -239,17 +239,8 @@ impl Pipeline {
             batch.retain(|message| !ids.contains(&message.id));
             // The budgets were raised for rows that may not have come back (their completion
             // landed first): apply the real ones again, still keeping at least one message.
-            batch.truncate(self.config.batch_size);
-            let mut bytes = 0;
-            let within = batch
-                .iter()
-                .take_while(|message| {
-                    let before = bytes;
-                    bytes += message_bytes(message);
-                    before < self.config.max_batch_bytes
-                })
-                .count();
-            batch.truncate(within.max(1));
+            let keep = within_budget(&batch, self.config.batch_size, self.config.max_batch_bytes);
+            batch.truncate(keep);
         }
         Ok(batch)
     }
@@ -451,6 +442,22 @@ impl Pipeline {
     }
 }
 
+/// How many of `batch`'s first messages fit `max_messages` and `max_bytes`, with the claim's
+/// rule: a message is taken while the bytes before it are under the budget, so always one.
+fn within_budget(batch: &[PendingMessage], max_messages: usize, max_bytes: usize) -> usize {
+    let mut bytes = 0;
+    batch
+        .iter()
+        .take(max_messages)
+        .take_while(|message| {
+            let before = bytes;
+            bytes += message_bytes(message);
+            before < max_bytes
+        })
+        .count()
+        .max(batch.len().min(1))
+}
+
 /// What a message weighs against the batch byte budget: its key and payload, as in the claim.
 fn message_bytes(message: &PendingMessage) -> usize {
     message.key.as_ref().map_or(0, Vec::len) + message.payload.as_ref().map_or(0, Vec::len)
@@ -480,5 +487,37 @@ fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Du
     }
     if let Some((topic, n)) = run {
         m::published(topic, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: i64, bytes: usize) -> PendingMessage {
+        PendingMessage {
+            id,
+            topic: "t".into(),
+            key: Some(b"k".to_vec()),
+            payload: Some(vec![0; bytes - 1]),
+            headers: Vec::new(),
+            age: Duration::ZERO,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn budget_matches_the_claim_rule() {
+        let batch: Vec<_> = (1..=5).map(|id| message(id, 100)).collect();
+        assert_eq!(within_budget(&batch, 10, 250), 3);
+        assert_eq!(within_budget(&batch, 10, 300), 3);
+        assert_eq!(within_budget(&batch, 10, 301), 4);
+        assert_eq!(within_budget(&batch, 2, 1 << 20), 2);
+        assert_eq!(
+            within_budget(&batch, 10, 1),
+            1,
+            "a large message goes alone"
+        );
+        assert_eq!(within_budget(&[], 10, 1), 0);
     }
 }
