@@ -63,16 +63,7 @@ pub(crate) async fn produce(
     for n in 0..count {
         // Built per record, as the relay has each payload fresh from its claim.
         let value = payload(payload_bytes, 0, 0, n);
-        let sequence = outbox::headers::encode_sequence(n as i64 + 1);
-        let headers = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: outbox::headers::SEQUENCE,
-                value: Some(&sequence[..]),
-            })
-            .insert(Header {
-                key: outbox::headers::SOURCE,
-                value: Some(SOURCE.as_bytes()),
-            });
+        let headers = wire_headers(n as i64 + 1);
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
             .headers(headers)
             .key(keys[(n % keys.len() as u64) as usize].as_bytes())
@@ -110,6 +101,20 @@ pub(crate) async fn produce(
         bar.inc(1);
     }
     Ok(started.elapsed())
+}
+
+/// The headers the relay puts on a record: `x-sequence` and `x-source`.
+pub(crate) fn wire_headers(sequence: i64) -> OwnedHeaders {
+    let sequence = outbox::headers::encode_sequence(sequence);
+    OwnedHeaders::new_with_capacity(2)
+        .insert(Header {
+            key: outbox::headers::SEQUENCE,
+            value: Some(&sequence[..]),
+        })
+        .insert(Header {
+            key: outbox::headers::SOURCE,
+            value: Some(SOURCE.as_bytes()),
+        })
 }
 
 async fn await_delivery(delivery: DeliveryFuture) -> anyhow::Result<()> {

@@ -11,7 +11,6 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use outbox::{Message, Outbox};
 use outbox_relay::Relay;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::{json, Value};
@@ -107,16 +106,7 @@ impl Writes {
         tx.commit().await?;
         if op == Op::DualWrite {
             let producer = self.producer.as_ref().context("no producer")?;
-            let sequence = outbox::headers::encode_sequence(n as i64);
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header {
-                    key: outbox::headers::SEQUENCE,
-                    value: Some(&sequence[..]),
-                })
-                .insert(Header {
-                    key: outbox::headers::SOURCE,
-                    value: Some(kafka::SOURCE.as_bytes()),
-                });
+            let headers = kafka::wire_headers(n as i64);
             let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
                 .key(key.as_str())
                 .payload(&value[..])

@@ -222,9 +222,10 @@ impl Pipeline {
     /// while their completion is in flight. Claiming that many more and dropping them keeps the
     /// result a prefix, in sequence order, of what is pending and not yet acknowledged.
     async fn claim(&self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
-        let completing = self.completing.as_ref().map(|c| &c.ids);
-        let skip = completing.map_or(0, |ids| ids.len());
-        let skip_bytes = self.completing.as_ref().map_or(0, |c| c.bytes);
+        let (skip, skip_bytes) = self
+            .completing
+            .as_ref()
+            .map_or((0, 0), |c| (c.ids.len(), c.bytes));
         let mut conn = self.pool.acquire().await?;
         let mut batch = self
             .statements
@@ -235,7 +236,7 @@ impl Pipeline {
                 &term.fence,
             )
             .await?;
-        if let Some(ids) = completing {
+        if let Some(Completing { ids, .. }) = &self.completing {
             batch.retain(|message| !ids.contains(&message.id));
             // The budgets were raised for rows that may not have come back (their completion
             // landed first): apply the real ones again, still keeping at least one message.

@@ -124,13 +124,7 @@ async fn thousand_messages_over_several_keys_arrive_in_per_key_order() {
                 Message::new(&topic, payload).key(key)
             })
             .collect();
-        let mut tx = outbox.pool.begin().await.unwrap();
-        outbox
-            .outbox
-            .save_all_for_publishing(&mut tx, messages)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        outbox.commit_all(messages).await;
     }
 
     let mut reader = TopicReader::new(&topic);
@@ -158,13 +152,7 @@ async fn drain_backlog_exactly_once(
     config: RelayConfig,
 ) {
     let count = messages.len();
-    let mut tx = outbox.pool.begin().await.unwrap();
-    outbox
-        .outbox
-        .save_all_for_publishing(&mut tx, messages)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    outbox.commit_all(messages).await;
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     wait_until(
         Duration::from_secs(60),
@@ -355,13 +343,7 @@ async fn three_relays_with_an_aggressive_lease_deliver_everything_in_order() {
         let messages: Vec<Message> = (0..COUNT / 12)
             .map(|i| Message::new(&topic, format!("{round}-{i}")).key(format!("k{}", i % 5)))
             .collect();
-        let mut tx = outbox.pool.begin().await.unwrap();
-        outbox
-            .outbox
-            .save_all_for_publishing(&mut tx, messages)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        outbox.commit_all(messages).await;
         tokio::time::sleep(Duration::from_millis(50)).await; // spread writes over lease changes
     }
 
@@ -398,13 +380,7 @@ async fn standby_finishes_the_job_when_the_leader_is_aborted_mid_stream() {
     let messages: Vec<Message> = (0..COUNT)
         .map(|i| Message::new(&topic, format!("{i}")).key(format!("k{}", i % 11)))
         .collect();
-    let mut tx = outbox.pool.begin().await.unwrap();
-    outbox
-        .outbox
-        .save_all_for_publishing(&mut tx, messages)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    outbox.commit_all(messages).await;
 
     wait_until(
         Duration::from_secs(30),

@@ -5,6 +5,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
+use rdkafka::metadata::Metadata;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::{kafka_bootstrap_servers, short_id};
@@ -43,9 +44,8 @@ pub async fn create_replicated_topic(
     }
 }
 
-/// Records ever written to `topic`: the sum of its partitions' high watermarks (offsets are
-/// contiguous without transactions), duplicates included.
-pub fn record_count(bootstrap: &str, topic: &str) -> i64 {
+/// A client for metadata queries, and `topic`'s metadata.
+fn topic_metadata(bootstrap: &str, topic: &str) -> (BaseConsumer, Metadata) {
     let client: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -53,6 +53,13 @@ pub fn record_count(bootstrap: &str, topic: &str) -> i64 {
     let metadata = client
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
+    (client, metadata)
+}
+
+/// Records ever written to `topic`: the sum of its partitions' high watermarks (offsets are
+/// contiguous without transactions), duplicates included.
+pub fn record_count(bootstrap: &str, topic: &str) -> i64 {
+    let (client, metadata) = topic_metadata(bootstrap, topic);
     metadata.topics()[0]
         .partitions()
         .iter()
@@ -68,13 +75,7 @@ pub fn record_count(bootstrap: &str, topic: &str) -> i64 {
 
 /// The node id leading `partition` of `topic`.
 pub fn partition_leader(bootstrap: &str, topic: &str, partition: i32) -> i32 {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("metadata client");
-    let metadata = client
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
+    let (_, metadata) = topic_metadata(bootstrap, topic);
     metadata.topics()[0]
         .partitions()
         .iter()

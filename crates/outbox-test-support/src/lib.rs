@@ -112,6 +112,18 @@ impl TestOutbox {
         sequences
     }
 
+    /// Saves and commits all `messages` in one transaction; returns the sequences.
+    pub async fn commit_all(&self, messages: Vec<outbox::Message>) -> Vec<i64> {
+        let mut tx = self.pool.begin().await.expect("begin");
+        let sequences = self
+            .outbox
+            .save_all_for_publishing(&mut tx, messages)
+            .await
+            .expect("save");
+        tx.commit().await.expect("commit");
+        sequences
+    }
+
     /// Pending (unpublished) messages.
     pub async fn pending(&self) -> i64 {
         sqlx::query_scalar(&format!(

@@ -309,18 +309,7 @@ async fn writers_notify_only_while_a_relay_waits_for_it() {
     );
 
     // A relay holds the lease and is busy: no NOTIFY (and no commit-time lock).
-    let LeaseState::Held { token, .. } = sql
-        .lease_acquire(&mut conn, "relay", "me", Duration::from_secs(30))
-        .await
-        .unwrap()
-    else {
-        panic!("lease not acquired")
-    };
-    let fence = Fence {
-        lease: "relay".into(),
-        holder: "me".into(),
-        token,
-    };
+    let fence = take_lease(&sql, &mut conn).await;
     assert_eq!(
         next_notification(&mut listener, b"2").await,
         "marker",
@@ -361,18 +350,7 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
     let ids = outbox
         .commit_each((0..5).map(|i| Message::new("t", vec![b'x'; 99]).key(format!("{i}"))))
         .await;
-    let LeaseState::Held { token, .. } = sql
-        .lease_acquire(&mut conn, "relay", "me", Duration::from_secs(30))
-        .await
-        .unwrap()
-    else {
-        panic!("lease not acquired")
-    };
-    let fence = Fence {
-        lease: "relay".into(),
-        holder: "me".into(),
-        token,
-    };
+    let fence = take_lease(&sql, &mut conn).await;
     let claimed = |limit: i64, max_bytes: i64| {
         let (sql, fence, pool) = (&sql, &fence, &outbox.pool);
         async move {
@@ -391,4 +369,20 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
     assert_eq!(claimed(10, 1).await, ids[..1]);
     drop(conn);
     outbox.drop_schema().await;
+}
+
+/// Takes the lease "relay" as holder "me" for 30 s; returns its fence.
+async fn take_lease(sql: &Statements, conn: &mut sqlx::PgConnection) -> Fence {
+    let LeaseState::Held { token, .. } = sql
+        .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("lease not acquired")
+    };
+    Fence {
+        lease: "relay".into(),
+        holder: "me".into(),
+        token,
+    }
 }
