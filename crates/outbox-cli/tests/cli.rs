@@ -37,8 +37,7 @@ fn stderr(output: &Output) -> String {
 }
 
 fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", outbox_test_support::free_port())
 }
 
 /// A relay process, SIGTERMed (gracefully) on drop.

@@ -1,7 +1,9 @@
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A Kafka broker of its own (KRaft, single node, loopback), for tests that stop or kill one
@@ -31,11 +33,21 @@ fn libs_dir() -> PathBuf {
     cache.join("kafka/libs")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// A loopback port nothing listens on, never one this process handed out before: the kernel may
+/// return a just-released port again, and two listeners of one broker (or two brokers of one
+/// cluster) on the same port make Kafka refuse its configuration.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 impl KafkaBroker {

@@ -14,7 +14,7 @@ use outbox::{Outbox, OutboxConfig, SchemaName};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-pub use broker::KafkaBroker;
+pub use broker::{free_port, KafkaBroker};
 pub use kafka::{
     create_replicated_topic, create_topic, partition_leader, record_count, unique_topic, Received,
     TopicReader,

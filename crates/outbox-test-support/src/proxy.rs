@@ -31,7 +31,7 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Listens on a free loopback port and forwards to `target` (`host:port`).
     pub async fn start(target: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(("127.0.0.1", crate::free_port()))
             .await
             .expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
