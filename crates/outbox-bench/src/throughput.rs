@@ -649,7 +649,7 @@ pub(crate) async fn explain_claim(
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
     let started = Instant::now();
     let rows = statements
-        .claim(&mut conn, batch_size as i64, i64::MAX, fence)
+        .claim(&mut conn, batch_size as i64, i64::MAX, &[], fence)
         .await?
         .len();
     let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -658,6 +658,7 @@ pub(crate) async fn explain_claim(
         sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
             .bind(batch_size as i64)
             .bind(i64::MAX)
+            .bind("{}")
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)

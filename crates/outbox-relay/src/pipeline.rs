@@ -45,10 +45,8 @@ pub(crate) struct Pipeline {
 /// skip these ids (they may or may not be visible as completed yet); skipping acknowledged
 /// messages keeps the ordering argument intact, a high-water mark would not.
 pub(crate) struct Completing {
-    ids: std::collections::HashSet<i64>,
-    /// Their keys' and payloads' bytes: the next claim may return them again, so its byte
-    /// budget grows by as much.
-    bytes: usize,
+    /// In sequence order.
+    ids: Vec<i64>,
     task: tokio::task::JoinHandle<Result<Fenced<u64>, sqlx::Error>>,
 }
 
@@ -219,54 +217,38 @@ impl Pipeline {
     }
 
     /// The next batch: the lowest pending sequences, skipping the previous batch's messages
-    /// while their completion is in flight. Claiming that many more and dropping them keeps the
-    /// result a prefix, in sequence order, of what is pending and not yet acknowledged.
+    /// while their completion is in flight; a prefix, in sequence order, of what is pending and
+    /// not yet acknowledged.
     async fn claim(&self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
-        let (skip, skip_bytes) = self
-            .completing
-            .as_ref()
-            .map_or((0, 0), |c| (c.ids.len(), c.bytes));
+        let skip = self.completing.as_ref().map_or(&[][..], |c| &c.ids[..]);
         let mut conn = self.pool.acquire().await?;
-        let mut batch = self
-            .statements
+        self.statements
             .claim(
                 &mut conn,
-                (self.config.batch_size + skip) as i64,
-                (self.config.max_batch_bytes + skip_bytes) as i64,
+                self.config.batch_size as i64,
+                self.config.max_batch_bytes as i64,
+                skip,
                 &term.fence,
             )
-            .await?;
-        if let Some(Completing { ids, .. }) = &self.completing {
-            batch.retain(|message| !ids.contains(&message.id));
-            // The budgets were raised for rows that may not have come back (their completion
-            // landed first): apply the real ones again, still keeping at least one message.
-            let keep = within_budget(&batch, self.config.batch_size, self.config.max_batch_bytes);
-            batch.truncate(keep);
-        }
-        Ok(batch)
+            .await
     }
 
     /// Completes acknowledged messages in the background, after the previous completion.
-    fn start_completion(&mut self, term: &Term, batch: &[PendingMessage], delivered: Vec<i64>) {
+    fn start_completion(&mut self, term: &Term, delivered: Vec<i64>) {
         let delete = matches!(self.config.completion, Completion::Delete);
         let (pool, statements, fence) = (
             self.pool.clone(),
             self.statements.clone(),
             term.fence.clone(),
         );
-        let ids: std::collections::HashSet<i64> = delivered.iter().copied().collect();
-        let bytes = batch
-            .iter()
-            .filter(|m| ids.contains(&m.id))
-            .map(message_bytes)
-            .sum();
+        let ids = delivered.clone();
         let task = tokio::spawn(async move {
             let mut conn = pool.acquire().await?;
             statements
                 .complete(&mut conn, &delivered, delete, &fence)
                 .await
         });
-        self.completing = Some(Completing { ids, bytes, task });
+        self.completing = Some(Completing { ids, task });
     }
 
     /// Waits for the completion in flight, if any. `Some(step)` when it did not take effect:
@@ -337,7 +319,7 @@ impl Pipeline {
             // Not idle yet either: writers skip NOTIFY while we are busy, so look again at once;
             // an empty claim then sets the idle flag before waiting.
             record_published(batch, &outcome.delivered, claimed_at.elapsed());
-            self.start_completion(term, batch, outcome.delivered);
+            self.start_completion(term, outcome.delivered);
             return Step::More;
         }
         let delete = matches!(self.config.completion, Completion::Delete);
@@ -443,27 +425,6 @@ impl Pipeline {
     }
 }
 
-/// How many of `batch`'s first messages fit `max_messages` and `max_bytes`, with the claim's
-/// rule: a message is taken while the bytes before it are under the budget, so always one.
-fn within_budget(batch: &[PendingMessage], max_messages: usize, max_bytes: usize) -> usize {
-    let mut bytes = 0;
-    batch
-        .iter()
-        .take(max_messages)
-        .take_while(|message| {
-            let before = bytes;
-            bytes += message_bytes(message);
-            before < max_bytes
-        })
-        .count()
-        .max(batch.len().min(1))
-}
-
-/// What a message weighs against the batch byte budget: its key and payload, as in the claim.
-fn message_bytes(message: &PendingMessage) -> usize {
-    message.key.as_ref().map_or(0, Vec::len) + message.payload.as_ref().map_or(0, Vec::len)
-}
-
 /// Counts published messages per topic and records their latency from insert to ack.
 fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Duration) {
     // `delivered` is a subsequence of `batch` (both in sequence order): merge them.
@@ -488,37 +449,5 @@ fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Du
     }
     if let Some((topic, n)) = run {
         m::published(topic, n);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(id: i64, bytes: usize) -> PendingMessage {
-        PendingMessage {
-            id,
-            topic: "t".into(),
-            key: Some(b"k".to_vec()),
-            payload: Some(vec![0; bytes - 1]),
-            headers: Vec::new(),
-            age: Duration::ZERO,
-            attempts: 0,
-        }
-    }
-
-    #[test]
-    fn budget_matches_the_claim_rule() {
-        let batch: Vec<_> = (1..=5).map(|id| message(id, 100)).collect();
-        assert_eq!(within_budget(&batch, 10, 250), 3);
-        assert_eq!(within_budget(&batch, 10, 300), 3);
-        assert_eq!(within_budget(&batch, 10, 301), 4);
-        assert_eq!(within_budget(&batch, 2, 1 << 20), 2);
-        assert_eq!(
-            within_budget(&batch, 10, 1),
-            1,
-            "a large message goes alone"
-        );
-        assert_eq!(within_budget(&[], 10, 1), 0);
     }
 }

@@ -5,6 +5,7 @@
 //! parameter. All times come from the database clock (`now()`), so relays on hosts whose clocks
 //! disagree still agree on who holds a lease.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -58,6 +59,7 @@ pub struct Statements {
     insert_many: String,
     claim: String,
     complete_keep: String,
+    complete_keep_replacing: String,
     complete_delete: String,
     record_failures: String,
     lease_acquire: String,
@@ -250,6 +252,47 @@ const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
 
+/// The keep-mode completion, with `on_conflict` as the insert's conflict clause.
+fn complete_keep(on_conflict: &str) -> String {
+    format!(
+        "WITH fence AS (SELECT {{fence}} AS held),
+              moved AS (DELETE FROM {{schema}}.message
+                         WHERE id = ANY($1) AND processed_at IS NULL
+                           AND (SELECT held FROM fence)
+                     RETURNING id, topic, key, payload, headers, created_at, attempts),
+              done AS (INSERT INTO {{schema}}.published
+                              (id, topic, key, payload, headers, created_at, processed_at, attempts)
+                       SELECT id, topic, key, payload, headers, created_at, now(), attempts
+                         FROM moved
+                       {on_conflict}
+                       RETURNING 1)
+         SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)"
+    )
+}
+
+/// `ids` as the text of an `int8multirange` (`{[1,4),[7,8)}`), merging runs of consecutive ids:
+/// a batch's ids are mostly consecutive, so this stays short.
+fn id_ranges(ids: &[i64]) -> String {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut text = String::from("{");
+    let mut runs = sorted.into_iter().peekable();
+    while let Some(start) = runs.next() {
+        let mut end = start;
+        while runs.next_if(|&next| next == end + 1).is_some() {
+            end += 1;
+        }
+        if text.len() > 1 {
+            text.push(',');
+        }
+        // Half-open, as PostgreSQL prints int8 ranges (an id of i64::MAX is never reached).
+        write!(text, "[{start},{})", end.saturating_add(1)).expect("writing to a String");
+    }
+    text.push('}');
+    text
+}
+
 impl Statements {
     /// Renders every statement for `schema`.
     pub fn new(schema: &SchemaName) -> Self {
@@ -285,7 +328,9 @@ impl Statements {
             // The batch ends at $1 messages or once $2 bytes of keys and payloads are reached
             // (always at least one message), so the relay's memory is bounded whatever the
             // payload sizes; either way the result is a prefix in sequence order. The sizes come
-            // from the stored lengths (octet_length does not detoast).
+            // from the stored lengths (octet_length does not detoast). $3 lists the ids to skip
+            // (delivered, their completion in flight) as ranges: a multirange test is a binary
+            // search per row, and skipping in the query keeps the budgets exact.
             claim: fenced(
                 "WITH held AS MATERIALIZED (
                      SELECT topic, key, id FROM {schema}.message
@@ -298,6 +343,7 @@ impl Statements {
                                           + coalesce(octet_length(payload), 0) AS size
                                    FROM {schema}.message m
                                   WHERE processed_at IS NULL AND {fence}
+                                    AND NOT $3::text::int8multirange @> m.id
                                     AND NOT EXISTS (SELECT 1 FROM held h
                                                      WHERE h.id = m.id
                                                         OR (m.key IS NOT NULL AND h.key = m.key
@@ -306,24 +352,18 @@ impl Statements {
                                   LIMIT $1) c) b
                   WHERE before < $2
                   ORDER BY id",
-                3,
+                4,
             ),
-            // Moves the rows to `published` (append-only, for republishing and retention). A
-            // row already there (published, republished by hand, published again) is updated.
-            complete_keep: fenced(
-                "WITH fence AS (SELECT {fence} AS held),
-                      moved AS (DELETE FROM {schema}.message
-                                 WHERE id = ANY($1) AND processed_at IS NULL
-                                   AND (SELECT held FROM fence)
-                             RETURNING id, topic, key, payload, headers, created_at, attempts),
-                      done AS (INSERT INTO {schema}.published
-                                      (id, topic, key, payload, headers, created_at, processed_at, attempts)
-                               SELECT id, topic, key, payload, headers, created_at, now(), attempts
-                                 FROM moved
-                               ON CONFLICT (id) DO UPDATE
-                                  SET processed_at = excluded.processed_at, attempts = excluded.attempts
-                               RETURNING 1)
-                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)",
+            // Moves the rows to `published` (append-only, for republishing and retention).
+            complete_keep: fenced(&complete_keep(""), 2),
+            // The same, updating a row already in `published`. Our own statements never leave
+            // one there (republishing moves rows out), but a hand-made copy could; a plain
+            // insert is a quarter cheaper than this speculative one, so this is the fallback.
+            complete_keep_replacing: fenced(
+                &complete_keep(
+                    "ON CONFLICT (id) DO UPDATE
+                        SET processed_at = excluded.processed_at, attempts = excluded.attempts",
+                ),
                 2,
             ),
             complete_delete: fenced(
@@ -600,11 +640,13 @@ impl Statements {
         conn: &mut PgConnection,
         limit: i64,
         max_bytes: i64,
+        skip: &[i64],
         fence: &Fence,
     ) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let rows = sqlx::query(&self.claim)
             .bind(limit)
             .bind(max_bytes)
+            .bind(id_ranges(skip))
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
@@ -637,18 +679,31 @@ impl Statements {
         delete: bool,
         fence: &Fence,
     ) -> Result<Fenced<u64>, sqlx::Error> {
-        let sql = if delete {
-            &self.complete_delete
+        async fn run(
+            sql: &str,
+            conn: &mut PgConnection,
+            ids: &[i64],
+            fence: &Fence,
+        ) -> Result<(bool, i64), sqlx::Error> {
+            sqlx::query_as(sql)
+                .bind(ids)
+                .bind(&fence.lease)
+                .bind(&fence.holder)
+                .bind(fence.token)
+                .fetch_one(conn)
+                .await
+        }
+        let (held, count) = if delete {
+            run(&self.complete_delete, conn, ids, fence).await?
         } else {
-            &self.complete_keep
+            match run(&self.complete_keep, &mut *conn, ids, fence).await {
+                // A copy already in `published`: the statement changed nothing; replace it.
+                Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
+                    run(&self.complete_keep_replacing, conn, ids, fence).await?
+                }
+                other => other?,
+            }
         };
-        let (held, count): (bool, i64) = sqlx::query_as(sql)
-            .bind(ids)
-            .bind(&fence.lease)
-            .bind(&fence.holder)
-            .bind(fence.token)
-            .fetch_one(conn)
-            .await?;
         Ok(if held {
             Fenced::Done(count as u64)
         } else {
@@ -1064,6 +1119,13 @@ fn decode_headers(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_ranges_merge_consecutive_ids_in_any_order() {
+        assert_eq!(id_ranges(&[]), "{}");
+        assert_eq!(id_ranges(&[7]), "{[7,8)}");
+        assert_eq!(id_ranges(&[3, 1, 2, 9, 5, 6, 2]), "{[1,4),[5,7),[9,10)}");
+    }
 
     #[test]
     fn headers_round_trip_text_and_binary_in_order() {

@@ -182,7 +182,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         Fenced::LeaseLost
     );
     assert!(sql
-        .claim(&mut conn, 10, 1 << 20, &old)
+        .claim(&mut conn, 10, 1 << 20, &[], &old)
         .await
         .unwrap()
         .is_empty());
@@ -202,7 +202,10 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         token: new_token,
     };
     assert_eq!(
-        sql.claim(&mut conn, 10, 1 << 20, &new).await.unwrap().len(),
+        sql.claim(&mut conn, 10, 1 << 20, &[], &new)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert_eq!(
@@ -351,22 +354,72 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
         .commit_each((0..5).map(|i| Message::new("t", vec![b'x'; 99]).key(format!("{i}"))))
         .await;
     let fence = take_lease(&sql, &mut conn).await;
-    let claimed = |limit: i64, max_bytes: i64| {
+    let claimed = |limit: i64, max_bytes: i64, skip: Vec<i64>| {
         let (sql, fence, pool) = (&sql, &fence, &outbox.pool);
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let batch = sql.claim(&mut conn, limit, max_bytes, fence).await.unwrap();
+            let batch = sql
+                .claim(&mut conn, limit, max_bytes, &skip, fence)
+                .await
+                .unwrap();
             batch.iter().map(|m| m.id).collect::<Vec<_>>()
         }
     };
     // A message is taken while the bytes before it are under the budget.
-    assert_eq!(claimed(10, 250).await, ids[..3]);
-    assert_eq!(claimed(10, 300).await, ids[..3]);
-    assert_eq!(claimed(10, 301).await, ids[..4]);
+    assert_eq!(claimed(10, 250, vec![]).await, ids[..3]);
+    assert_eq!(claimed(10, 300, vec![]).await, ids[..3]);
+    assert_eq!(claimed(10, 301, vec![]).await, ids[..4]);
     // The message count still applies.
-    assert_eq!(claimed(2, 1 << 20).await, ids[..2]);
+    assert_eq!(claimed(2, 1 << 20, vec![]).await, ids[..2]);
     // A message larger than the budget goes alone.
-    assert_eq!(claimed(10, 1).await, ids[..1]);
+    assert_eq!(claimed(10, 1, vec![]).await, ids[..1]);
+    // Skipped ids (a completion in flight) count against neither budget.
+    let skip = vec![ids[0], ids[2]];
+    assert_eq!(claimed(2, 1 << 20, skip.clone()).await, [ids[1], ids[3]]);
+    assert_eq!(claimed(10, 150, skip.clone()).await, [ids[1], ids[3]]);
+    assert_eq!(claimed(10, 1 << 20, ids.clone()).await, Vec::<i64>::new());
+    drop(conn);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test]
+async fn completion_replaces_a_copy_already_in_published() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let ids = outbox
+        .commit_each([
+            Message::new("t", b"one".to_vec()),
+            Message::new("t", b"two".to_vec()),
+        ])
+        .await;
+    // A hand-made copy of the first message in the history, as a restore script might leave.
+    sqlx::query(&format!(
+        "INSERT INTO {0}.published (id, topic, payload, created_at, processed_at, attempts)
+         SELECT id, topic, payload, created_at, now() - interval '1 day', 7
+           FROM {0}.message WHERE id = $1",
+        outbox.schema
+    ))
+    .bind(ids[0])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let fence = take_lease(&sql, &mut conn).await;
+    assert_eq!(
+        sql.complete(&mut conn, &ids, false, &fence).await.unwrap(),
+        Fenced::Done(2),
+        "the conflict falls back to replacing the copy instead of failing forever"
+    );
+    assert_eq!(outbox.pending().await, 0);
+    let (attempts, recent): (i32, bool) = sqlx::query_as(&format!(
+        "SELECT attempts, processed_at > now() - interval '1 minute' FROM {}.published WHERE id = $1",
+        outbox.schema
+    ))
+    .bind(ids[0])
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!((attempts, recent), (0, true));
     drop(conn);
     outbox.drop_schema().await;
 }
