@@ -76,15 +76,30 @@ fn payloads_of(reader: &TopicReader, key: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_fixed() {
+    block_policy(false).await;
+}
+
+/// The same with a backlog drained in batches of two: the poison message fails in one batch
+/// while the next is claimed as soon as it is settled; that claim must already see the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_holds_the_key_across_batches_of_a_backlog() {
+    block_policy(true).await;
+}
+
+async fn block_policy(backlog_in_small_batches: bool) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("poison-block");
     create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
-    let relay = Relay::start(
-        outbox.pool.clone(),
-        config(&outbox, PoisonPolicy::Block, true),
-    )
-    .unwrap();
-    let poison = write_messages(&outbox, &topic).await;
+    let mut relay_config = config(&outbox, PoisonPolicy::Block, true);
+    let mut poison = 0;
+    if backlog_in_small_batches {
+        relay_config.batch_size = 2;
+        poison = write_messages(&outbox, &topic).await;
+    }
+    let relay = Relay::start(outbox.pool.clone(), relay_config).unwrap();
+    if !backlog_in_small_batches {
+        poison = write_messages(&outbox, &topic).await;
+    }
 
     let mut reader = TopicReader::new(&topic);
     reader
@@ -133,8 +148,13 @@ async fn block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_
         ["poison:0", "BIG", "poison:2", "poison:3"]
     );
     let duplicates = reader.assert_per_key_order();
+    let scenario = if backlog_in_small_batches {
+        "7c. poison message in a backlog drained in batches of 2, block policy"
+    } else {
+        "7a. poison message mid-stream, block policy (key resumes in order after the fix)"
+    };
     report(
-        "7a. poison message mid-stream, block policy (key resumes in order after the fix)",
+        scenario,
         1,
         &Figures {
             committed: 9,
