@@ -621,14 +621,22 @@ pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Res
     .await?;
     let complete: Vec<String> = sqlx::query_scalar(&format!(
         "EXPLAIN (ANALYZE, BUFFERS, WAL)
-         WITH moved AS (DELETE FROM {schema}.message WHERE id = ANY($1) AND processed_at IS NULL
+         WITH moved AS (DELETE FROM {schema}.message
+                         WHERE id >= lower($1::text::int8multirange)
+                           AND id < upper($1::text::int8multirange)
+                           AND $1::text::int8multirange @> id AND processed_at IS NULL
                         RETURNING id, topic, key, payload, headers, created_at, attempts)
          INSERT INTO {schema}.published
                 (id, topic, key, payload, headers, created_at, processed_at, attempts)
          SELECT id, topic, key, payload, headers, created_at, now(), attempts FROM moved",
         schema = ctx.schema
     ))
-    .bind(&ids)
+    // The relay passes the ids as ranges; the prefilled backlog's first ids are one run.
+    .bind(format!(
+        "{{[{},{})}}",
+        ids.first().copied().unwrap_or(0),
+        ids.last().map_or(0, |last| last + 1)
+    ))
     .fetch_all(&mut *tx)
     .await?;
     tx.rollback().await?;
