@@ -14,6 +14,12 @@ pub enum Error {
     /// The database rejected or failed a statement.
     #[error("outbox database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The PostgreSQL server is older than 14, the oldest the outbox runs on.
+    #[error("PostgreSQL 14 or later is required; the server reports server_version_num {found}")]
+    ServerTooOld {
+        /// The server's `server_version_num`.
+        found: String,
+    },
     /// The database holds a newer outbox schema than this build knows.
     #[error("the outbox schema {schema} is at version {found}, newer than this build's {known}; upgrade the library")]
     SchemaTooNew {

@@ -44,7 +44,17 @@ impl std::fmt::Display for MigrationReport {
     }
 }
 
+/// The oldest PostgreSQL the statements run on: the relay passes id sets as `int8multirange`.
+const MIN_SERVER_VERSION_NUM: i32 = 140000;
+
 pub(crate) async fn run(statements: &Statements, pool: &PgPool) -> Result<MigrationReport, Error> {
+    let version: String = sqlx::query_scalar("SHOW server_version_num")
+        .fetch_one(pool)
+        .await?;
+    let found = version.trim().parse().unwrap_or(0);
+    if found < MIN_SERVER_VERSION_NUM {
+        return Err(Error::ServerTooOld { found: version });
+    }
     let mut tx = pool.begin().await?;
     let (applied, previous_version) = statements.migrate(&mut tx).await?;
     let known = MIGRATIONS.last().map_or(0, |m| m.0);
