@@ -570,8 +570,9 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
                 let rows = statements
-                    .claim(&mut conn, limit, i64::MAX, &[], &fence)
+                    .claim(&mut conn, limit, i64::MAX, &[], None, &fence)
                     .await?
+                    .messages
                     .len();
                 samples.push((
                     current_phase.load(Ordering::Relaxed),

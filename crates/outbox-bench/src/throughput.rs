@@ -540,8 +540,8 @@ struct ProfileSamples {
 impl ProfileSamples {
     async fn sample(&self, schema: SchemaName, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-        // The claim is recognised by its select list, the completion by its leading CTE.
-        let sql = "SELECT coalesce(bool_or(query LIKE '%SELECT id, topic, key, payload, headers, attempts%'), false),
+        // The claim and the completion are recognised by their leading CTEs.
+        let sql = "SELECT coalesce(bool_or(query LIKE 'WITH lease AS%'), false),
                           coalesce(bool_or(query LIKE 'WITH fence AS%'), false),
                           count(*)
                      FROM pg_stat_activity
@@ -657,8 +657,9 @@ pub(crate) async fn explain_claim(
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
     let started = Instant::now();
     let rows = statements
-        .claim(&mut conn, batch_size as i64, i64::MAX, &[], fence)
+        .claim(&mut conn, batch_size as i64, i64::MAX, &[], None, fence)
         .await?
+        .messages
         .len();
     let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
     let sql = statements.claim_sql();
@@ -670,6 +671,8 @@ pub(crate) async fn explain_claim(
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
+            .bind(None::<String>)
+            .bind(None::<i64>)
             .fetch_all(&mut conn)
             .await;
     Ok(match plan {

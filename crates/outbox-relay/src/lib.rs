@@ -25,7 +25,13 @@
 //! 2. The single active relay claims the lowest pending sequences first, so a batch containing B
 //!    contains A, unless A was acknowledged before (completed, or its completion still in
 //!    flight: the next batch is claimed while the previous one is completed, and skips exactly
-//!    those acknowledged ids, never "everything below" some sequence).
+//!    those acknowledged ids, never "everything below" some sequence). Claims start at a floor
+//!    (migration 0008) only so that they do not walk over completed rows' index entries: every
+//!    id below it is settled. It rises past an id only once the sequence had handed that id
+//!    out before some transaction X began (writers take their transaction id before their
+//!    sequences, by a statement trigger) and no transaction older than X still runs, so a
+//!    transaction that commits late is never below it; republishing and dead-letter retry,
+//!    which put messages back with their old sequences, lower it in the same transaction.
 //! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
 //!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
 //!    timeout it never lets a later record of a partition through after giving up on an earlier
@@ -181,6 +187,9 @@ impl Relay {
             idle_rounds: 0,
             term_token: None,
             completing: None,
+            floor: Default::default(),
+            floor_raised_at: tokio::time::Instant::now(),
+            backlog: false,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

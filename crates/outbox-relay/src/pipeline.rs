@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Fenced, PendingMessage, Statements};
+use outbox::postgres::{Fenced, FloorTracker, PendingMessage, Statements};
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -39,7 +40,16 @@ pub(crate) struct Pipeline {
     pub(crate) term_token: Option<i64>,
     /// The previous batch's completion, running while the next batch is claimed and published.
     pub(crate) completing: Option<Completing>,
+    /// Candidates for raising the claim floor, from this term's claims.
+    pub(crate) floor: FloorTracker,
+    /// When the floor last rose, and whether the last claim filled a batch: raising the floor
+    /// is a write (a commit), so without a backlog it is done at most every `FLOOR_INTERVAL`.
+    pub(crate) floor_raised_at: Instant,
+    pub(crate) backlog: bool,
 }
+
+/// How often the claim floor rises while batches are not full.
+const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A completion statement in flight for acknowledged messages. Until it has settled, claims
 /// skip these ids (they may or may not be visible as completed yet); skipping acknowledged
@@ -69,9 +79,10 @@ impl Pipeline {
             let step = match term {
                 Some(term) if term.valid_for(TERM_MARGIN) => {
                     if self.term_token != Some(term.fence.token) {
-                        // Acquiring the lease cleared the idle flag.
+                        // Acquiring the lease cleared the idle flag and the claim floor.
                         self.term_token = Some(term.fence.token);
                         self.idle = false;
+                        self.floor = FloorTracker::default();
                     }
                     self.step(&term, &cancel).await
                 }
@@ -139,7 +150,7 @@ impl Pipeline {
                 return Step::Failed;
             }
         };
-        let claimed_at = tokio::time::Instant::now();
+        let claimed_at = Instant::now();
         self.health.database(true);
         if batch.is_empty() {
             if let Some(step) = self.settle_completion().await {
@@ -219,18 +230,33 @@ impl Pipeline {
     /// The next batch: the lowest pending sequences, skipping the previous batch's messages
     /// while their completion is in flight; a prefix, in sequence order, of what is pending and
     /// not yet acknowledged.
-    async fn claim(&self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    async fn claim(&mut self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let skip = self.completing.as_ref().map_or(&[][..], |c| &c.ids[..]);
+        let candidate = self
+            .floor
+            .candidate()
+            .filter(|_| self.backlog || self.floor_raised_at.elapsed() >= FLOOR_INTERVAL);
         let mut conn = self.pool.acquire().await?;
-        self.statements
+        let claimed = self
+            .statements
             .claim(
                 &mut conn,
                 self.config.batch_size as i64,
                 self.config.max_batch_bytes as i64,
                 skip,
+                candidate,
                 &term.fence,
             )
-            .await
+            .await?;
+        if let Some(horizon) = &claimed.horizon {
+            if self.floor.observe(horizon, candidate) {
+                self.floor_raised_at = Instant::now();
+            }
+        }
+        let batch = claimed.messages;
+        self.backlog = batch.len() >= self.config.batch_size
+            || batch.iter().map(message_bytes).sum::<usize>() >= self.config.max_batch_bytes;
+        Ok(batch)
     }
 
     /// Completes acknowledged messages in the background, after the previous completion.
@@ -306,7 +332,7 @@ impl Pipeline {
         &mut self,
         term: &Term,
         batch: &[PendingMessage],
-        claimed_at: tokio::time::Instant,
+        claimed_at: Instant,
         outcome: BatchOutcome,
     ) -> Step {
         // One completion in flight at a time: the previous batch's lands first. If it did not
@@ -423,6 +449,11 @@ impl Pipeline {
         }
         Ok(Fenced::Done(()))
     }
+}
+
+/// What a message weighs against the batch byte budget: its key and payload, as in the claim.
+fn message_bytes(message: &PendingMessage) -> usize {
+    message.key.as_ref().map_or(0, Vec::len) + message.payload.as_ref().map_or(0, Vec::len)
 }
 
 /// Counts published messages per topic and records their latency from insert to ack.

@@ -3,11 +3,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use outbox::postgres::{RepublishFilter, Statements};
 use outbox::Message;
 use outbox_relay::{Completion, Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, record_count, unique_topic, wait_until, KafkaBroker,
-    TestOutbox, TopicReader,
+    Received, TestOutbox, TopicReader,
 };
 
 const SOURCE: &str = "relay-tests";
@@ -322,6 +323,84 @@ async fn message_whose_transaction_commits_late_is_not_skipped() {
         })
         .await;
     assert_eq!(reader.distinct_sequences().len(), 21);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// Republishing and dead-letter retry put messages back with their old sequence, below the
+/// claim floor of the running relay; they lower it, so the relay publishes them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_put_back_below_the_claim_floor_are_published_by_the_running_relay() {
+    let outbox = TestOutbox::new().await;
+    let topic = topic(1).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
+    let statements = Statements::new(&outbox.schema);
+    let filler = || Message::new(&topic, b"filler".to_vec()).key("filler");
+    let sent = outbox
+        .commit_each([Message::new(&topic, b"old".to_vec()).key("old"), filler()])
+        .await;
+    let (old, second) = (sent[0], sent[1]);
+    let floor_passes = |id: i64| {
+        let (outbox, filler) = (&outbox, &filler);
+        async move {
+            wait_until(
+                Duration::from_secs(30),
+                "the claim floor rises past the message",
+                || async move {
+                    outbox.commit_each([filler()]).await;
+                    let floor: i64 = sqlx::query_scalar(&format!(
+                        "SELECT floor FROM {}.relay_lease",
+                        outbox.schema
+                    ))
+                    .fetch_one(&outbox.pool)
+                    .await
+                    .unwrap();
+                    floor > id
+                },
+            )
+            .await
+        }
+    };
+    let mut reader = TopicReader::new(&topic);
+    let twice = |id: i64| {
+        move |received: &[Received]| received.iter().filter(|r| r.sequence() == id).count() == 2
+    };
+
+    floor_passes(second).await;
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let filter = RepublishFilter {
+        from_id: Some(old),
+        to_id: Some(old),
+        ..RepublishFilter::default()
+    };
+    let (republished, _) = statements
+        .republish_batch(&mut conn, &filter, 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(republished, 1);
+    reader.read_until(READ_TIMEOUT, twice(old)).await;
+
+    // The second message, dead-lettered by hand (out of the history, into the dead letters).
+    floor_passes(second).await;
+    sqlx::query(&format!(
+        "WITH moved AS (DELETE FROM {0}.published WHERE id = $1
+                        RETURNING id, topic, key, payload, headers, created_at)
+         INSERT INTO {0}.dead_letter (id, topic, key, payload, headers, created_at, attempts, error)
+         SELECT id, topic, key, payload, headers, created_at, 1, 'by hand' FROM moved",
+        outbox.schema
+    ))
+    .bind(second)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        statements
+            .requeue_dead_letters(&mut conn, Some(second))
+            .await
+            .unwrap(),
+        [second]
+    );
+    reader.read_until(READ_TIMEOUT, twice(second)).await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }

@@ -49,6 +49,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "wake-up trigger before the insert",
         include_str!("migrations/0007_notify_before_insert.sql"),
     ),
+    (
+        8,
+        "claim floor",
+        include_str!("migrations/0008_claim_floor.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
@@ -155,6 +160,76 @@ pub struct PendingMessage {
     pub attempts: i32,
 }
 
+/// What a claim returned.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The batch, in sequence order.
+    pub messages: Vec<PendingMessage>,
+    /// What the claim saw, for the next floor candidate; `None` when it found nothing.
+    pub horizon: Option<ClaimHorizon>,
+}
+
+/// The floor a claim started at, and the facts the next floor rise is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimHorizon {
+    /// The id the claim's scan started at.
+    pub floor: i64,
+    /// The id sequence's last value, read during the claim (`None` before the first insert).
+    pub last_id: Option<i64>,
+    /// The claim snapshot's xmin: every older transaction had ended.
+    pub xmin: u64,
+    /// The claim snapshot's xmax: every transaction that had an id when it was taken is older.
+    pub xmax: u64,
+}
+
+/// A possible rise of the claim floor: every id up to `last_id` was handed out to a transaction
+/// older than transaction `xid` (writers take their transaction id before their ids, migration
+/// 0008). Once no transaction older than `xid` runs, those ids are all committed or gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloorCandidate {
+    /// Highest id covered.
+    pub last_id: i64,
+    /// Transaction id horizon.
+    pub xid: u64,
+}
+
+/// Builds floor candidates from successive claims. The sequence's last value must be read
+/// before the snapshot whose xmax bounds its transactions, so a candidate pairs the last value
+/// read by an earlier claim with the xmax of a later one.
+#[derive(Debug, Clone, Default)]
+pub struct FloorTracker {
+    earlier_last_id: Option<i64>,
+    candidate: Option<FloorCandidate>,
+}
+
+impl FloorTracker {
+    /// The candidate to pass to the next claim.
+    pub fn candidate(&self) -> Option<FloorCandidate> {
+        self.candidate
+    }
+
+    /// Records what a claim saw that was passed `passed` (the candidate, or `None` to hold it
+    /// back). Returns whether that claim raised the floor (or found it already as high).
+    pub fn observe(&mut self, horizon: &ClaimHorizon, passed: Option<FloorCandidate>) -> bool {
+        let settled = matches!(passed, Some(c) if horizon.xmin >= c.xid);
+        if settled && passed == self.candidate {
+            self.candidate = None;
+        }
+        if self.candidate.is_none() {
+            if let Some(last_id) = self.earlier_last_id {
+                self.candidate = Some(FloorCandidate {
+                    last_id,
+                    xid: horizon.xmax,
+                });
+            }
+        }
+        if horizon.last_id.is_some() {
+            self.earlier_last_id = horizon.last_id;
+        }
+        settled
+    }
+}
+
 /// The fencing identity of a lease term: only statements carrying the current holder and token,
 /// while the lease is unexpired, may change messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +330,12 @@ const IN_IDS: &str =
     "id >= lower($1::text::int8multirange) AND id < upper($1::text::int8multirange)
      AND $1::text::int8multirange @> id";
 
+/// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
+/// back with their old ids must not sit below it.
+const LOWER_FLOOR: &str = "lowered AS (UPDATE {schema}.relay_lease
+                          SET floor = (SELECT min(id) FROM inserted)
+                        WHERE floor > (SELECT min(id) FROM inserted))";
+
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
 
@@ -305,6 +386,7 @@ impl Statements {
         let render = |sql: &str| {
             sql.replace("{fence}", FENCE)
                 .replace("{in_ids}", IN_IDS)
+                .replace("{lower_floor}", LOWER_FLOOR)
                 .replace("{schema}", schema.as_str())
         };
         // Fenced statements take the fence as their last three parameters.
@@ -338,18 +420,51 @@ impl Statements {
             // from the stored lengths (octet_length does not detoast). $3 lists the ids to skip
             // (delivered, their completion in flight) as ranges: a multirange test is a binary
             // search per row, and skipping in the query keeps the budgets exact.
+            //
+            // The scan starts at the lease row's floor (migration 0008). $7/$8 are a horizon from
+            // earlier claims: every id up to $8 was handed out to a transaction older than
+            // transaction $7. Once no transaction older than $7 runs (this snapshot's xmin), each
+            // of those ids is committed or gone, so the floor may rise to the lowest one still
+            // pending (held and in-flight ones included), or past $8. The rise is a
+            // compare-and-set: a republish that lowered the floor meanwhile wins. Every claim
+            // reports the sequence's last value and its snapshot's xmin and xmax for the next
+            // horizon (see `FloorHorizon`).
             claim: fenced(
-                "WITH held AS MATERIALIZED (
+                "WITH lease AS MATERIALIZED (
+                     SELECT floor FROM {schema}.relay_lease l
+                      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
+                        AND l.expires_at > now()),
+                      settled AS MATERIALIZED (
+                     SELECT coalesce((SELECT min(id) FROM {schema}.message
+                                       WHERE id >= (SELECT floor FROM lease) AND id <= $8),
+                                     $8 + 1) AS floor
+                      WHERE $8::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
+                        AND pg_snapshot_xmin(pg_current_snapshot()) >= $7::text::xid8),
+                      raised AS (
+                     UPDATE {schema}.relay_lease l SET floor = s.floor
+                       FROM settled s
+                      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
+                        AND l.floor = (SELECT floor FROM lease) AND s.floor > l.floor),
+                      horizon AS MATERIALIZED (
+                     SELECT greatest((SELECT floor FROM lease), (SELECT floor FROM settled)) AS floor,
+                            pg_sequence_last_value(
+                                pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
+                            pg_snapshot_xmin(pg_current_snapshot())::text AS xmin,
+                            pg_snapshot_xmax(pg_current_snapshot())::text AS xmax),
+                      held AS MATERIALIZED (
                      SELECT topic, key, id FROM {schema}.message
                       WHERE processed_at IS NULL AND retry_at > now())
-                 SELECT id, topic, key, payload, headers, attempts, age_us
+                 SELECT id, topic, key, payload, headers, attempts, age_us,
+                        (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
+                        (SELECT xmin FROM horizon) AS xmin, (SELECT xmax FROM horizon) AS xmax
                    FROM (SELECT c.*, sum(size) OVER (ORDER BY id) - size AS before
                            FROM (SELECT id, topic, key, payload, headers, attempts,
                                         (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us,
                                         coalesce(octet_length(key), 0)
                                           + coalesce(octet_length(payload), 0) AS size
                                    FROM {schema}.message m
-                                  WHERE processed_at IS NULL AND {fence}
+                                  WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+                                    AND m.id >= (SELECT floor FROM horizon)
                                     AND NOT $3::text::int8multirange @> m.id
                                     AND NOT EXISTS (SELECT 1 FROM held h
                                                      WHERE h.id = m.id
@@ -415,12 +530,15 @@ impl Statements {
             // Back into the outbox with the original sequence, so x-sequence is kept.
             dead_letters_requeue: render(
                 "WITH moved AS (DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1
-                                RETURNING id, topic, key, payload, headers, created_at, attempts, error)
-                 INSERT INTO {schema}.message
-                        (id, topic, key, payload, headers, created_at, attempts, last_error)
-                 OVERRIDING SYSTEM VALUE
-                 SELECT id, topic, key, payload, headers, created_at, attempts, error FROM moved
-                 RETURNING id",
+                                RETURNING id, topic, key, payload, headers, created_at, attempts, error),
+                      inserted AS (INSERT INTO {schema}.message
+                                          (id, topic, key, payload, headers, created_at, attempts, last_error)
+                                   OVERRIDING SYSTEM VALUE
+                                   SELECT id, topic, key, payload, headers, created_at, attempts, error
+                                     FROM moved
+                                   RETURNING id),
+                      {lower_floor}
+                 SELECT id FROM inserted",
             ),
             dead_letters_drop: render(
                 "DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1",
@@ -442,7 +560,7 @@ impl Statements {
                             (name, holder, token, idle, acquired_at, renewed_at, expires_at)
                      VALUES ($1, $2, 1, false, now(), now(), now() + $3 * interval '1 microsecond')
                      ON CONFLICT (name) DO UPDATE
-                        SET holder = excluded.holder, token = l.token + 1, idle = false,
+                        SET holder = excluded.holder, token = l.token + 1, idle = false, floor = 0,
                             acquired_at = now(), renewed_at = now(), expires_at = excluded.expires_at
                       WHERE l.expires_at <= now()
                      RETURNING holder, token, expires_at)
@@ -515,11 +633,14 @@ impl Statements {
                                                  AND NOT EXISTS (SELECT 1 FROM {{schema}}.message m
                                                                   WHERE m.id = published.id)
                                                ORDER BY id LIMIT $8)
-                             RETURNING id, topic, key, payload, headers, created_at)
-                 INSERT INTO {{schema}}.message (id, topic, key, payload, headers, created_at)
-                 OVERRIDING SYSTEM VALUE
-                 SELECT id, topic, key, payload, headers, created_at FROM moved
-                 RETURNING id"
+                             RETURNING id, topic, key, payload, headers, created_at),
+                      inserted AS (INSERT INTO {{schema}}.message
+                                          (id, topic, key, payload, headers, created_at)
+                                   OVERRIDING SYSTEM VALUE
+                                   SELECT id, topic, key, payload, headers, created_at FROM moved
+                                   RETURNING id),
+                      {LOWER_FLOOR}
+                 SELECT id FROM inserted"
             )),
             // What holds back vacuum of this database's tables: its sessions' snapshots
             // (backend_xmin) and open write transactions (backend_xid, also when idle in
@@ -640,16 +761,19 @@ impl Statements {
     }
 
     /// Claims up to `limit` pending messages in sequence order, stopping once their keys and
-    /// payloads reach `max_bytes` (at least one message), only while `fence` holds. A single
-    /// active relay needs no row locks: the fence makes it the only publisher.
+    /// payloads reach `max_bytes` (at least one message), skipping `skip`, only while `fence`
+    /// holds. A single active relay needs no row locks: the fence makes it the only publisher.
+    /// With a `candidate` from [`FloorTracker`], the claim also raises the floor it starts at
+    /// once that is safe.
     pub async fn claim(
         &self,
         conn: &mut PgConnection,
         limit: i64,
         max_bytes: i64,
         skip: &[i64],
+        candidate: Option<FloorCandidate>,
         fence: &Fence,
-    ) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    ) -> Result<Claimed, sqlx::Error> {
         let rows = sqlx::query(&self.claim)
             .bind(limit)
             .bind(max_bytes)
@@ -657,9 +781,28 @@ impl Statements {
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
+            .bind(candidate.map(|c| c.xid.to_string()))
+            .bind(candidate.map(|c| c.last_id))
             .fetch_all(conn)
             .await?;
-        rows.into_iter()
+        let horizon = match rows.first() {
+            Some(row) => {
+                let xid = |column: &str| -> Result<u64, sqlx::Error> {
+                    let text: String = row.try_get(column)?;
+                    text.parse()
+                        .map_err(|e: std::num::ParseIntError| sqlx::Error::Decode(e.into()))
+                };
+                Some(ClaimHorizon {
+                    floor: row.try_get("floor")?,
+                    last_id: row.try_get("last_id")?,
+                    xmin: xid("xmin")?,
+                    xmax: xid("xmax")?,
+                })
+            }
+            None => None,
+        };
+        let messages = rows
+            .into_iter()
             .map(|row| {
                 let headers: Option<Value> = row.try_get("headers")?;
                 let age_us: i64 = row.try_get("age_us")?;
@@ -673,7 +816,8 @@ impl Statements {
                     attempts: row.try_get("attempts")?,
                 })
             })
-            .collect()
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(Claimed { messages, horizon })
     }
 
     /// Completes delivered messages: moves them to `published` (kept for retention) or deletes
@@ -1126,6 +1270,40 @@ fn decode_headers(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floor_candidates_pair_an_earlier_last_id_with_a_later_xmax() {
+        let horizon = |last_id, xmin, xmax| ClaimHorizon {
+            floor: 0,
+            last_id: Some(last_id),
+            xmin,
+            xmax,
+        };
+        let mut tracker = FloorTracker::default();
+        assert!(!tracker.observe(&horizon(10, 100, 105), None));
+        assert_eq!(tracker.candidate(), None, "no earlier claim yet");
+        tracker.observe(&horizon(20, 104, 110), None);
+        let first = FloorCandidate {
+            last_id: 10,
+            xid: 110,
+        };
+        assert_eq!(tracker.candidate(), Some(first));
+        // Transaction 109 still runs: not settled, the candidate stays.
+        assert!(!tracker.observe(&horizon(30, 109, 120), Some(first)));
+        assert_eq!(tracker.candidate(), Some(first));
+        // Settled but held back by the caller: nothing was raised, the candidate stays.
+        assert!(!tracker.observe(&horizon(40, 115, 125), None));
+        assert_eq!(tracker.candidate(), Some(first));
+        // Passed and settled: the next one pairs the last id read before with this xmax.
+        assert!(tracker.observe(&horizon(50, 115, 130), Some(first)));
+        assert_eq!(
+            tracker.candidate(),
+            Some(FloorCandidate {
+                last_id: 40,
+                xid: 130
+            })
+        );
+    }
 
     #[test]
     fn id_ranges_merge_consecutive_ids_in_any_order() {

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use outbox::postgres::{Fence, Fenced, LeaseState, Statements};
+use outbox::postgres::{
+    Claimed, Fence, Fenced, FloorTracker, LeaseState, RepublishFilter, Statements,
+};
 use outbox::{Error, Inbox, InvalidMessage, Message};
 use outbox_test_support::TestOutbox;
 
@@ -129,7 +131,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 7);
+    assert_eq!(report.current_version(), 8);
     outbox.drop_schema().await;
 }
 
@@ -182,9 +184,10 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         Fenced::LeaseLost
     );
     assert!(sql
-        .claim(&mut conn, 10, 1 << 20, &[], &old)
+        .claim(&mut conn, 10, 1 << 20, &[], None, &old)
         .await
         .unwrap()
+        .messages
         .is_empty());
     assert_eq!(
         sql.lease_renew(&mut conn, &old, ttl).await.unwrap(),
@@ -202,9 +205,10 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         token: new_token,
     };
     assert_eq!(
-        sql.claim(&mut conn, 10, 1 << 20, &[], &new)
+        sql.claim(&mut conn, 10, 1 << 20, &[], None, &new)
             .await
             .unwrap()
+            .messages
             .len(),
         1
     );
@@ -358,11 +362,11 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
         let (sql, fence, pool) = (&sql, &fence, &outbox.pool);
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            let batch = sql
-                .claim(&mut conn, limit, max_bytes, &skip, fence)
+            let claimed = sql
+                .claim(&mut conn, limit, max_bytes, &skip, None, fence)
                 .await
                 .unwrap();
-            batch.iter().map(|m| m.id).collect::<Vec<_>>()
+            claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>()
         }
     };
     // A message is taken while the bytes before it are under the budget.
@@ -420,6 +424,94 @@ async fn completion_replaces_a_copy_already_in_published() {
     .await
     .unwrap();
     assert_eq!((attempts, recent), (0, true));
+    drop(conn);
+    outbox.drop_schema().await;
+}
+
+/// The claim floor never passes a message whose transaction is still open (its id is lower
+/// than messages already claimed and completed), rises to it once it commits, and a republished
+/// message lowers it again.
+#[tokio::test]
+async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let fence = take_lease(&sql, &mut conn).await;
+    let message = |n: &str| Message::new("t", n.as_bytes().to_vec()).key(n);
+    let mut tracker = FloorTracker::default();
+    let claim = async |tracker: &mut FloorTracker, pass: bool| -> Claimed {
+        let candidate = tracker.candidate().filter(|_| pass);
+        let mut conn = outbox.pool.acquire().await.unwrap();
+        let claimed = sql
+            .claim(&mut conn, 100, 1 << 20, &[], candidate, &fence)
+            .await
+            .unwrap();
+        tracker.observe(claimed.horizon.as_ref().expect("rows"), candidate);
+        claimed
+    };
+    let ids_of = |claimed: &Claimed| claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+
+    let early = outbox.commit_each([message("a"), message("b")]).await;
+    // An open transaction whose first write is the message: its id is handed out now...
+    let mut open = outbox.pool.begin().await.unwrap();
+    outbox
+        .outbox
+        .save_for_publishing(&mut open, message("late"))
+        .await
+        .unwrap();
+    let late: i64 = sqlx::query_scalar(&format!("SELECT max(id) FROM {}.message", outbox.schema))
+        .fetch_one(&mut *open)
+        .await
+        .unwrap();
+    // ...and later messages commit before it.
+    let later = outbox.commit_each([message("c")]).await;
+    let first = claim(&mut tracker, true).await;
+    assert_eq!(ids_of(&first), [early[0], early[1], later[0]]);
+    sql.complete(&mut conn, &ids_of(&first), false, &fence)
+        .await
+        .unwrap();
+    let tail = outbox.commit_each([message("d")]).await;
+
+    // Candidates now cover the late id, but its transaction is open: the floor stays below it.
+    for _ in 0..3 {
+        let claimed = claim(&mut tracker, true).await;
+        assert_eq!(ids_of(&claimed), tail);
+        assert!(claimed.horizon.unwrap().floor <= late, "{claimed:?}");
+    }
+    open.commit().await.unwrap();
+    // Once it commits (and older transactions of other tests end), the floor rises to it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let risen = loop {
+        let claimed = claim(&mut tracker, true).await;
+        assert_eq!(ids_of(&claimed), [late, tail[0]]);
+        if claimed.horizon.unwrap().floor == late {
+            break claimed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the floor never rose: {claimed:?}"
+        );
+    };
+    assert!(risen.horizon.unwrap().floor > early[1]);
+
+    // A republished message goes back below the floor, which follows it down.
+    let (republished, _) = sql
+        .republish_batch(
+            &mut conn,
+            &RepublishFilter {
+                from_id: Some(early[0]),
+                to_id: Some(early[0]),
+                ..RepublishFilter::default()
+            },
+            0,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(republished, 1);
+    let claimed = claim(&mut tracker, false).await;
+    assert_eq!(ids_of(&claimed), [early[0], late, tail[0]]);
+    assert_eq!(claimed.horizon.unwrap().floor, early[0]);
     drop(conn);
     outbox.drop_schema().await;
 }
