@@ -28,10 +28,12 @@
 //!    those acknowledged ids, never "everything below" some sequence). Claims start at a floor
 //!    (migration 0008) only so that they do not walk over completed rows' index entries: every
 //!    id below it is settled. It rises past an id only once the sequence had handed that id
-//!    out before some transaction X began (writers take their transaction id before their
-//!    sequences, by a statement trigger) and no transaction older than X still runs, so a
-//!    transaction that commits late is never below it; republishing and dead-letter retry,
-//!    which put messages back with their old sequences, lower it in the same transaction.
+//!    out before the relay's own completion transaction X began (writers take their
+//!    transaction id before their sequences, by a statement trigger, so theirs are below X)
+//!    and a later snapshot's xmin is above X, i.e. none of those writers still runs; a
+//!    transaction that commits late is never below it. Republishing and dead-letter retry,
+//!    which put messages back with their old sequences, lower it in the same transaction and
+//!    bump its generation, which cancels any rise in progress (a compare-and-set on it).
 //! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
 //!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
 //!    timeout it never lets a later record of a partition through after giving up on an earlier
@@ -190,6 +192,7 @@ impl Relay {
             floor: Default::default(),
             floor_raised_at: tokio::time::Instant::now(),
             backlog: false,
+            claimed_last_id: None,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

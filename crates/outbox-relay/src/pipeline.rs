@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Fenced, FloorTracker, PendingMessage, Statements};
+use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Statements};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -46,6 +46,8 @@ pub(crate) struct Pipeline {
     /// is a write (a commit), so without a backlog it is done at most every `FLOOR_INTERVAL`.
     pub(crate) floor_raised_at: Instant,
     pub(crate) backlog: bool,
+    /// The id sequence's last value read by the latest claim that found messages.
+    pub(crate) claimed_last_id: Option<i64>,
 }
 
 /// How often the claim floor rises while batches are not full.
@@ -57,7 +59,9 @@ const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Completing {
     /// In sequence order.
     ids: Vec<i64>,
-    task: tokio::task::JoinHandle<Result<Fenced<u64>, sqlx::Error>>,
+    /// The id sequence's last value read by the claim of this batch, for the floor candidate.
+    claimed_last_id: Option<i64>,
+    task: tokio::task::JoinHandle<Result<Fenced<Completed>, sqlx::Error>>,
 }
 
 enum Step {
@@ -83,6 +87,7 @@ impl Pipeline {
                         self.term_token = Some(term.fence.token);
                         self.idle = false;
                         self.floor = FloorTracker::default();
+                        self.claimed_last_id = None;
                     }
                     self.step(&term, &cancel).await
                 }
@@ -252,6 +257,7 @@ impl Pipeline {
             if self.floor.observe(horizon, candidate) {
                 self.floor_raised_at = Instant::now();
             }
+            self.claimed_last_id = horizon.last_id;
         }
         let batch = claimed.messages;
         self.backlog = batch.len() >= self.config.batch_size
@@ -274,17 +280,28 @@ impl Pipeline {
                 .complete(&mut conn, &delivered, delete, &fence)
                 .await
         });
-        self.completing = Some(Completing { ids, task });
+        // This batch's claim returned before the completion began, so its last value pairs with
+        // the completion's transaction id; a later claim's would not.
+        self.completing = Some(Completing {
+            ids,
+            claimed_last_id: self.claimed_last_id,
+            task,
+        });
     }
 
     /// Waits for the completion in flight, if any. `Some(step)` when it did not take effect:
     /// its messages stay pending and are published again (duplicates, never a loss).
     async fn settle_completion(&mut self) -> Option<Step> {
-        let Completing { ids, task, .. } = self.completing.take()?;
+        let Completing {
+            ids,
+            claimed_last_id,
+            task,
+        } = self.completing.take()?;
         let count = ids.len();
         match task.await {
             Ok(Ok(Fenced::Done(completed))) => {
-                tracing::debug!(completed, "published and completed");
+                tracing::debug!(completed = completed.count, "published and completed");
+                self.floor.completed(claimed_last_id, completed.xid);
                 self.health.progress(true);
                 None
             }
@@ -358,8 +375,9 @@ impl Pipeline {
             }
             .await;
             match completed {
-                Ok(Fenced::Done(count)) => {
-                    tracing::debug!(count, "published and completed");
+                Ok(Fenced::Done(completed)) => {
+                    tracing::debug!(completed = completed.count, "published and completed");
+                    self.floor.completed(self.claimed_last_id, completed.xid);
                     self.health.progress(true);
                     record_published(batch, &outcome.delivered, claimed_at.elapsed());
                 }

@@ -169,36 +169,34 @@ pub struct Claimed {
     pub horizon: Option<ClaimHorizon>,
 }
 
-/// The floor a claim started at, and the facts the next floor rise is built from.
+/// The floor a claim started at, and what the next floor rise is built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClaimHorizon {
     /// The id the claim's scan started at.
     pub floor: i64,
     /// The id sequence's last value, read during the claim (`None` before the first insert).
     pub last_id: Option<i64>,
-    /// The claim snapshot's xmin: every older transaction had ended.
+    /// The claim snapshot's xmin: no transaction with a lower id was still running.
     pub xmin: u64,
-    /// The claim snapshot's xmax: every transaction that had an id when it was taken is older.
-    pub xmax: u64,
 }
 
 /// A possible rise of the claim floor: every id up to `last_id` was handed out to a transaction
-/// older than transaction `xid` (writers take their transaction id before their ids, migration
-/// 0008). Once no transaction older than `xid` runs, those ids are all committed or gone.
+/// with an id below `xid`. Writers take their transaction id before their ids (migration 0008),
+/// and `xid` is the relay's own completion transaction, which began after the claim that read
+/// `last_id` had returned. (A snapshot's xmax would not do: it is one past the newest
+/// *completed* transaction, and a running one may be at or above it.) Once a claim's xmin is
+/// above `xid`, all those transactions have ended and every id up to `last_id` is settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FloorCandidate {
     /// Highest id covered.
     pub last_id: i64,
-    /// Transaction id horizon.
+    /// The completion's transaction id.
     pub xid: u64,
 }
 
-/// Builds floor candidates from successive claims. The sequence's last value must be read
-/// before the snapshot whose xmax bounds its transactions, so a candidate pairs the last value
-/// read by an earlier claim with the xmax of a later one.
+/// Holds at most one floor candidate at a time, from a completed batch.
 #[derive(Debug, Clone, Default)]
 pub struct FloorTracker {
-    earlier_last_id: Option<i64>,
     candidate: Option<FloorCandidate>,
 }
 
@@ -208,23 +206,19 @@ impl FloorTracker {
         self.candidate
     }
 
+    /// A completion ran in transaction `xid`, after the claim that read `last_id` returned.
+    pub fn completed(&mut self, last_id: Option<i64>, xid: u64) {
+        if self.candidate.is_none() {
+            self.candidate = last_id.map(|last_id| FloorCandidate { last_id, xid });
+        }
+    }
+
     /// Records what a claim saw that was passed `passed` (the candidate, or `None` to hold it
     /// back). Returns whether that claim raised the floor (or found it already as high).
     pub fn observe(&mut self, horizon: &ClaimHorizon, passed: Option<FloorCandidate>) -> bool {
-        let settled = matches!(passed, Some(c) if horizon.xmin >= c.xid);
+        let settled = matches!(passed, Some(c) if horizon.xmin > c.xid);
         if settled && passed == self.candidate {
             self.candidate = None;
-        }
-        if self.candidate.is_none() {
-            if let Some(last_id) = self.earlier_last_id {
-                self.candidate = Some(FloorCandidate {
-                    last_id,
-                    xid: horizon.xmax,
-                });
-            }
-        }
-        if horizon.last_id.is_some() {
-            self.earlier_last_id = horizon.last_id;
         }
         settled
     }
@@ -261,6 +255,15 @@ pub enum LeaseState {
     },
 }
 
+/// What a completion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// Messages completed.
+    pub count: u64,
+    /// The completing transaction's id.
+    pub xid: u64,
+}
+
 /// Outcome of a fenced statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fenced<T> {
@@ -268,6 +271,16 @@ pub enum Fenced<T> {
     Done(T),
     /// The lease was lost; nothing was changed.
     LeaseLost,
+}
+
+impl<T> Fenced<T> {
+    /// Maps the result of a statement that took effect.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Fenced<U> {
+        match self {
+            Fenced::Done(value) => Fenced::Done(f(value)),
+            Fenced::LeaseLost => Fenced::LeaseLost,
+        }
+    }
 }
 
 /// Backlog figures for status and health.
@@ -331,10 +344,12 @@ const IN_IDS: &str =
      AND $1::text::int8multirange @> id";
 
 /// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
-/// back with their old ids must not sit below it.
+/// back with their old ids must not sit below it. Always writes the row (and bumps the generation), even when the floor is already lower: a
+/// claim raising it concurrently must see the lock and the new generation and give up.
 const LOWER_FLOOR: &str = "lowered AS (UPDATE {schema}.relay_lease
-                          SET floor = (SELECT min(id) FROM inserted)
-                        WHERE floor > (SELECT min(id) FROM inserted))";
+                          SET floor = least(floor, (SELECT min(id) FROM inserted)),
+                              floor_generation = floor_generation + 1
+                        WHERE EXISTS (SELECT 1 FROM inserted))";
 
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
@@ -353,7 +368,7 @@ fn complete_keep(on_conflict: &str) -> String {
                          FROM moved
                        {on_conflict}
                        RETURNING 1)
-         SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)"
+         SELECT (SELECT held FROM fence), (SELECT count(*) FROM done), pg_current_xact_id()::text"
     )
 }
 
@@ -421,17 +436,18 @@ impl Statements {
             // (delivered, their completion in flight) as ranges: a multirange test is a binary
             // search per row, and skipping in the query keeps the budgets exact.
             //
-            // The scan starts at the lease row's floor (migration 0008). $7/$8 are a horizon from
-            // earlier claims: every id up to $8 was handed out to a transaction older than
-            // transaction $7. Once no transaction older than $7 runs (this snapshot's xmin), each
-            // of those ids is committed or gone, so the floor may rise to the lowest one still
-            // pending (held and in-flight ones included), or past $8. The rise is a
-            // compare-and-set: a republish that lowered the floor meanwhile wins. Every claim
-            // reports the sequence's last value and its snapshot's xmin and xmax for the next
-            // horizon (see `FloorHorizon`).
+            // The scan starts at the lease row's floor (migration 0008). $7/$8 are a candidate
+            // from a completed batch (see `FloorCandidate`): every id up to $8 went to a
+            // transaction older than the relay's completion transaction $7. Once this
+            // snapshot's xmin is above $7 none of them runs, each of those ids is committed or
+            // gone, and the floor may rise to the lowest one still pending (held and in-flight
+            // ones included), or past $8. The rise is a compare-and-set on the floor's
+            // generation: statements that lower the floor bump it, so one that is concurrent
+            // with this claim (even invisible to its snapshot) cancels the rise. Every claim
+            // reports the sequence's last value and its snapshot's xmin.
             claim: fenced(
                 "WITH lease AS MATERIALIZED (
-                     SELECT floor FROM {schema}.relay_lease l
+                     SELECT floor, floor_generation FROM {schema}.relay_lease l
                       WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
                         AND l.expires_at > now()),
                       settled AS MATERIALIZED (
@@ -439,24 +455,24 @@ impl Statements {
                                        WHERE id >= (SELECT floor FROM lease) AND id <= $8),
                                      $8 + 1) AS floor
                       WHERE $8::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
-                        AND pg_snapshot_xmin(pg_current_snapshot()) >= $7::text::xid8),
+                        AND pg_snapshot_xmin(pg_current_snapshot()) > $7::text::xid8),
                       raised AS (
                      UPDATE {schema}.relay_lease l SET floor = s.floor
                        FROM settled s
                       WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
-                        AND l.floor = (SELECT floor FROM lease) AND s.floor > l.floor),
+                        AND l.floor_generation = (SELECT floor_generation FROM lease)
+                        AND s.floor > l.floor),
                       horizon AS MATERIALIZED (
                      SELECT greatest((SELECT floor FROM lease), (SELECT floor FROM settled)) AS floor,
                             pg_sequence_last_value(
                                 pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
-                            pg_snapshot_xmin(pg_current_snapshot())::text AS xmin,
-                            pg_snapshot_xmax(pg_current_snapshot())::text AS xmax),
+                            pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
                       held AS MATERIALIZED (
                      SELECT topic, key, id FROM {schema}.message
                       WHERE processed_at IS NULL AND retry_at > now())
                  SELECT id, topic, key, payload, headers, attempts, age_us,
                         (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
-                        (SELECT xmin FROM horizon) AS xmin, (SELECT xmax FROM horizon) AS xmax
+                        (SELECT xmin FROM horizon) AS xmin
                    FROM (SELECT c.*, sum(size) OVER (ORDER BY id) - size AS before
                            FROM (SELECT id, topic, key, payload, headers, attempts,
                                         (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us,
@@ -493,7 +509,8 @@ impl Statements {
                       done AS (DELETE FROM {schema}.message
                                 WHERE {in_ids} AND (SELECT held FROM fence)
                             RETURNING 1)
-                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM done)",
+                 SELECT (SELECT held FROM fence), (SELECT count(*) FROM done),
+                        pg_current_xact_id()::text",
                 2,
             ),
             record_failures: fenced(
@@ -796,7 +813,6 @@ impl Statements {
                     floor: row.try_get("floor")?,
                     last_id: row.try_get("last_id")?,
                     xmin: xid("xmin")?,
-                    xmax: xid("xmax")?,
                 })
             }
             None => None,
@@ -821,21 +837,21 @@ impl Statements {
     }
 
     /// Completes delivered messages: moves them to `published` (kept for retention) or deletes
-    /// them, fenced.
-    /// Returns how many rows changed.
+    /// them, fenced. Returns how many rows changed and the completing transaction's id (for
+    /// [`FloorTracker::completed`]). Runs as a transaction of its own: call it outside one.
     pub async fn complete(
         &self,
         conn: &mut PgConnection,
         ids: &[i64],
         delete: bool,
         fence: &Fence,
-    ) -> Result<Fenced<u64>, sqlx::Error> {
+    ) -> Result<Fenced<Completed>, sqlx::Error> {
         async fn run(
             sql: &str,
             conn: &mut PgConnection,
             ids: &[i64],
             fence: &Fence,
-        ) -> Result<(bool, i64), sqlx::Error> {
+        ) -> Result<(bool, i64, String), sqlx::Error> {
             sqlx::query_as(sql)
                 .bind(id_ranges(ids))
                 .bind(&fence.lease)
@@ -844,7 +860,7 @@ impl Statements {
                 .fetch_one(conn)
                 .await
         }
-        let (held, count) = if delete {
+        let (held, count, xid) = if delete {
             run(&self.complete_delete, conn, ids, fence).await?
         } else {
             match run(&self.complete_keep, &mut *conn, ids, fence).await {
@@ -855,8 +871,14 @@ impl Statements {
                 other => other?,
             }
         };
+        let xid = xid
+            .parse()
+            .map_err(|e: std::num::ParseIntError| sqlx::Error::Decode(e.into()))?;
         Ok(if held {
-            Fenced::Done(count as u64)
+            Fenced::Done(Completed {
+                count: count as u64,
+                xid,
+            })
         } else {
             Fenced::LeaseLost
         })
@@ -1272,35 +1294,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn floor_candidates_pair_an_earlier_last_id_with_a_later_xmax() {
-        let horizon = |last_id, xmin, xmax| ClaimHorizon {
+    fn a_floor_candidate_settles_only_once_xmin_is_past_the_completion() {
+        let horizon = |xmin| ClaimHorizon {
             floor: 0,
-            last_id: Some(last_id),
+            last_id: Some(99),
             xmin,
-            xmax,
         };
         let mut tracker = FloorTracker::default();
-        assert!(!tracker.observe(&horizon(10, 100, 105), None));
-        assert_eq!(tracker.candidate(), None, "no earlier claim yet");
-        tracker.observe(&horizon(20, 104, 110), None);
+        tracker.completed(None, 100);
+        assert_eq!(tracker.candidate(), None, "nothing was claimed yet");
+        tracker.completed(Some(10), 100);
         let first = FloorCandidate {
             last_id: 10,
-            xid: 110,
+            xid: 100,
         };
         assert_eq!(tracker.candidate(), Some(first));
-        // Transaction 109 still runs: not settled, the candidate stays.
-        assert!(!tracker.observe(&horizon(30, 109, 120), Some(first)));
+        tracker.completed(Some(20), 105);
+        assert_eq!(tracker.candidate(), Some(first), "one candidate at a time");
+        // The completion itself (or a writer older than it) may still run at xmin = 100.
+        assert!(!tracker.observe(&horizon(100), Some(first)));
         assert_eq!(tracker.candidate(), Some(first));
         // Settled but held back by the caller: nothing was raised, the candidate stays.
-        assert!(!tracker.observe(&horizon(40, 115, 125), None));
+        assert!(!tracker.observe(&horizon(101), None));
         assert_eq!(tracker.candidate(), Some(first));
-        // Passed and settled: the next one pairs the last id read before with this xmax.
-        assert!(tracker.observe(&horizon(50, 115, 130), Some(first)));
+        assert!(tracker.observe(&horizon(101), Some(first)));
+        assert_eq!(tracker.candidate(), None);
+        tracker.completed(Some(20), 105);
         assert_eq!(
             tracker.candidate(),
             Some(FloorCandidate {
-                last_id: 40,
-                xid: 130
+                last_id: 20,
+                xid: 105
             })
         );
     }

@@ -6,7 +6,7 @@ use outbox::postgres::{
     Claimed, Fence, Fenced, FloorTracker, LeaseState, RepublishFilter, Statements,
 };
 use outbox::{Error, Inbox, InvalidMessage, Message};
-use outbox_test_support::TestOutbox;
+use outbox_test_support::{wait_until, TestOutbox};
 
 async fn count(outbox: &TestOutbox) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", outbox.schema))
@@ -213,7 +213,10 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         1
     );
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, &new).await.unwrap(),
+        sql.complete(&mut conn, &ids, false, &new)
+            .await
+            .unwrap()
+            .map(|done| done.count),
         Fenced::Done(1)
     );
     drop(conn);
@@ -410,7 +413,10 @@ async fn completion_replaces_a_copy_already_in_published() {
     .unwrap();
     let fence = take_lease(&sql, &mut conn).await;
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, &fence).await.unwrap(),
+        sql.complete(&mut conn, &ids, false, &fence)
+            .await
+            .unwrap()
+            .map(|done| done.count),
         Fenced::Done(2),
         "the conflict falls back to replacing the copy instead of failing forever"
     );
@@ -429,8 +435,9 @@ async fn completion_replaces_a_copy_already_in_published() {
 }
 
 /// The claim floor never passes a message whose transaction is still open (its id is lower
-/// than messages already claimed and completed), rises to it once it commits, and a republished
-/// message lowers it again.
+/// than messages already claimed and completed), even when two such transactions are the newest
+/// in the database and one commits first; it rises to them once both have committed, and a
+/// republished message lowers it again.
 #[tokio::test]
 async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
     let outbox = TestOutbox::new().await;
@@ -439,8 +446,8 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
     let fence = take_lease(&sql, &mut conn).await;
     let message = |n: &str| Message::new("t", n.as_bytes().to_vec()).key(n);
     let mut tracker = FloorTracker::default();
-    let claim = async |tracker: &mut FloorTracker, pass: bool| -> Claimed {
-        let candidate = tracker.candidate().filter(|_| pass);
+    let claim = async |tracker: &mut FloorTracker| -> Claimed {
+        let candidate = tracker.candidate();
         let mut conn = outbox.pool.acquire().await.unwrap();
         let claimed = sql
             .claim(&mut conn, 100, 1 << 20, &[], candidate, &fence)
@@ -450,49 +457,61 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
         claimed
     };
     let ids_of = |claimed: &Claimed| claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>();
+    let floor_of = |claimed: &Claimed| claimed.horizon.unwrap().floor;
 
     let early = outbox.commit_each([message("a"), message("b")]).await;
-    // An open transaction whose first write is the message: its id is handed out now...
-    let mut open = outbox.pool.begin().await.unwrap();
-    outbox
-        .outbox
-        .save_for_publishing(&mut open, message("late"))
+    // Two open transactions whose first write is the message: the newest transactions.
+    let mut open = Vec::new();
+    let mut late = Vec::new();
+    for name in ["late-1", "late-2"] {
+        let mut tx = outbox.pool.begin().await.unwrap();
+        late.push(
+            outbox
+                .outbox
+                .save_for_publishing(&mut tx, message(name))
+                .await
+                .unwrap(),
+        );
+        open.push(tx);
+    }
+    let first = claim(&mut tracker).await;
+    assert_eq!(ids_of(&first), early);
+    let Fenced::Done(done) = sql
+        .complete(&mut conn, &early, false, &fence)
         .await
-        .unwrap();
-    let late: i64 = sqlx::query_scalar(&format!("SELECT max(id) FROM {}.message", outbox.schema))
-        .fetch_one(&mut *open)
-        .await
-        .unwrap();
-    // ...and later messages commit before it.
-    let later = outbox.commit_each([message("c")]).await;
-    let first = claim(&mut tracker, true).await;
-    assert_eq!(ids_of(&first), [early[0], early[1], later[0]]);
-    sql.complete(&mut conn, &ids_of(&first), false, &fence)
-        .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("lease lost")
+    };
+    tracker.completed(first.horizon.unwrap().last_id, done.xid);
+    assert!(tracker.candidate().is_some());
     let tail = outbox.commit_each([message("d")]).await;
 
-    // Candidates now cover the late id, but its transaction is open: the floor stays below it.
+    // The candidate covers both late ids; while either transaction is open it is not settled.
+    let claimed = claim(&mut tracker).await;
+    assert_eq!((ids_of(&claimed), floor_of(&claimed)), (tail.clone(), 0));
+    let second = open.pop().unwrap();
+    open.pop().unwrap().commit().await.unwrap();
     for _ in 0..3 {
-        let claimed = claim(&mut tracker, true).await;
-        assert_eq!(ids_of(&claimed), tail);
-        assert!(claimed.horizon.unwrap().floor <= late, "{claimed:?}");
+        let claimed = claim(&mut tracker).await;
+        assert_eq!(ids_of(&claimed), [late[0], tail[0]]);
+        assert!(floor_of(&claimed) <= late[0], "{claimed:?}");
     }
-    open.commit().await.unwrap();
-    // Once it commits (and older transactions of other tests end), the floor rises to it.
+    second.commit().await.unwrap();
+    // Once both committed (and older transactions of other tests ended), it rises to them.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let risen = loop {
-        let claimed = claim(&mut tracker, true).await;
-        assert_eq!(ids_of(&claimed), [late, tail[0]]);
-        if claimed.horizon.unwrap().floor == late {
-            break claimed;
+    loop {
+        let claimed = claim(&mut tracker).await;
+        assert_eq!(ids_of(&claimed), [late[0], late[1], tail[0]]);
+        if tracker.candidate().is_none() {
+            assert_eq!(floor_of(&claimed), late[0]);
+            break;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "the floor never rose: {claimed:?}"
         );
-    };
-    assert!(risen.horizon.unwrap().floor > early[1]);
+    }
 
     // A republished message goes back below the floor, which follows it down.
     let (republished, _) = sql
@@ -509,9 +528,104 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
         .await
         .unwrap();
     assert_eq!(republished, 1);
-    let claimed = claim(&mut tracker, false).await;
-    assert_eq!(ids_of(&claimed), [early[0], late, tail[0]]);
-    assert_eq!(claimed.horizon.unwrap().floor, early[0]);
+    let claimed = claim(&mut tracker).await;
+    assert_eq!(ids_of(&claimed), [early[0], late[0], late[1], tail[0]]);
+    assert_eq!(floor_of(&claimed), early[0]);
+    drop(conn);
+    outbox.drop_schema().await;
+}
+
+/// A dead letter retried while a claim is raising the floor past its id (the claim's snapshot
+/// cannot see it yet) cancels the rise, even though the floor's value did not change.
+#[tokio::test]
+async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let fence = take_lease(&sql, &mut conn).await;
+    let ids = outbox
+        .commit_each(["a", "b", "c"].map(|n| Message::new("t", n.as_bytes().to_vec())))
+        .await;
+    let first = sql
+        .claim(&mut conn, 100, 1 << 20, &[], None, &fence)
+        .await
+        .unwrap();
+    let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, &fence).await.unwrap() else {
+        panic!("lease lost")
+    };
+    let mut tracker = FloorTracker::default();
+    tracker.completed(first.horizon.unwrap().last_id, done.xid);
+    let candidate = tracker.candidate().expect("candidate");
+    // "b" becomes a dead letter (by hand), then is retried in a transaction left open.
+    sqlx::query(&format!(
+        "WITH moved AS (DELETE FROM {0}.published WHERE id = $1
+                        RETURNING id, topic, key, payload, headers, created_at)
+         INSERT INTO {0}.dead_letter (id, topic, key, payload, headers, created_at, attempts, error)
+         SELECT id, topic, key, payload, headers, created_at, 1, 'by hand' FROM moved",
+        outbox.schema
+    ))
+    .bind(ids[1])
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // Other tests' transactions may be older than the completion: wait until none is.
+    wait_until(
+        Duration::from_secs(20),
+        "the candidate is settled",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) > $1::text::xid8",
+            )
+            .bind(candidate.xid.to_string())
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    let mut retry = outbox.pool.begin().await.unwrap();
+    assert_eq!(
+        sql.requeue_dead_letters(&mut retry, Some(ids[1]))
+            .await
+            .unwrap(),
+        [ids[1]]
+    );
+    // A claim that would raise the floor past "b" waits for the retry's lock on the lease row.
+    let rising = tokio::spawn({
+        let (sql, pool, fence) = (sql.clone(), outbox.pool.clone(), fence.clone());
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            sql.claim(&mut conn, 100, 1 << 20, &[], Some(candidate), &fence)
+                .await
+                .unwrap()
+        }
+    });
+    wait_until(
+        Duration::from_secs(20),
+        "the claim waits for the lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE 'WITH lease AS%'",
+            )
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap();
+            waiting > 0
+        },
+    )
+    .await;
+    retry.commit().await.unwrap();
+    rising.await.unwrap();
+    let claimed = sql
+        .claim(&mut conn, 100, 1 << 20, &[], None, &fence)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [ids[1]],
+        "the retried message is above the floor: {claimed:?}"
+    );
     drop(conn);
     outbox.drop_schema().await;
 }
