@@ -54,6 +54,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "claim floor",
         include_str!("migrations/0008_claim_floor.sql"),
     ),
+    (
+        9,
+        "claim floor generation",
+        include_str!("migrations/0009_floor_generation.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.

@@ -131,7 +131,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 8);
+    assert_eq!(report.current_version(), 9);
     outbox.drop_schema().await;
 }
 

@@ -5,8 +5,6 @@
 -- still commit (see `Statements::claim`); statements that put messages back with their old ids
 -- (republish, dead-letter retry) lower it in the same transaction; a new lease term starts at 0.
 ALTER TABLE {schema}.relay_lease ADD COLUMN floor bigint NOT NULL DEFAULT 0;
--- Bumped by every statement that lowers the floor; a rise is a compare-and-set on it.
-ALTER TABLE {schema}.relay_lease ADD COLUMN floor_generation bigint NOT NULL DEFAULT 0;
 
 -- Makes every transaction that inserts messages take its transaction id before the identity hands
 -- out ids (a statement trigger fires before the rows are built), so "all transactions older than
