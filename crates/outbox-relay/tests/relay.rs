@@ -382,17 +382,7 @@ async fn messages_put_back_below_the_claim_floor_are_published_by_the_running_re
 
     // The second message, dead-lettered by hand (out of the history, into the dead letters).
     floor_passes(second).await;
-    sqlx::query(&format!(
-        "WITH moved AS (DELETE FROM {0}.published WHERE id = $1
-                        RETURNING id, topic, key, payload, headers, created_at)
-         INSERT INTO {0}.dead_letter (id, topic, key, payload, headers, created_at, attempts, error)
-         SELECT id, topic, key, payload, headers, created_at, 1, 'by hand' FROM moved",
-        outbox.schema
-    ))
-    .bind(second)
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    outbox.dead_letter_by_hand(second).await;
     assert_eq!(
         statements
             .requeue_dead_letters(&mut conn, Some(second))

@@ -135,6 +135,28 @@ impl TestOutbox {
         .expect("count pending")
     }
 
+    /// Moves published message `id` from the history into the dead letters, as if the relay had
+    /// dead-lettered it, for tests of `dead-letters retry`.
+    pub async fn dead_letter_by_hand(&self, id: i64) {
+        let moved = sqlx::query(&format!(
+            "WITH moved AS (DELETE FROM {0}.published WHERE id = $1
+                            RETURNING id, topic, key, payload, headers, created_at)
+             INSERT INTO {0}.dead_letter
+                    (id, topic, key, payload, headers, created_at, attempts, error)
+             SELECT id, topic, key, payload, headers, created_at, 1, 'by hand' FROM moved",
+            self.schema
+        ))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .expect("dead-letter a published message");
+        assert_eq!(
+            moved.rows_affected(),
+            1,
+            "message {id} is not in the history"
+        );
+    }
+
     /// Removes the schema and everything in it.
     pub async fn drop_schema(self) {
         sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))

@@ -349,8 +349,9 @@ const IN_IDS: &str =
      AND $1::text::int8multirange @> id";
 
 /// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
-/// back with their old ids must not sit below it. Always writes the row (and bumps the generation), even when the floor is already lower: a
-/// claim raising it concurrently must see the lock and the new generation and give up.
+/// back with their old ids must not sit below it. It always writes the row and bumps the
+/// generation, even when the floor is already lower: a claim raising it concurrently must meet
+/// the lock and the new generation and give up.
 const LOWER_FLOOR: &str = "lowered AS (UPDATE {schema}.relay_lease
                           SET floor = least(floor, (SELECT min(id) FROM inserted)),
                               floor_generation = floor_generation + 1

@@ -557,17 +557,7 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     tracker.completed(first.horizon.unwrap().last_id, done.xid);
     let candidate = tracker.candidate().expect("candidate");
     // "b" becomes a dead letter (by hand), then is retried in a transaction left open.
-    sqlx::query(&format!(
-        "WITH moved AS (DELETE FROM {0}.published WHERE id = $1
-                        RETURNING id, topic, key, payload, headers, created_at)
-         INSERT INTO {0}.dead_letter (id, topic, key, payload, headers, created_at, attempts, error)
-         SELECT id, topic, key, payload, headers, created_at, 1, 'by hand' FROM moved",
-        outbox.schema
-    ))
-    .bind(ids[1])
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    outbox.dead_letter_by_hand(ids[1]).await;
     // Other tests' transactions may be older than the completion: wait until none is.
     wait_until(
         Duration::from_secs(20),
