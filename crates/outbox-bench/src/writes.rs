@@ -28,8 +28,9 @@ use crate::{kafka, Ctx};
 pub(crate) enum Op {
     /// Insert one business row and commit.
     Business,
-    /// As `Enqueue`, with the NOTIFY trigger disabled (to split the enqueue's cost).
-    EnqueueNoNotify,
+    /// As `Enqueue`, with the insert trigger (wake-up NOTIFY, transaction id for the claim floor)
+    /// disabled, to split the enqueue's cost. Only while no relay runs.
+    EnqueueNoTrigger,
     /// Insert one business row, enqueue one message (`save_for_publishing`), commit.
     Enqueue,
     /// Insert one business row, commit, then send the message to Kafka and await its ack.
@@ -43,7 +44,7 @@ impl Op {
         match self {
             Op::Business => "business tx alone",
             Op::Enqueue => "business tx + enqueue",
-            Op::EnqueueNoNotify => "business tx + enqueue, NOTIFY trigger off",
+            Op::EnqueueNoTrigger => "business tx + enqueue, insert trigger off",
             Op::DualWrite => "naive dual write",
             Op::MessageOnly => "enqueue alone",
         }
@@ -97,7 +98,7 @@ impl Writes {
                 .execute(&mut *tx)
                 .await?;
         }
-        let sequence = if matches!(op, Op::Enqueue | Op::EnqueueNoNotify | Op::MessageOnly) {
+        let sequence = if matches!(op, Op::Enqueue | Op::EnqueueNoTrigger | Op::MessageOnly) {
             let message = Message::new(self.topic.as_str(), value.clone()).key(key.as_str());
             Some(self.outbox.save_for_publishing(&mut tx, message).await?)
         } else {
@@ -198,7 +199,7 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
         Op::Business,
         Op::Enqueue,
         Op::DualWrite,
-        Op::EnqueueNoNotify,
+        Op::EnqueueNoTrigger,
     ];
     let duration = Duration::from_secs(args.write_seconds);
     let mut details = Vec::new();
@@ -223,12 +224,12 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
             for k in 0..ops.len() {
                 let i = (round + k) % ops.len();
                 progress.set_message(format!("round {}: {}", round + 1, ops[i].name()));
-                if ops[i] == Op::EnqueueNoNotify {
-                    set_notify(ctx, false).await?;
+                if ops[i] == Op::EnqueueNoTrigger {
+                    set_insert_trigger(ctx, false).await?;
                 }
                 let result = closed_loop(&writes, ops[i], concurrency, duration, &progress).await;
-                if ops[i] == Op::EnqueueNoNotify {
-                    set_notify(ctx, true).await?;
+                if ops[i] == Op::EnqueueNoTrigger {
+                    set_insert_trigger(ctx, true).await?;
                 }
                 let result = result?;
                 figures[i].push((
@@ -276,7 +277,7 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
             .collect();
         report.row(
             &scenario,
-            "enqueue cost with NOTIFY trigger off: business tx/s ÷ enqueue tx/s − 1",
+            "enqueue cost with the insert trigger off: business tx/s ÷ enqueue tx/s − 1",
             "%",
             &no_notify_cost,
         );
@@ -390,12 +391,14 @@ pub(crate) async fn notify(ctx: &Ctx) -> anyhow::Result<()> {
                 round + 1,
                 if with_notify { "with" } else { "without" }
             ));
-            if !with_notify {
-                set_notify(ctx, false).await?;
-            }
+            let wake_up = if with_notify {
+                None
+            } else {
+                Some(stop_notifying(ctx).await?)
+            };
             let result = closed_loop(&writes, Op::MessageOnly, writers, duration, &progress).await;
-            if !with_notify {
-                set_notify(ctx, true).await?;
+            if let Some(definition) = wake_up {
+                sqlx::raw_sql(&definition).execute(&ctx.pool).await?;
             }
             let result = result?;
             let backlog = ctx.pending().await? as f64;
@@ -474,8 +477,35 @@ pub(crate) async fn notify(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enables or disables the wake-up NOTIFY trigger of the bench schema's outbox table.
-async fn set_notify(ctx: &Ctx, enable: bool) -> anyhow::Result<()> {
+/// Replaces the bench schema's insert trigger function with one that does all it does except
+/// NOTIFY (it still takes the transaction id, which the relay's claim floor needs, so the relay
+/// stays correct). Returns the original definition, to be executed to restore it.
+async fn stop_notifying(ctx: &Ctx) -> anyhow::Result<String> {
+    let function = format!("{}.notify_message", ctx.schema);
+    let (definition,): (String,) = sqlx::query_as("SELECT pg_get_functiondef(to_regproc($1))")
+        .bind(&function)
+        .fetch_one(&ctx.pool)
+        .await?;
+    anyhow::ensure!(
+        definition.contains("pg_current_xact_id()") && definition.contains("pg_notify("),
+        "{function} is not the wake-up trigger this bench knows"
+    );
+    sqlx::raw_sql(&format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_current_xact_id();
+             RETURN NULL;
+         END
+         $$"
+    ))
+    .execute(&ctx.pool)
+    .await?;
+    Ok(definition)
+}
+
+/// Enables or disables the insert trigger of the bench schema's outbox table. Only while no relay
+/// runs: the relay's claim floor relies on it.
+async fn set_insert_trigger(ctx: &Ctx, enable: bool) -> anyhow::Result<()> {
     sqlx::query(&format!(
         "ALTER TABLE {}.message {} TRIGGER message_notify",
         ctx.schema,

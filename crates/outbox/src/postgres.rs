@@ -59,6 +59,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "claim floor generation",
         include_str!("migrations/0009_floor_generation.sql"),
     ),
+    (
+        10,
+        "one insert trigger, no duplicate pending index",
+        include_str!("migrations/0010_leaner_insert.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
