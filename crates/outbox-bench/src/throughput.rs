@@ -88,9 +88,12 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
         config.completion = Completion::Delete;
     }
     crate::apply_overrides(&mut config, &args.relay_kafka);
-    // Cheap completion check: one probe of the pending index, not a count.
-    let any_pending =
-        format!("SELECT EXISTS (SELECT 1 FROM {schema}.message WHERE processed_at IS NULL)");
+    // The completion check finds the lowest pending id, searching from the previous one (nothing
+    // is inserted during a drain, so every id below it is done). Searched from the start instead,
+    // every check would walk everything completed so far (dead rows until vacuum): at a check
+    // every 10 ms, PostgreSQL CPU taken from the relay being measured.
+    let lowest_pending = format!("SELECT min(id) FROM {schema}.message WHERE id >= $1");
+    let mut pending_from = 0i64;
     let total: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL"
     ))
@@ -104,11 +107,13 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(args.timeout_seconds);
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if !sqlx::query_scalar::<_, bool>(&any_pending)
+        match sqlx::query_scalar::<_, Option<i64>>(&lowest_pending)
+            .bind(pending_from)
             .fetch_one(&pool)
             .await?
         {
-            break;
+            Some(id) => pending_from = id,
+            None => break,
         }
         if Instant::now() > deadline {
             bail!("the drain did not finish within {}s", args.timeout_seconds);

@@ -349,9 +349,11 @@ const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
 
 /// `id` is in the multirange `$1` (see [`id_ranges`]): one index range scan with a binary
 /// search per row, where `id = ANY(array)` descends the index once per id (3x slower for 5,000).
-const IN_IDS: &str =
-    "id >= lower($1::text::int8multirange) AND id < upper($1::text::int8multirange)
-     AND $1::text::int8multirange @> id";
+/// The casts sit in sub-selects, evaluated once: a multirange's input function is not immutable,
+/// so a bare `$1::text::int8multirange` is parsed again for every row it is compared with.
+const IN_IDS: &str = "id >= lower((SELECT $1::text::int8multirange))
+     AND id < upper((SELECT $1::text::int8multirange))
+     AND (SELECT $1::text::int8multirange) @> id";
 
 /// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
 /// back with their old ids must not sit below it. It always writes the row and bumps the
@@ -447,6 +449,12 @@ impl Statements {
             // (delivered, their completion in flight) as ranges: a multirange test is a binary
             // search per row, and skipping in the query keeps the budgets exact.
             //
+            // Per-row work is what a drain pays for 5,000 times a batch, so it is kept small: the
+            // multirange is cast once (a sub-select, see `IN_IDS`), the held test is skipped while
+            // nothing is held, the running sum uses ROWS framing (no peer search), and the age is
+            // float arithmetic (extract() computes in numeric). Together 10-15 ms -> 8 ms per
+            // claim of 5,000 on a 200,000 backlog.
+            //
             // The scan starts at the lease row's floor (migration 0008). $7/$8 are a candidate
             // from a completed batch (see `FloorCandidate`): every id up to $8 went to a
             // transaction older than the relay's completion transaction $7. Once this
@@ -484,19 +492,20 @@ impl Statements {
                  SELECT id, topic, key, payload, headers, attempts, age_us,
                         (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
                         (SELECT xmin FROM horizon) AS xmin
-                   FROM (SELECT c.*, sum(size) OVER (ORDER BY id) - size AS before
+                   FROM (SELECT c.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before
                            FROM (SELECT id, topic, key, payload, headers, attempts,
-                                        (extract(epoch FROM now() - created_at) * 1000000)::bigint AS age_us,
+                                        (date_part('epoch', now() - created_at) * 1000000)::bigint AS age_us,
                                         coalesce(octet_length(key), 0)
                                           + coalesce(octet_length(payload), 0) AS size
                                    FROM {schema}.message m
                                   WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
                                     AND m.id >= (SELECT floor FROM horizon)
-                                    AND NOT $3::text::int8multirange @> m.id
-                                    AND NOT EXISTS (SELECT 1 FROM held h
-                                                     WHERE h.id = m.id
-                                                        OR (m.key IS NOT NULL AND h.key = m.key
-                                                            AND h.topic = m.topic AND h.id < m.id))
+                                    AND NOT (SELECT $3::text::int8multirange) @> m.id
+                                    AND (NOT EXISTS (SELECT 1 FROM held)
+                                         OR NOT EXISTS (SELECT 1 FROM held h
+                                                         WHERE h.id = m.id
+                                                            OR (m.key IS NOT NULL AND h.key = m.key
+                                                                AND h.topic = m.topic AND h.id < m.id)))
                                   ORDER BY id
                                   LIMIT $1) c) b
                   WHERE before < $2
