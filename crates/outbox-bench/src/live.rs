@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use outbox::postgres::{Fence, Statements};
-use outbox_relay::Relay;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use tokio::task::JoinSet;
@@ -100,7 +99,7 @@ impl PhaseRun {
 struct LiveRig {
     writes: Arc<Writes>,
     consumer: ConsumerThread,
-    relay: outbox_relay::RelayHandle,
+    relay: crate::RelayOnItsOwn,
     commits: Arc<Mutex<Vec<Commit>>>,
     next_message: Arc<AtomicU64>,
 }
@@ -108,11 +107,7 @@ struct LiveRig {
 impl LiveRig {
     async fn start(ctx: &Ctx, topic: &str) -> anyhow::Result<LiveRig> {
         let consumer = ConsumerThread::start(&ctx.bootstrap, topic)?;
-        let relay = Relay::start(
-            outbox_test_support::pool().await,
-            ctx.relay_config(ctx.batch_size()),
-        )?;
-        relay.wait_until_leader().await;
+        let relay = ctx.start_relay(ctx.batch_size()).await?;
         let rig = LiveRig {
             writes: Writes::new(ctx, topic, None),
             consumer,

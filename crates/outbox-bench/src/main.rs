@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox::{Outbox, OutboxConfig, SchemaName};
-use outbox_relay::RelayConfig;
+use outbox_relay::{Relay, RelayConfig, RelayHandle};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -86,7 +86,7 @@ pub(crate) struct RunArgs {
     pub(crate) drain_messages: u64,
     /// Relay batch sizes for the drain, each measured in every round; the first one is also the
     /// relay's batch size in the other scenarios.
-    #[arg(long, value_delimiter = ',', default_value = "5000")]
+    #[arg(long, value_delimiter = ',', default_value = "10000,5000")]
     pub(crate) batch_sizes: Vec<usize>,
     /// Messages per transaction when pre-filling the backlog.
     #[arg(long, default_value_t = 5000)]
@@ -181,9 +181,32 @@ impl Ctx {
         config
     }
 
+    /// Starts a relay with `relay_config(batch_size)` on a runtime of its own, as the `outbox`
+    /// daemon runs in a process of its own: the writers' tasks on this runtime do not queue
+    /// ahead of the relay's (the drain runs its relay in a child process for the same reason).
+    pub(crate) async fn start_relay(&self, batch_size: usize) -> anyhow::Result<RelayOnItsOwn> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("relay")
+            .enable_all()
+            .build()?;
+        let config = self.relay_config(batch_size);
+        let handle = runtime
+            .spawn(async move {
+                let pool = outbox_test_support::pool().await;
+                Relay::start(pool, config)
+            })
+            .await??;
+        handle.wait_until_leader().await;
+        Ok(RelayOnItsOwn {
+            handle: Some(handle),
+            runtime: Some(runtime),
+        })
+    }
+
     /// The relay's batch size outside the drain comparison.
     pub(crate) fn batch_size(&self) -> usize {
-        self.args.batch_sizes.first().copied().unwrap_or(5000)
+        self.args.batch_sizes.first().copied().unwrap_or(10_000)
     }
 
     /// Pending (unpublished) messages.
@@ -282,6 +305,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or(32);
     let pool = PgPoolOptions::new()
         .max_connections(max_writers as u32 + 4)
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(30))
         .connect(&outbox_test_support::database_url())
         .await
@@ -404,4 +428,36 @@ async fn run_header(ctx: &Ctx) -> serde_json::Value {
         "args": format!("{:?}", ctx.args),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     })
+}
+
+/// A relay running on a runtime of its own (see [`Ctx::start_relay`]).
+pub(crate) struct RelayOnItsOwn {
+    handle: Option<RelayHandle>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl RelayOnItsOwn {
+    pub(crate) fn holder(&self) -> &str {
+        self.handle.as_ref().expect("running").holder()
+    }
+
+    /// Stops the relay gracefully, then its runtime.
+    pub(crate) async fn shutdown(mut self) -> anyhow::Result<()> {
+        let handle = self.handle.take().expect("running");
+        let runtime = self.runtime.take().expect("running");
+        let stopped = runtime.spawn(handle.shutdown()).await;
+        runtime.shutdown_background();
+        stopped??;
+        Ok(())
+    }
+}
+
+impl Drop for RelayOnItsOwn {
+    fn drop(&mut self) {
+        // An early return (an error) drops it inside the main runtime, where a runtime must not
+        // be dropped blocking.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }

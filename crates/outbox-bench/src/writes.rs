@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use outbox::{Message, Outbox};
-use outbox_relay::Relay;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::{json, Value};
@@ -359,11 +358,7 @@ pub(crate) async fn notify(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
     let topic = ctx.topic("bench-notify").await;
     let writes = Writes::new(ctx, &topic, None);
-    let relay = Relay::start(
-        outbox_test_support::pool().await,
-        ctx.relay_config(ctx.batch_size()),
-    )?;
-    relay.wait_until_leader().await;
+    let relay = ctx.start_relay(ctx.batch_size()).await?;
     let writers = args.notify_writers;
     let duration = Duration::from_secs(args.notify_seconds);
     let progress = spinner(&format!("notify {writers} writers"));
