@@ -86,7 +86,7 @@ pub(crate) struct RunArgs {
     pub(crate) drain_messages: u64,
     /// Relay batch sizes for the drain, each measured in every round; the first one is also the
     /// relay's batch size in the other scenarios.
-    #[arg(long, value_delimiter = ',', default_value = "10000,5000")]
+    #[arg(long, value_delimiter = ',', default_value = "5000,10000")]
     pub(crate) batch_sizes: Vec<usize>,
     /// Messages per transaction when pre-filling the backlog.
     #[arg(long, default_value_t = 5000)]
@@ -206,7 +206,7 @@ impl Ctx {
 
     /// The relay's batch size outside the drain comparison.
     pub(crate) fn batch_size(&self) -> usize {
-        self.args.batch_sizes.first().copied().unwrap_or(10_000)
+        self.args.batch_sizes.first().copied().unwrap_or(5000)
     }
 
     /// Pending (unpublished) messages.

@@ -104,11 +104,11 @@ impl RelayConfig {
             lease_name: "relay".to_owned(),
             lease_ttl: Duration::from_secs(10),
             lease_renew_interval: Duration::from_secs(3),
-            // outbox-bench drain of 1,000,000 messages of 256 bytes, medians of 3 rounds in one
-            // run: 5000 → 147,960 msg/s (38 MB peak RSS), 10000 → 153,682 msg/s (56 MB), and
-            // 10000 ahead in 5 of 6 rounds over two runs; 20000 no faster. max_batch_bytes keeps
-            // large payloads from multiplying the memory.
-            batch_size: 10_000,
+            // outbox-bench drains of 256-byte messages: 1000 → 88k msg/s, 5000 → 126k msg/s
+            // (later ~160k; 38 MB peak RSS). 10000 was ahead of 5000 in only 7 of 12 interleaved
+            // rounds (medians +3% on average, 55 MB), 20000 no faster, so 5000 stays.
+            // max_batch_bytes keeps large payloads from multiplying the memory.
+            batch_size: 5000,
             max_batch_bytes: 8 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             completion: Completion::Keep {
