@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments as _, PgConnection, Postgres, Row, Transaction};
 
 use crate::message::{Header, Message};
 use crate::schema::SchemaName;
@@ -772,6 +773,38 @@ impl Statements {
             .bind(message.payload.as_deref())
             .bind(encode_headers(&message.headers))
             .fetch_one(conn)
+            .await
+    }
+
+    /// Runs `statement` (the caller's INSERT, UPDATE or DELETE with a RETURNING clause, its
+    /// parameters in `arguments`) and inserts `message` in the same statement, only if the
+    /// statement returned a row. Returns the message's sequence, `None` when nothing was saved.
+    pub async fn insert_with_statement(
+        &self,
+        conn: &mut PgConnection,
+        statement: &str,
+        arguments: PgArguments,
+        message: &Message,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        // The caller's parameters keep their numbers; the message's follow them.
+        let first = arguments.len() + 1;
+        let sql = format!(
+            "WITH business AS ({statement})
+             INSERT INTO {schema}.message (topic, key, payload, headers)
+             SELECT ${first}, ${}, ${}, ${} WHERE EXISTS (SELECT 1 FROM business)
+             RETURNING id",
+            first + 1,
+            first + 2,
+            first + 3,
+            statement = statement.trim_end().trim_end_matches(';'),
+            schema = self.schema.as_str(),
+        );
+        sqlx::query_scalar_with(&sql, arguments)
+            .bind(&message.topic)
+            .bind(message.key.as_deref())
+            .bind(message.payload.as_deref())
+            .bind(encode_headers(&message.headers))
+            .fetch_optional(conn)
             .await
     }
 

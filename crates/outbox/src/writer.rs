@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Execute, PgPool, Postgres, Transaction};
 
 use crate::error::Error;
 use crate::message::Message;
@@ -70,6 +70,50 @@ impl Outbox {
         let message = with_current_trace(message);
         message.validate(self.max_message_bytes)?;
         Ok(self.statements.insert_one(tx, &message).await?)
+    }
+
+    /// Runs `statement` and saves `message` for publishing in one statement, as part of `tx`:
+    /// one round trip instead of two, which is most of what an enqueue costs a small
+    /// transaction. `statement` is one INSERT, UPDATE or DELETE with a `RETURNING` clause (any
+    /// columns), with its parameters bound as usual; the message is saved only if it returned
+    /// at least one row, so an UPDATE that matched nothing publishes nothing. Returns the
+    /// message's sequence, or `None` when nothing was saved.
+    ///
+    /// ```no_run
+    /// # async fn f(outbox: outbox::Outbox, pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+    /// let mut tx = pool.begin().await?;
+    /// let shipped = sqlx::query("UPDATE orders SET state = 'shipped' WHERE id = $1 AND state = 'packed' RETURNING id")
+    ///     .bind(42_i64);
+    /// let event = outbox::Message::new("orders", br#"{"id":42,"state":"shipped"}"#.to_vec()).key("42");
+    /// if outbox.execute_and_save(&mut tx, shipped, event).await?.is_none() {
+    ///     // Not packed (or no such order): nothing changed, nothing will be published.
+    /// }
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// An invalid message is rejected with [`Error::InvalidMessage`] before anything runs. The
+    /// statement runs inside a `WITH` clause, so it cannot itself contain data-modifying `WITH`
+    /// queries.
+    pub async fn execute_and_save<'q, E>(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        mut statement: E,
+        message: Message,
+    ) -> Result<Option<Sequence>, Error>
+    where
+        E: Execute<'q, Postgres>,
+    {
+        let message = with_current_trace(message);
+        message.validate(self.max_message_bytes)?;
+        let arguments = statement
+            .take_arguments()
+            .map_err(sqlx::Error::Encode)?
+            .unwrap_or_default();
+        Ok(self
+            .statements
+            .insert_with_statement(tx, statement.sql(), arguments, &message)
+            .await?)
     }
 
     /// Saves many messages as part of `tx` in one statement. Sequences follow the input order,

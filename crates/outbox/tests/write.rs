@@ -60,6 +60,108 @@ async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
     outbox.drop_schema().await;
 }
 
+/// `execute_and_save`: the business statement and the message in one statement, the message
+/// only when the statement returned a row, both or neither committed.
+#[tokio::test]
+async fn execute_and_save_runs_the_statement_and_saves_the_message_together() {
+    let outbox = TestOutbox::new().await;
+    let schema = &outbox.schema;
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.orders (id bigint PRIMARY KEY, state text NOT NULL)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let insert = format!("INSERT INTO {schema}.orders (id, state) VALUES ($1, $2) RETURNING id;");
+    let ship = format!(
+        "UPDATE {schema}.orders SET state = 'shipped' WHERE id = $1 AND state = 'packed' RETURNING id"
+    );
+    let orders = |state: &'static str| {
+        let sql = format!("SELECT count(*) FROM {schema}.orders WHERE state = '{state}'");
+        let pool = outbox.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let event = |n: &str| Message::new("orders", n.as_bytes().to_vec()).key("order-1");
+
+    // Both, with the statement's parameters and the message's in one statement.
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let created = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&insert).bind(1_i64).bind("packed"),
+            event("created"),
+        )
+        .await
+        .unwrap()
+        .expect("the insert returned a row");
+    tx.commit().await.unwrap();
+    assert_eq!(orders("packed").await, 1);
+    let (payload, key): (Vec<u8>, Vec<u8>) = sqlx::query_as(&format!(
+        "SELECT payload, key FROM {schema}.message WHERE id = $1"
+    ))
+    .bind(created)
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (payload.as_slice(), key.as_slice()),
+        (&b"created"[..], &b"order-1"[..])
+    );
+
+    // A statement that changes nothing saves nothing.
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let nothing = outbox
+        .outbox
+        .execute_and_save(&mut tx, sqlx::query(&ship).bind(2_i64), event("shipped 2"))
+        .await
+        .unwrap();
+    assert_eq!(nothing, None);
+    // Rolled back: neither the update nor the message.
+    let shipped = outbox
+        .outbox
+        .execute_and_save(&mut tx, sqlx::query(&ship).bind(1_i64), event("shipped 1"))
+        .await
+        .unwrap();
+    assert!(shipped.is_some_and(|id| id > created));
+    tx.rollback().await.unwrap();
+    assert_eq!((orders("packed").await, orders("shipped").await), (1, 0));
+    assert_eq!(count(&outbox).await, 1);
+
+    // A failing statement saves nothing; an invalid message runs nothing.
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let duplicate = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&insert).bind(1_i64).bind("packed"),
+            event("again"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(duplicate, Error::Database(_)), "{duplicate}");
+    tx.rollback().await.unwrap();
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let invalid = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&insert).bind(2_i64).bind("packed"),
+            Message::new("bad topic!", b"x".to_vec()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(invalid, Error::InvalidMessage(_)), "{invalid}");
+    tx.commit().await.unwrap();
+    assert_eq!((orders("packed").await, count(&outbox).await), (1, 1));
+    outbox.drop_schema().await;
+}
+
 #[tokio::test]
 async fn batch_insert_keeps_the_input_order() {
     let outbox = TestOutbox::new().await;
