@@ -13,6 +13,7 @@ use outbox::{Message, Outbox};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -54,6 +55,7 @@ impl Op {
 }
 
 /// Everything a writer needs.
+#[derive(Clone)]
 pub(crate) struct Writes {
     pool: PgPool,
     outbox: Outbox,
@@ -210,7 +212,7 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
         )
         .await
         .map_err(|(error, _)| error)?;
-    let writes = Writes::new(ctx, &topic, Some(producer));
+    let all_writes = Writes::new(ctx, &topic, Some(producer));
     // Indexed below: 0 business, 1 enqueue, 2 dual write, 3 trigger off, 4 same statement.
     let ops = [
         Op::Business,
@@ -222,6 +224,19 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.write_seconds);
     let mut details = Vec::new();
     for &concurrency in &args.write_concurrency {
+        // A pool the size of the concurrency, as a service sizes its pool. The bench's shared
+        // pool (36 connections) hands a lone writer a different backend every time (sqlx
+        // queues idle connections first in, first out), and on cache-cold backends the message
+        // insert cost three times as much as on a warm one (docs/performance.md).
+        let pool = PgPoolOptions::new()
+            .max_connections(concurrency as u32)
+            .test_before_acquire(false)
+            .connect(&outbox_test_support::database_url())
+            .await?;
+        let writes = Arc::new(Writes {
+            pool,
+            ..(*all_writes).clone()
+        });
         let progress = spinner(&format!("write path c={concurrency}"));
         for op in [ops[0], ops[1], ops[2], ops[4]] {
             progress.set_message(format!("warm-up: {}", op.name()));
@@ -261,6 +276,7 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
             }
         }
         progress.finish_and_clear();
+        writes.pool.close().await;
         let scenario = format!("4 write path, {concurrency} writer(s)");
         let mut report = ctx.report();
         for (i, op) in ops.iter().enumerate() {
