@@ -224,12 +224,14 @@ pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.write_seconds);
     let mut details = Vec::new();
     for &concurrency in &args.write_concurrency {
-        // A pool the size of the concurrency, as a service sizes its pool. The bench's shared
-        // pool (36 connections) hands a lone writer a different backend every time (sqlx
-        // queues idle connections first in, first out), and on cache-cold backends the message
-        // insert cost three times as much as on a warm one (docs/performance.md).
+        // A pool sized to the concurrency, as a service sizes its pool. The bench's shared pool
+        // (36 connections) hands a lone writer a different backend every time (sqlx queues idle
+        // connections first in, first out), and on cache-cold backends the message insert cost
+        // three times as much as on a warm one (docs/performance.md). One spare connection: a
+        // released connection goes back to the pool in a task of its own, which the next
+        // transaction would otherwise wait for.
         let pool = PgPoolOptions::new()
-            .max_connections(concurrency as u32)
+            .max_connections(concurrency as u32 + 1)
             .test_before_acquire(false)
             .connect(&outbox_test_support::database_url())
             .await?;
