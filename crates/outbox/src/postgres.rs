@@ -11,6 +11,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use sqlx::postgres::PgArguments;
+use sqlx::query::QueryScalar;
 use sqlx::{Arguments as _, PgConnection, Postgres, Row, Transaction};
 
 use crate::message::{Header, Message};
@@ -384,6 +385,18 @@ fn complete_keep(on_conflict: &str) -> String {
                        RETURNING 1)
          SELECT (SELECT held FROM fence), (SELECT count(*) FROM done), pg_current_xact_id()::text"
     )
+}
+
+/// Binds `message` as the next four parameters: topic, key, payload, headers.
+fn bind_message<'q>(
+    query: QueryScalar<'q, Postgres, i64, PgArguments>,
+    message: &'q Message,
+) -> QueryScalar<'q, Postgres, i64, PgArguments> {
+    query
+        .bind(&message.topic)
+        .bind(message.key.as_deref())
+        .bind(message.payload.as_deref())
+        .bind(encode_headers(&message.headers))
 }
 
 /// `ids` as the text of an `int8multirange` (`{[1,4),[7,8)}`), merging runs of consecutive ids:
@@ -767,11 +780,7 @@ impl Statements {
         conn: &mut PgConnection,
         message: &Message,
     ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(&self.insert_one)
-            .bind(&message.topic)
-            .bind(message.key.as_deref())
-            .bind(message.payload.as_deref())
-            .bind(encode_headers(&message.headers))
+        bind_message(sqlx::query_scalar(&self.insert_one), message)
             .fetch_one(conn)
             .await
     }
@@ -799,11 +808,7 @@ impl Statements {
             statement = statement.trim_end().trim_end_matches(';'),
             schema = self.schema.as_str(),
         );
-        sqlx::query_scalar_with(&sql, arguments)
-            .bind(&message.topic)
-            .bind(message.key.as_deref())
-            .bind(message.payload.as_deref())
-            .bind(encode_headers(&message.headers))
+        bind_message(sqlx::query_scalar_with(&sql, arguments), message)
             .fetch_optional(conn)
             .await
     }
