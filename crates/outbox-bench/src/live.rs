@@ -565,7 +565,15 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
                 let rows = statements
-                    .claim(&mut conn, limit, i64::MAX, &[], None, &fence)
+                    .claim(
+                        &mut conn,
+                        limit,
+                        i64::MAX,
+                        &[],
+                        &Default::default(),
+                        None,
+                        &fence,
+                    )
                     .await?
                     .messages
                     .len();

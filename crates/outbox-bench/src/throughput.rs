@@ -662,7 +662,15 @@ pub(crate) async fn explain_claim(
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
     let started = Instant::now();
     let rows = statements
-        .claim(&mut conn, batch_size as i64, i64::MAX, &[], None, fence)
+        .claim(
+            &mut conn,
+            batch_size as i64,
+            i64::MAX,
+            &[],
+            &Default::default(),
+            None,
+            fence,
+        )
         .await?
         .messages
         .len();

@@ -11,18 +11,26 @@
 //!   delivered or fails permanently. A finite timeout would let a record of a partition expire
 //!   while a later one gets through after the broker recovers, which is a gap the relay could
 //!   only repair by publishing out of order.
+//! - `partitioner=murmur2_random` (default, overridable): a keyed record goes to the partition
+//!   Java's producer picks for its key (murmur2), a keyless one to a random partition, so a key's
+//!   events stay on one partition alongside Java producers or after moving from a Java relay.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt as _};
 use outbox::headers;
-use outbox::postgres::PendingMessage;
+use outbox::postgres::{MalformedHeaders, PendingMessage};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext};
+use tokio::time::Instant;
 
 use crate::config::InvalidConfig;
 
@@ -57,6 +65,8 @@ impl KafkaConfig {
             // (outbox-bench: p50 at 500 msg/s 14 ms with 5, 3 ms with 0; drain not slower).
             ("linger.ms", "0"),
             ("compression.type", "lz4"),
+            // Java's murmur2, so keys land where Java producers put them (librdkafka's is CRC32).
+            ("partitioner", "murmur2_random"),
             // Feeds the producer queue metrics.
             ("statistics.interval.ms", "5000"),
         ] {
@@ -179,16 +189,72 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
     }
 }
 
-/// What became of one batch.
+/// Why one message was not delivered.
+#[derive(Debug)]
+pub(crate) enum DeliveryError {
+    /// librdkafka or the broker refused or failed the record.
+    Kafka(KafkaError),
+    /// The stored row cannot be published as it is; it was never sent.
+    Invalid(MalformedHeaders),
+}
+
+impl DeliveryError {
+    pub(crate) fn class(&self) -> ErrorClass {
+        match self {
+            DeliveryError::Kafka(error) => classify(error),
+            DeliveryError::Invalid(_) => ErrorClass::Permanent,
+        }
+    }
+
+    /// The producer dropped the record without trying it: purged (lease lost, shutdown) or
+    /// abandoned with a producer that failed fatally because of another record. Not an attempt
+    /// at this message, so it is not counted or recorded against it.
+    pub(crate) fn not_attempted(&self) -> bool {
+        use RDKafkaErrorCode::*;
+        match self {
+            DeliveryError::Kafka(KafkaError::Canceled) => true,
+            DeliveryError::Kafka(error) => matches!(
+                error.rdkafka_error_code(),
+                Some(PurgeQueue | PurgeInflight | Fatal)
+            ),
+            DeliveryError::Invalid(_) => false,
+        }
+    }
+
+    /// A broker refusal that applies to a whole produce request, so the record that caused it
+    /// may be another one of the same request.
+    fn shared_by_request(&self) -> bool {
+        use RDKafkaErrorCode::*;
+        matches!(self, DeliveryError::Kafka(error) if matches!(
+            error.rdkafka_error_code(),
+            Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | InvalidMessage)
+        ))
+    }
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Kafka(error) => error.fmt(f),
+            DeliveryError::Invalid(error) => error.fmt(f),
+        }
+    }
+}
+
+/// What can be decided about the messages in flight.
 #[derive(Debug, Default)]
-pub(crate) struct BatchOutcome {
-    /// Acknowledged by Kafka, and not behind a failed message of the same key: safe to complete.
-    pub(crate) delivered: Vec<i64>,
+pub(crate) struct Settled {
+    /// Acknowledged by Kafka, and no earlier message of the same key is unsettled or failed:
+    /// safe to complete. In send order, with the time since their claim.
+    pub(crate) delivered: Vec<(PendingMessage, Duration)>,
     /// Not delivered, with the reason; they stay pending, counted as a failed attempt.
-    pub(crate) failed: Vec<(i64, KafkaError)>,
-    /// Not completed because an earlier message of the same key failed (they may or may not have
-    /// reached Kafka); they stay pending and are published again after it.
-    pub(crate) held_back: Vec<i64>,
+    pub(crate) failed: Vec<(PendingMessage, DeliveryError)>,
+    /// Refused with an error shared by their whole produce request: to be sent again alone
+    /// ([`Publisher::publish_alone`]) before the error is blamed on them.
+    pub(crate) suspects: Vec<PendingMessage>,
+    /// Dropped unsettled or uncounted: behind a failed message of the same key (they may or may
+    /// not have reached Kafka), or not attempted. They stay pending and are published again.
+    pub(crate) dropped: usize,
 }
 
 /// Bridges librdkafka's statistics into metrics.
@@ -200,7 +266,228 @@ impl ClientContext for StatsContext {
     }
 }
 
-/// Sends batches with one idempotent producer.
+/// One message handed to the producer. It is kept whole, payload included, in case it has to
+/// be sent again alone (bounded: at most `MAX_BATCHES_IN_FLIGHT` batches are in flight).
+struct Entry {
+    message: PendingMessage,
+    /// When its batch was claimed, for the publish latency.
+    claimed_at: Instant,
+    /// Its failure is its own: refused before it joined a produce request, or sent as the only
+    /// record in flight (see [`Publisher::publish_alone`]).
+    alone: bool,
+    result: Option<Result<(), DeliveryError>>,
+}
+
+enum Sent {
+    InFlight(DeliveryFuture),
+    Settled(Result<(), DeliveryError>),
+}
+
+type Delivery = Pin<Box<dyn Future<Output = (u64, Result<(), DeliveryError>)> + Send + Sync>>;
+
+/// The messages handed to the producer and not yet decided, across batches.
+///
+/// The relay does not wait for a whole batch: a record for a topic that does not exist (yet), or
+/// a partition without a leader, may stay unacknowledged for as long as that lasts, and it must
+/// hold back only the later messages of its own key. So deliveries are settled one by one, and a
+/// message is decided once it and every earlier message of its key in flight are settled.
+/// Per-key order still holds: all messages of a key go to one partition of one producer, which
+/// keeps their order; a delivered message is completed only after every earlier message of its
+/// key was delivered, and after a failure the later ones are dropped (left pending) and held
+/// back with it by the claim.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    /// In send order; `entries[i]` has send number `first + i`; `None` once decided.
+    entries: VecDeque<Option<Entry>>,
+    first: u64,
+    deliveries: FuturesUnordered<Delivery>,
+    /// The first send number of the latest batch, and how many of its deliveries are unsettled.
+    batch_start: u64,
+    batch_unsettled: usize,
+    /// Messages and bytes (see [`message_bytes`]) held.
+    count: usize,
+    bytes: usize,
+}
+
+impl InFlight {
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The ids in flight, which a claim must skip.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.entries.iter().flatten().map(|e| e.message.id)
+    }
+
+    /// Whether some delivery has not settled yet.
+    pub(crate) fn unsettled(&self) -> bool {
+        !self.deliveries.is_empty()
+    }
+
+    fn next_number(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    fn push(&mut self, message: PendingMessage, claimed_at: Instant, alone: bool, sent: Sent) {
+        let number = self.next_number();
+        let result = match sent {
+            Sent::InFlight(delivery) => {
+                self.batch_unsettled += 1;
+                self.deliveries.push(Box::pin(
+                    async move { (number, await_delivery(delivery).await) },
+                ));
+                None
+            }
+            Sent::Settled(result) => Some(result),
+        };
+        self.count += 1;
+        self.bytes += message_bytes(&message);
+        self.entries.push_back(Some(Entry {
+            message,
+            claimed_at,
+            alone,
+            result,
+        }));
+    }
+
+    /// Waits until one more delivery settles; pending forever while none is outstanding.
+    pub(crate) async fn next_settled(&mut self) {
+        match self.deliveries.next().await {
+            Some((number, result)) => self.record(number, result),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records every delivery that has settled by now, without waiting.
+    fn record_ready(&mut self) {
+        while let Some(Some((number, result))) = self.deliveries.next().now_or_never() {
+            self.record(number, result);
+        }
+    }
+
+    fn record(&mut self, number: u64, result: Result<(), DeliveryError>) {
+        if number >= self.batch_start {
+            self.batch_unsettled = self.batch_unsettled.saturating_sub(1);
+        }
+        let Some(index) = number.checked_sub(self.first) else {
+            return;
+        };
+        if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
+            entry.result = Some(result);
+        }
+    }
+
+    /// Waits until every delivery of the latest batch has settled or `deadline` passes;
+    /// `true` when they all settled.
+    pub(crate) async fn settle_batch(&mut self, deadline: Instant) -> bool {
+        while self.batch_unsettled > 0 {
+            tokio::select! {
+                _ = self.next_settled() => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+        true
+    }
+
+    /// The keys of unsettled messages, which a claim holds back (`(topic, key)` pairs, and
+    /// the topics of unsettled messages without a key, whose later keyless messages wait too):
+    /// a destination that does not answer collects no more than one batch of them.
+    pub(crate) fn waiting_keys(&self) -> (Vec<&str>, Vec<&[u8]>, Vec<&str>) {
+        let mut keyed: HashSet<(&str, &[u8])> = HashSet::new();
+        let mut keyless: HashSet<&str> = HashSet::new();
+        for entry in self.entries.iter().flatten().filter(|e| e.result.is_none()) {
+            match &entry.message.key {
+                Some(key) => keyed.insert((&entry.message.topic, key)),
+                None => keyless.insert(&entry.message.topic),
+            };
+        }
+        let (topics, keys) = keyed.into_iter().unzip();
+        (topics, keys, keyless.into_iter().collect())
+    }
+
+    /// Takes out every message that can be decided now (see the type's docs).
+    pub(crate) fn take_settled(&mut self) -> Settled {
+        self.record_ready();
+        let mut settled = Settled::default();
+        // Keys with an earlier message still unsettled, or failed/dropped in this pass.
+        let mut waiting: HashSet<(String, Vec<u8>)> = HashSet::new();
+        let mut failed: HashSet<(String, Vec<u8>)> = HashSet::new();
+        for slot in self.entries.iter_mut() {
+            let Some(entry) = slot else { continue };
+            let key = entry
+                .message
+                .key
+                .as_ref()
+                .map(|k| (entry.message.topic.clone(), k.clone()));
+            let behind = |set: &HashSet<_>| key.as_ref().is_some_and(|k| set.contains(k));
+            if behind(&waiting) || (entry.result.is_none() && !behind(&failed)) {
+                waiting.extend(key);
+                continue;
+            }
+            let entry = slot.take().expect("checked above");
+            self.count -= 1;
+            self.bytes -= message_bytes(&entry.message);
+            if behind(&failed) {
+                settled.dropped += 1;
+                continue;
+            }
+            match entry.result.expect("checked above") {
+                Ok(()) => settled
+                    .delivered
+                    .push((entry.message, entry.claimed_at.elapsed())),
+                Err(error) => {
+                    failed.extend(key);
+                    if error.not_attempted() {
+                        settled.dropped += 1;
+                    } else if error.shared_by_request() && !entry.alone {
+                        settled.suspects.push(entry.message);
+                    } else {
+                        settled.failed.push((entry.message, error));
+                    }
+                }
+            }
+        }
+        while let Some(None) = self.entries.front() {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+        settled
+    }
+
+    /// Forgets every message in flight (the producer was purged or replaced): they stay
+    /// pending and are claimed again.
+    pub(crate) fn forget(&mut self) {
+        self.first += self.entries.len() as u64;
+        self.entries.clear();
+        self.deliveries = FuturesUnordered::new();
+        self.batch_start = self.first;
+        self.batch_unsettled = 0;
+        self.count = 0;
+        self.bytes = 0;
+    }
+}
+
+/// What a message weighs against the batch byte budget: its key, payload and headers, as the
+/// claim counts them.
+pub(crate) fn message_bytes(message: &PendingMessage) -> usize {
+    message.key.as_ref().map_or(0, Vec::len)
+        + message.payload.as_ref().map_or(0, Vec::len)
+        + message
+            .headers
+            .iter()
+            .map(|h| h.name.len() + h.value.len())
+            .sum::<usize>()
+}
+
+/// Sends messages with one idempotent producer.
 pub(crate) struct Publisher {
     producer: FutureProducer<StatsContext>,
     source: Vec<u8>,
@@ -222,89 +509,101 @@ impl Publisher {
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
-    /// Publishes `batch` in order: every record is handed to librdkafka before any delivery is
-    /// awaited, so librdkafka batches and pipelines them. When a record of a key fails, no later
-    /// record of that key is sent or completed in this batch.
-    pub(crate) async fn publish(&self, batch: &[PendingMessage]) -> BatchOutcome {
-        let mut outcome = BatchOutcome::default();
-        let mut failed_keys: HashSet<(&str, Option<&[u8]>)> = HashSet::new();
-        // Deliveries in send order; `None` once awaited early to make room in the queue.
-        let mut pending: Vec<(usize, Option<DeliveryFuture>)> = Vec::with_capacity(batch.len());
-        let mut results: Vec<Option<Result<(), KafkaError>>> = vec![None; batch.len()];
-        let mut next_to_await = 0;
-        for (index, message) in batch.iter().enumerate() {
-            let key = (message.topic.as_str(), message.key.as_deref());
-            if failed_keys.contains(&key) {
+    /// Hands `batch` to the producer in order, without waiting for deliveries: librdkafka
+    /// batches and pipelines them. A record that librdkafka refuses at once (too large, an
+    /// invalid row) is settled as failed, and no later message of its key in this batch is
+    /// sent: they are dropped when `in_flight` is next settled.
+    pub(crate) async fn send(
+        &self,
+        batch: Vec<PendingMessage>,
+        claimed_at: Instant,
+        in_flight: &mut InFlight,
+    ) {
+        in_flight.batch_start = in_flight.next_number();
+        in_flight.batch_unsettled = 0;
+        let mut refused: HashSet<(String, Vec<u8>)> = HashSet::new();
+        for message in batch {
+            let key = message.key.clone().map(|k| (message.topic.clone(), k));
+            if key.as_ref().is_some_and(|k| refused.contains(k)) {
                 continue;
             }
-            let sequence = headers::encode_sequence(message.id);
-            let mut record_headers = OwnedHeaders::new_with_capacity(2 + message.headers.len())
-                .insert(Header {
-                    key: headers::SEQUENCE,
-                    value: Some(&sequence[..]),
-                })
-                .insert(Header {
-                    key: headers::SOURCE,
-                    value: Some(&self.source[..]),
-                });
-            for header in &message.headers {
-                record_headers = record_headers.insert(Header {
-                    key: &header.name,
-                    value: Some(&header.value[..]),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&message.topic).headers(record_headers);
-            if let Some(key) = &message.key {
-                record = record.key(&key[..]);
-            }
-            if let Some(payload) = &message.payload {
-                record = record.payload(&payload[..]);
-            }
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push((index, Some(delivery)));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // Make room by waiting for the oldest outstanding delivery.
-                        record = back;
-                        if next_to_await < pending.len() {
-                            let (i, delivery) = &mut pending[next_to_await];
-                            results[*i] = Some(await_delivery(delivery.take()).await);
-                            next_to_await += 1;
-                        } else {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
-                    Err((error, _)) => {
-                        results[index] = Some(Err(error));
-                        failed_keys.insert(key);
-                        break;
-                    }
+            // A record refused at once is refused for itself (`alone`), not for a request.
+            let (sent, alone) = match self.send_one(&message).await {
+                Ok(delivery) => (Sent::InFlight(delivery), false),
+                Err(error) => {
+                    refused.extend(key);
+                    (Sent::Settled(Err(error)), true)
                 }
-            }
+            };
+            in_flight.push(message, claimed_at, alone, sent);
         }
-        for (index, delivery) in &mut pending[next_to_await..] {
-            results[*index] = Some(await_delivery(delivery.take()).await);
-        }
+    }
 
-        // Walk in order: after a failure of a key, its later messages are held back even if
-        // delivered, so that the failed one is never completed out of order.
-        failed_keys.clear();
-        for (message, result) in batch.iter().zip(results) {
-            let key = (message.topic.as_str(), message.key.as_deref());
-            match result {
-                Some(Ok(())) if !failed_keys.contains(&key) => outcome.delivered.push(message.id),
-                Some(Err(error)) => {
-                    failed_keys.insert(key);
-                    outcome.failed.push((message.id, error));
+    async fn send_one(&self, message: &PendingMessage) -> Result<DeliveryFuture, DeliveryError> {
+        if let Some(invalid) = &message.invalid {
+            return Err(DeliveryError::Invalid(invalid.clone()));
+        }
+        let sequence = headers::encode_sequence(message.id);
+        let mut record_headers = OwnedHeaders::new_with_capacity(2 + message.headers.len())
+            .insert(Header {
+                key: headers::SEQUENCE,
+                value: Some(&sequence[..]),
+            })
+            .insert(Header {
+                key: headers::SOURCE,
+                value: Some(&self.source[..]),
+            });
+        for header in &message.headers {
+            record_headers = record_headers.insert(Header {
+                key: &header.name,
+                value: Some(&header.value[..]),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&message.topic).headers(record_headers);
+        if let Some(key) = &message.key {
+            record = record.key(&key[..]);
+        }
+        if let Some(payload) = &message.payload {
+            record = record.payload(&payload[..]);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                // The queue drains as deliveries are reported, whether or not they are awaited.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                _ => outcome.held_back.push(message.id),
+                Err((error, _)) => return Err(DeliveryError::Kafka(error)),
             }
         }
-        outcome
+    }
+
+    /// Sends each of `suspects` again as the only record in flight, one after the other, so
+    /// that the refusal falls on the record that caused it alone; the results are settled
+    /// messages of `in_flight`. A suspect behind a failed one of its key is not sent.
+    pub(crate) async fn publish_alone(
+        &self,
+        suspects: Vec<PendingMessage>,
+        claimed_at: Instant,
+        in_flight: &mut InFlight,
+    ) {
+        let mut failed: HashSet<(String, Vec<u8>)> = HashSet::new();
+        for message in suspects {
+            let key = message.key.clone().map(|k| (message.topic.clone(), k));
+            if key.as_ref().is_some_and(|k| failed.contains(k)) {
+                continue;
+            }
+            let result = match self.send_one(&message).await {
+                Ok(delivery) => await_delivery(delivery).await,
+                Err(error) => Err(error),
+            };
+            if result.is_err() {
+                failed.extend(key);
+            }
+            in_flight.push(message, claimed_at, true, Sent::Settled(result));
+        }
     }
 
     /// Drops everything queued or in flight: used when the lease is lost, so a deposed relay
@@ -315,14 +614,11 @@ impl Publisher {
     }
 }
 
-async fn await_delivery(delivery: Option<DeliveryFuture>) -> Result<(), KafkaError> {
-    match delivery {
-        Some(delivery) => match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _))) => Err(error),
-            Err(_canceled) => Err(KafkaError::Canceled),
-        },
-        None => unreachable!("a delivery is awaited once"),
+async fn await_delivery(delivery: DeliveryFuture) -> Result<(), DeliveryError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(DeliveryError::Kafka(error)),
+        Err(_canceled) => Err(DeliveryError::Kafka(KafkaError::Canceled)),
     }
 }
 

@@ -193,6 +193,8 @@ impl Relay {
             floor_raised_at: tokio::time::Instant::now(),
             backlog: false,
             claimed_last_id: None,
+            in_flight: Default::default(),
+            typical_ack: Duration::ZERO,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

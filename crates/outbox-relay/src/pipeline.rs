@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Statements};
+use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Statements, Waiting};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -13,12 +13,11 @@ use crate::backoff::Backoff;
 use crate::config::PoisonPolicy;
 use crate::config::{Completion, RelayConfig};
 use crate::health::Health;
-use crate::kafka::{classify, BatchOutcome, ErrorClass, Publisher};
+use crate::kafka::{message_bytes, DeliveryError, ErrorClass, InFlight, Publisher, Settled};
 use crate::lease::Term;
 use crate::metrics as m;
 use crate::wakeup::Wakeups;
 use crate::RelayError;
-use rdkafka::error::KafkaError;
 
 /// How long before its local deadline a term stops being used to start a batch: a batch
 /// claimed this close to expiry would likely be completed by nobody but the next holder.
@@ -48,7 +47,20 @@ pub(crate) struct Pipeline {
     pub(crate) backlog: bool,
     /// The id sequence's last value read by the latest claim that found messages.
     pub(crate) claimed_last_id: Option<i64>,
+    /// Messages handed to the producer and not yet decided, across batches.
+    pub(crate) in_flight: InFlight,
+    /// How long a batch usually takes to be acknowledged (a moving average).
+    pub(crate) typical_ack: Duration,
 }
+
+/// A batch is waited for until it is acknowledged, or for this many times the usual time (at
+/// least `MIN_BATCH_WAIT`); what is still unacknowledged then stays in flight while later
+/// batches go on, and holds back only its own keys.
+const BATCH_WAIT_FACTOR: u32 = 4;
+const MIN_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// At most this many batches' worth of messages in flight: beyond it the relay waits for
+/// acknowledgements before it claims more.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// How often the claim floor rises while batches are not full.
 const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
@@ -111,6 +123,7 @@ impl Pipeline {
                         _ = self.wakeups.messages.notified() => {}
                         _ = tokio::time::sleep(grace.min(self.config.poll_interval)) => {}
                         _ = self.term.changed() => {}
+                        _ = self.in_flight.next_settled(), if self.in_flight.unsettled() => {}
                     }
                 }
                 Step::Failed => {
@@ -123,6 +136,11 @@ impl Pipeline {
                     }
                 }
                 Step::NotLeader => {
+                    // Whatever is still in flight was sent under a term that is over.
+                    if !self.in_flight.is_empty() {
+                        self.publisher.purge();
+                        self.in_flight.forget();
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         // The keeper publishes every renewal and every change of holder.
@@ -134,19 +152,52 @@ impl Pipeline {
                 // Before waiting, let the completion in flight land.
                 self.settle_completion().await;
             }
-            if let Some(reason) = self.publisher.fatal_error() {
-                tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
-                self.publisher = Publisher::new(&self.config.kafka, &self.config.source)
-                    .map_err(RelayError::Kafka)?;
-            }
+            self.replace_failed_producer()?;
         }
-        // Let the last completion land, but not for longer than a shutdown may take: what it
-        // does not complete is published again by the next holder.
-        let _ = tokio::time::timeout(self.config.shutdown_timeout, self.settle_completion()).await;
+        // Let what is in flight be acknowledged and completed, but not for longer than a
+        // shutdown may take: what is not completed is published again by the next holder.
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        let term = self.term.borrow().clone();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while self.in_flight.unsettled() {
+                self.in_flight.next_settled().await;
+            }
+            if let Some(term) = term.filter(|t| t.valid_for(Duration::ZERO)) {
+                self.decide(&term).await;
+            }
+            self.settle_completion().await;
+        })
+        .await;
+        self.publisher.purge();
+        Ok(())
+    }
+
+    /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable:
+    /// replace it. What it had in flight settles as not attempted and is claimed again.
+    fn replace_failed_producer(&mut self) -> Result<(), RelayError> {
+        if let Some(reason) = self.publisher.fatal_error() {
+            tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
+            self.publisher = Publisher::new(&self.config.kafka, &self.config.source)
+                .map_err(RelayError::Kafka)?;
+        }
         Ok(())
     }
 
     async fn step(&mut self, term: &Term, cancel: &CancellationToken) -> Step {
+        // Messages of earlier batches acknowledged (or failed) since: decide them first, so
+        // that the claim sees their completion in flight and their failures held.
+        if let Some(step) = self.decide(term).await {
+            return step;
+        }
+        if self.in_flight.len() >= MAX_BATCHES_IN_FLIGHT * self.config.batch_size
+            || self.in_flight.bytes() >= MAX_BATCHES_IN_FLIGHT * self.config.max_batch_bytes
+        {
+            tracing::debug!(
+                in_flight = self.in_flight.len(),
+                "waiting for acknowledgements before claiming more"
+            );
+            return self.wait_for_acks(term, cancel).await;
+        }
         let batch = match self.claim(term).await {
             Ok(batch) => batch,
             Err(error) => {
@@ -161,7 +212,9 @@ impl Pipeline {
             if let Some(step) = self.settle_completion().await {
                 return step;
             }
-            self.health.progress(false);
+            if self.in_flight.is_empty() {
+                self.health.progress(false);
+            }
             if self.idle {
                 return Step::Idle;
             }
@@ -185,42 +238,57 @@ impl Pipeline {
         if !self.term_still_valid(term) {
             return Step::NotLeader;
         }
-        // Deliveries are always awaited to the end, so that whatever Kafka acknowledged is
-        // completed. Losing the lease, or a shutdown that outlasts its timeout, purges the
-        // producer instead, which fails the outstanding deliveries at once.
-        let (outcome, lost) = {
+        self.publisher
+            .send(batch, claimed_at, &mut self.in_flight)
+            .await;
+        let wait = (self.typical_ack * BATCH_WAIT_FACTOR).max(MIN_BATCH_WAIT);
+        let deadline = claimed_at + wait;
+        // Deliveries of a term that ended are purged (they fail at once); a shutdown lets them
+        // run for up to its timeout.
+        let acked = {
+            let in_flight = self.in_flight.len();
             let shutdown_deadline = async {
                 cancel.cancelled().await;
-                tracing::info!(
-                    in_flight = batch.len(),
-                    "shutting down: waiting for in-flight deliveries"
-                );
+                tracing::info!(in_flight, "shutting down: waiting for in-flight deliveries");
                 tokio::time::sleep(self.config.shutdown_timeout).await;
             };
-            let publish = self.publisher.publish(&batch);
-            tokio::pin!(publish, shutdown_deadline);
-            let mut purged = false;
-            let mut lost = false;
-            loop {
-                tokio::select! {
-                    outcome = &mut publish => break (outcome, lost),
-                    _ = self.lease_lost(term), if !purged => {
-                        tracing::warn!("lost the lease with a batch in flight; abandoning it");
-                        self.publisher.purge();
-                        (purged, lost) = (true, true);
-                    }
-                    _ = &mut shutdown_deadline, if !purged => {
-                        tracing::warn!("in-flight deliveries outlasted the shutdown timeout; they stay pending");
-                        self.publisher.purge();
-                        purged = true;
-                    }
-                }
+            let lease_lost = lease_lost(self.term.clone(), term.clone());
+            tokio::pin!(shutdown_deadline, lease_lost);
+            tokio::select! {
+                acked = self.in_flight.settle_batch(deadline) => Some(acked),
+                _ = &mut lease_lost => None,
+                _ = &mut shutdown_deadline => Some(false),
             }
         };
-        if lost {
-            return Step::NotLeader;
+        match acked {
+            None => {
+                tracing::warn!("lost the lease with messages in flight; abandoning them");
+                return Step::NotLeader;
+            }
+            Some(true) => {
+                // A moving average over the last few batches.
+                self.typical_ack = (self.typical_ack * 7 + claimed_at.elapsed()) / 8;
+            }
+            Some(false) => {
+                tracing::debug!(
+                    in_flight = self.in_flight.len(),
+                    ?wait,
+                    "part of the batch is not acknowledged yet; its keys wait, others go on"
+                );
+            }
         }
-        self.finish(term, &batch, claimed_at, outcome).await
+        self.decide(term).await.unwrap_or(Step::More)
+    }
+
+    /// Waits until some message in flight is acknowledged (or the term ends).
+    async fn wait_for_acks(&mut self, term: &Term, cancel: &CancellationToken) -> Step {
+        let lease_lost = lease_lost(self.term.clone(), term.clone());
+        tokio::pin!(lease_lost);
+        tokio::select! {
+            _ = self.in_flight.next_settled() => Step::More,
+            _ = &mut lease_lost => Step::NotLeader,
+            _ = cancel.cancelled() => Step::More,
+        }
     }
 
     async fn set_idle(&mut self, term: &Term, idle: bool) -> Result<(), sqlx::Error> {
@@ -236,7 +304,11 @@ impl Pipeline {
     /// while their completion is in flight; a prefix, in sequence order, of what is pending and
     /// not yet acknowledged.
     async fn claim(&mut self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
-        let skip = self.completing.as_ref().map_or(&[][..], |c| &c.ids[..]);
+        let mut skip: Vec<i64> = self.in_flight.ids().collect();
+        if let Some(completing) = &self.completing {
+            skip.extend_from_slice(&completing.ids);
+        }
+        let (waiting_topics, waiting_keys, waiting_keyless) = self.in_flight.waiting_keys();
         let candidate = self
             .floor
             .candidate()
@@ -248,7 +320,12 @@ impl Pipeline {
                 &mut conn,
                 self.config.batch_size as i64,
                 self.config.max_batch_bytes as i64,
-                skip,
+                &skip,
+                &Waiting {
+                    topics: &waiting_topics,
+                    keys: &waiting_keys,
+                    keyless_topics: &waiting_keyless,
+                },
                 candidate,
                 &term.fence,
             )
@@ -325,90 +402,58 @@ impl Pipeline {
     }
 
     fn term_still_valid(&self, term: &Term) -> bool {
-        matches!(&*self.term.borrow(), Some(current) if current.fence == term.fence && current.valid_for(Duration::ZERO))
+        still_valid(&self.term, term)
     }
 
-    /// Resolves when the term ends (lost, stepped down, or its deadline passed unrenewed).
-    async fn lease_lost(&self, term: &Term) {
-        let mut watch = self.term.clone();
-        loop {
-            let deadline = match &*watch.borrow_and_update() {
-                Some(current) if current.fence == term.fence => current.deadline,
-                _ => return,
-            };
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    if !self.term_still_valid(term) { return }
-                }
-                changed = watch.changed() => if changed.is_err() { return },
+    /// Decides what has settled in flight: completes the delivered messages (in the
+    /// background, after the previous completion) and holds or dead-letters the failed ones.
+    /// `Some(step)` when the relay cannot go on at once.
+    async fn decide(&mut self, term: &Term) -> Option<Step> {
+        let mut settled = self.in_flight.take_settled();
+        if !settled.suspects.is_empty() {
+            // A refusal shared by a produce request (e.g. one record over the broker's size
+            // limit fails its whole request): find the culprit by sending each again alone.
+            if let Err(error) = self.replace_failed_producer() {
+                tracing::error!(%error, "cannot create a Kafka producer");
+                return Some(Step::Failed);
             }
+            let suspects = std::mem::take(&mut settled.suspects);
+            tracing::info!(
+                count = suspects.len(),
+                "a produce request was refused as a whole; sending its messages again one by one"
+            );
+            self.publisher
+                .publish_alone(suspects, Instant::now(), &mut self.in_flight)
+                .await;
+            let alone = self.in_flight.take_settled();
+            settled.delivered.extend(alone.delivered);
+            settled.failed.extend(alone.failed);
+            settled.dropped += alone.dropped;
         }
-    }
-
-    async fn finish(
-        &mut self,
-        term: &Term,
-        batch: &[PendingMessage],
-        claimed_at: Instant,
-        outcome: BatchOutcome,
-    ) -> Step {
-        // One completion in flight at a time: the previous batch's lands first. If it did not
-        // take effect, its messages stay pending and go out again (duplicates of messages
-        // acknowledged before this batch, so first deliveries stay in order); this batch is
-        // still completed, and its failures recorded, under the current term, synchronously.
-        let previous_failed = self.settle_completion().await.is_some();
-        if !previous_failed && outcome.failed.is_empty() && !outcome.delivered.is_empty() {
-            // All acknowledged: complete them while the next batch is claimed and published.
-            // Not idle yet either: writers skip NOTIFY while we are busy, so look again at once;
-            // an empty claim then sets the idle flag before waiting.
-            record_published(batch, &outcome.delivered, claimed_at.elapsed());
-            self.start_completion(term, outcome.delivered);
-            return Step::More;
-        }
-        let delete = matches!(self.config.completion, Completion::Delete);
-        if !outcome.delivered.is_empty() {
-            let completed = async {
-                let mut conn = self.pool.acquire().await?;
-                self.statements
-                    .complete(&mut conn, &outcome.delivered, delete, &term.fence)
-                    .await
+        let Settled {
+            delivered, failed, ..
+        } = settled;
+        if !delivered.is_empty() {
+            // One completion in flight at a time: the previous one lands first. If it did not
+            // take effect, its messages stay pending and go out again (duplicates of
+            // acknowledged messages); so do these, as the relay backs off or steps down.
+            if let Some(step) = self.settle_completion().await {
+                return Some(step);
             }
-            .await;
-            match completed {
-                Ok(Fenced::Done(completed)) => {
-                    tracing::debug!(completed = completed.count, "published and completed");
-                    self.floor.completed(self.claimed_last_id, completed.xid);
-                    self.health.progress(true);
-                    record_published(batch, &outcome.delivered, claimed_at.elapsed());
-                }
-                Ok(Fenced::LeaseLost) => {
-                    tracing::warn!(
-                        count = outcome.delivered.len(),
-                        "lost the lease before completing; the next holder publishes these again"
-                    );
-                    return Step::NotLeader;
-                }
-                Err(error) => {
-                    self.health.database(false);
-                    // They stay pending and are published again: a duplicate, never a loss.
-                    tracing::warn!(%error, count = outcome.delivered.len(), "cannot mark delivered messages complete");
-                    return Step::Failed;
-                }
-            }
+            record_published(&delivered);
+            self.start_completion(term, delivered.iter().map(|(m, _)| m.id).collect());
         }
-        if outcome.failed.is_empty() {
-            // Not idle yet: writers skip NOTIFY while we are busy, so look again at once; an
-            // empty claim then sets the idle flag before waiting.
-            return Step::More;
+        if failed.is_empty() {
+            return None;
         }
-        match self.handle_failures(term, batch, &outcome.failed).await {
+        match self.handle_failures(term, &failed).await {
             // The failed messages (and their keys) are held; the rest flows on at once.
-            Ok(Fenced::Done(())) => Step::More,
-            Ok(Fenced::LeaseLost) => Step::NotLeader,
+            Ok(Fenced::Done(())) => None,
+            Ok(Fenced::LeaseLost) => Some(Step::NotLeader),
             Err(error) => {
                 tracing::warn!(%error, "cannot record delivery failures");
                 self.health.database(false);
-                Step::Failed
+                Some(Step::Failed)
             }
         }
     }
@@ -418,16 +463,13 @@ impl Pipeline {
     async fn handle_failures(
         &self,
         term: &Term,
-        batch: &[PendingMessage],
-        failed: &[(i64, KafkaError)],
+        failed: &[(PendingMessage, DeliveryError)],
     ) -> Result<Fenced<()>, sqlx::Error> {
         let mut held = Vec::new();
         let mut dead = Vec::new();
-        for (id, error) in failed {
-            let Some(message) = batch.iter().find(|m| m.id == *id) else {
-                continue;
-            };
-            let class = classify(error);
+        for (message, error) in failed {
+            let id = &message.id;
+            let class = error.class();
             m::failed(&message.topic, class == ErrorClass::Retriable);
             let key = message.key.as_deref().map(String::from_utf8_lossy);
             if class == ErrorClass::Permanent
@@ -439,7 +481,9 @@ impl Pipeline {
                 let delay = Backoff::delay_after(
                     self.config.backoff_initial,
                     self.config.backoff_max,
-                    message.attempts as u32 + 1,
+                    u32::try_from(message.attempts)
+                        .unwrap_or(0)
+                        .saturating_add(1),
                 );
                 if class == ErrorClass::Permanent {
                     tracing::error!(sequence = id, topic = %message.topic, ?key, attempts = message.attempts + 1, %error, ?delay, "permanent delivery failure; the key is blocked until it succeeds (policy: block)");
@@ -469,24 +513,33 @@ impl Pipeline {
     }
 }
 
-/// What a message weighs against the batch byte budget: its key and payload, as in the claim.
-fn message_bytes(message: &PendingMessage) -> usize {
-    message.key.as_ref().map_or(0, Vec::len) + message.payload.as_ref().map_or(0, Vec::len)
+fn still_valid(watch: &watch::Receiver<Option<Term>>, term: &Term) -> bool {
+    matches!(&*watch.borrow(), Some(current) if current.fence == term.fence && current.valid_for(Duration::ZERO))
+}
+
+/// Resolves when the term ends (lost, stepped down, or its deadline passed unrenewed).
+async fn lease_lost(mut watch: watch::Receiver<Option<Term>>, term: Term) {
+    loop {
+        let deadline = match &*watch.borrow_and_update() {
+            Some(current) if current.fence == term.fence => current.deadline,
+            _ => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                if !still_valid(&watch, &term) { return }
+            }
+            changed = watch.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Counts published messages per topic and records their latency from insert to ack.
-fn record_published(batch: &[PendingMessage], delivered: &[i64], since_claim: Duration) {
-    // `delivered` is a subsequence of `batch` (both in sequence order): merge them.
-    let mut delivered = delivered.iter().peekable();
+fn record_published(delivered: &[(PendingMessage, Duration)]) {
     let mut run: Option<(&str, u64)> = None;
-    for message in batch {
-        if delivered.peek() != Some(&&message.id) {
-            continue;
-        }
-        delivered.next();
-        m::publish_latency(message.age + since_claim);
+    for (message, since_claim) in delivered {
+        m::publish_latency(message.age + *since_claim);
         #[cfg(feature = "otel")]
-        crate::trace::record(message, since_claim);
+        crate::trace::record(message, *since_claim);
         run = match run {
             Some((topic, n)) if topic == message.topic => Some((topic, n + 1)),
             Some((topic, n)) => {

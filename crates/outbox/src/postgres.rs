@@ -66,6 +66,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "one insert trigger, no duplicate pending index",
         include_str!("migrations/0010_leaner_insert.sql"),
     ),
+    (
+        11,
+        "enqueue() validates headers",
+        include_str!("migrations/0011_untrusted_rows.sql"),
+    ),
 ];
 
 /// The statements of one outbox schema, rendered once.
@@ -170,6 +175,10 @@ pub struct PendingMessage {
     pub age: Duration,
     /// Failed delivery attempts so far.
     pub attempts: i32,
+    /// Why the stored row cannot be published as it is (headers of another shape, or naming a
+    /// header the relay sets): a row written by a raw INSERT. The relay never sends it; it
+    /// treats it as a permanent failure of this message alone.
+    pub invalid: Option<MalformedHeaders>,
 }
 
 /// What a claim returned.
@@ -179,6 +188,19 @@ pub struct Claimed {
     pub messages: Vec<PendingMessage>,
     /// What the claim saw, for the next floor candidate; `None` when it found nothing.
     pub horizon: Option<ClaimHorizon>,
+}
+
+/// Messages the relay has sent and Kafka has not acknowledged yet (a topic that does not exist
+/// yet, a partition without a leader): a claim holds back the other messages of their keys, so
+/// that a destination that does not answer collects no more than one batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Waiting<'a> {
+    /// Topics of the waiting keyed messages.
+    pub topics: &'a [&'a str],
+    /// Their keys, pairwise with `topics`.
+    pub keys: &'a [&'a [u8]],
+    /// Topics with a waiting message without a key: their other keyless messages wait too.
+    pub keyless_topics: &'a [&'a str],
 }
 
 /// The floor a claim started at, and what the next floor rise is built from.
@@ -353,8 +375,9 @@ const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
 /// search per row, where `id = ANY(array)` descends the index once per id (3x slower for 5,000).
 /// The casts sit in sub-selects, evaluated once: a multirange's input function is not immutable,
 /// so a bare `$1::text::int8multirange` is parsed again for every row it is compared with.
+/// An id of `i64::MAX` has no exclusive upper bound: its range is unbounded above.
 const IN_IDS: &str = "id >= lower((SELECT $1::text::int8multirange))
-     AND id < upper((SELECT $1::text::int8multirange))
+     AND id <= coalesce(upper((SELECT $1::text::int8multirange)) - 1, 9223372036854775807)
      AND (SELECT $1::text::int8multirange) @> id";
 
 /// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
@@ -415,8 +438,13 @@ fn id_ranges(ids: &[i64]) -> String {
         if text.len() > 1 {
             text.push(',');
         }
-        // Half-open, as PostgreSQL prints int8 ranges (an id of i64::MAX is never reached).
-        write!(text, "[{start},{})", end.saturating_add(1)).expect("writing to a String");
+        // Half-open, as PostgreSQL prints int8 ranges; a range ending at i64::MAX (an explicit
+        // id a writer chose) is unbounded above, as `end + 1` does not exist.
+        match end.checked_add(1) {
+            Some(after) => write!(text, "[{start},{after})"),
+            None => write!(text, "[{start},)"),
+        }
+        .expect("writing to a String");
     }
     text.push('}');
     text
@@ -453,10 +481,11 @@ impl Statements {
                   ORDER BY n
                  RETURNING id",
             ),
-            // Held messages (a failed delivery, until retry_at) hold back every later message
-            // of their key; a message without a key holds back only itself. The held set is
-            // normally empty, so this costs one probe of a tiny partial index.
-            // The batch ends at $1 messages or once $2 bytes of keys and payloads are reached
+            // Held messages (a failed delivery, until retry_at) hold back every other message of
+            // their key; a message without a key holds back only itself. The held keys are read
+            // once into a hash table (a hashed NOT IN), so a claim costs the same whether one key
+            // or 10,000 are held; while none is, the test is skipped.
+            // The batch ends at $1 messages or once $2 bytes of keys, payloads and headers are reached
             // (always at least one message), so the relay's memory is bounded whatever the
             // payload sizes; either way the result is a prefix in sequence order. The sizes come
             // from the stored lengths (octet_length does not detoast). $3 lists the ids to skip
@@ -486,7 +515,7 @@ impl Statements {
                       settled AS MATERIALIZED (
                      SELECT coalesce((SELECT min(id) FROM {schema}.message
                                        WHERE id >= (SELECT floor FROM lease) AND id <= $8),
-                                     $8 + 1) AS floor
+                                     least($8, 9223372036854775806) + 1) AS floor
                       WHERE $8::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
                         AND pg_snapshot_xmin(pg_current_snapshot()) > $7::text::xid8),
                       raised AS (
@@ -501,25 +530,31 @@ impl Statements {
                                 pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
                             pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
                       held AS MATERIALIZED (
-                     SELECT topic, key, id FROM {schema}.message
-                      WHERE processed_at IS NULL AND retry_at > now())
+                     SELECT topic, key FROM {schema}.message
+                      WHERE processed_at IS NULL AND retry_at > now() AND key IS NOT NULL)
                  SELECT id, topic, key, payload, headers, attempts, age_us,
                         (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
                         (SELECT xmin FROM horizon) AS xmin
                    FROM (SELECT c.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before
                            FROM (SELECT id, topic, key, payload, headers, attempts,
-                                        (date_part('epoch', now() - created_at) * 1000000)::bigint AS age_us,
+                                        CASE WHEN isfinite(created_at)
+                                             THEN (least(greatest(date_part('epoch', now() - created_at), 0), 1e9)
+                                                   * 1000000)::bigint
+                                             ELSE 0 END AS age_us,
                                         coalesce(octet_length(key), 0)
-                                          + coalesce(octet_length(payload), 0) AS size
+                                          + coalesce(octet_length(payload), 0)
+                                          + coalesce(octet_length(headers::text), 0) AS size
                                    FROM {schema}.message m
                                   WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
                                     AND m.id >= (SELECT floor FROM horizon)
                                     AND NOT (SELECT $3::text::int8multirange) @> m.id
-                                    AND (NOT EXISTS (SELECT 1 FROM held)
-                                         OR NOT EXISTS (SELECT 1 FROM held h
-                                                         WHERE h.id = m.id
-                                                            OR (m.key IS NOT NULL AND h.key = m.key
-                                                                AND h.topic = m.topic AND h.id < m.id)))
+                                    AND (m.retry_at IS NULL OR m.retry_at <= now())
+                                    AND (m.key IS NULL OR cardinality($9::text[]) = 0
+                                         OR (m.topic, m.key) NOT IN
+                                            (SELECT * FROM unnest($9::text[], $10::bytea[])))
+                                    AND (m.key IS NOT NULL OR m.topic <> ALL($11::text[]))
+                                    AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM held)
+                                         OR (m.topic, m.key) NOT IN (SELECT topic, key FROM held))
                                   ORDER BY id
                                   LIMIT $1) c) b
                   WHERE before < $2
@@ -549,7 +584,7 @@ impl Statements {
             ),
             record_failures: fenced(
                 "UPDATE {schema}.message m
-                    SET attempts = m.attempts + 1, last_error = f.error,
+                    SET attempts = least(m.attempts, 2147483646) + 1, last_error = f.error,
                         retry_at = now() + f.delay_us * interval '1 microsecond'
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS f(id, error, delay_us)
                   WHERE m.id = f.id AND {fence}",
@@ -562,7 +597,7 @@ impl Statements {
                                  WHERE m.id = f.id AND m.processed_at IS NULL
                                    AND (SELECT held FROM fence)
                              RETURNING m.id, m.topic, m.key, m.payload, m.headers, m.created_at,
-                                       m.attempts + 1 AS attempts, f.error),
+                                       least(m.attempts, 2147483646) + 1 AS attempts, f.error),
                       stored AS (INSERT INTO {schema}.dead_letter
                                         (id, topic, key, payload, headers, created_at, attempts, error)
                                  SELECT id, topic, key, payload, headers, created_at, attempts, error
@@ -652,7 +687,8 @@ impl Statements {
             ),
             backlog: render(
                 "SELECT count(*),
-                        (extract(epoch FROM now() - min(created_at)) * 1000000)::bigint,
+                        (least(extract(epoch FROM now() - min(created_at) FILTER (WHERE isfinite(created_at))), 1e9)
+                           * 1000000)::bigint,
                         count(*) FILTER (WHERE retry_at > now()),
                         (SELECT count(*) FROM {schema}.dead_letter)
                    FROM {schema}.message WHERE processed_at IS NULL",
@@ -835,9 +871,9 @@ impl Statements {
             .await
     }
 
-    /// Claims up to `limit` pending messages in sequence order, stopping once their keys and
-    /// payloads reach `max_bytes` (at least one message), skipping `skip`, only while `fence`
-    /// holds. A single active relay needs no row locks: the fence makes it the only publisher.
+    /// Claims up to `limit` pending messages in sequence order, stopping once their keys,
+    /// payloads and headers reach `max_bytes` (at least one message), skipping `skip` and the
+    /// keys `waiting`, only while `fence` holds. A single active relay needs no row locks: the fence makes it the only publisher.
     /// With a `candidate` from [`FloorTracker`], the claim also raises the floor it starts at
     /// once that is safe.
     pub async fn claim(
@@ -846,6 +882,7 @@ impl Statements {
         limit: i64,
         max_bytes: i64,
         skip: &[i64],
+        waiting: &Waiting<'_>,
         candidate: Option<FloorCandidate>,
         fence: &Fence,
     ) -> Result<Claimed, sqlx::Error> {
@@ -858,6 +895,9 @@ impl Statements {
             .bind(fence.token)
             .bind(candidate.map(|c| c.xid.to_string()))
             .bind(candidate.map(|c| c.last_id))
+            .bind(waiting.topics)
+            .bind(waiting.keys)
+            .bind(waiting.keyless_topics)
             .fetch_all(conn)
             .await?;
         let horizon = match rows.first() {
@@ -880,14 +920,19 @@ impl Statements {
             .map(|row| {
                 let headers: Option<Value> = row.try_get("headers")?;
                 let age_us: i64 = row.try_get("age_us")?;
+                let (headers, invalid) = match decode_headers(headers) {
+                    Ok(headers) => (headers, None),
+                    Err(malformed) => (Vec::new(), Some(malformed)),
+                };
                 Ok(PendingMessage {
                     id: row.try_get("id")?,
                     topic: row.try_get("topic")?,
                     key: row.try_get("key")?,
                     payload: row.try_get("payload")?,
-                    headers: decode_headers(headers).map_err(|e| sqlx::Error::Decode(e.into()))?,
+                    headers,
                     age: Duration::from_micros(age_us.max(0) as u64),
                     attempts: row.try_get("attempts")?,
+                    invalid,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()?;
@@ -1310,8 +1355,9 @@ fn encode_headers(headers: &[Header]) -> Option<Value> {
     Some(Value::Array(encoded))
 }
 
-/// A stored header that cannot be decoded.
-#[derive(Debug, thiserror::Error)]
+/// Stored headers the relay cannot publish: not the shape the writers store, or naming a
+/// header the relay sets itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed stored outbox headers: {0}")]
 pub struct MalformedHeaders(String);
 
@@ -1329,15 +1375,23 @@ fn decode_headers(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders>
         .map(|item| {
             let name = item["name"]
                 .as_str()
+                .filter(|name| !name.is_empty())
                 .ok_or_else(|| MalformedHeaders(format!("header without a name: {item}")))?;
+            if crate::headers::RESERVED.contains(&name) {
+                return Err(MalformedHeaders(format!(
+                    "header {name:?} is reserved: the relay sets it"
+                )));
+            }
             let value = if let Some(text) = item["text"].as_str() {
                 text.as_bytes().to_vec()
             } else if let Some(b64) = item["base64"].as_str() {
                 base64::engine::general_purpose::STANDARD
                     .decode(b64)
-                    .map_err(|e| MalformedHeaders(format!("header {name}: {e}")))?
+                    .map_err(|e| MalformedHeaders(format!("header {name:?}: {e}")))?
             } else {
-                return Err(MalformedHeaders(format!("header {name} has no value")));
+                return Err(MalformedHeaders(format!(
+                    "header {name:?} has no text or base64 value: {item}"
+                )));
             };
             Ok(Header {
                 name: name.to_owned(),
@@ -1392,6 +1446,10 @@ mod tests {
         assert_eq!(id_ranges(&[]), "{}");
         assert_eq!(id_ranges(&[7]), "{[7,8)}");
         assert_eq!(id_ranges(&[3, 1, 2, 9, 5, 6, 2]), "{[1,4),[5,7),[9,10)}");
+        assert_eq!(
+            id_ranges(&[i64::MAX, 4, i64::MAX - 1]),
+            format!("{{[4,5),[{},)}}", i64::MAX - 1)
+        );
     }
 
     #[test]

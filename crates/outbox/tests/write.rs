@@ -233,7 +233,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 10);
+    assert_eq!(report.current_version(), 11);
     outbox.drop_schema().await;
 }
 
@@ -286,7 +286,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         Fenced::LeaseLost
     );
     assert!(sql
-        .claim(&mut conn, 10, 1 << 20, &[], None, &old)
+        .claim(&mut conn, 10, 1 << 20, &[], &Default::default(), None, &old)
         .await
         .unwrap()
         .messages
@@ -307,7 +307,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         token: new_token,
     };
     assert_eq!(
-        sql.claim(&mut conn, 10, 1 << 20, &[], None, &new)
+        sql.claim(&mut conn, 10, 1 << 20, &[], &Default::default(), None, &new)
             .await
             .unwrap()
             .messages
@@ -468,7 +468,15 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
         async move {
             let mut conn = pool.acquire().await.unwrap();
             let claimed = sql
-                .claim(&mut conn, limit, max_bytes, &skip, None, fence)
+                .claim(
+                    &mut conn,
+                    limit,
+                    max_bytes,
+                    &skip,
+                    &Default::default(),
+                    None,
+                    fence,
+                )
                 .await
                 .unwrap();
             claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>()
@@ -589,7 +597,15 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
         let candidate = tracker.candidate();
         let mut conn = outbox.pool.acquire().await.unwrap();
         let claimed = sql
-            .claim(&mut conn, 100, 1 << 20, &[], candidate, &fence)
+            .claim(
+                &mut conn,
+                100,
+                1 << 20,
+                &[],
+                &Default::default(),
+                candidate,
+                &fence,
+            )
             .await
             .unwrap();
         tracker.observe(claimed.horizon.as_ref().expect("rows"), candidate);
@@ -686,7 +702,15 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
         .commit_each(["a", "b", "c"].map(|n| Message::new("t", n.as_bytes().to_vec())))
         .await;
     let first = sql
-        .claim(&mut conn, 100, 1 << 20, &[], None, &fence)
+        .claim(
+            &mut conn,
+            100,
+            1 << 20,
+            &[],
+            &Default::default(),
+            None,
+            &fence,
+        )
         .await
         .unwrap();
     let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, &fence).await.unwrap() else {
@@ -724,9 +748,17 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
         let (sql, pool, fence) = (sql.clone(), outbox.pool.clone(), fence.clone());
         async move {
             let mut conn = pool.acquire().await.unwrap();
-            sql.claim(&mut conn, 100, 1 << 20, &[], Some(candidate), &fence)
-                .await
-                .unwrap()
+            sql.claim(
+                &mut conn,
+                100,
+                1 << 20,
+                &[],
+                &Default::default(),
+                Some(candidate),
+                &fence,
+            )
+            .await
+            .unwrap()
         }
     });
     wait_until(
@@ -747,7 +779,15 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     retry.commit().await.unwrap();
     rising.await.unwrap();
     let claimed = sql
-        .claim(&mut conn, 100, 1 << 20, &[], None, &fence)
+        .claim(
+            &mut conn,
+            100,
+            1 << 20,
+            &[],
+            &Default::default(),
+            None,
+            &fence,
+        )
         .await
         .unwrap();
     assert_eq!(
