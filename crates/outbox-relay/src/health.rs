@@ -21,6 +21,10 @@ struct State {
     /// Last time a batch was completed, or the backlog was found empty.
     last_progress: Instant,
     last_publish: Option<Instant>,
+    /// Setup problems that keep the relay from publishing: the schema is not migrated, another
+    /// lease name holds the outbox.
+    schema_problem: Option<String>,
+    lease_problem: Option<String>,
 }
 
 /// Shared health state, updated by the relay's tasks.
@@ -62,6 +66,8 @@ impl Health {
                 oldest_pending_age: None,
                 last_progress: Instant::now(),
                 last_publish: None,
+                schema_problem: None,
+                lease_problem: None,
             }),
             stall_timeout,
         }
@@ -73,6 +79,14 @@ impl Health {
 
     pub(crate) fn database(&self, ok: bool) {
         self.update(|s| s.database_ok = ok);
+    }
+
+    pub(crate) fn schema_problem(&self, reason: Option<String>) {
+        self.update(|s| s.schema_problem = reason);
+    }
+
+    pub(crate) fn lease_problem(&self, reason: Option<String>) {
+        self.update(|s| s.lease_problem = reason);
     }
 
     pub(crate) fn kafka(&self, ok: bool) {
@@ -111,7 +125,11 @@ impl Health {
     /// The current report.
     pub fn report(&self) -> HealthReport {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reasons = Vec::new();
+        let mut reasons: Vec<String> = [&s.schema_problem, &s.lease_problem]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         if !s.database_ok {
             reasons.push("PostgreSQL is unreachable".to_owned());
         }

@@ -99,6 +99,7 @@ impl LeaseKeeper {
         .await;
         match result {
             Ok(LeaseState::Held { token, remaining }) => {
+                self.health.lease_problem(None);
                 tracing::info!(lease = %self.lease, holder = %self.holder, token, "acquired the lease; publishing");
                 let fence = Fence {
                     lease: self.lease.clone(),
@@ -113,6 +114,20 @@ impl LeaseKeeper {
                 }));
                 self.renew_interval
             }
+            Ok(LeaseState::OtherLease { lease, holder }) => {
+                tracing::error!(
+                    lease = %self.lease, other_lease = %lease, %holder,
+                    "another relay publishes this outbox under another lease name; not taking \
+                     this one while it is held (two lease names would publish every message \
+                     twice): give all relays of one outbox the same lease_name"
+                );
+                self.health.database(true);
+                self.health.lease_problem(Some(format!(
+                    "lease {:?} is not taken: relay {holder:?} holds lease {lease:?} on the same outbox; use one lease_name per outbox",
+                    self.lease
+                )));
+                self.renew_interval
+            }
             Ok(LeaseState::HeldByOther { holder, remaining }) => {
                 tracing::debug!(lease = %self.lease, %holder, ?remaining, "standing by");
                 self.health.database(true);
@@ -121,8 +136,9 @@ impl LeaseKeeper {
                 (remaining + Duration::from_millis(20)).min(self.renew_interval)
             }
             Err(error) => {
-                self.health.database(false);
-                tracing::warn!(lease = %self.lease, %error, "cannot reach the database to acquire the lease");
+                self.health
+                    .database(matches!(error, sqlx::Error::Database(_)));
+                tracing::warn!(lease = %self.lease, %error, "cannot acquire the lease");
                 self.renew_interval
             }
         }

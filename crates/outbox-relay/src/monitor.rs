@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::Statements;
+use outbox::postgres::{Statements, SCHEMA_VERSION};
 use rdkafka::producer::{BaseProducer, Producer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -34,13 +34,27 @@ pub(crate) async fn run(
     loop {
         let backlog = async {
             let mut conn = pool.acquire().await?;
+            let version = statements.schema_version(&mut conn).await?;
+            if version < SCHEMA_VERSION {
+                return Ok(Err(version));
+            }
             let backlog = statements.backlog(&mut conn).await?;
             let snapshot = statements.oldest_snapshot(&mut conn).await?;
-            Ok::<_, sqlx::Error>((backlog, snapshot))
+            Ok::<_, sqlx::Error>(Ok((backlog, snapshot)))
         }
         .await;
         match backlog {
-            Ok((backlog, snapshot)) => {
+            Ok(Err(version)) => {
+                let reason = format!(
+                    "schema {} is not migrated (version {version}, this relay needs {SCHEMA_VERSION}): run `outbox migrate`",
+                    statements.schema()
+                );
+                tracing::error!("{reason}");
+                health.database(true);
+                health.schema_problem(Some(reason));
+            }
+            Ok(Ok((backlog, snapshot))) => {
+                health.schema_problem(None);
                 m::oldest_snapshot(snapshot.map(|s| s.age));
                 health.backlog(backlog.pending, backlog.oldest_age);
                 m::backlog(

@@ -202,7 +202,9 @@ impl Pipeline {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim messages");
-                self.health.database(false);
+                // An error the database returned (say, an unmigrated schema) is no outage.
+                self.health
+                    .database(matches!(error, sqlx::Error::Database(_)));
                 return Step::Failed;
             }
         };

@@ -28,13 +28,30 @@ pub async fn create_replicated_topic(
     partitions: i32,
     replication: i32,
 ) {
+    create_topic_with_config(bootstrap, topic, partitions, replication, &[]).await;
+}
+
+/// Creates `topic` with topic-level settings such as `("max.message.bytes", "10000")`.
+pub async fn create_topic_with_config(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    config: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let results = admin
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))], &options)
+        .create_topics(
+            &[config.iter().fold(
+                NewTopic::new(topic, partitions, TopicReplication::Fixed(replication)),
+                |new, (key, value)| new.set(key, value),
+            )],
+            &options,
+        )
         .await
         .unwrap_or_else(|error| {
             panic!("cannot reach Kafka at {bootstrap}: {error}\nStart the services with: eval \"$(dev/up)\"")

@@ -73,6 +73,9 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// The schema version these statements are written for: the last embedded migration.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
 /// The statements of one outbox schema, rendered once.
 #[derive(Debug, Clone)]
 pub struct Statements {
@@ -85,6 +88,7 @@ pub struct Statements {
     complete_delete: String,
     record_failures: String,
     lease_acquire: String,
+    lease_other: String,
     lease_renew: String,
     lease_release: String,
     lease_set_idle: String,
@@ -279,6 +283,14 @@ pub enum LeaseState {
         token: i64,
         /// Time left until expiry.
         remaining: Duration,
+    },
+    /// A lease of another name is held on this outbox: two lease names would each publish
+    /// everything, so this one is not taken while the other is.
+    OtherLease {
+        /// The other lease's name.
+        lease: String,
+        /// Its holder.
+        holder: String,
     },
     /// Someone else holds it for `remaining`.
     HeldByOther {
@@ -659,6 +671,10 @@ impl Statements {
                    FROM {schema}.relay_lease
                   WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM taken)",
             ),
+            lease_other: render(
+                "SELECT name, holder FROM {schema}.relay_lease
+                  WHERE name <> $1 AND expires_at > now() LIMIT 1",
+            ),
             // Renews only an unexpired term of ours: once expired, another relay may have taken
             // over, so the holder must step down rather than extend.
             lease_renew: render(
@@ -808,6 +824,21 @@ impl Statements {
             applied.push(*version);
         }
         Ok((applied, current))
+    }
+
+    /// The schema's migration version; 0 when it was never migrated (no such schema or table).
+    pub async fn schema_version(&self, conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+        let table = format!("{}.schema_version", self.schema.as_str());
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !exists {
+            return Ok(0);
+        }
+        sqlx::query_scalar(&format!("SELECT coalesce(max(version), 0) FROM {table}"))
+            .fetch_one(conn)
+            .await
     }
 
     /// Inserts one message; returns its sequence.
@@ -1111,7 +1142,7 @@ impl Statements {
             .collect())
     }
 
-    /// Takes the lease if it is free or expired.
+    /// Takes the lease if it is free or expired, and no lease of another name is held.
     pub async fn lease_acquire(
         &self,
         conn: &mut PgConnection,
@@ -1119,13 +1150,28 @@ impl Statements {
         holder: &str,
         ttl: Duration,
     ) -> Result<LeaseState, sqlx::Error> {
+        // Serialized per outbox, so that two relays with different lease names cannot both
+        // see the other's lease free and take their own.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-lease:' || $1))")
+            .bind(self.schema.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let other: Option<(String, String)> = sqlx::query_as(&self.lease_other)
+            .bind(lease)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some((lease, holder)) = other {
+            return Ok(LeaseState::OtherLease { lease, holder });
+        }
         let (current, token, remaining_us): (String, i64, i64) =
             sqlx::query_as(&self.lease_acquire)
                 .bind(lease)
                 .bind(holder)
                 .bind(micros(ttl))
-                .fetch_one(conn)
+                .fetch_one(&mut *tx)
                 .await?;
+        tx.commit().await?;
         let remaining = Duration::from_micros(remaining_us.max(0) as u64);
         Ok(if current == holder {
             LeaseState::Held { token, remaining }

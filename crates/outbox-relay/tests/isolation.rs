@@ -1,0 +1,384 @@
+//! Hostile and broken inputs, against the real services: whatever one writer puts in the outbox,
+//! it holds back at most its own key, and every other message keeps flowing.
+
+use std::time::Duration;
+
+use outbox::postgres::Statements;
+use outbox::Message;
+use outbox_relay::{PoisonPolicy, Relay, RelayConfig};
+use outbox_test_support::{
+    create_topic, create_topic_with_config, kafka_bootstrap_servers, unique_topic, wait_until,
+    TestOutbox, TopicReader,
+};
+
+const READ: Duration = Duration::from_secs(30);
+
+fn config(outbox: &TestOutbox, policy: PoisonPolicy) -> RelayConfig {
+    let mut config = RelayConfig::new(kafka_bootstrap_servers(), "isolation-tests");
+    config.schema = outbox.schema.clone();
+    config.poison_policy = policy;
+    config.poll_interval = Duration::from_millis(100);
+    config.backoff_initial = Duration::from_secs(30);
+    config.backoff_max = Duration::from_secs(60);
+    config
+}
+
+/// Inserts a row as a writer in another language could, bypassing every check of the library.
+async fn insert_raw(outbox: &TestOutbox, topic: &str, key: &str, headers: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "INSERT INTO {}.message (topic, key, payload, headers)
+         VALUES ($1, convert_to($2, 'UTF8'), convert_to('raw', 'UTF8'), $3::jsonb) RETURNING id",
+        outbox.schema
+    ))
+    .bind(topic)
+    .bind(key)
+    .bind(headers)
+    .fetch_one(&outbox.pool)
+    .await
+    .expect("raw insert")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_rejects_headers_the_relay_could_not_publish_or_that_spoof_its_own() {
+    let outbox = TestOutbox::new().await;
+    for (headers, expected) in [
+        (
+            r#"{"x-trace": null}"#,
+            r#"header "x-trace" must be a JSON string, not null"#,
+        ),
+        (
+            r#"{"n": 1}"#,
+            r#"header "n" must be a JSON string, not number"#,
+        ),
+        (
+            r#"{"x-sequence": "1"}"#,
+            r#"header "x-sequence" is reserved"#,
+        ),
+        (
+            r#"{"x-source": "billing"}"#,
+            r#"header "x-source" is reserved"#,
+        ),
+        (r#"{"": "v"}"#, "a header name is empty"),
+        (
+            r#"["a"]"#,
+            "headers must be a JSON object of text values, not array",
+        ),
+    ] {
+        let error = sqlx::query(&format!(
+            "SELECT {}.enqueue('t', 'k', NULL, $1::jsonb)",
+            outbox.schema
+        ))
+        .bind(headers)
+        .execute(&outbox.pool)
+        .await
+        .expect_err(headers)
+        .to_string();
+        assert!(error.contains(expected), "{headers}: {error}");
+    }
+    assert_eq!(outbox.pending().await, 0);
+    outbox.drop_schema().await;
+}
+
+/// Rows whose headers the relay cannot publish (another shape, or naming the headers it sets)
+/// are poison of their own: held with their error, named by `held_keys`, while every other
+/// message, of their topic too, is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_rows_are_held_alone_and_everything_else_flows() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-headers");
+    create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
+    let bad = [
+        insert_raw(&outbox, &topic, "bad-1", r#"{"x-trace": null}"#).await,
+        insert_raw(
+            &outbox,
+            &topic,
+            "bad-2",
+            r#"[{"name": "x-sequence", "text": "1"}]"#,
+        )
+        .await,
+        insert_raw(
+            &outbox,
+            &topic,
+            "bad-3",
+            r#"[{"name": "h", "base64": "%%%"}]"#,
+        )
+        .await,
+    ];
+    outbox
+        .commit_each((0..10).map(|i| Message::new(&topic, format!("good:{i}")).key("good")))
+        .await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
+
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(10, READ).await;
+    assert!(reader.received.iter().all(|r| r.key_str() == "good"));
+    let statements = Statements::new(&outbox.schema);
+    wait_until(READ, "the bad rows are held", || async {
+        let mut conn = outbox.pool.acquire().await.unwrap();
+        statements.held_keys(&mut conn, 10).await.unwrap().len() == 3
+    })
+    .await;
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    assert_eq!(held.iter().map(|h| h.head).collect::<Vec<_>>(), bad);
+    for key in &held {
+        let error = key.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("malformed stored outbox headers"), "{error}");
+    }
+    assert!(held[1].last_error.as_deref().unwrap().contains("reserved"));
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_rows_are_dead_lettered_with_their_error_under_that_policy() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-headers-dl");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let bad = insert_raw(&outbox, &topic, "bad", r#"{"x-trace": null}"#).await;
+    outbox
+        .commit_each([Message::new(&topic, "after").key("bad")])
+        .await;
+    let relay = Relay::start(
+        outbox.pool.clone(),
+        config(&outbox, PoisonPolicy::DeadLetter),
+    )
+    .unwrap();
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(1, READ).await;
+    assert_eq!(reader.received[0].payload_str(), "after");
+    let statements = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let dead = statements.dead_letters(&mut conn, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, bad);
+    assert!(
+        dead[0].error.contains("expected an array"),
+        "{}",
+        dead[0].error
+    );
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// An explicit id of i64::MAX once made the relay republish the message in a loop (the id had
+/// no exclusive upper bound in the ranges the claim skips and the completion deletes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_with_the_largest_id_is_published_once_and_completed() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-max-id");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    sqlx::query(&format!(
+        "INSERT INTO {}.message (id, topic, key, payload) OVERRIDING SYSTEM VALUE
+         VALUES (9223372036854775807, $1, 'k', 'last')",
+        outbox.schema
+    ))
+    .bind(&topic)
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
+    wait_until(READ, "the message is completed", || async {
+        outbox.pending().await == 0
+    })
+    .await;
+    // One more message after it: once it arrives, anything republished before it has too.
+    outbox
+        .commit_each([Message::new(&topic, "next").key("k")])
+        .await;
+    let mut reader = TopicReader::new(&topic);
+    reader
+        .read_until(READ, |r| r.iter().any(|r| r.payload_str() == "next"))
+        .await;
+    let payloads: Vec<&str> = reader.received.iter().map(|r| r.payload_str()).collect();
+    assert_eq!(payloads, ["last", "next"]);
+    assert_eq!(reader.received[0].sequence(), i64::MAX);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// A message to a topic that does not exist waits in librdkafka for the topic's metadata
+/// (`topic.metadata.propagation.max.ms`, 30 s). It must hold back nothing but its own key:
+/// messages to a healthy topic committed after it arrive as fast as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_delay_only_their_own_keys() {
+    let outbox = TestOutbox::new().await;
+    let healthy = unique_topic("isolation-healthy");
+    create_topic(&kafka_bootstrap_servers(), &healthy, 2).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
+    relay.wait_until_leader().await;
+    let mut reader = TopicReader::new(&healthy);
+    let started = tokio::time::Instant::now();
+    for round in 0..5 {
+        // A fresh missing topic name each round, as a hostile writer would.
+        outbox
+            .commit_each([Message::new(unique_topic("isolation-missing"), "lost?").key("m")])
+            .await;
+        outbox
+            .commit_each([Message::new(&healthy, format!("healthy:{round}")).key("h")])
+            .await;
+        reader.read_until(READ, |r| r.len() > round).await;
+    }
+    // Before, each round waited for the missing topic's metadata: 5 x 30 s.
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "5 healthy messages took {elapsed:?}"
+    );
+    let payloads: Vec<&str> = reader.received.iter().map(|r| r.payload_str()).collect();
+    assert_eq!(
+        payloads,
+        [
+            "healthy:0",
+            "healthy:1",
+            "healthy:2",
+            "healthy:3",
+            "healthy:4"
+        ]
+    );
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// A broker refuses a produce request as a whole when one record in it is over the topic's
+/// `max.message.bytes`. Only that record is the poison: the others of the request (other keys,
+/// earlier messages of its own key) are published, and it is held under its own sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_fails_alone_not_its_whole_request() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-oversized");
+    create_topic_with_config(
+        &kafka_bootstrap_servers(),
+        &topic,
+        1,
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await;
+    // A backlog, so that all of it goes out in one produce request.
+    let mut messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
+        .collect();
+    // Incompressible, as the producer compresses (lz4) before the broker checks the size.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..60_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    messages.insert(10, Message::new(&topic, noise).key("k2"));
+    let sequences = outbox.commit_all(messages).await;
+    let oversized = sequences[10];
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
+
+    let mut reader = TopicReader::new(&topic);
+    // Everything but the oversized message and the later messages of its key k2.
+    reader.read_at_least(17, READ).await;
+    reader.read_for(Duration::from_millis(500)).await;
+    let mut published: Vec<i64> = reader.received.iter().map(|r| r.sequence()).collect();
+    published.sort_unstable();
+    published.dedup();
+    // Small message i has key k{i % 4} and sits at index i, or i + 1 after the oversized one.
+    let expected: Vec<i64> = (0..20)
+        .filter(|i| !(*i >= 10 && i % 4 == 2))
+        .map(|i| sequences[if i >= 10 { i + 1 } else { i }])
+        .collect();
+    assert_eq!(published, expected);
+
+    let statements = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].head, oversized);
+    assert_eq!(held[0].key.as_deref(), Some(&b"k2"[..]));
+    assert!(
+        held[0].last_error.as_deref().unwrap().contains("too large"),
+        "{held:?}"
+    );
+    // No other message was blamed.
+    let blamed: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.message WHERE last_error IS NOT NULL",
+        outbox.schema
+    ))
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(blamed, 1);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// Two lease names on one outbox once meant two publishers of every message. The second relay
+/// now stands by, not ready, naming the lease that holds the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_lease_name_on_one_outbox_is_refused_not_doubled() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-leases");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let mut first = config(&outbox, PoisonPolicy::Block);
+    first.lease_name = "first".into();
+    let mut second = config(&outbox, PoisonPolicy::Block);
+    second.lease_name = "second".into();
+    let first = Relay::start(outbox.pool.clone(), first).unwrap();
+    first.wait_until_leader().await;
+    let second = Relay::start(outbox.pool.clone(), second).unwrap();
+    let health = second.health();
+    wait_until(READ, "the second relay reports the other lease", || async {
+        health
+            .report()
+            .reasons
+            .iter()
+            .any(|r| r.contains(r#"holds lease "first""#))
+    })
+    .await;
+    outbox
+        .commit_all(
+            (0..200)
+                .map(|i| Message::new(&topic, format!("m{i}")).key("k"))
+                .collect(),
+        )
+        .await;
+    wait_until(READ, "everything is completed", || async {
+        outbox.pending().await == 0
+    })
+    .await;
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(200, READ).await;
+    reader.read_for(Duration::from_millis(500)).await;
+    assert_eq!(reader.received.len(), 200, "published twice");
+    assert!(!second.is_leader());
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// A relay pointed at a schema nobody migrated once reported "PostgreSQL is unreachable"
+/// forever. It now says what is wrong and how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_on_an_unmigrated_schema_says_so() {
+    let outbox = TestOutbox::new().await;
+    let mut config = config(&outbox, PoisonPolicy::Block);
+    config.schema = outbox::SchemaName::new(format!("{}_typo", outbox.schema)).unwrap();
+    config.monitor_interval = Duration::from_millis(200);
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let health = relay.health();
+    wait_until(READ, "the relay reports the unmigrated schema", || async {
+        health
+            .report()
+            .reasons
+            .iter()
+            .any(|r| r.contains("is not migrated") && r.contains("outbox migrate"))
+    })
+    .await;
+    let report = health.report();
+    assert!(!report.ready);
+    assert!(
+        !report.reasons.iter().any(|r| r.contains("unreachable")),
+        "{report:?}"
+    );
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
