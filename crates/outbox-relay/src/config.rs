@@ -131,6 +131,18 @@ impl RelayConfig {
         if self.source.is_empty() {
             return Err(InvalidConfig::new("source", "must not be empty"));
         }
+        if self.source.len() > outbox::MAX_SOURCE_BYTES {
+            // Writers reserve room for x-source in every record's size; a longer one could
+            // make a record they accepted too large for the producer.
+            return Err(InvalidConfig::new(
+                "source",
+                format!(
+                    "must be at most {} bytes (found {})",
+                    outbox::MAX_SOURCE_BYTES,
+                    self.source.len()
+                ),
+            ));
+        }
         if self.lease_name.is_empty() {
             return Err(InvalidConfig::new("lease_name", "must not be empty"));
         }

@@ -72,6 +72,11 @@ impl KafkaConfig {
         ] {
             properties.insert(key.to_owned(), value.to_owned());
         }
+        // The writers' default limit, counted the same way (`outbox::record_wire_size`).
+        properties.insert(
+            "message.max.bytes".to_owned(),
+            outbox::DEFAULT_MAX_PAYLOAD_BYTES.to_string(),
+        );
         KafkaConfig { properties }
     }
 

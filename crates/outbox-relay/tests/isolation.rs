@@ -382,3 +382,56 @@ async fn relay_on_an_unmigrated_schema_says_so() {
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
+
+/// The writer's size limit and the relay producer's are the same number counted the same way:
+/// the largest message the writer accepts is published, and a raw row one byte larger is what
+/// the producer refuses. Before, the writer accepted messages the producer then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_size_limit_is_the_producers() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-limit");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let message = |n: usize| Message::new(&topic, vec![b'x'; n]).key("k");
+    // The largest payload the writer accepts.
+    let mut largest = 0;
+    for n in (outbox::DEFAULT_MAX_PAYLOAD_BYTES - 1000..=outbox::DEFAULT_MAX_PAYLOAD_BYTES).rev() {
+        let mut tx = outbox.pool.begin().await.unwrap();
+        match outbox.outbox.save_for_publishing(&mut tx, message(n)).await {
+            Ok(_) => {
+                largest = n;
+                break;
+            }
+            Err(outbox::Error::InvalidMessage(outbox::InvalidMessage::TooLarge { .. })) => {}
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(largest > 0);
+    let accepted = outbox.commit_each([message(largest)]).await[0];
+    let over = sqlx::query_scalar::<_, i64>(&format!(
+        "INSERT INTO {}.message (topic, key, payload) VALUES ($1, 'k2', $2) RETURNING id",
+        outbox.schema
+    ))
+    .bind(&topic)
+    .bind(vec![b'x'; largest + 1])
+    .fetch_one(&outbox.pool)
+    .await
+    .unwrap();
+    let mut config = config(&outbox, PoisonPolicy::Block);
+    config.source = "s".repeat(outbox::MAX_SOURCE_BYTES);
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(1, READ).await;
+    assert_eq!(reader.received[0].sequence(), accepted);
+    let statements = Statements::new(&outbox.schema);
+    wait_until(READ, "the larger raw row is held", || async {
+        let mut conn = outbox.pool.acquire().await.unwrap();
+        statements.held_keys(&mut conn, 10).await.unwrap().len() == 1
+    })
+    .await;
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    assert_eq!(held[0].head, over);
+    assert!(held[0].last_error.as_deref().unwrap().contains("too large"));
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}

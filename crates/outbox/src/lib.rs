@@ -42,7 +42,7 @@ mod writer;
 
 pub use error::{Error, InvalidMessage};
 pub use inbox::Inbox;
-pub use message::{Header, Message};
+pub use message::{record_wire_size, Header, Message, MAX_SOURCE_BYTES};
 pub use migrate::MigrationReport;
 pub use schema::{InvalidSchemaName, SchemaName};
 pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};

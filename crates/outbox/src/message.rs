@@ -77,15 +77,16 @@ impl Message {
         &self.headers
     }
 
-    /// Bytes Kafka counts against its record size limit, near enough: payload, key, headers.
+    /// The record's size as the relay's producer counts it, with the relay's headers.
     fn size(&self) -> usize {
-        self.payload.as_ref().map_or(0, Vec::len)
-            + self.key.as_ref().map_or(0, Vec::len)
-            + self
-                .headers
+        record_wire_size(
+            self.key.as_ref().map_or(0, Vec::len),
+            self.payload.as_ref().map_or(0, Vec::len),
+            self.headers
                 .iter()
-                .map(|h| h.name.len() + h.value.len())
-                .sum::<usize>()
+                .map(|h| (h.name.len(), h.value.len()))
+                .chain(relay_headers()),
+        )
     }
 
     /// Checks what can be known at save time, so that a message the relay could never publish
@@ -149,6 +150,47 @@ fn validate_header_value(header: &Header) -> Result<(), InvalidMessage> {
         }
     }
     Ok(())
+}
+
+/// The longest `x-source` a relay may send; writers reserve room for it in every record.
+pub const MAX_SOURCE_BYTES: usize = 255;
+
+/// The headers the relay adds to every record, as (name, value) lengths, the source at its
+/// longest.
+fn relay_headers() -> [(usize, usize); 2] {
+    [
+        (headers::SEQUENCE.len(), 8),
+        (headers::SOURCE.len(), MAX_SOURCE_BYTES),
+    ]
+}
+
+/// The size librdkafka checks against the producer's `message.max.bytes` before it accepts a
+/// record (`rd_kafka_msg_max_wire_size`): the largest framing of a v2 record (36 bytes: a
+/// 5-byte varint each for length, key length, value length, header count and offset delta, a
+/// 10-byte timestamp delta, the attributes byte), plus key, value and each header as serialized
+/// (zig-zag varint lengths of its name and value, then both).
+pub fn record_wire_size(
+    key: usize,
+    value: usize,
+    headers: impl IntoIterator<Item = (usize, usize)>,
+) -> usize {
+    fn varint(n: usize) -> usize {
+        let mut zigzag = (n as u64) << 1;
+        let mut bytes = 1;
+        while zigzag >= 0x80 {
+            zigzag >>= 7;
+            bytes += 1;
+        }
+        bytes
+    }
+    const MAX_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
+    MAX_OVERHEAD
+        + key
+        + value
+        + headers
+            .into_iter()
+            .map(|(name, value)| varint(name) + name + varint(value) + value)
+            .sum::<usize>()
 }
 
 /// Kafka's own rules for topic names (`org.apache.kafka.common.internals.Topic`).
@@ -245,12 +287,15 @@ mod tests {
     #[test]
     fn rejects_messages_over_the_size_limit() {
         let message = Message::new("t", vec![0; 90]).key("0123456789");
-        assert_eq!(message.validate(100), Ok(()));
+        // 36 framing + 10 key + 90 value + x-sequence (1 + 10 + 1 + 8) + x-source at its
+        // longest (1 + 8 + 2 + 255).
+        let size = 36 + 10 + 90 + 20 + 266;
+        assert_eq!(message.validate(size), Ok(()));
         assert_eq!(
-            message.header("h", vec![0]).validate(100),
+            message.header("h", vec![0]).validate(size),
             Err(InvalidMessage::TooLarge {
-                size: 102,
-                max: 100
+                size: size + 4,
+                max: size
             })
         );
     }

@@ -11,9 +11,10 @@ use crate::schema::SchemaName;
 /// A message's outbox sequence: its row id, sent to Kafka as the `x-sequence` header.
 pub type Sequence = i64;
 
-/// Default limit on payload + key + headers: Kafka's default `message.max.bytes` (1,048,588)
-/// less room for the record and batch framing, so that an accepted message is one the default
-/// broker accepts too.
+/// Default limit on a message's size as a Kafka record ([`crate::record_wire_size`], the
+/// relay's headers included). The relay's producer is given the same limit
+/// (`message.max.bytes`), so a message the writer accepts is one the relay's producer accepts;
+/// and the broker's default (1,048,588) leaves room for the batch framing.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
 
 /// Write-side configuration.
@@ -21,8 +22,8 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
 pub struct OutboxConfig {
     /// Schema holding the outbox objects (default `outbox`).
     pub schema: SchemaName,
-    /// Largest message accepted, in bytes of payload + key + headers; `None` for
-    /// [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    /// Largest message accepted, as a Kafka record ([`crate::record_wire_size`]); `None` for
+    /// [`DEFAULT_MAX_PAYLOAD_BYTES`]. Keep it at or below the relay's `message.max.bytes`.
     pub max_message_bytes: Option<usize>,
 }
 
