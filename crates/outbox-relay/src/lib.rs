@@ -132,6 +132,7 @@ impl Relay {
         let publisher =
             kafka::Publisher::new(&config.kafka, &config.source).map_err(RelayError::Kafka)?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
+        let shutdown_timeout = config.shutdown_timeout;
         let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
         let wakeups = Arc::new(Wakeups::default());
         let health = Arc::new(Health::new(config.stall_timeout));
@@ -199,6 +200,7 @@ impl Relay {
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {
             holder,
+            shutdown_timeout,
             cancel,
             keeper_cancel,
             tasks,
@@ -210,10 +212,14 @@ impl Relay {
     }
 }
 
+/// How long a shutdown waits for the lease release after the rest has stopped.
+const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
 #[derive(Debug)]
 pub struct RelayHandle {
     holder: String,
+    shutdown_timeout: Duration,
     cancel: CancellationToken,
     keeper_cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -249,12 +255,42 @@ impl RelayHandle {
 
     /// Graceful shutdown: stop claiming, wait for in-flight deliveries (up to the configured
     /// timeout), complete what was acknowledged, release the lease.
+    ///
+    /// Bounded: after `shutdown_timeout` (plus a second for the lease release) whatever still
+    /// runs is abandoned, e.g. a statement blocked on a lock in the database, so that a standby
+    /// can take over; what it had not completed is published again by the next holder.
     pub async fn shutdown(mut self) -> Result<(), RelayError> {
         self.cancel.cancel();
-        let pipeline = (&mut self.pipeline_task).await;
-        while self.tasks.join_next().await.is_some() {}
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let pipeline = match tokio::time::timeout_at(deadline, &mut self.pipeline_task).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?self.shutdown_timeout,
+                    "the relay did not stop within the shutdown timeout (a statement blocked in the database?); abandoning it"
+                );
+                self.pipeline_task.abort();
+                Ok(Ok(()))
+            }
+        };
+        if tokio::time::timeout_at(deadline, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        // The lease is released last, so that no standby publishes while this relay might.
         self.keeper_cancel.cancel();
-        (&mut self.keeper_task).await?;
+        let release = deadline.max(tokio::time::Instant::now()) + LEASE_RELEASE_TIMEOUT;
+        if tokio::time::timeout_at(release, &mut self.keeper_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("cannot release the lease in time; it expires on its own");
+            self.keeper_task.abort();
+        }
         pipeline?
     }
 

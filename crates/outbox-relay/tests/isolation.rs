@@ -435,3 +435,41 @@ async fn the_writers_size_limit_is_the_producers() {
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
+
+/// A completion blocked on a lock (a writer holding the outbox rows) once kept a stopping relay
+/// alive, renewing its lease, for as long as the lock was held. The shutdown is now bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_a_statement_blocks() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("isolation-shutdown");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    outbox
+        .commit_each([Message::new(&topic, "locked").key("k")])
+        .await;
+    let mut lock = outbox.pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT id FROM {}.message FOR UPDATE",
+        outbox.schema
+    ))
+    .execute(&mut *lock)
+    .await
+    .unwrap();
+    let mut config = config(&outbox, PoisonPolicy::Block);
+    config.shutdown_timeout = Duration::from_secs(1);
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let mut reader = TopicReader::new(&topic);
+    // Published; its completion now waits for the lock.
+    reader.read_at_least(1, READ).await;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), relay.shutdown())
+        .await
+        .expect("the shutdown outlasted its timeout")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    lock.rollback().await.unwrap();
+    outbox.drop_schema().await;
+}
