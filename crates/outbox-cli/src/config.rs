@@ -222,6 +222,9 @@ pub struct Settings {
     pub schema: SchemaName,
     /// Relay settings.
     pub relay: RelayConfig,
+    /// No source was configured: the relay derives one from the database at startup
+    /// ([`outbox::postgres::Statements::default_source`]), unique per outbox.
+    pub derive_source: bool,
 }
 
 const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
@@ -244,12 +247,13 @@ impl Settings {
             .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
 
         let r = file.relay;
-        let source = overrides
-            .source
-            .clone()
-            .or(r.source)
-            .unwrap_or_else(|| "outbox".to_owned());
-        let mut relay = RelayConfig::new(DEFAULT_BOOTSTRAP, source);
+        let source = overrides.source.clone().or(r.source);
+        let derive_source = source.is_none();
+        // Replaced at startup when derived; validated like a configured one meanwhile.
+        let mut relay = RelayConfig::new(
+            DEFAULT_BOOTSTRAP,
+            source.unwrap_or_else(|| "outbox".to_owned()),
+        );
         relay.schema = schema.clone();
         let ms = Duration::from_millis;
         if let Some(v) = r.lease_name {
@@ -349,6 +353,7 @@ impl Settings {
             database_url,
             schema,
             relay,
+            derive_source,
         })
     }
 
@@ -361,7 +366,14 @@ impl Settings {
             mask_url(&self.database_url)
         ));
         out.push_str(&format!("schema = {:?}\n\n[relay]\n", self.schema.as_str()));
-        out.push_str(&format!("source = {:?}\n", r.source));
+        if self.derive_source {
+            out.push_str(
+                "# source: not set; derived at startup from the database, unique per outbox:\n\
+                 # \"outbox:<cluster system identifier>:<database>:<schema>\"\n",
+            );
+        } else {
+            out.push_str(&format!("source = {:?}\n", r.source));
+        }
         out.push_str(&format!("lease_name = {:?}\n", r.lease_name));
         out.push_str(&format!("lease_ttl_ms = {}\n", r.lease_ttl.as_millis()));
         out.push_str(&format!(

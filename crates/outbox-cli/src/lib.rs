@@ -356,8 +356,26 @@ async fn connect(settings: &Settings) -> Result<PgPool, CliError> {
         .connect_lazy_with(options))
 }
 
-async fn run_relay(settings: Settings, metrics_addr: Option<SocketAddr>) -> Result<(), CliError> {
+async fn run_relay(
+    mut settings: Settings,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<(), CliError> {
     let pool = connect(&settings).await?;
+    if settings.derive_source {
+        // Two services that both leave `source` unset must not publish the same
+        // (x-source, x-sequence) pairs: consumers' inboxes would drop one's events.
+        let statements = outbox::postgres::Statements::new(&settings.schema);
+        let mut conn = pool.acquire().await.map_err(|e| {
+            CliError::Runtime(format!(
+                "cannot derive the relay's source from the database: {e}"
+            ))
+        })?;
+        settings.relay.source = statements.default_source(&mut conn).await.map_err(|e| {
+            CliError::Runtime(format!(
+                "cannot derive the relay's source from the database: {e}"
+            ))
+        })?;
+    }
     let metrics = match metrics_addr {
         Some(addr) => Some((addr, install_metrics_recorder()?)),
         None => None,

@@ -94,7 +94,7 @@ async fn migrate_enqueue_and_status_report_the_backlog() {
     let migrate = run(outbox_cmd(schema).arg("migrate"));
     assert!(migrate.status.success(), "{}", stderr(&migrate));
     assert!(
-        stdout(&migrate).contains("up to date at version 10"),
+        stdout(&migrate).contains("up to date at version 11"),
         "{}",
         stdout(&migrate)
     );
@@ -476,4 +476,47 @@ async fn dead_letters_are_listed_requeued_with_their_sequence_and_dropped() {
     );
     assert_eq!(list().as_array().unwrap().len(), 0);
     outbox.drop_schema().await;
+}
+
+/// Two services that leave `source` unset once both published as "outbox", with the same
+/// sequences: a consumer's inbox, keyed by (x-source, x-sequence), dropped one service's events
+/// as duplicates of the other's. The default source is now unique per outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_default_configured_relays_never_share_a_source() {
+    let topic = unique_topic("cli-default-source");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let (first, second) = (TestOutbox::new().await, TestOutbox::new().await);
+    let mut relays = Vec::new();
+    for outbox in [&first, &second] {
+        let sequence = outbox
+            .commit_each([Message::new(&topic, outbox.schema.as_str()).key("k")])
+            .await[0];
+        assert_eq!(sequence, 1, "each outbox numbers its messages from 1");
+        relays.push(RelayProcess::start(
+            outbox_cmd(outbox.schema.as_str()).env_remove("OUTBOX_SOURCE"),
+            &[],
+        ));
+    }
+    let mut reader = TopicReader::new(&topic);
+    reader.read_at_least(2, Duration::from_secs(30)).await;
+    let sources: Vec<&[u8]> = reader
+        .received
+        .iter()
+        .map(|r| r.header("x-source").unwrap())
+        .collect();
+    assert_ne!(sources[0], sources[1]);
+    for record in &reader.received {
+        // outbox:<cluster>:<database>:<schema>; each payload is its outbox's schema name.
+        let source = String::from_utf8_lossy(record.header("x-source").unwrap()).into_owned();
+        assert!(source.starts_with("outbox:"), "{source}");
+        assert!(
+            source.ends_with(&format!(":{}", record.payload_str())),
+            "{source}"
+        );
+    }
+    for mut relay in relays {
+        assert!(relay.terminate().success());
+    }
+    first.drop_schema().await;
+    second.drop_schema().await;
 }

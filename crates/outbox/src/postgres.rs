@@ -841,6 +841,18 @@ impl Statements {
             .await
     }
 
+    /// A source (`x-source`) unique to this outbox, for relays configured without one: the
+    /// cluster's system identifier (distinct for every `initdb`), the database and the schema.
+    pub async fn default_source(&self, conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT format('outbox:%s:%s:%s', system_identifier, current_database(), $1::text)
+               FROM pg_control_system()",
+        )
+        .bind(self.schema.as_str())
+        .fetch_one(conn)
+        .await
+    }
+
     /// Inserts one message; returns its sequence.
     pub async fn insert_one(
         &self,

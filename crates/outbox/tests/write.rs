@@ -511,7 +511,15 @@ async fn header_bytes_count_against_the_byte_budget() {
         .await;
     let fence = take_lease(&sql, &mut conn).await;
     let claimed = sql
-        .claim(&mut conn, 100, 25_000, &[], &Default::default(), None, &fence)
+        .claim(
+            &mut conn,
+            100,
+            25_000,
+            &[],
+            &Default::default(),
+            None,
+            &fence,
+        )
         .await
         .unwrap();
     let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
@@ -559,7 +567,15 @@ async fn the_held_key_test_is_a_hash_lookup_whatever_is_held() {
     let plan = plan.join("\n");
     assert!(plan.contains("hashed SubPlan"), "{plan}");
     let claimed = sql
-        .claim(&mut conn, 5000, 1 << 30, &[], &Default::default(), None, &fence)
+        .claim(
+            &mut conn,
+            5000,
+            1 << 30,
+            &[],
+            &Default::default(),
+            None,
+            &fence,
+        )
         .await
         .unwrap();
     assert_eq!(claimed.messages.len(), 2000);
