@@ -34,14 +34,18 @@
 //!    transaction that commits late is never below it. Republishing and dead-letter retry,
 //!    which put messages back with their old sequences, lower it in the same transaction and
 //!    bump its generation, which cancels any rise in progress (a compare-and-set on it).
-//! 3. Within a batch, records are sent in sequence order to one idempotent producer, which keeps
-//!    per-partition order across its retries; with `enable.gapless.guarantee` and no message
-//!    timeout it never lets a later record of a partition through after giving up on an earlier
-//!    one. When a record fails anyway (a topic that does not exist yet, a record Kafka refuses),
-//!    no later record of its key is sent, and any that were delivered are not completed (see
-//!    [`kafka`]). The failed message is held in the database (`retry_at`, capped jittered
-//!    backoff) and the claim skips every later message of its key until it is retried, so the
-//!    hold survives restarts and failovers, and other keys keep flowing meanwhile.
+//! 3. Records are sent in sequence order to one idempotent producer (all of a key's records to
+//!    one partition), which keeps per-partition order across its retries; with
+//!    `enable.gapless.guarantee` and no message timeout it never lets a later record of a
+//!    partition through after giving up on an earlier one. The relay does not wait for a whole
+//!    batch: what is unacknowledged after the usual time stays in flight, and while it is, the
+//!    claim holds back the other messages of its key. A delivered message is completed only
+//!    once every earlier message of its key in flight was delivered. When a record fails (a
+//!    topic that does not exist, a record Kafka refuses), no later record of its key in the
+//!    batch is sent, and any that were delivered are not completed (see `kafka::InFlight`). The
+//!    failed message is held in the database (`retry_at`, capped jittered backoff) and the
+//!    claim skips every other message of its key until it is retried, so the hold survives
+//!    restarts and failovers, and other keys keep flowing meanwhile.
 //! 4. Duplicates (redeliveries after a crash, or a deposed relay's in-flight batch landing late)
 //!    are copies of records whose first delivery was already in order: each producer's stream is
 //!    in order, and every producer that sent B had sent A before it or found A complete.
