@@ -569,7 +569,6 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
                         &mut conn,
                         limit,
                         i64::MAX,
-                        &[],
                         &Default::default(),
                         None,
                         &fence,

@@ -666,7 +666,6 @@ pub(crate) async fn explain_claim(
             &mut conn,
             batch_size as i64,
             i64::MAX,
-            &[],
             &Default::default(),
             None,
             fence,

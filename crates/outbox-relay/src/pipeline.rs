@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Statements, Waiting};
+use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Skip, Statements};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -322,8 +322,8 @@ impl Pipeline {
                 &mut conn,
                 self.config.batch_size as i64,
                 self.config.max_batch_bytes as i64,
-                &skip,
-                &Waiting {
+                &Skip {
+                    ids: &skip,
                     topics: &waiting_topics,
                     keys: &waiting_keys,
                     keyless_topics: &waiting_keyless,

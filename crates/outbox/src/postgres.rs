@@ -194,11 +194,14 @@ pub struct Claimed {
     pub horizon: Option<ClaimHorizon>,
 }
 
-/// Messages the relay has sent and Kafka has not acknowledged yet (a topic that does not exist
-/// yet, a partition without a leader): a claim holds back the other messages of their keys, so
-/// that a destination that does not answer collects no more than one batch.
+/// What a claim leaves out: the ids in flight (sent and not yet acknowledged, or their
+/// completion running), and the keys of messages Kafka has not acknowledged yet (a topic that
+/// does not exist yet, a partition without a leader), whose other messages the claim holds
+/// back, so that a destination that does not answer collects no more than one batch.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Waiting<'a> {
+pub struct Skip<'a> {
+    /// Ids to skip.
+    pub ids: &'a [i64],
     /// Topics of the waiting keyed messages.
     pub topics: &'a [&'a str],
     /// Their keys, pairwise with `topics`.
@@ -915,8 +918,8 @@ impl Statements {
     }
 
     /// Claims up to `limit` pending messages in sequence order, stopping once their keys,
-    /// payloads and headers reach `max_bytes` (at least one message), skipping `skip` and the
-    /// keys `waiting`, only while `fence` holds. A single active relay needs no row locks: the fence makes it the only publisher.
+    /// payloads and headers reach `max_bytes` (at least one message), leaving out `skip`, only
+    /// while `fence` holds. A single active relay needs no row locks: the fence makes it the only publisher.
     /// With a `candidate` from [`FloorTracker`], the claim also raises the floor it starts at
     /// once that is safe.
     pub async fn claim(
@@ -924,23 +927,22 @@ impl Statements {
         conn: &mut PgConnection,
         limit: i64,
         max_bytes: i64,
-        skip: &[i64],
-        waiting: &Waiting<'_>,
+        skip: &Skip<'_>,
         candidate: Option<FloorCandidate>,
         fence: &Fence,
     ) -> Result<Claimed, sqlx::Error> {
         let rows = sqlx::query(&self.claim)
             .bind(limit)
             .bind(max_bytes)
-            .bind(id_ranges(skip))
+            .bind(id_ranges(skip.ids))
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
             .bind(candidate.map(|c| c.xid.to_string()))
             .bind(candidate.map(|c| c.last_id))
-            .bind(waiting.topics)
-            .bind(waiting.keys)
-            .bind(waiting.keyless_topics)
+            .bind(skip.topics)
+            .bind(skip.keys)
+            .bind(skip.keyless_topics)
             .fetch_all(conn)
             .await?;
         let horizon = match rows.first() {

@@ -286,7 +286,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         Fenced::LeaseLost
     );
     assert!(sql
-        .claim(&mut conn, 10, 1 << 20, &[], &Default::default(), None, &old)
+        .claim(&mut conn, 10, 1 << 20, &Default::default(), None, &old)
         .await
         .unwrap()
         .messages
@@ -307,7 +307,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         token: new_token,
     };
     assert_eq!(
-        sql.claim(&mut conn, 10, 1 << 20, &[], &Default::default(), None, &new)
+        sql.claim(&mut conn, 10, 1 << 20, &Default::default(), None, &new)
             .await
             .unwrap()
             .messages
@@ -472,8 +472,10 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
                     &mut conn,
                     limit,
                     max_bytes,
-                    &skip,
-                    &Default::default(),
+                    &outbox::postgres::Skip {
+                        ids: &skip,
+                        ..Default::default()
+                    },
                     None,
                     fence,
                 )
@@ -511,15 +513,7 @@ async fn header_bytes_count_against_the_byte_budget() {
         .await;
     let fence = take_lease(&sql, &mut conn).await;
     let claimed = sql
-        .claim(
-            &mut conn,
-            100,
-            25_000,
-            &[],
-            &Default::default(),
-            None,
-            &fence,
-        )
+        .claim(&mut conn, 100, 25_000, &Default::default(), None, &fence)
         .await
         .unwrap();
     let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
@@ -567,15 +561,7 @@ async fn the_held_key_test_is_a_hash_lookup_whatever_is_held() {
     let plan = plan.join("\n");
     assert!(plan.contains("hashed SubPlan"), "{plan}");
     let claimed = sql
-        .claim(
-            &mut conn,
-            5000,
-            1 << 30,
-            &[],
-            &Default::default(),
-            None,
-            &fence,
-        )
+        .claim(&mut conn, 5000, 1 << 30, &Default::default(), None, &fence)
         .await
         .unwrap();
     assert_eq!(claimed.messages.len(), 2000);
@@ -686,7 +672,6 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
                 &mut conn,
                 100,
                 1 << 20,
-                &[],
                 &Default::default(),
                 candidate,
                 &fence,
@@ -787,15 +772,7 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
         .commit_each(["a", "b", "c"].map(|n| Message::new("t", n.as_bytes().to_vec())))
         .await;
     let first = sql
-        .claim(
-            &mut conn,
-            100,
-            1 << 20,
-            &[],
-            &Default::default(),
-            None,
-            &fence,
-        )
+        .claim(&mut conn, 100, 1 << 20, &Default::default(), None, &fence)
         .await
         .unwrap();
     let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, &fence).await.unwrap() else {
@@ -837,7 +814,6 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
                 &mut conn,
                 100,
                 1 << 20,
-                &[],
                 &Default::default(),
                 Some(candidate),
                 &fence,
@@ -864,15 +840,7 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     retry.commit().await.unwrap();
     rising.await.unwrap();
     let claimed = sql
-        .claim(
-            &mut conn,
-            100,
-            1 << 20,
-            &[],
-            &Default::default(),
-            None,
-            &fence,
-        )
+        .claim(&mut conn, 100, 1 << 20, &Default::default(), None, &fence)
         .await
         .unwrap();
     assert_eq!(
