@@ -8,7 +8,13 @@
 //! - a handler error rolls back the inbox row and the handler's writes, the offset is not
 //!   stored, and the record is retried (with backoff) until it succeeds: a partition does not
 //!   move past a record that was not applied;
-//! - a crash anywhere loses nothing: what was not committed in the database is redelivered.
+//! - a crash anywhere loses nothing: what was not committed in the database is redelivered;
+//! - a rebalance never stops the consumer: storing the offset of a record whose partition
+//!   librdkafka no longer counts as this consumer's (`__STATE`, unknown partition) is ignored,
+//!   and so is a commit at shutdown that has nothing to commit or is refused because the group
+//!   moved on. That is safe because the record is already committed in the database: the
+//!   partition's new owner starts from the last committed offset, is redelivered the record, and
+//!   the inbox skips it. Any other Kafka error ends [`run`] with [`ConsumerError::Kafka`].
 //!
 //! Records without a well-formed `x-sequence` or `x-source` cannot be deduplicated; they are
 //! reported (log and [`ConsumerStats::malformed`]) and skipped, never a panic.
@@ -19,7 +25,8 @@ use std::time::Duration;
 
 use outbox::headers;
 use outbox::Inbox;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::ClientConfig;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -212,12 +219,53 @@ where
                 );
             }
         }
-        consumer.store_offset_from_message(&message)?;
+        match consumer.store_offset_from_message(&message) {
+            Ok(()) => {}
+            Err(error) if partition_not_assigned(&error) => tracing::info!(
+                topic = message.topic(),
+                partition = message.partition(),
+                offset = message.offset(),
+                %error,
+                "partition revoked while the record was handled; its new owner skips it as a duplicate"
+            ),
+            Err(error) => return Err(error.into()),
+        }
     }
-    consumer
-        .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
-        .ok();
-    Ok(())
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => Ok(()),
+        Err(error) if nothing_to_commit(&error) => {
+            tracing::debug!(%error, "no offsets of this consumer to commit at shutdown");
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Storing an offset failed only because the partition is not (or no longer) assigned to this
+/// consumer: revoked or lost in a rebalance, or gone from the topic's metadata.
+fn partition_not_assigned(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::State | RDKafkaErrorCode::UnknownPartition)
+    )
+}
+
+/// The commit at shutdown failed only because nothing new was stored, or because the partitions
+/// may be another member's now (assignment lost, group rebalancing or moved to a new generation).
+fn nothing_to_commit(error: &KafkaError) -> bool {
+    partition_not_assigned(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::NoOffset
+                    | RDKafkaErrorCode::AssignmentLost
+                    | RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::FencedMemberEpoch
+                    | RDKafkaErrorCode::StaleMemberEpoch
+            )
+        )
 }
 
 /// Returns false only when cancelled before the record was applied.
@@ -286,4 +334,46 @@ where
     handler(&mut tx, record).await.map_err(|e| e.to_string())?;
     tx.commit().await.map_err(|e| e.to_string())?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_partition_this_consumer_no_longer_holds_is_ignored_when_storing() {
+        let store = KafkaError::StoreOffset;
+        assert!(partition_not_assigned(&store(RDKafkaErrorCode::State)));
+        assert!(partition_not_assigned(&store(
+            RDKafkaErrorCode::UnknownPartition
+        )));
+        // A bad argument is a bug to surface, not a rebalance.
+        assert!(!partition_not_assigned(&store(
+            RDKafkaErrorCode::InvalidArgument
+        )));
+        assert!(!partition_not_assigned(&store(RDKafkaErrorCode::Fatal)));
+    }
+
+    #[test]
+    fn only_nothing_to_commit_or_a_moved_group_is_ignored_at_shutdown() {
+        let commit = KafkaError::ConsumerCommit;
+        for code in [
+            RDKafkaErrorCode::NoOffset,
+            RDKafkaErrorCode::AssignmentLost,
+            RDKafkaErrorCode::State,
+            RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::UnknownMemberId,
+        ] {
+            assert!(nothing_to_commit(&commit(code)), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::GroupAuthorizationFailed,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(!nothing_to_commit(&commit(code)), "{code:?}");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The inbox consumer loop against the real PostgreSQL and Kafka.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,5 +139,203 @@ async fn duplicates_are_skipped_and_a_failed_handler_is_retried_until_applied() 
     );
     assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1);
     assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
+    outbox.drop_schema().await;
+}
+
+/// Produces one record with an outbox identity to `partition`.
+async fn produce_to(producer: &FutureProducer, topic: &str, partition: i32, sequence: i64) {
+    let encoded = headers::encode_sequence(sequence);
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: headers::SEQUENCE,
+            value: Some(&encoded[..]),
+        })
+        .insert(Header {
+            key: headers::SOURCE,
+            value: Some("producer-svc"),
+        });
+    producer
+        .send(
+            FutureRecord::<str, str>::to(topic)
+                .partition(partition)
+                .payload("event")
+                .key("k")
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
+/// Rows of `table` per sequence, as (sequence, count).
+async fn applied_per_sequence(pool: &sqlx::PgPool, table: &str) -> Vec<(i64, i64)> {
+    sqlx::query_as(&format!(
+        "SELECT sequence, count(*) FROM {table} GROUP BY sequence ORDER BY sequence"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Two consumers in one group; the first one's handler blocks until the second one has taken over
+/// the partition of the record being handled. The first one then finishes the record, stores an
+/// offset for a partition the group gave away, rejoins and consumes again; every record takes
+/// effect exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() {
+    let outbox = TestOutbox::new().await;
+    let table = format!("{}.applied", outbox.schema);
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (consumer text, sequence bigint)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let topic = unique_topic("inbox-rebalance");
+    create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap_servers())
+        .create()
+        .unwrap();
+    // The record the first consumer's handler blocks on.
+    produce_to(&producer, &topic, 0, 1).await;
+
+    let group_id = format!("inbox-rebalance-{}", short_id());
+    let config = |properties: Vec<(String, String)>| ConsumerConfig {
+        bootstrap_servers: kafka_bootstrap_servers(),
+        group_id: group_id.clone(),
+        topics: vec![topic.clone()],
+        retry_initial: Duration::from_millis(50),
+        properties,
+    };
+    // A member busy in its handler does not rejoin; the group reassigns its partitions once
+    // `max.poll.interval.ms` (the rebalance timeout) has passed, the shortest the broker allows.
+    let slow_member = vec![
+        ("session.timeout.ms".to_owned(), "6000".to_owned()),
+        ("max.poll.interval.ms".to_owned(), "6000".to_owned()),
+        ("heartbeat.interval.ms".to_owned(), "500".to_owned()),
+    ];
+    let insert = format!("INSERT INTO {table} VALUES ($1, $2)");
+
+    let stats_a = Arc::new(ConsumerStats::default());
+    let stats_b = Arc::new(ConsumerStats::default());
+    let cancel = CancellationToken::new();
+    let a_stopped = CancellationToken::new();
+    let start_b = CancellationToken::new();
+    let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut entered = Some(entered_tx);
+    let mut release = Some(release_rx);
+    let insert_a = insert.clone();
+    let consumer_a = async {
+        let result = outbox_consumer::run(
+            config(slow_member.clone()),
+            outbox.pool.clone(),
+            Inbox::new(outbox.schema.clone()),
+            stats_a.clone(),
+            cancel.clone(),
+            async move |tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, record: &Record| {
+                sqlx::query(&insert_a)
+                    .bind("a")
+                    .bind(record.sequence)
+                    .execute(&mut **tx)
+                    .await?;
+                if let (Some(entered), Some(release)) = (entered.take(), release.take()) {
+                    entered.send(()).unwrap();
+                    release.await.unwrap();
+                }
+                Ok::<(), sqlx::Error>(())
+            },
+        )
+        .await;
+        a_stopped.cancel();
+        result
+    };
+    let insert_b = insert.clone();
+    let consumer_b = async {
+        start_b.cancelled().await;
+        outbox_consumer::run(
+            config(slow_member.clone()),
+            outbox.pool.clone(),
+            Inbox::new(outbox.schema.clone()),
+            stats_b.clone(),
+            cancel.clone(),
+            async move |tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, record: &Record| {
+                sqlx::query(&insert_b)
+                    .bind("b")
+                    .bind(record.sequence)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok::<(), sqlx::Error>(())
+            },
+        )
+        .await
+    };
+    let check = async {
+        tokio::time::timeout(Duration::from_secs(60), entered_rx)
+            .await
+            .expect("the first consumer's handler was not called within 60s")
+            .unwrap();
+        start_b.cancel();
+        // The second consumer waits on the inbox row of the record the first one is still
+        // handling: the partition is now the second consumer's.
+        wait_until(
+            Duration::from_secs(60),
+            "the second consumer consumes the partition of the blocked record",
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '.inbox%'",
+                )
+                .bind(outbox.schema.to_string())
+                .fetch_one(&outbox.pool)
+                .await
+                .unwrap();
+                waiting > 0
+            },
+        )
+        .await;
+        release_tx.send(()).unwrap();
+        // One record at a time, alternating partitions, each once the previous ones are applied,
+        // until the first consumer, back in the group, applies one again.
+        let produced = AtomicI64::new(1);
+        wait_until(
+            Duration::from_secs(90),
+            "the first consumer applies records again",
+            || async {
+                let sequence = produced.load(Ordering::Relaxed);
+                if a_stopped.is_cancelled() {
+                    return true;
+                }
+                if (applied_per_sequence(&outbox.pool, &table).await.len() as i64) < sequence {
+                    return false;
+                }
+                if stats_a.applied.load(Ordering::Relaxed) > 1 {
+                    return true;
+                }
+                produce_to(&producer, &topic, (sequence % 2) as i32, sequence + 1).await;
+                produced.store(sequence + 1, Ordering::Relaxed);
+                false
+            },
+        )
+        .await;
+        cancel.cancel();
+        produced.into_inner()
+    };
+    let (result_a, result_b, produced) = tokio::join!(consumer_a, consumer_b, check);
+    result_a.expect("a rebalance must not stop the consumer");
+    result_b.unwrap();
+
+    assert!(
+        stats_b.duplicates.load(Ordering::Relaxed) >= 1,
+        "the second consumer was redelivered the record the first one applied, and skipped it"
+    );
+    assert_eq!(
+        applied_per_sequence(&outbox.pool, &table).await,
+        (1..=produced)
+            .map(|sequence| (sequence, 1))
+            .collect::<Vec<_>>(),
+        "each record applied exactly once across the group"
+    );
     outbox.drop_schema().await;
 }
