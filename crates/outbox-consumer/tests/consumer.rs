@@ -21,26 +21,7 @@ async fn produce(topic: &str, records: &[(i64, &str)]) {
         .create()
         .unwrap();
     for (sequence, payload) in records {
-        let sequence = headers::encode_sequence(*sequence);
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::SEQUENCE,
-                value: Some(&sequence[..]),
-            })
-            .insert(Header {
-                key: headers::SOURCE,
-                value: Some("producer-svc"),
-            });
-        producer
-            .send(
-                FutureRecord::<str, str>::to(topic)
-                    .payload(payload)
-                    .key("k")
-                    .headers(headers),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        produce_to(&producer, topic, None, *sequence, payload).await;
     }
     // One record without an outbox identity.
     producer
@@ -142,8 +123,14 @@ async fn duplicates_are_skipped_and_a_failed_handler_is_retried_until_applied() 
     outbox.drop_schema().await;
 }
 
-/// Produces one record with an outbox identity to `partition`.
-async fn produce_to(producer: &FutureProducer, topic: &str, partition: i32, sequence: i64) {
+/// Produces one record with an outbox identity, to `partition` or the partitioner's choice.
+async fn produce_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    sequence: i64,
+    payload: &str,
+) {
     let encoded = headers::encode_sequence(sequence);
     let headers = OwnedHeaders::new()
         .insert(Header {
@@ -154,15 +141,15 @@ async fn produce_to(producer: &FutureProducer, topic: &str, partition: i32, sequ
             key: headers::SOURCE,
             value: Some("producer-svc"),
         });
+    let mut record = FutureRecord::<str, str>::to(topic)
+        .payload(payload)
+        .key("k")
+        .headers(headers);
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
     producer
-        .send(
-            FutureRecord::<str, str>::to(topic)
-                .partition(partition)
-                .payload("event")
-                .key("k")
-                .headers(headers),
-            Duration::from_secs(10),
-        )
+        .send(record, Duration::from_secs(10))
         .await
         .unwrap();
 }
@@ -198,7 +185,7 @@ async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() 
         .create()
         .unwrap();
     // The record the first consumer's handler blocks on.
-    produce_to(&producer, &topic, 0, 1).await;
+    produce_to(&producer, &topic, Some(0), 1, "event").await;
 
     let group_id = format!("inbox-rebalance-{}", short_id());
     let config = |properties: Vec<(String, String)>| ConsumerConfig {
@@ -313,7 +300,14 @@ async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() 
                 if stats_a.applied.load(Ordering::Relaxed) > 1 {
                     return true;
                 }
-                produce_to(&producer, &topic, (sequence % 2) as i32, sequence + 1).await;
+                produce_to(
+                    &producer,
+                    &topic,
+                    Some((sequence % 2) as i32),
+                    sequence + 1,
+                    "event",
+                )
+                .await;
                 produced.store(sequence + 1, Ordering::Relaxed);
                 false
             },

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -257,9 +258,6 @@ pub(crate) struct Settled {
     /// Refused with an error shared by their whole produce request: to be sent again alone
     /// ([`Publisher::publish_alone`]) before the error is blamed on them.
     pub(crate) suspects: Vec<PendingMessage>,
-    /// Dropped unsettled or uncounted: behind a failed message of the same key (they may or may
-    /// not have reached Kafka), or not attempted. They stay pending and are published again.
-    pub(crate) dropped: usize,
 }
 
 /// Bridges librdkafka's statistics into metrics.
@@ -288,7 +286,22 @@ enum Sent {
     Settled(Result<(), DeliveryError>),
 }
 
-type Delivery = Pin<Box<dyn Future<Output = (u64, Result<(), DeliveryError>)> + Send + Sync>>;
+/// A delivery tagged with its send number.
+struct Delivery {
+    number: u64,
+    future: DeliveryFuture,
+}
+
+impl Future for Delivery {
+    type Output = (u64, Result<(), DeliveryError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let number = self.number;
+        self.future
+            .poll_unpin(cx)
+            .map(|result| (number, delivery_result(result)))
+    }
+}
 
 /// The messages handed to the producer and not yet decided, across batches.
 ///
@@ -324,7 +337,7 @@ impl InFlight {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.count == 0
     }
 
     /// The ids in flight, which a claim must skip.
@@ -344,11 +357,9 @@ impl InFlight {
     fn push(&mut self, message: PendingMessage, claimed_at: Instant, alone: bool, sent: Sent) {
         let number = self.next_number();
         let result = match sent {
-            Sent::InFlight(delivery) => {
+            Sent::InFlight(future) => {
                 self.batch_unsettled += 1;
-                self.deliveries.push(Box::pin(
-                    async move { (number, await_delivery(delivery).await) },
-                ));
+                self.deliveries.push(Delivery { number, future });
                 None
             }
             Sent::Settled(result) => Some(result),
@@ -421,43 +432,51 @@ impl InFlight {
     /// Takes out every message that can be decided now (see the type's docs).
     pub(crate) fn take_settled(&mut self) -> Settled {
         self.record_ready();
-        let mut settled = Settled::default();
-        // Keys with an earlier message still unsettled, or failed/dropped in this pass.
-        let mut waiting: HashSet<(String, Vec<u8>)> = HashSet::new();
-        let mut failed: HashSet<(String, Vec<u8>)> = HashSet::new();
-        for slot in self.entries.iter_mut() {
-            let Some(entry) = slot else { continue };
-            let key = entry
-                .message
-                .key
-                .as_ref()
-                .map(|k| (entry.message.topic.clone(), k.clone()));
-            let behind = |set: &HashSet<_>| key.as_ref().is_some_and(|k| set.contains(k));
-            if behind(&waiting) || (entry.result.is_none() && !behind(&failed)) {
-                waiting.extend(key);
-                continue;
+        // Which slots to take, decided on borrowed keys: no allocation per message.
+        let mut take = Vec::new();
+        {
+            // Keys with an earlier message still unsettled, or failed in this pass.
+            let mut waiting: HashSet<(&str, &[u8])> = HashSet::new();
+            let mut failed: HashSet<(&str, &[u8])> = HashSet::new();
+            for (index, entry) in self.entries.iter().enumerate() {
+                let Some(entry) = entry else { continue };
+                let key = entry
+                    .message
+                    .key
+                    .as_deref()
+                    .map(|k| (&*entry.message.topic, k));
+                let behind = |set: &HashSet<_>| key.is_some_and(|k| set.contains(&k));
+                let behind_failure = behind(&failed);
+                if behind(&waiting) || (entry.result.is_none() && !behind_failure) {
+                    waiting.extend(key);
+                    continue;
+                }
+                if !behind_failure && matches!(entry.result, Some(Err(_))) {
+                    failed.extend(key);
+                }
+                take.push((index, behind_failure));
             }
-            let entry = slot.take().expect("checked above");
+        }
+        let mut settled = Settled::default();
+        for (index, behind_failure) in take {
+            let entry = self.entries[index].take().expect("decided above");
             self.count -= 1;
             self.bytes -= message_bytes(&entry.message);
-            if behind(&failed) {
-                settled.dropped += 1;
+            // Behind a failed message of its key: dropped, it stays pending (it may or may not
+            // have reached Kafka) and is held back with the failed one by the claim.
+            if behind_failure {
                 continue;
             }
-            match entry.result.expect("checked above") {
+            match entry.result.expect("settled") {
                 Ok(()) => settled
                     .delivered
                     .push((entry.message, entry.claimed_at.elapsed())),
-                Err(error) => {
-                    failed.extend(key);
-                    if error.not_attempted() {
-                        settled.dropped += 1;
-                    } else if error.shared_by_request() && !entry.alone {
-                        settled.suspects.push(entry.message);
-                    } else {
-                        settled.failed.push((entry.message, error));
-                    }
+                // Not attempted: it stays pending and is claimed again, uncounted.
+                Err(error) if error.not_attempted() => {}
+                Err(error) if error.shared_by_request() && !entry.alone => {
+                    settled.suspects.push(entry.message)
                 }
+                Err(error) => settled.failed.push((entry.message, error)),
             }
         }
         while let Some(None) = self.entries.front() {
@@ -526,17 +545,18 @@ impl Publisher {
     ) {
         in_flight.batch_start = in_flight.next_number();
         in_flight.batch_unsettled = 0;
+        // Keys with a record refused at once (rare: keys are cloned only then).
         let mut refused: HashSet<(String, Vec<u8>)> = HashSet::new();
+        let owned_key = |m: &PendingMessage| m.key.clone().map(|k| (m.topic.clone(), k));
         for message in batch {
-            let key = message.key.clone().map(|k| (message.topic.clone(), k));
-            if key.as_ref().is_some_and(|k| refused.contains(k)) {
+            if !refused.is_empty() && owned_key(&message).is_some_and(|k| refused.contains(&k)) {
                 continue;
             }
             // A record refused at once is refused for itself (`alone`), not for a request.
             let (sent, alone) = match self.send_one(&message).await {
                 Ok(delivery) => (Sent::InFlight(delivery), false),
                 Err(error) => {
-                    refused.extend(key);
+                    refused.extend(owned_key(&message));
                     (Sent::Settled(Err(error)), true)
                 }
             };
@@ -601,7 +621,7 @@ impl Publisher {
                 continue;
             }
             let result = match self.send_one(&message).await {
-                Ok(delivery) => await_delivery(delivery).await,
+                Ok(delivery) => delivery_result(delivery.await),
                 Err(error) => Err(error),
             };
             if result.is_err() {
@@ -619,8 +639,8 @@ impl Publisher {
     }
 }
 
-async fn await_delivery(delivery: DeliveryFuture) -> Result<(), DeliveryError> {
-    match delivery.await {
+fn delivery_result(result: <DeliveryFuture as Future>::Output) -> Result<(), DeliveryError> {
+    match result {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((error, _))) => Err(DeliveryError::Kafka(error)),
         Err(_canceled) => Err(DeliveryError::Kafka(KafkaError::Canceled)),

@@ -245,21 +245,14 @@ impl Pipeline {
             .await;
         let wait = (self.typical_ack * BATCH_WAIT_FACTOR).max(MIN_BATCH_WAIT);
         let deadline = claimed_at + wait;
-        // Deliveries of a term that ended are purged (they fail at once); a shutdown lets them
-        // run for up to its timeout.
+        // On shutdown, what is still in flight is waited for at the end of `run`, within the
+        // shutdown timeout.
         let acked = {
-            let in_flight = self.in_flight.len();
-            let shutdown_deadline = async {
-                cancel.cancelled().await;
-                tracing::info!(in_flight, "shutting down: waiting for in-flight deliveries");
-                tokio::time::sleep(self.config.shutdown_timeout).await;
-            };
             let lease_lost = lease_lost(self.term.clone(), term.clone());
-            tokio::pin!(shutdown_deadline, lease_lost);
             tokio::select! {
                 acked = self.in_flight.settle_batch(deadline) => Some(acked),
-                _ = &mut lease_lost => None,
-                _ = &mut shutdown_deadline => Some(false),
+                _ = lease_lost => None,
+                _ = cancel.cancelled() => Some(false),
             }
         };
         match acked {
@@ -430,7 +423,6 @@ impl Pipeline {
             let alone = self.in_flight.take_settled();
             settled.delivered.extend(alone.delivered);
             settled.failed.extend(alone.failed);
-            settled.dropped += alone.dropped;
         }
         let Settled {
             delivered, failed, ..

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox::postgres::Statements;
+use outbox::postgres::{HeldKey, Statements};
 use outbox::Message;
 use outbox_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::{
@@ -21,6 +21,24 @@ fn config(outbox: &TestOutbox, policy: PoisonPolicy) -> RelayConfig {
     config.backoff_initial = Duration::from_secs(30);
     config.backoff_max = Duration::from_secs(60);
     config
+}
+
+/// The held keys, once there are `count` of them.
+async fn held_keys(outbox: &TestOutbox, count: usize) -> Vec<HeldKey> {
+    let statements = Statements::new(&outbox.schema);
+    let deadline = tokio::time::Instant::now() + READ;
+    loop {
+        let mut conn = outbox.pool.acquire().await.unwrap();
+        let held = statements.held_keys(&mut conn, 100).await.unwrap();
+        if held.len() == count {
+            return held;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} keys are not held after {READ:?}: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Inserts a row as a writer in another language could, bypassing every check of the library.
@@ -112,14 +130,7 @@ async fn undecodable_rows_are_held_alone_and_everything_else_flows() {
     let mut reader = TopicReader::new(&topic);
     reader.read_at_least(10, READ).await;
     assert!(reader.received.iter().all(|r| r.key_str() == "good"));
-    let statements = Statements::new(&outbox.schema);
-    wait_until(READ, "the bad rows are held", || async {
-        let mut conn = outbox.pool.acquire().await.unwrap();
-        statements.held_keys(&mut conn, 10).await.unwrap().len() == 3
-    })
-    .await;
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    let held = held_keys(&outbox, 3).await;
     assert_eq!(held.iter().map(|h| h.head).collect::<Vec<_>>(), bad);
     for key in &held {
         let error = key.last_error.as_deref().unwrap_or_default();
@@ -288,10 +299,7 @@ async fn a_record_the_broker_refuses_fails_alone_not_its_whole_request() {
         .collect();
     assert_eq!(published, expected);
 
-    let statements = Statements::new(&outbox.schema);
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let held = statements.held_keys(&mut conn, 10).await.unwrap();
-    assert_eq!(held.len(), 1, "{held:?}");
+    let held = held_keys(&outbox, 1).await;
     assert_eq!(held[0].head, oversized);
     assert_eq!(held[0].key.as_deref(), Some(&b"k2"[..]));
     assert!(
@@ -423,14 +431,7 @@ async fn the_writers_size_limit_is_the_producers() {
     let mut reader = TopicReader::new(&topic);
     reader.read_at_least(1, READ).await;
     assert_eq!(reader.received[0].sequence(), accepted);
-    let statements = Statements::new(&outbox.schema);
-    wait_until(READ, "the larger raw row is held", || async {
-        let mut conn = outbox.pool.acquire().await.unwrap();
-        statements.held_keys(&mut conn, 10).await.unwrap().len() == 1
-    })
-    .await;
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    let held = held_keys(&outbox, 1).await;
     assert_eq!(held[0].head, over);
     assert!(held[0].last_error.as_deref().unwrap().contains("too large"));
     relay.shutdown().await.unwrap();
@@ -499,14 +500,12 @@ async fn rows_with_extreme_values_do_not_stop_the_claim() {
     let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
     let mut reader = TopicReader::new(&topic);
     reader.read_at_least(3, READ).await;
-    let statements = Statements::new(&outbox.schema);
-    wait_until(READ, "the malformed row is held", || async {
-        let mut conn = outbox.pool.acquire().await.unwrap();
-        statements.held_keys(&mut conn, 10).await.unwrap().len() == 1
-    })
-    .await;
+    held_keys(&outbox, 1).await;
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let backlog = statements.backlog(&mut conn).await.unwrap();
+    let backlog = Statements::new(&outbox.schema)
+        .backlog(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(backlog.pending, 1);
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
