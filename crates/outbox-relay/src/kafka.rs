@@ -15,7 +15,7 @@
 //!   Java's producer picks for its key (murmur2), a keyless one to a random partition, so a key's
 //!   events stay on one partition alongside Java producers or after moving from a Java relay.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -202,6 +202,9 @@ pub(crate) enum DeliveryError {
     Kafka(KafkaError),
     /// The stored row cannot be published as it is; it was never sent.
     Invalid(MalformedHeaders),
+    /// The cluster does not list the topic, and another message is probing it (or too many
+    /// topics are probed already); it was not sent.
+    UnknownTopic(String),
 }
 
 impl DeliveryError {
@@ -209,6 +212,7 @@ impl DeliveryError {
         match self {
             DeliveryError::Kafka(error) => classify(error),
             DeliveryError::Invalid(_) => ErrorClass::Permanent,
+            DeliveryError::UnknownTopic(_) => ErrorClass::Retriable,
         }
     }
 
@@ -223,7 +227,7 @@ impl DeliveryError {
                 error.rdkafka_error_code(),
                 Some(PurgeQueue | PurgeInflight | Fatal)
             ),
-            DeliveryError::Invalid(_) => false,
+            DeliveryError::Invalid(_) | DeliveryError::UnknownTopic(_) => false,
         }
     }
 
@@ -243,6 +247,10 @@ impl fmt::Display for DeliveryError {
         match self {
             DeliveryError::Kafka(error) => error.fmt(f),
             DeliveryError::Invalid(error) => error.fmt(f),
+            DeliveryError::UnknownTopic(topic) => write!(
+                f,
+                "topic {topic:?} does not exist (the cluster does not list it; or this relay may not describe it)"
+            ),
         }
     }
 }
@@ -278,10 +286,30 @@ struct Entry {
     /// Its failure is its own: refused before it joined a produce request, or sent as the only
     /// record in flight (see [`Publisher::publish_alone`]).
     alone: bool,
+    /// Sent to a topic the cluster did not list, to find out whether it gets created.
+    probe: bool,
     result: Option<Result<(), DeliveryError>>,
 }
 
-enum Sent {
+/// Unacknowledged messages of one topic beyond which all its messages wait.
+const STALLED_TOPIC: usize = 100;
+
+/// What a claim holds back while messages are unacknowledged (see [`InFlight::waiting`]).
+pub(crate) struct Waiting<'a> {
+    pub(crate) topics: Vec<&'a str>,
+    pub(crate) keys: Vec<&'a [u8]>,
+    pub(crate) keyless_topics: Vec<&'a str>,
+    pub(crate) stalled_topics: Vec<&'a str>,
+}
+
+/// How a message was handed over.
+struct Sent {
+    outcome: Outcome,
+    alone: bool,
+    probe: bool,
+}
+
+enum Outcome {
     InFlight(DeliveryFuture),
     Settled(Result<(), DeliveryError>),
 }
@@ -354,22 +382,23 @@ impl InFlight {
         self.first + self.entries.len() as u64
     }
 
-    fn push(&mut self, message: PendingMessage, claimed_at: Instant, alone: bool, sent: Sent) {
+    fn push(&mut self, message: PendingMessage, claimed_at: Instant, sent: Sent) {
         let number = self.next_number();
-        let result = match sent {
-            Sent::InFlight(future) => {
+        let result = match sent.outcome {
+            Outcome::InFlight(future) => {
                 self.batch_unsettled += 1;
                 self.deliveries.push(Delivery { number, future });
                 None
             }
-            Sent::Settled(result) => Some(result),
+            Outcome::Settled(result) => Some(result),
         };
         self.count += 1;
         self.bytes += message_bytes(&message);
         self.entries.push_back(Some(Entry {
             message,
             claimed_at,
-            alone,
+            alone: sent.alone,
+            probe: sent.probe,
             result,
         }));
     }
@@ -413,20 +442,43 @@ impl InFlight {
         true
     }
 
-    /// The keys of unsettled messages, which a claim holds back (`(topic, key)` pairs, and
-    /// the topics of unsettled messages without a key, whose later keyless messages wait too):
-    /// a destination that does not answer collects no more than one batch of them.
-    pub(crate) fn waiting_keys(&self) -> (Vec<&str>, Vec<&[u8]>, Vec<&str>) {
+    /// What a claim holds back while messages are unacknowledged: their keys; for messages
+    /// without a key, the later keyless messages of their topic; and every message of a topic
+    /// with `STALLED_TOPIC` or more of them (a partition without a leader, written with ever new
+    /// keys). So a destination that does not answer collects a bounded number of messages.
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
         let mut keyed: HashSet<(&str, &[u8])> = HashSet::new();
         let mut keyless: HashSet<&str> = HashSet::new();
+        let mut per_topic: HashMap<&str, usize> = HashMap::new();
         for entry in self.entries.iter().flatten().filter(|e| e.result.is_none()) {
+            let topic = entry.message.topic.as_str();
             match &entry.message.key {
-                Some(key) => keyed.insert((&entry.message.topic, key)),
-                None => keyless.insert(&entry.message.topic),
+                Some(key) => keyed.insert((topic, key)),
+                None => keyless.insert(topic),
             };
+            *per_topic.entry(topic).or_default() += 1;
         }
         let (topics, keys) = keyed.into_iter().unzip();
-        (topics, keys, keyless.into_iter().collect())
+        Waiting {
+            topics,
+            keys,
+            keyless_topics: keyless.into_iter().collect(),
+            stalled_topics: per_topic
+                .into_iter()
+                .filter(|(_, count)| *count >= STALLED_TOPIC)
+                .map(|(topic, _)| topic)
+                .collect(),
+        }
+    }
+
+    /// Topics whose existence an unacknowledged message is probing (see [`Publisher::send`]).
+    fn probing(&self) -> HashSet<String> {
+        self.entries
+            .iter()
+            .flatten()
+            .filter(|e| e.probe && e.result.is_none())
+            .map(|e| e.message.topic.clone())
+            .collect()
     }
 
     /// Takes out every message that can be decided now (see the type's docs).
@@ -511,10 +563,18 @@ pub(crate) fn message_bytes(message: &PendingMessage) -> usize {
             .sum::<usize>()
 }
 
+/// How often, at most, the relay lists the cluster's topics when it meets one it does not know.
+const TOPIC_LISTING_INTERVAL: Duration = Duration::from_secs(1);
+/// Topics the relay probes at once (see [`Publisher::send`]).
+const MAX_PROBES: usize = 16;
+
 /// Sends messages with one idempotent producer.
 pub(crate) struct Publisher {
     producer: FutureProducer<StatsContext>,
     source: Vec<u8>,
+    /// The cluster's topics at the last listing (`None`: it could not be listed).
+    topics: Option<HashSet<String>>,
+    listed_at: Option<Instant>,
 }
 
 impl Publisher {
@@ -522,7 +582,49 @@ impl Publisher {
         Ok(Publisher {
             producer: config.client_config().create_with_context(StatsContext)?,
             source: source.as_bytes().to_vec(),
+            topics: None,
+            listed_at: None,
         })
+    }
+
+    /// Lists the cluster's topics again if one of `batch` is not known and the last listing
+    /// is older than `TOPIC_LISTING_INTERVAL`.
+    async fn list_topics(&mut self, batch: &[PendingMessage]) {
+        let known = |topics: &Option<HashSet<String>>, topic: &str| {
+            topics.as_ref().is_some_and(|t| t.contains(topic))
+        };
+        if batch.iter().all(|m| known(&self.topics, &m.topic))
+            || self
+                .listed_at
+                .is_some_and(|at| at.elapsed() < TOPIC_LISTING_INTERVAL)
+        {
+            return;
+        }
+        let producer = self.producer.clone();
+        let listing = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                // Short: the pipeline waits for it (and publishes without it on a timeout).
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.name().to_owned())
+                        .collect::<HashSet<_>>()
+                })
+        })
+        .await;
+        self.listed_at = Some(Instant::now());
+        self.topics = match listing {
+            Ok(Ok(topics)) => Some(topics),
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "cannot list the cluster's topics");
+                None
+            }
+            Err(_) => None,
+        };
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.
@@ -537,14 +639,25 @@ impl Publisher {
     /// batches and pipelines them. A record that librdkafka refuses at once (too large, an
     /// invalid row) is settled as failed, and no later message of its key in this batch is
     /// sent: they are dropped when `in_flight` is next settled.
+    ///
+    /// A topic the cluster does not list is probed: one message is sent (a broker that creates
+    /// topics on first use creates it; otherwise librdkafka waits for it for
+    /// `topic.metadata.propagation.max.ms`, 30 s by default), and the others fail at once as
+    /// retriable, to be held and retried. So writers that enqueue to ever new topic names put
+    /// at most `MAX_PROBES` messages in flight, not one per name.
     pub(crate) async fn send(
-        &self,
+        &mut self,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
         in_flight: &mut InFlight,
     ) {
         in_flight.batch_start = in_flight.next_number();
         in_flight.batch_unsettled = 0;
+        self.list_topics(&batch).await;
+        let mut probing = match &self.topics {
+            Some(_) => in_flight.probing(),
+            None => HashSet::new(),
+        };
         // Keys with a record refused at once (rare: keys are cloned only then).
         let mut refused: HashSet<(String, Vec<u8>)> = HashSet::new();
         let owned_key = |m: &PendingMessage| m.key.clone().map(|k| (m.topic.clone(), k));
@@ -552,15 +665,34 @@ impl Publisher {
             if !refused.is_empty() && owned_key(&message).is_some_and(|k| refused.contains(&k)) {
                 continue;
             }
+            let unlisted = self
+                .topics
+                .as_ref()
+                .is_some_and(|topics| !topics.contains(&message.topic));
+            let probe =
+                unlisted && probing.len() < MAX_PROBES && probing.insert(message.topic.clone());
+            let sent = if unlisted && !probe {
+                Err(DeliveryError::UnknownTopic(message.topic.clone()))
+            } else {
+                self.send_one(&message).await
+            };
             // A record refused at once is refused for itself (`alone`), not for a request.
-            let (sent, alone) = match self.send_one(&message).await {
-                Ok(delivery) => (Sent::InFlight(delivery), false),
+            let sent = match sent {
+                Ok(delivery) => Sent {
+                    outcome: Outcome::InFlight(delivery),
+                    alone: false,
+                    probe,
+                },
                 Err(error) => {
                     refused.extend(owned_key(&message));
-                    (Sent::Settled(Err(error)), true)
+                    Sent {
+                        outcome: Outcome::Settled(Err(error)),
+                        alone: true,
+                        probe: false,
+                    }
                 }
             };
-            in_flight.push(message, claimed_at, alone, sent);
+            in_flight.push(message, claimed_at, sent);
         }
     }
 
@@ -627,7 +759,12 @@ impl Publisher {
             if result.is_err() {
                 failed.extend(key);
             }
-            in_flight.push(message, claimed_at, true, Sent::Settled(result));
+            let sent = Sent {
+                outcome: Outcome::Settled(result),
+                alone: true,
+                probe: false,
+            };
+            in_flight.push(message, claimed_at, sent);
         }
     }
 

@@ -303,7 +303,7 @@ impl Pipeline {
         if let Some(completing) = &self.completing {
             skip.extend_from_slice(&completing.ids);
         }
-        let (waiting_topics, waiting_keys, waiting_keyless) = self.in_flight.waiting_keys();
+        let waiting = self.in_flight.waiting();
         let candidate = self
             .floor
             .candidate()
@@ -317,9 +317,10 @@ impl Pipeline {
                 self.config.max_batch_bytes as i64,
                 &Skip {
                     ids: &skip,
-                    topics: &waiting_topics,
-                    keys: &waiting_keys,
-                    keyless_topics: &waiting_keyless,
+                    topics: &waiting.topics,
+                    keys: &waiting.keys,
+                    keyless_topics: &waiting.keyless_topics,
+                    stalled_topics: &waiting.stalled_topics,
                 },
                 candidate,
                 &term.fence,

@@ -510,3 +510,55 @@ async fn rows_with_extreme_values_do_not_stop_the_claim() {
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
+
+/// Writers enqueueing to ever new topic names that do not exist: each name once cost a message
+/// in flight for 30 s (librdkafka waits for the topic's metadata). Now a bounded number of
+/// them probe; the others are held at once as "does not exist", and healthy topics flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_missing_topic_names_is_held_at_once_and_healthy_topics_flow() {
+    let outbox = TestOutbox::new().await;
+    let healthy = unique_topic("isolation-flood-healthy");
+    create_topic(&kafka_bootstrap_servers(), &healthy, 1).await;
+    let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();
+    relay.wait_until_leader().await;
+    let mut missing = Vec::new();
+    for i in 0..200 {
+        missing.push(Message::new(unique_topic("isolation-flood"), "x").key(format!("k{i}")));
+    }
+    outbox.commit_all(missing).await;
+    outbox
+        .commit_each((0..5).map(|i| Message::new(&healthy, format!("healthy:{i}")).key("h")))
+        .await;
+    let started = tokio::time::Instant::now();
+    let mut reader = TopicReader::new(&healthy);
+    reader.read_at_least(5, READ).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // All but the probes are held long before librdkafka's 30 s metadata wait.
+    let statements = Statements::new(&outbox.schema);
+    wait_until(
+        Duration::from_secs(10),
+        "the unprobed names are held",
+        || async {
+            let mut conn = outbox.pool.acquire().await.unwrap();
+            statements.held_keys(&mut conn, 1000).await.unwrap().len() >= 200 - 16
+        },
+    )
+    .await;
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let held = statements.held_keys(&mut conn, 1000).await.unwrap();
+    assert!(
+        held[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("does not exist"),
+        "{:?}",
+        held[0]
+    );
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}

@@ -208,6 +208,9 @@ pub struct Skip<'a> {
     pub keys: &'a [&'a [u8]],
     /// Topics with a waiting message without a key: their other keyless messages wait too.
     pub keyless_topics: &'a [&'a str],
+    /// Topics with many waiting messages (a partition without a leader, with many keys): all
+    /// their messages wait, so that what waits stays bounded.
+    pub stalled_topics: &'a [&'a str],
 }
 
 /// The floor a claim started at, and what the next floor rise is built from.
@@ -568,6 +571,7 @@ impl Statements {
                                          OR (m.topic, m.key) NOT IN
                                             (SELECT * FROM unnest($9::text[], $10::bytea[])))
                                     AND (m.key IS NOT NULL OR m.topic <> ALL($11::text[]))
+                                    AND m.topic <> ALL($12::text[])
                                     AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM held)
                                          OR (m.topic, m.key) NOT IN (SELECT topic, key FROM held))
                                   ORDER BY id
@@ -943,6 +947,7 @@ impl Statements {
             .bind(skip.topics)
             .bind(skip.keys)
             .bind(skip.keyless_topics)
+            .bind(skip.stalled_topics)
             .fetch_all(conn)
             .await?;
         let horizon = match rows.first() {

@@ -555,6 +555,7 @@ async fn the_held_key_test_is_a_hash_lookup_whatever_is_held() {
         .bind(Vec::<String>::new())
         .bind(Vec::<Vec<u8>>::new())
         .bind(Vec::<String>::new())
+        .bind(Vec::<String>::new())
         .fetch_all(&mut *conn)
         .await
         .unwrap();
