@@ -223,7 +223,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Migrate => {
-            let pool = connect(&settings).await?;
+            let pool = connect(&settings, None).await?;
             let report = writer(&settings)
                 .migrate(&pool)
                 .await
@@ -275,7 +275,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 })?;
                 message = message.header(name, value);
             }
-            let pool = connect(&settings).await?;
+            let pool = connect(&settings, None).await?;
             let mut tx = pool.begin().await.map_err(db_error)?;
             let sequence = writer(&settings)
                 .save_for_publishing(&mut tx, message)
@@ -325,13 +325,24 @@ fn db_error(error: sqlx::Error) -> CliError {
     CliError::Runtime(format!("database error: {error}"))
 }
 
-async fn connect(settings: &Settings) -> Result<PgPool, CliError> {
+/// A pool on the configured database; with `statement_timeout`, the server cancels any of its
+/// statements that runs longer.
+async fn connect(
+    settings: &Settings,
+    statement_timeout: Option<Duration>,
+) -> Result<PgPool, CliError> {
     let url = mask_url(&settings.database_url);
-    let options =
+    let mut options =
         PgConnectOptions::from_str(&settings.database_url).map_err(|e| ConfigError::Invalid {
             key: "database_url".into(),
             reason: format!("{url}: {e}"),
         })?;
+    if let Some(timeout) = statement_timeout {
+        options = options.options([(
+            "statement_timeout",
+            format!("{}ms", timeout.as_millis().max(1)),
+        )]);
+    }
     // One direct attempt first: a pool would only report "timed out", not why.
     let attempt = tokio::time::timeout(
         Duration::from_secs(10),
@@ -360,7 +371,9 @@ async fn run_relay(
     mut settings: Settings,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<(), CliError> {
-    let pool = connect(&settings).await?;
+    // Every relay statement is bounded: one blocked longer than a lease term (a lock held by a
+    // writer) is of no use to a holder that must renew or step down meanwhile.
+    let pool = connect(&settings, Some(settings.relay.lease_ttl)).await?;
     if settings.derive_source {
         // Two services that both leave `source` unset must not publish the same
         // (x-source, x-sequence) pairs: consumers' inboxes would drop one's events.
@@ -478,7 +491,7 @@ async fn republish(
     yes: bool,
     confirm_above: u64,
 ) -> Result<(), CliError> {
-    let pool = connect(settings).await?;
+    let pool = connect(settings, None).await?;
     let mut conn = pool.acquire().await.map_err(db_error)?;
     for (key, value) in [("--since", &filter.since), ("--until", &filter.until)] {
         if let Some(value) = value {
@@ -563,7 +576,7 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
             return Ok(());
         }
     };
-    let pool = connect(settings).await?;
+    let pool = connect(settings, None).await?;
     let statements = outbox::postgres::Statements::new(&settings.schema);
     let bar = indicatif::ProgressBar::new_spinner();
     let deleted = outbox_relay::cleanup::run_once(
@@ -584,7 +597,7 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
 }
 
 async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(), CliError> {
-    let pool = connect(settings).await?;
+    let pool = connect(settings, None).await?;
     let statements = outbox::postgres::Statements::new(&settings.schema);
     let mut conn = pool.acquire().await.map_err(db_error)?;
     match action {
@@ -662,7 +675,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let pool = connect(settings).await?;
+    let pool = connect(settings, None).await?;
     let statements = outbox::postgres::Statements::new(&settings.schema);
     let mut conn = pool.acquire().await.map_err(db_error)?;
     let backlog = statements.backlog(&mut conn).await.map_err(|e| {

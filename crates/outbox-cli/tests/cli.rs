@@ -520,3 +520,57 @@ async fn two_default_configured_relays_never_share_a_source() {
     first.drop_schema().await;
     second.drop_schema().await;
 }
+
+/// A relay statement blocked on a lock (a writer holding the outbox rows) once waited for as
+/// long as the lock was held. The daemon's statements are bounded by the lease term: the
+/// server cancels them, and the relay retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_statements_are_bounded_by_the_lease_term() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    let topic = unique_topic("cli-statement-timeout");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    outbox
+        .commit_each([Message::new(&topic, "locked").key("k")])
+        .await;
+    let mut lock = outbox.pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT id FROM {schema}.message FOR UPDATE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let _relay = RelayProcess::start(
+        outbox_cmd(schema)
+            .env("OUTBOX_LEASE_TTL_MS", "1000")
+            .env("OUTBOX_LEASE_RENEW_INTERVAL_MS", "300"),
+        &[],
+    );
+    let waiting_for = || async {
+        sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT max(extract(epoch FROM now() - query_start))::float8 FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the completion waits for the lock",
+        || async { waiting_for().await.is_some() },
+    )
+    .await;
+    // For 4 s, no statement has waited longer than about a lease term.
+    for _ in 0..20 {
+        let waited = waiting_for().await.unwrap_or(0.0);
+        assert!(waited < 2.5, "a relay statement has waited {waited:.1} s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lock.rollback().await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the message is completed",
+        || async { outbox.pending().await == 0 },
+    )
+    .await;
+    outbox.drop_schema().await;
+}
