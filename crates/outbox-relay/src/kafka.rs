@@ -26,6 +26,8 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use outbox::headers;
 use outbox::postgres::{MalformedHeaders, PendingMessage};
+use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -144,6 +146,18 @@ impl KafkaConfig {
         config
     }
 
+    /// The lane's producer (see [`Publisher`]): one record in flight at a time, awaited, so it
+    /// needs neither idempotence nor the gapless guarantee, without which a refused record
+    /// fails alone instead of failing the producer.
+    pub(crate) fn lane_client_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config.remove("enable.gapless.guarantee");
+        config
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1");
+        config
+    }
+
     /// The same connection and security settings, for a client that only reads metadata.
     pub(crate) fn metadata_client_config(&self) -> ClientConfig {
         let mut config = self.client_config();
@@ -231,6 +245,12 @@ impl DeliveryError {
         }
     }
 
+    /// A failure that retrying cannot cure until an operator acts: a record Kafka refuses, a
+    /// topic that does not exist.
+    pub(crate) fn needs_an_operator(&self) -> bool {
+        self.class() == ErrorClass::Permanent || matches!(self, DeliveryError::UnknownTopic(_))
+    }
+
     /// A broker refusal that applies to a whole produce request, so the record that caused it
     /// may be another one of the same request.
     fn shared_by_request(&self) -> bool {
@@ -266,6 +286,9 @@ pub(crate) struct Settled {
     /// Refused with an error shared by their whole produce request: to be sent again alone
     /// ([`Publisher::publish_alone`]) before the error is blamed on them.
     pub(crate) suspects: Vec<PendingMessage>,
+    /// Topics whose probe was delivered: they exist now (a broker that creates topics on first
+    /// use created them).
+    pub(crate) created_topics: Vec<String>,
 }
 
 /// Bridges librdkafka's statistics into metrics.
@@ -317,17 +340,19 @@ enum Outcome {
 /// A delivery tagged with its send number.
 struct Delivery {
     number: u64,
+    /// Counted among the latest batch's unsettled deliveries (a probe is not waited for).
+    counted: bool,
     future: DeliveryFuture,
 }
 
 impl Future for Delivery {
-    type Output = (u64, Result<(), DeliveryError>);
+    type Output = (u64, bool, Result<(), DeliveryError>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let number = self.number;
+        let (number, counted) = (self.number, self.counted);
         self.future
             .poll_unpin(cx)
-            .map(|result| (number, delivery_result(result)))
+            .map(|result| (number, counted, delivery_result(result)))
     }
 }
 
@@ -386,8 +411,14 @@ impl InFlight {
         let number = self.next_number();
         let result = match sent.outcome {
             Outcome::InFlight(future) => {
-                self.batch_unsettled += 1;
-                self.deliveries.push(Delivery { number, future });
+                // A probe may wait for its topic for long: the batch does not wait for it.
+                let counted = !sent.probe;
+                self.batch_unsettled += usize::from(counted);
+                self.deliveries.push(Delivery {
+                    number,
+                    counted,
+                    future,
+                });
                 None
             }
             Outcome::Settled(result) => Some(result),
@@ -406,20 +437,20 @@ impl InFlight {
     /// Waits until one more delivery settles; pending forever while none is outstanding.
     pub(crate) async fn next_settled(&mut self) {
         match self.deliveries.next().await {
-            Some((number, result)) => self.record(number, result),
+            Some((number, counted, result)) => self.record(number, counted, result),
             None => std::future::pending().await,
         }
     }
 
     /// Records every delivery that has settled by now, without waiting.
     fn record_ready(&mut self) {
-        while let Some(Some((number, result))) = self.deliveries.next().now_or_never() {
-            self.record(number, result);
+        while let Some(Some((number, counted, result))) = self.deliveries.next().now_or_never() {
+            self.record(number, counted, result);
         }
     }
 
-    fn record(&mut self, number: u64, result: Result<(), DeliveryError>) {
-        if number >= self.batch_start {
+    fn record(&mut self, number: u64, counted: bool, result: Result<(), DeliveryError>) {
+        if counted && number >= self.batch_start {
             self.batch_unsettled = self.batch_unsettled.saturating_sub(1);
         }
         let Some(index) = number.checked_sub(self.first) else {
@@ -471,6 +502,16 @@ impl InFlight {
         }
     }
 
+    /// Whether an earlier message of `message`'s key is unacknowledged.
+    fn unsettled_key(&self, message: &PendingMessage) -> bool {
+        message.key.is_some()
+            && self.entries.iter().flatten().any(|e| {
+                e.result.is_none()
+                    && e.message.key == message.key
+                    && e.message.topic == message.topic
+            })
+    }
+
     /// Topics whose existence an unacknowledged message is probing (see [`Publisher::send`]).
     fn probing(&self) -> HashSet<String> {
         self.entries
@@ -520,9 +561,14 @@ impl InFlight {
                 continue;
             }
             match entry.result.expect("settled") {
-                Ok(()) => settled
-                    .delivered
-                    .push((entry.message, entry.claimed_at.elapsed())),
+                Ok(()) => {
+                    if entry.probe {
+                        settled.created_topics.push(entry.message.topic.clone());
+                    }
+                    settled
+                        .delivered
+                        .push((entry.message, entry.claimed_at.elapsed()));
+                }
                 // Not attempted: it stays pending and is claimed again, uncounted.
                 Err(error) if error.not_attempted() => {}
                 Err(error) if error.shared_by_request() && !entry.alone => {
@@ -568,22 +614,40 @@ const TOPIC_LISTING_INTERVAL: Duration = Duration::from_secs(1);
 /// Topics the relay probes at once (see [`Publisher::send`]).
 const MAX_PROBES: usize = 16;
 
-/// Sends messages with one idempotent producer.
+/// Sends messages with one idempotent producer, and a second one, the lane, for records that
+/// may be refused by the broker for their size.
+///
+/// A broker refuses a produce request as a whole when one record in it is over the topic's
+/// `max.message.bytes`, and with `enable.gapless.guarantee` that fails the producer fatally:
+/// everything it had in flight is abandoned and goes out again. So a record whose size before
+/// compression is over its topic's limit is sent through the lane, alone and awaited, whose
+/// producer has one record in flight at a time and reports a refusal as that record's error.
+/// Per-key order holds: such a record is sent only while no earlier message of its key is in
+/// flight, and the next ones are sent after it was acknowledged.
 pub(crate) struct Publisher {
+    config: KafkaConfig,
     producer: FutureProducer<StatsContext>,
+    lane: Option<FutureProducer<StatsContext>>,
+    admin: AdminClient<DefaultClientContext>,
     source: Vec<u8>,
     /// The cluster's topics at the last listing (`None`: it could not be listed).
     topics: Option<HashSet<String>>,
     listed_at: Option<Instant>,
+    /// Listed topics' `max.message.bytes` (`usize::MAX` when it could not be read).
+    limits: HashMap<String, usize>,
 }
 
 impl Publisher {
     pub(crate) fn new(config: &KafkaConfig, source: &str) -> Result<Self, KafkaError> {
         Ok(Publisher {
+            config: config.clone(),
             producer: config.client_config().create_with_context(StatsContext)?,
+            lane: None,
+            admin: config.metadata_client_config().create()?,
             source: source.as_bytes().to_vec(),
             topics: None,
             listed_at: None,
+            limits: HashMap::new(),
         })
     }
 
@@ -654,6 +718,7 @@ impl Publisher {
         in_flight.batch_start = in_flight.next_number();
         in_flight.batch_unsettled = 0;
         self.list_topics(&batch).await;
+        self.describe_topics(&batch).await;
         let mut probing = match &self.topics {
             Some(_) => in_flight.probing(),
             None => HashSet::new(),
@@ -671,6 +736,26 @@ impl Publisher {
                 .is_some_and(|topics| !topics.contains(&message.topic));
             let probe =
                 unlisted && probing.len() < MAX_PROBES && probing.insert(message.topic.clone());
+            if !unlisted && self.may_be_too_large(&message) {
+                // Through the lane it could overtake an earlier message of its key still in
+                // flight: then it (and the rest of its key) waits for a later claim, which
+                // holds the key back until that one is settled.
+                if in_flight.unsettled_key(&message) {
+                    refused.extend(owned_key(&message));
+                    continue;
+                }
+                let result = self.send_alone(&message).await;
+                if result.is_err() {
+                    refused.extend(owned_key(&message));
+                }
+                let sent = Sent {
+                    outcome: Outcome::Settled(result),
+                    alone: true,
+                    probe: false,
+                };
+                in_flight.push(message, claimed_at, sent);
+                continue;
+            }
             let sent = if unlisted && !probe {
                 Err(DeliveryError::UnknownTopic(message.topic.clone()))
             } else {
@@ -697,51 +782,98 @@ impl Publisher {
     }
 
     async fn send_one(&self, message: &PendingMessage) -> Result<DeliveryFuture, DeliveryError> {
-        if let Some(invalid) = &message.invalid {
-            return Err(DeliveryError::Invalid(invalid.clone()));
+        send_with(&self.producer, &self.source, message).await
+    }
+
+    /// Sends `message` through the lane (see [`Publisher`]), as the only record in flight there,
+    /// and waits for its delivery.
+    async fn send_alone(&mut self, message: &PendingMessage) -> Result<(), DeliveryError> {
+        let lane = match self.lane.take() {
+            Some(lane) => lane,
+            None => self
+                .config
+                .lane_client_config()
+                .create_with_context(StatsContext)
+                .map_err(DeliveryError::Kafka)?,
+        };
+        let result = match send_with(&lane, &self.source, message).await {
+            Ok(delivery) => delivery_result(delivery.await),
+            Err(error) => Err(error),
+        };
+        self.lane = Some(lane);
+        result
+    }
+
+    /// Topics a probe found: they are listed from now on.
+    pub(crate) fn topics_created(&mut self, topics: &[String]) {
+        if let Some(listed) = &mut self.topics {
+            listed.extend(topics.iter().cloned());
         }
-        let sequence = headers::encode_sequence(message.id);
-        let mut record_headers = OwnedHeaders::new_with_capacity(2 + message.headers.len())
-            .insert(Header {
-                key: headers::SEQUENCE,
-                value: Some(&sequence[..]),
-            })
-            .insert(Header {
-                key: headers::SOURCE,
-                value: Some(&self.source[..]),
-            });
-        for header in &message.headers {
-            record_headers = record_headers.insert(Header {
-                key: &header.name,
-                value: Some(&header.value[..]),
-            });
+    }
+
+    /// Describes the listed topics of `batch` not described yet, for their size limit.
+    async fn describe_topics(&mut self, batch: &[PendingMessage]) {
+        let Some(listed) = &self.topics else { return };
+        let mut new: Vec<&str> = batch
+            .iter()
+            .map(|m| m.topic.as_str())
+            .filter(|t| listed.contains(*t) && !self.limits.contains_key(*t))
+            .collect();
+        if new.is_empty() {
+            return;
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&message.topic).headers(record_headers);
-        if let Some(key) = &message.key {
-            record = record.key(&key[..]);
-        }
-        if let Some(payload) = &message.payload {
-            record = record.payload(&payload[..]);
-        }
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                // The queue drains as deliveries are reported, whether or not they are awaited.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((error, _)) => return Err(DeliveryError::Kafka(error)),
+        new.sort_unstable();
+        new.dedup();
+        let resources: Vec<ResourceSpecifier<'_>> =
+            new.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(2)));
+        let described = self.admin.describe_configs(&resources, &options).await;
+        let mut limits = HashMap::new();
+        if let Ok(results) = &described {
+            for resource in results.iter().flatten() {
+                let OwnedResourceSpecifier::Topic(topic) = &resource.specifier else {
+                    continue;
+                };
+                let limit = resource
+                    .get("max.message.bytes")
+                    .and_then(|e| e.value.as_deref())
+                    .and_then(|v| v.parse().ok());
+                limits.insert(topic.clone(), limit);
             }
         }
+        // A topic this relay may not describe: no limit known, nothing predicted.
+        for topic in new {
+            let limit = limits.get(topic).copied().flatten().unwrap_or(usize::MAX);
+            self.limits.insert(topic.to_owned(), limit);
+        }
+    }
+
+    /// Whether `message` may be over its topic's `max.message.bytes`: its size before
+    /// compression, as one record in a batch of its own (61 bytes of batch header).
+    fn may_be_too_large(&self, message: &PendingMessage) -> bool {
+        let Some(limit) = self.limits.get(&message.topic) else {
+            return false;
+        };
+        let size = outbox::record_wire_size(
+            message.key.as_ref().map_or(0, Vec::len),
+            message.payload.as_ref().map_or(0, Vec::len),
+            message
+                .headers
+                .iter()
+                .map(|h| (h.name.len(), h.value.len()))
+                .chain([
+                    (headers::SEQUENCE.len(), 8),
+                    (headers::SOURCE.len(), self.source.len()),
+                ]),
+        );
+        size + 61 > *limit
     }
 
     /// Sends each of `suspects` again as the only record in flight, one after the other, so
     /// that the refusal falls on the record that caused it alone; the results are settled
     /// messages of `in_flight`. A suspect behind a failed one of its key is not sent.
     pub(crate) async fn publish_alone(
-        &self,
+        &mut self,
         suspects: Vec<PendingMessage>,
         claimed_at: Instant,
         in_flight: &mut InFlight,
@@ -752,10 +884,7 @@ impl Publisher {
             if key.as_ref().is_some_and(|k| failed.contains(k)) {
                 continue;
             }
-            let result = match self.send_one(&message).await {
-                Ok(delivery) => delivery_result(delivery.await),
-                Err(error) => Err(error),
-            };
+            let result = self.send_alone(&message).await;
             if result.is_err() {
                 failed.extend(key);
             }
@@ -773,6 +902,52 @@ impl Publisher {
     pub(crate) fn purge(&self) {
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    }
+}
+
+/// Hands `message` to `producer` (waiting while its queue is full).
+async fn send_with(
+    producer: &FutureProducer<StatsContext>,
+    source: &[u8],
+    message: &PendingMessage,
+) -> Result<DeliveryFuture, DeliveryError> {
+    if let Some(invalid) = &message.invalid {
+        return Err(DeliveryError::Invalid(invalid.clone()));
+    }
+    let sequence = headers::encode_sequence(message.id);
+    let mut record_headers = OwnedHeaders::new_with_capacity(2 + message.headers.len())
+        .insert(Header {
+            key: headers::SEQUENCE,
+            value: Some(&sequence[..]),
+        })
+        .insert(Header {
+            key: headers::SOURCE,
+            value: Some(source),
+        });
+    for header in &message.headers {
+        record_headers = record_headers.insert(Header {
+            key: &header.name,
+            value: Some(&header.value[..]),
+        });
+    }
+    let mut record: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(&message.topic).headers(record_headers);
+    if let Some(key) = &message.key {
+        record = record.key(&key[..]);
+    }
+    if let Some(payload) = &message.payload {
+        record = record.payload(&payload[..]);
+    }
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            // The queue drains as deliveries are reported, whether or not they are awaited.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((error, _)) => return Err(DeliveryError::Kafka(error)),
+        }
     }
 }
 

@@ -426,8 +426,25 @@ impl Pipeline {
             settled.failed.extend(alone.failed);
         }
         let Settled {
-            delivered, failed, ..
+            delivered,
+            failed,
+            created_topics,
+            ..
         } = settled;
+        if !created_topics.is_empty() {
+            // Their other messages were held as "does not exist": retry them now.
+            self.publisher.topics_created(&created_topics);
+            let released = async {
+                let mut conn = self.pool.acquire().await?;
+                self.statements
+                    .release_topics(&mut conn, &created_topics, &term.fence)
+                    .await
+            }
+            .await;
+            if let Err(error) = released {
+                tracing::warn!(%error, "cannot release the messages of created topics");
+            }
+        }
         if !delivered.is_empty() {
             // One completion in flight at a time: the previous one lands first. If it did not
             // take effect, its messages stay pending and go out again (duplicates of
@@ -473,15 +490,26 @@ impl Pipeline {
                 tracing::error!(sequence = id, topic = %message.topic, ?key, %error, "permanent delivery failure; moving the message to the dead-letter table");
                 dead.push((*id, error.to_string()));
             } else {
+                // What only an operator can change (a record Kafka refuses, a topic that does
+                // not exist) is retried at the longest backoff at once: ten thousand such keys
+                // must not keep the relay busy with retries that cannot succeed.
+                let failures = match error.needs_an_operator() {
+                    true => u32::MAX,
+                    false => u32::try_from(message.attempts)
+                        .unwrap_or(0)
+                        .saturating_add(1),
+                };
                 let delay = Backoff::delay_after(
                     self.config.backoff_initial,
                     self.config.backoff_max,
-                    u32::try_from(message.attempts)
-                        .unwrap_or(0)
-                        .saturating_add(1),
+                    failures,
                 );
-                if class == ErrorClass::Permanent {
-                    tracing::error!(sequence = id, topic = %message.topic, ?key, attempts = message.attempts + 1, %error, ?delay, "permanent delivery failure; the key is blocked until it succeeds (policy: block)");
+                let attempts = message.attempts.saturating_add(1);
+                // Said once per message; its retries are logged at debug level.
+                if message.attempts > 0 {
+                    tracing::debug!(sequence = id, topic = %message.topic, ?key, attempts, %error, ?delay, "delivery failed again");
+                } else if class == ErrorClass::Permanent {
+                    tracing::error!(sequence = id, topic = %message.topic, ?key, %error, ?delay, "permanent delivery failure; the key is blocked until it succeeds (policy: block)");
                 } else {
                     tracing::warn!(sequence = id, topic = %message.topic, ?key, %error, ?delay, "delivery failed; retrying the message, and holding later messages of its key");
                 }

@@ -147,14 +147,31 @@ pub async fn write_messages(
     }
 }
 
+/// Appends a sentence for the notes under the figures (`dev/chaos` renders it), when
+/// `$CHAOS_REPORT_FILE` is set.
+pub fn report_note(note: &str) {
+    println!("{note}");
+    append_report_line(&format!("{{\"note\":{note:?}}}\n"));
+}
+
+fn append_report_line(line: &str) {
+    let Ok(path) = std::env::var("CHAOS_REPORT_FILE") else {
+        return;
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the chaos report");
+    file.write_all(line.as_bytes())
+        .expect("write the chaos report");
+}
+
 /// Appends one scenario's figures as a JSON line to `$CHAOS_REPORT_FILE`, when set (the
 /// `dev/chaos` command renders them into docs/reliability.md).
 pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option<Duration>) {
     println!("{scenario}: faults {faults}, {figures:?}, recovery {recovery:?}");
-    let Ok(path) = std::env::var("CHAOS_REPORT_FILE") else {
-        return;
-    };
-    let line = format!(
+    append_report_line(&format!(
         "{{\"scenario\":{:?},\"faults\":{},\"committed\":{},\"rolled_back\":{},\"lost\":{},\"rolled_back_published\":{},\"order_violations\":{},\"duplicates\":{},\"recovery_ms\":{}}}\n",
         scenario,
         faults,
@@ -165,12 +182,5 @@ pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option
         figures.order_violations,
         figures.duplicates,
         recovery.map_or("null".to_owned(), |d| d.as_millis().to_string()),
-    );
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open the chaos report");
-    file.write_all(line.as_bytes())
-        .expect("write the chaos report");
+    ));
 }

@@ -71,6 +71,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "enqueue() validates headers",
         include_str!("migrations/0011_untrusted_rows.sql"),
     ),
+    (
+        12,
+        "held messages by retry time",
+        include_str!("migrations/0012_held_by_retry_time.sql"),
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -89,6 +94,7 @@ pub struct Statements {
     record_failures: String,
     lease_acquire: String,
     lease_other: String,
+    release_topics: String,
     lease_renew: String,
     lease_release: String,
     lease_set_idle: String,
@@ -407,6 +413,26 @@ const LOWER_FLOOR: &str = "lowered AS (UPDATE {schema}.relay_lease
                               floor_generation = floor_generation + 1
                         WHERE EXISTS (SELECT 1 FROM inserted))";
 
+/// A pending message the claim may take, with its age and size, before the test of where it
+/// is found (at or above the floor, or held below it); continues with `AND`.
+const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
+        CASE WHEN isfinite(created_at)
+             THEN (least(greatest(date_part('epoch', now() - created_at), 0), 1e9) * 1000000)::bigint
+             ELSE 0 END AS age_us,
+        coalesce(octet_length(key), 0) + coalesce(octet_length(payload), 0)
+          + coalesce(octet_length(headers::text), 0) AS size
+   FROM {schema}.message m
+  WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+    AND NOT (SELECT $3::text::int8multirange) @> m.id
+    AND (m.key IS NULL OR cardinality($9::text[]) = 0
+         OR (m.topic, m.key) NOT IN (SELECT * FROM unnest($9::text[], $10::bytea[])))
+    AND (m.key IS NOT NULL OR m.topic <> ALL($11::text[]))
+    AND m.topic <> ALL($12::text[])
+    AND (m.key IS NULL OR NOT (SELECT yes FROM any_held) OR NOT EXISTS (
+           SELECT 1 FROM {schema}.message h
+            WHERE h.topic = m.topic AND h.key = m.key
+              AND h.processed_at IS NULL AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
+
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
 
@@ -472,7 +498,8 @@ impl Statements {
     /// Renders every statement for `schema`.
     pub fn new(schema: &SchemaName) -> Self {
         let render = |sql: &str| {
-            sql.replace("{fence}", FENCE)
+            sql.replace("{candidate}", CANDIDATE)
+                .replace("{fence}", FENCE)
                 .replace("{in_ids}", IN_IDS)
                 .replace("{lower_floor}", LOWER_FLOOR)
                 .replace("{schema}", schema.as_str())
@@ -500,9 +527,9 @@ impl Statements {
                  RETURNING id",
             ),
             // Held messages (a failed delivery, until retry_at) hold back every other message of
-            // their key; a message without a key holds back only itself. The held keys are read
-            // once into a hash table (a hashed NOT IN), so a claim costs the same whether one key
-            // or 10,000 are held; while none is, the test is skipped.
+            // their key; a message without a key holds back only itself. Each candidate looks its
+            // key up in the held messages' index (message_held), so a claim costs the same
+            // whether one key or 10,000 are held; while none is, the test is skipped.
             // The batch ends at $1 messages or once $2 bytes of keys, payloads and headers are reached
             // (always at least one message), so the relay's memory is bounded whatever the
             // payload sizes; either way the result is a prefix in sequence order. The sizes come
@@ -520,8 +547,13 @@ impl Statements {
             // from a completed batch (see `FloorCandidate`): every id up to $8 went to a
             // transaction older than the relay's completion transaction $7. Once this
             // snapshot's xmin is above $7 none of them runs, each of those ids is committed or
-            // gone, and the floor may rise to the lowest one still pending (held and in-flight
-            // ones included), or past $8. The rise is a compare-and-set on the floor's
+            // gone, and the floor may rise to the lowest one still pending and not held
+            // (in-flight ones included), or past $8. Held messages (`retry_at` set) may stay
+            // below it: the claim finds those that are due through their own index
+            // (migration 0012), so that ten thousand held keys are not walked over by every
+            // claim. (A new lease term starts at floor 0, so a hold an operator removes by
+            // hand with `retry_at = NULL` is found then; `retry_at = now()` is found at once.)
+            // The rise is a compare-and-set on the floor's
             // generation: statements that lower the floor bump it, so one that is concurrent
             // with this claim (even invisible to its snapshot) cancels the rise. Every claim
             // reports the sequence's last value and its snapshot's xmin.
@@ -532,7 +564,8 @@ impl Statements {
                         AND l.expires_at > now()),
                       settled AS MATERIALIZED (
                      SELECT coalesce((SELECT min(id) FROM {schema}.message
-                                       WHERE id >= (SELECT floor FROM lease) AND id <= $8),
+                                       WHERE id >= (SELECT floor FROM lease) AND id <= $8
+                                         AND retry_at IS NULL),
                                      least($8, 9223372036854775806) + 1) AS floor
                       WHERE $8::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
                         AND pg_snapshot_xmin(pg_current_snapshot()) > $7::text::xid8),
@@ -547,33 +580,22 @@ impl Statements {
                             pg_sequence_last_value(
                                 pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
                             pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
-                      held AS MATERIALIZED (
-                     SELECT topic, key FROM {schema}.message
-                      WHERE processed_at IS NULL AND retry_at > now() AND key IS NOT NULL)
+                      any_held AS MATERIALIZED (
+                     SELECT EXISTS (SELECT 1 FROM {schema}.message
+                                     WHERE processed_at IS NULL AND retry_at IS NOT NULL
+                                       AND retry_at > now()) AS yes)
                  SELECT id, topic, key, payload, headers, attempts, age_us,
                         (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
                         (SELECT xmin FROM horizon) AS xmin
                    FROM (SELECT c.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before
-                           FROM (SELECT id, topic, key, payload, headers, attempts,
-                                        CASE WHEN isfinite(created_at)
-                                             THEN (least(greatest(date_part('epoch', now() - created_at), 0), 1e9)
-                                                   * 1000000)::bigint
-                                             ELSE 0 END AS age_us,
-                                        coalesce(octet_length(key), 0)
-                                          + coalesce(octet_length(payload), 0)
-                                          + coalesce(octet_length(headers::text), 0) AS size
-                                   FROM {schema}.message m
-                                  WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
-                                    AND m.id >= (SELECT floor FROM horizon)
-                                    AND NOT (SELECT $3::text::int8multirange) @> m.id
-                                    AND (m.retry_at IS NULL OR m.retry_at <= now())
-                                    AND (m.key IS NULL OR cardinality($9::text[]) = 0
-                                         OR (m.topic, m.key) NOT IN
-                                            (SELECT * FROM unnest($9::text[], $10::bytea[])))
-                                    AND (m.key IS NOT NULL OR m.topic <> ALL($11::text[]))
-                                    AND m.topic <> ALL($12::text[])
-                                    AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM held)
-                                         OR (m.topic, m.key) NOT IN (SELECT topic, key FROM held))
+                           FROM (SELECT * FROM (
+                                   (SELECT {candidate} AND m.id >= (SELECT floor FROM horizon)
+                                       AND (m.retry_at IS NULL OR m.retry_at <= now())
+                                     ORDER BY id LIMIT $1)
+                                   UNION ALL
+                                   (SELECT {candidate} AND m.id < (SELECT floor FROM horizon)
+                                       AND m.retry_at IS NOT NULL AND m.retry_at <= now()
+                                     ORDER BY id LIMIT $1)) u
                                   ORDER BY id
                                   LIMIT $1) c) b
                   WHERE before < $2
@@ -677,6 +699,14 @@ impl Statements {
                         (extract(epoch FROM expires_at - now()) * 1000000)::bigint
                    FROM {schema}.relay_lease
                   WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM taken)",
+            ),
+            // Messages of these topics held for a failure become due now; fenced. Found
+            // through the held messages' index (message_held), whatever the backlog.
+            release_topics: fenced(
+                "UPDATE {schema}.message SET retry_at = now()
+                  WHERE topic = ANY($1) AND processed_at IS NULL AND retry_at IS NOT NULL
+                    AND retry_at > now() AND {fence}",
+                2,
             ),
             lease_other: render(
                 "SELECT name, holder FROM {schema}.relay_lease
@@ -1058,6 +1088,24 @@ impl Statements {
             .execute(conn)
             .await?;
         Ok(())
+    }
+
+    /// Makes the held messages of `topics` due now (a topic that did not exist was created);
+    /// fenced.
+    pub async fn release_topics(
+        &self,
+        conn: &mut PgConnection,
+        topics: &[String],
+        fence: &Fence,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(&self.release_topics)
+            .bind(topics)
+            .bind(&fence.lease)
+            .bind(&fence.holder)
+            .bind(fence.token)
+            .execute(conn)
+            .await?
+            .rows_affected())
     }
 
     /// Moves permanently failed messages to the dead-letter table (keeping their sequence),

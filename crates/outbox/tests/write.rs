@@ -233,7 +233,7 @@ async fn migrating_twice_changes_nothing() {
     let outbox = TestOutbox::new().await;
     let report = outbox.outbox.migrate(&outbox.pool).await.unwrap();
     assert!(report.applied.is_empty(), "{report}");
-    assert_eq!(report.current_version(), 11);
+    assert_eq!(report.current_version(), 12);
     outbox.drop_schema().await;
 }
 
@@ -854,6 +854,93 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
 }
 
 /// Takes the lease "relay" as holder "me" for 30 s; returns its fence.
+/// Held messages do not hold the claim floor back: it rises past them, so a claim does not walk
+/// over thousands of held messages, and the claim still finds them below it once they are due,
+/// in order with the later messages of their key.
+#[tokio::test]
+async fn the_floor_rises_past_held_messages_and_due_ones_are_still_claimed() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let fence = take_lease(&sql, &mut conn).await;
+    let held = outbox.commit_each([Message::new("t", "h1").key("h")]).await[0];
+    let hold = |until: &'static str| {
+        format!(
+            "UPDATE {}.message SET attempts = 1, last_error = 'e', retry_at = {until} WHERE id = {held}",
+            outbox.schema
+        )
+    };
+    sqlx::query(&hold("now() + interval '1 hour'"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let other = outbox.commit_each([Message::new("t", "o").key("o")]).await;
+    let mut tracker = FloorTracker::default();
+    let claimed = sql
+        .claim(&mut conn, 100, 1 << 20, &Default::default(), None, &fence)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        other
+    );
+    let Fenced::Done(done) = sql
+        .complete(&mut conn, &other, false, &fence)
+        .await
+        .unwrap()
+    else {
+        panic!("lease lost")
+    };
+    tracker.completed(claimed.horizon.unwrap().last_id, done.xid);
+    let later = outbox.commit_each([Message::new("t", "h2").key("h")]).await[0];
+
+    // Once the transactions before the completion have ended, the floor passes the held one.
+    let floor_sql = format!("SELECT floor FROM {}.relay_lease", outbox.schema);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let candidate = tracker.candidate();
+        let claimed = sql
+            .claim(
+                &mut conn,
+                100,
+                1 << 20,
+                &Default::default(),
+                candidate,
+                &fence,
+            )
+            .await
+            .unwrap();
+        assert!(claimed.messages.is_empty(), "the key is held: {claimed:?}");
+        let floor: i64 = sqlx::query_scalar(&floor_sql)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        if floor > held {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the floor stays at {floor}, at or below the held message {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Due now: found below the floor, before the later message of its key.
+    sqlx::query(&hold("now()"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let claimed = sql
+        .claim(&mut conn, 100, 1 << 20, &Default::default(), None, &fence)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [held, later]
+    );
+    drop(conn);
+    outbox.drop_schema().await;
+}
+
 async fn take_lease(sql: &Statements, conn: &mut sqlx::PgConnection) -> Fence {
     let LeaseState::Held { token, .. } = sql
         .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
