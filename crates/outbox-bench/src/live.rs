@@ -570,7 +570,7 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
                         limit,
                         i64::MAX,
                         &Default::default(),
-                        None,
+                        Default::default(),
                         &fence,
                     )
                     .await?

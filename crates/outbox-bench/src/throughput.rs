@@ -667,7 +667,7 @@ pub(crate) async fn explain_claim(
             batch_size as i64,
             i64::MAX,
             &Default::default(),
-            None,
+            Default::default(),
             fence,
         )
         .await?

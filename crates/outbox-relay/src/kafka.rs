@@ -289,6 +289,9 @@ pub(crate) struct Settled {
     /// Topics whose probe was delivered: they exist now (a broker that creates topics on first
     /// use created them).
     pub(crate) created_topics: Vec<String>,
+    /// Left pending without a failure of their own: behind a failed message of their key (they
+    /// may or may not have reached Kafka), or not attempted.
+    pub(crate) dropped: Vec<i64>,
 }
 
 /// Bridges librdkafka's statistics into metrics.
@@ -558,6 +561,7 @@ impl InFlight {
             // Behind a failed message of its key: dropped, it stays pending (it may or may not
             // have reached Kafka) and is held back with the failed one by the claim.
             if behind_failure {
+                settled.dropped.push(entry.message.id);
                 continue;
             }
             match entry.result.expect("settled") {
@@ -570,7 +574,7 @@ impl InFlight {
                         .push((entry.message, entry.claimed_at.elapsed()));
                 }
                 // Not attempted: it stays pending and is claimed again, uncounted.
-                Err(error) if error.not_attempted() => {}
+                Err(error) if error.not_attempted() => settled.dropped.push(entry.message.id),
                 Err(error) if error.shared_by_request() && !entry.alone => {
                     settled.suspects.push(entry.message)
                 }

@@ -304,10 +304,9 @@ impl Pipeline {
             skip.extend_from_slice(&completing.ids);
         }
         let waiting = self.in_flight.waiting();
-        let candidate = self
+        let request = self
             .floor
-            .candidate()
-            .filter(|_| self.backlog || self.floor_raised_at.elapsed() >= FLOOR_INTERVAL);
+            .request(self.backlog || self.floor_raised_at.elapsed() >= FLOOR_INTERVAL);
         let mut conn = self.pool.acquire().await?;
         let claimed = self
             .statements
@@ -322,12 +321,13 @@ impl Pipeline {
                     keyless_topics: &waiting.keyless_topics,
                     stalled_topics: &waiting.stalled_topics,
                 },
-                candidate,
+                request,
                 &term.fence,
             )
             .await?;
+        self.floor.claimed(request);
         if let Some(horizon) = &claimed.horizon {
-            if self.floor.observe(horizon, candidate) {
+            if self.floor.observe(horizon, request.candidate) {
                 self.floor_raised_at = Instant::now();
             }
             self.claimed_last_id = horizon.last_id;
@@ -388,10 +388,12 @@ impl Pipeline {
             Ok(Err(error)) => {
                 self.health.database(false);
                 tracing::warn!(%error, count, "cannot mark delivered messages complete");
+                self.floor.uncovered(ids);
                 Some(Step::Failed)
             }
             Err(error) => {
                 tracing::error!(%error, count, "the completion task failed");
+                self.floor.uncovered(ids);
                 Some(Step::Failed)
             }
         }
@@ -424,13 +426,16 @@ impl Pipeline {
             let alone = self.in_flight.take_settled();
             settled.delivered.extend(alone.delivered);
             settled.failed.extend(alone.failed);
+            settled.dropped.extend(alone.dropped);
         }
         let Settled {
             delivered,
             failed,
             created_topics,
+            dropped,
             ..
         } = settled;
+        self.floor.uncovered(dropped);
         if !created_topics.is_empty() {
             // Their other messages were held as "does not exist": retry them now.
             self.publisher.topics_created(&created_topics);
@@ -450,6 +455,9 @@ impl Pipeline {
             // take effect, its messages stay pending and go out again (duplicates of
             // acknowledged messages); so do these, as the relay backs off or steps down.
             if let Some(step) = self.settle_completion().await {
+                let ids = delivered.iter().map(|(m, _)| m.id);
+                self.floor
+                    .uncovered(ids.chain(failed.iter().map(|(m, _)| m.id)));
                 return Some(step);
             }
             record_published(&delivered);
@@ -465,6 +473,7 @@ impl Pipeline {
             Err(error) => {
                 tracing::warn!(%error, "cannot record delivery failures");
                 self.health.database(false);
+                self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
                 Some(Step::Failed)
             }
         }

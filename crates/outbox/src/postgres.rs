@@ -244,13 +244,56 @@ pub struct FloorCandidate {
     pub xid: u64,
 }
 
-/// Holds at most one floor candidate at a time, from a completed batch.
+/// What a claim does with its floor: raise it with a candidate (see [`FloorCandidate`]), or
+/// lower it to `lower_to`, to cover again messages that left flight without being completed or
+/// held. `lower_to` wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloorRequest {
+    /// A candidate for raising the floor.
+    pub candidate: Option<FloorCandidate>,
+    /// The lowest id to cover again.
+    pub lower_to: Option<i64>,
+}
+
+impl From<Option<FloorCandidate>> for FloorRequest {
+    fn from(candidate: Option<FloorCandidate>) -> Self {
+        FloorRequest {
+            candidate,
+            lower_to: None,
+        }
+    }
+}
+
+/// Holds at most one floor candidate at a time, from a completed batch, and the lowest id to
+/// cover again.
 #[derive(Debug, Clone, Default)]
 pub struct FloorTracker {
     candidate: Option<FloorCandidate>,
+    lower_to: Option<i64>,
 }
 
 impl FloorTracker {
+    /// Messages `ids` left flight without being completed or held: they are pending, maybe
+    /// below the floor, and the next claim must cover them again.
+    pub fn uncovered(&mut self, ids: impl IntoIterator<Item = i64>) {
+        self.lower_to = ids.into_iter().chain(self.lower_to).min();
+    }
+
+    /// What the next claim does with its floor; `raise` lets it use the candidate.
+    pub fn request(&self, raise: bool) -> FloorRequest {
+        FloorRequest {
+            candidate: self.candidate.filter(|_| raise),
+            lower_to: self.lower_to,
+        }
+    }
+
+    /// A claim made with `request` succeeded: what it lowered the floor to is covered.
+    pub fn claimed(&mut self, request: FloorRequest) {
+        if self.lower_to == request.lower_to {
+            self.lower_to = None;
+        }
+    }
+
     /// The candidate to pass to the next claim.
     pub fn candidate(&self) -> Option<FloorCandidate> {
         self.candidate
@@ -547,8 +590,10 @@ impl Statements {
             // from a completed batch (see `FloorCandidate`): every id up to $8 went to a
             // transaction older than the relay's completion transaction $7. Once this
             // snapshot's xmin is above $7 none of them runs, each of those ids is committed or
-            // gone, and the floor may rise to the lowest one still pending and not held
-            // (in-flight ones included), or past $8. Held messages (`retry_at` set) may stay
+            // gone, and the floor may rise to the lowest one still pending, not held and not
+            // in flight ($3), or past $8. A message that leaves flight without being completed
+            // or held (dropped behind a failure, purged, its completion failed) is covered again
+            // by $13: the claim lowers the floor to it. Held messages (`retry_at` set) may stay
             // below it: the claim finds those that are due through their own index
             // (migration 0012), so that ten thousand held keys are not walked over by every
             // claim. (A new lease term starts at floor 0, so a hold an operator removes by
@@ -565,9 +610,11 @@ impl Statements {
                       settled AS MATERIALIZED (
                      SELECT coalesce((SELECT min(id) FROM {schema}.message
                                        WHERE id >= (SELECT floor FROM lease) AND id <= $8
-                                         AND retry_at IS NULL),
+                                         AND retry_at IS NULL
+                                         AND NOT (SELECT $3::text::int8multirange) @> id),
                                      least($8, 9223372036854775806) + 1) AS floor
-                      WHERE $8::bigint IS NOT NULL AND EXISTS (SELECT 1 FROM lease)
+                      WHERE $8::bigint IS NOT NULL AND $13::bigint IS NULL
+                        AND EXISTS (SELECT 1 FROM lease)
                         AND pg_snapshot_xmin(pg_current_snapshot()) > $7::text::xid8),
                       raised AS (
                      UPDATE {schema}.relay_lease l SET floor = s.floor
@@ -575,8 +622,14 @@ impl Statements {
                       WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
                         AND l.floor_generation = (SELECT floor_generation FROM lease)
                         AND s.floor > l.floor),
+                      lowered AS (
+                     UPDATE {schema}.relay_lease l
+                        SET floor = $13, floor_generation = l.floor_generation + 1
+                      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3
+                        AND $13::bigint IS NOT NULL AND $13 < l.floor),
                       horizon AS MATERIALIZED (
-                     SELECT greatest((SELECT floor FROM lease), (SELECT floor FROM settled)) AS floor,
+                     SELECT least(greatest((SELECT floor FROM lease), (SELECT floor FROM settled)),
+                                  coalesce($13, 9223372036854775807)) AS floor,
                             pg_sequence_last_value(
                                 pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
                             pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
@@ -962,9 +1015,10 @@ impl Statements {
         limit: i64,
         max_bytes: i64,
         skip: &Skip<'_>,
-        candidate: Option<FloorCandidate>,
+        floor: FloorRequest,
         fence: &Fence,
     ) -> Result<Claimed, sqlx::Error> {
+        let candidate = floor.candidate;
         let rows = sqlx::query(&self.claim)
             .bind(limit)
             .bind(max_bytes)
@@ -978,6 +1032,7 @@ impl Statements {
             .bind(skip.keys)
             .bind(skip.keyless_topics)
             .bind(skip.stalled_topics)
+            .bind(floor.lower_to)
             .fetch_all(conn)
             .await?;
         let horizon = match rows.first() {
