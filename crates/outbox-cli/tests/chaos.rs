@@ -7,10 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outbox::Message;
 use outbox_relay::{Relay, RelayConfig};
 use outbox_test_support::chaos::{report, report_note, write_messages, Ledger};
 use outbox_test_support::{
-    create_replicated_topic, create_topic, create_topic_with_config, database_url,
+    create_replicated_topic, create_topic, create_topic_on, create_topic_with_config, database_url,
     kafka_bootstrap_servers, partition_leader, unique_topic, wait_until, Fault, KafkaBroker,
     TcpProxy, TestOutbox, TopicReader,
 };
@@ -830,4 +831,86 @@ async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
         p99 <= 2.0 * base_p99,
         "p99 {p99:.1} ms with hostile writers, {base_p99:.1} ms without"
     );
+}
+
+/// A partition without a leader (its only replica's broker SIGKILLed): librdkafka keeps its
+/// records queued for as long as that lasts (`message.timeout.ms=0`). Writers go on sending to
+/// that topic with ever new keys, some of which land on the dead partition; a healthy topic on
+/// the other brokers must keep flowing at its normal latency, in order, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_without_a_leader_delays_only_its_own_messages() {
+    let _serial = serial().await;
+    let outbox = TestOutbox::new().await;
+    let mut cluster = KafkaBroker::cluster(3);
+    cluster.iter_mut().for_each(KafkaBroker::spawn);
+    cluster.iter_mut().for_each(KafkaBroker::wait_started);
+    let bootstrap = cluster
+        .iter()
+        .map(KafkaBroker::bootstrap_servers)
+        .collect::<Vec<_>>()
+        .join(",");
+    // The healthy topic lives on brokers 1 and 2; partition 0 of the other only on broker 3.
+    let healthy = unique_topic("chaos-leaderless-healthy");
+    create_topic_on(&bootstrap, &healthy, &[&[1, 2], &[2, 1], &[1, 2]]).await;
+    let orphaned = unique_topic("chaos-leaderless");
+    create_topic_on(&bootstrap, &orphaned, &[&[3], &[1], &[2]]).await;
+    let mut config = relay_config(&outbox, &bootstrap);
+    config.batch_size = 5000;
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    relay.wait_until_leader().await;
+    cluster
+        .iter_mut()
+        .find(|b| b.node_id() == 3)
+        .expect("broker 3")
+        .kill();
+
+    let ledger = Ledger::shared();
+    let stop = CancellationToken::new();
+    let orphans = async {
+        let mut n = 0;
+        while !stop.is_cancelled() {
+            outbox
+                .commit_each([Message::new(&orphaned, "o").key(format!("orphan-{n}"))])
+                .await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        n
+    };
+    let healthy_load = async {
+        spawn_writer(
+            &outbox,
+            &healthy,
+            scale(1000),
+            Duration::from_millis(5),
+            &ledger,
+        )
+        .await
+        .unwrap();
+        stop.cancel();
+    };
+    let (orphans, ()) = tokio::join!(orphans, healthy_load);
+    let survivors = cluster
+        .iter()
+        .filter(|b| b.node_id() != 3)
+        .map(KafkaBroker::bootstrap_servers)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut reader = TopicReader::on(&survivors, &healthy);
+    settle_and_check(
+        &outbox,
+        "9. a partition without a leader (its only broker SIGKILLed), written with new keys all along",
+        1,
+        &ledger,
+        &mut reader,
+    )
+    .await;
+    let (p50, p99) = publish_latency(&outbox, &healthy).await;
+    report_note(&format!(
+        "Scenario 9: the healthy topic's commit-to-publish latency was p50 {p50:.1} ms, p99 \
+         {p99:.1} ms while {orphans} messages were written to the topic with a leaderless partition."
+    ));
+    assert!(p99 < 1000.0, "healthy p99 {p99:.1} ms");
+    relay.abort();
+    outbox.drop_schema().await;
 }

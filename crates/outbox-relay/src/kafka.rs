@@ -26,8 +26,6 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use outbox::headers;
 use outbox::postgres::{MalformedHeaders, PendingMessage};
-use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -36,6 +34,7 @@ use rdkafka::{ClientConfig, ClientContext};
 use tokio::time::Instant;
 
 use crate::config::InvalidConfig;
+use crate::topics::Topics;
 
 /// Librdkafka producer properties, passed through verbatim. `Debug` masks secrets.
 #[derive(Clone, PartialEq, Eq)]
@@ -613,8 +612,8 @@ pub(crate) fn message_bytes(message: &PendingMessage) -> usize {
             .sum::<usize>()
 }
 
-/// How often, at most, the relay lists the cluster's topics when it meets one it does not know.
-const TOPIC_LISTING_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the first batch waits for the cluster's topics to be listed.
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(2);
 /// Topics the relay probes at once (see [`Publisher::send`]).
 const MAX_PROBES: usize = 16;
 
@@ -632,13 +631,8 @@ pub(crate) struct Publisher {
     config: KafkaConfig,
     producer: FutureProducer<StatsContext>,
     lane: Option<FutureProducer<StatsContext>>,
-    admin: AdminClient<DefaultClientContext>,
     source: Vec<u8>,
-    /// The cluster's topics at the last listing (`None`: it could not be listed).
-    topics: Option<HashSet<String>>,
-    listed_at: Option<Instant>,
-    /// Listed topics' `max.message.bytes` (`usize::MAX` when it could not be read).
-    limits: HashMap<String, usize>,
+    topics: Topics,
 }
 
 impl Publisher {
@@ -647,52 +641,9 @@ impl Publisher {
             config: config.clone(),
             producer: config.client_config().create_with_context(StatsContext)?,
             lane: None,
-            admin: config.metadata_client_config().create()?,
             source: source.as_bytes().to_vec(),
-            topics: None,
-            listed_at: None,
-            limits: HashMap::new(),
+            topics: Topics::start(config)?,
         })
-    }
-
-    /// Lists the cluster's topics again if one of `batch` is not known and the last listing
-    /// is older than `TOPIC_LISTING_INTERVAL`.
-    async fn list_topics(&mut self, batch: &[PendingMessage]) {
-        let known = |topics: &Option<HashSet<String>>, topic: &str| {
-            topics.as_ref().is_some_and(|t| t.contains(topic))
-        };
-        if batch.iter().all(|m| known(&self.topics, &m.topic))
-            || self
-                .listed_at
-                .is_some_and(|at| at.elapsed() < TOPIC_LISTING_INTERVAL)
-        {
-            return;
-        }
-        let producer = self.producer.clone();
-        let listing = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                // Short: the pipeline waits for it (and publishes without it on a timeout).
-                .fetch_metadata(None, Duration::from_secs(2))
-                .map(|metadata| {
-                    metadata
-                        .topics()
-                        .iter()
-                        .filter(|t| t.error().is_none())
-                        .map(|t| t.name().to_owned())
-                        .collect::<HashSet<_>>()
-                })
-        })
-        .await;
-        self.listed_at = Some(Instant::now());
-        self.topics = match listing {
-            Ok(Ok(topics)) => Some(topics),
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "cannot list the cluster's topics");
-                None
-            }
-            Err(_) => None,
-        };
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.
@@ -721,12 +672,8 @@ impl Publisher {
     ) {
         in_flight.batch_start = in_flight.next_number();
         in_flight.batch_unsettled = 0;
-        self.list_topics(&batch).await;
-        self.describe_topics(&batch).await;
-        let mut probing = match &self.topics {
-            Some(_) => in_flight.probing(),
-            None => HashSet::new(),
-        };
+        self.topics.first_listing(FIRST_LISTING_WAIT).await;
+        let mut probing = in_flight.probing();
         // Keys with a record refused at once (rare: keys are cloned only then).
         let mut refused: HashSet<(String, Vec<u8>)> = HashSet::new();
         let owned_key = |m: &PendingMessage| m.key.clone().map(|k| (m.topic.clone(), k));
@@ -734,13 +681,14 @@ impl Publisher {
             if !refused.is_empty() && owned_key(&message).is_some_and(|k| refused.contains(&k)) {
                 continue;
             }
-            let unlisted = self
-                .topics
-                .as_ref()
-                .is_some_and(|topics| !topics.contains(&message.topic));
+            let topic = self.topics.get(&message.topic);
+            let unlisted = topic.unlisted;
             let probe =
                 unlisted && probing.len() < MAX_PROBES && probing.insert(message.topic.clone());
-            if !unlisted && self.may_be_too_large(&message) {
+            if topic
+                .limit
+                .is_some_and(|limit| self.may_be_too_large(&message, limit))
+            {
                 // Through the lane it could overtake an earlier message of its key still in
                 // flight: then it (and the rest of its key) waits for a later claim, which
                 // holds the key back until that one is settled.
@@ -809,55 +757,13 @@ impl Publisher {
     }
 
     /// Topics a probe found: they are listed from now on.
-    pub(crate) fn topics_created(&mut self, topics: &[String]) {
-        if let Some(listed) = &mut self.topics {
-            listed.extend(topics.iter().cloned());
-        }
+    pub(crate) fn topics_created(&self, topics: &[String]) {
+        self.topics.created(topics);
     }
 
-    /// Describes the listed topics of `batch` not described yet, for their size limit.
-    async fn describe_topics(&mut self, batch: &[PendingMessage]) {
-        let Some(listed) = &self.topics else { return };
-        let mut new: Vec<&str> = batch
-            .iter()
-            .map(|m| m.topic.as_str())
-            .filter(|t| listed.contains(*t) && !self.limits.contains_key(*t))
-            .collect();
-        if new.is_empty() {
-            return;
-        }
-        new.sort_unstable();
-        new.dedup();
-        let resources: Vec<ResourceSpecifier<'_>> =
-            new.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(2)));
-        let described = self.admin.describe_configs(&resources, &options).await;
-        let mut limits = HashMap::new();
-        if let Ok(results) = &described {
-            for resource in results.iter().flatten() {
-                let OwnedResourceSpecifier::Topic(topic) = &resource.specifier else {
-                    continue;
-                };
-                let limit = resource
-                    .get("max.message.bytes")
-                    .and_then(|e| e.value.as_deref())
-                    .and_then(|v| v.parse().ok());
-                limits.insert(topic.clone(), limit);
-            }
-        }
-        // A topic this relay may not describe: no limit known, nothing predicted.
-        for topic in new {
-            let limit = limits.get(topic).copied().flatten().unwrap_or(usize::MAX);
-            self.limits.insert(topic.to_owned(), limit);
-        }
-    }
-
-    /// Whether `message` may be over its topic's `max.message.bytes`: its size before
+    /// Whether `message` may be over `limit`, its topic's `max.message.bytes`: its size before
     /// compression, as one record in a batch of its own (61 bytes of batch header).
-    fn may_be_too_large(&self, message: &PendingMessage) -> bool {
-        let Some(limit) = self.limits.get(&message.topic) else {
-            return false;
-        };
+    fn may_be_too_large(&self, message: &PendingMessage, limit: usize) -> bool {
         let size = outbox::record_wire_size(
             message.key.as_ref().map_or(0, Vec::len),
             message.payload.as_ref().map_or(0, Vec::len),
@@ -870,7 +776,7 @@ impl Publisher {
                     (headers::SOURCE.len(), self.source.len()),
                 ]),
         );
-        size + 61 > *limit
+        size + 61 > limit
     }
 
     /// Sends each of `suspects` again as the only record in flight, one after the other, so

@@ -83,6 +83,7 @@ pub mod lease;
 pub mod metrics;
 mod monitor;
 mod pipeline;
+mod topics;
 #[cfg(feature = "otel")]
 mod trace;
 mod wakeup;

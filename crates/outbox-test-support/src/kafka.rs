@@ -39,6 +39,30 @@ pub async fn create_topic_with_config(
     replication: i32,
     config: &[(&str, &str)],
 ) {
+    create(
+        bootstrap,
+        NewTopic::new(topic, partitions, TopicReplication::Fixed(replication)),
+        config,
+    )
+    .await;
+}
+
+/// Creates `topic` with its partitions on the given brokers: `replicas[p]` lists partition
+/// `p`'s replicas by node id, the first one its preferred leader.
+pub async fn create_topic_on(bootstrap: &str, topic: &str, replicas: &[&[i32]]) {
+    create(
+        bootstrap,
+        NewTopic::new(
+            topic,
+            replicas.len() as i32,
+            TopicReplication::Variable(replicas),
+        ),
+        &[],
+    )
+    .await;
+}
+
+async fn create(bootstrap: &str, topic: NewTopic<'_>, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -46,10 +70,9 @@ pub async fn create_topic_with_config(
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let results = admin
         .create_topics(
-            &[config.iter().fold(
-                NewTopic::new(topic, partitions, TopicReplication::Fixed(replication)),
-                |new, (key, value)| new.set(key, value),
-            )],
+            &[config
+                .iter()
+                .fold(topic, |new, (key, value)| new.set(key, value))],
             &options,
         )
         .await

@@ -16,8 +16,8 @@ use sqlx::PgPool;
 
 pub use broker::{free_port, KafkaBroker};
 pub use kafka::{
-    create_replicated_topic, create_topic, create_topic_with_config, partition_leader,
-    record_count, unique_topic, Received, TopicReader,
+    create_replicated_topic, create_topic, create_topic_on, create_topic_with_config,
+    partition_leader, record_count, unique_topic, Received, TopicReader,
 };
 pub use proxy::{Fault, TcpProxy};
 
