@@ -218,6 +218,9 @@ pub(crate) enum DeliveryError {
     /// The cluster does not list the topic, and another message is probing it (or too many
     /// topics are probed already); it was not sent.
     UnknownTopic(String),
+    /// The partition of the message's key had no leader at the last listing; it was not sent
+    /// (librdkafka would hold it, and its key, until one is elected).
+    NoLeader(String, i32),
 }
 
 impl DeliveryError {
@@ -225,7 +228,7 @@ impl DeliveryError {
         match self {
             DeliveryError::Kafka(error) => classify(error),
             DeliveryError::Invalid(_) => ErrorClass::Permanent,
-            DeliveryError::UnknownTopic(_) => ErrorClass::Retriable,
+            DeliveryError::UnknownTopic(_) | DeliveryError::NoLeader(..) => ErrorClass::Retriable,
         }
     }
 
@@ -240,7 +243,9 @@ impl DeliveryError {
                 error.rdkafka_error_code(),
                 Some(PurgeQueue | PurgeInflight | Fatal)
             ),
-            DeliveryError::Invalid(_) | DeliveryError::UnknownTopic(_) => false,
+            DeliveryError::Invalid(_)
+            | DeliveryError::UnknownTopic(_)
+            | DeliveryError::NoLeader(..) => false,
         }
     }
 
@@ -266,6 +271,10 @@ impl fmt::Display for DeliveryError {
         match self {
             DeliveryError::Kafka(error) => error.fmt(f),
             DeliveryError::Invalid(error) => error.fmt(f),
+            DeliveryError::NoLeader(topic, partition) => write!(
+                f,
+                "partition {partition} of topic {topic:?} has no leader (its brokers are down)"
+            ),
             DeliveryError::UnknownTopic(topic) => write!(
                 f,
                 "topic {topic:?} does not exist (the cluster does not list it; or this relay may not describe it)"
@@ -613,7 +622,7 @@ pub(crate) fn message_bytes(message: &PendingMessage) -> usize {
 }
 
 /// How long the first batch waits for the cluster's topics to be listed.
-const FIRST_LISTING_WAIT: Duration = Duration::from_secs(2);
+const FIRST_LISTING_WAIT: Duration = Duration::from_millis(500);
 /// Topics the relay probes at once (see [`Publisher::send`]).
 const MAX_PROBES: usize = 16;
 
@@ -681,7 +690,7 @@ impl Publisher {
             if !refused.is_empty() && owned_key(&message).is_some_and(|k| refused.contains(&k)) {
                 continue;
             }
-            let topic = self.topics.get(&message.topic);
+            let topic = self.topics.get(&message.topic, message.key.as_deref());
             let unlisted = topic.unlisted;
             let probe =
                 unlisted && probing.len() < MAX_PROBES && probing.insert(message.topic.clone());
@@ -710,8 +719,10 @@ impl Publisher {
             }
             let sent = if unlisted && !probe {
                 Err(DeliveryError::UnknownTopic(message.topic.clone()))
+            } else if let Some(partition) = topic.no_leader {
+                Err(DeliveryError::NoLeader(message.topic.clone(), partition))
             } else {
-                self.send_one(&message).await
+                send_with(&self.producer, &self.source, &message, topic.partition).await
             };
             // A record refused at once is refused for itself (`alone`), not for a request.
             let sent = match sent {
@@ -733,10 +744,6 @@ impl Publisher {
         }
     }
 
-    async fn send_one(&self, message: &PendingMessage) -> Result<DeliveryFuture, DeliveryError> {
-        send_with(&self.producer, &self.source, message).await
-    }
-
     /// Sends `message` through the lane (see [`Publisher`]), as the only record in flight there,
     /// and waits for its delivery.
     async fn send_alone(&mut self, message: &PendingMessage) -> Result<(), DeliveryError> {
@@ -748,12 +755,18 @@ impl Publisher {
                 .create_with_context(StatsContext)
                 .map_err(DeliveryError::Kafka)?,
         };
-        let result = match send_with(&lane, &self.source, message).await {
+        let result = match send_with(&lane, &self.source, message, None).await {
             Ok(delivery) => delivery_result(delivery.await),
             Err(error) => Err(error),
         };
         self.lane = Some(lane);
         result
+    }
+
+    /// Messages are not acknowledged in time (a partition may have lost its leader): learn the
+    /// cluster again.
+    pub(crate) fn refresh_topics(&self) {
+        self.topics.refresh();
     }
 
     /// Topics a probe found: they are listed from now on.
@@ -815,11 +828,13 @@ impl Publisher {
     }
 }
 
-/// Hands `message` to `producer` (waiting while its queue is full).
+/// Hands `message` to `producer` (waiting while its queue is full), to `partition` if given,
+/// else where the producer's partitioner puts it.
 async fn send_with(
     producer: &FutureProducer<StatsContext>,
     source: &[u8],
     message: &PendingMessage,
+    partition: Option<i32>,
 ) -> Result<DeliveryFuture, DeliveryError> {
     if let Some(invalid) = &message.invalid {
         return Err(DeliveryError::Invalid(invalid.clone()));
@@ -847,6 +862,9 @@ async fn send_with(
     }
     if let Some(payload) = &message.payload {
         record = record.payload(&payload[..]);
+    }
+    if let Some(partition) = partition {
+        record = record.partition(partition);
     }
     loop {
         match producer.send_result(record) {

@@ -265,6 +265,7 @@ impl Pipeline {
                 self.typical_ack = (self.typical_ack * 7 + claimed_at.elapsed()) / 8;
             }
             Some(false) => {
+                self.publisher.refresh_topics();
                 tracing::debug!(
                     in_flight = self.in_flight.len(),
                     ?wait,

@@ -1,5 +1,5 @@
-//! What the relay knows of the cluster's topics: which exist, and each one's size limit
-//! (`max.message.bytes`).
+//! What the relay knows of the cluster's topics: which exist, which of their partitions have no
+//! leader, and each one's size limit (`max.message.bytes`).
 //!
 //! Learned in the background, at most once a second for the listing, so that a slow or partly
 //! dead cluster never holds up publishing (describing a topic through a dead broker waits for
@@ -7,6 +7,7 @@
 //! which is how the relay behaved before it knew anything.
 
 use std::collections::{HashMap, HashSet};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,20 +23,30 @@ use crate::kafka::KafkaConfig;
 const LISTING_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a listing or a description may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A listing older than this is renewed when asked about a topic (leaders move).
+const LISTING_MAX_AGE: Duration = Duration::from_secs(10);
 
-/// What is known of one topic.
+/// What is known of one topic, for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Topic {
     /// The last listing of the cluster did not have it.
     pub(crate) unlisted: bool,
     /// Its `max.message.bytes`, once described.
     pub(crate) limit: Option<usize>,
+    /// The partition the message's key goes to had no leader at the last listing.
+    pub(crate) no_leader: Option<i32>,
+    /// For a message without a key, when some partition has no leader: one that has.
+    pub(crate) partition: Option<i32>,
 }
 
 #[derive(Default)]
 struct State {
-    /// The cluster's topics at the last listing (`None`: not listed yet, or it failed).
-    listed: Option<HashSet<String>>,
+    /// The cluster's topics at the last listing (`None`: not listed yet, or it failed), each
+    /// with whether each of its partitions has a leader.
+    listed: Option<HashMap<String, Vec<bool>>>,
+    listed_at: Option<Instant>,
+    /// Some partition had no leader at the last listing: list again soon.
+    leaderless: bool,
     /// Described topics' limits (`usize::MAX` when the description failed).
     limits: HashMap<String, usize>,
     /// A listing or these descriptions were asked for and are not done yet.
@@ -52,6 +63,9 @@ enum Ask {
 pub(crate) struct Topics {
     state: Arc<Mutex<State>>,
     asks: mpsc::UnboundedSender<Ask>,
+    /// Keys are partitioned as Java's producer does (`murmur2_random`), so the relay knows a
+    /// keyed message's partition before sending it.
+    murmur2: bool,
     /// Becomes true once the first listing was tried.
     tried: watch::Receiver<bool>,
 }
@@ -69,7 +83,13 @@ impl Topics {
         let _ = asks.send(Ask::List);
         let (tried_tx, tried) = watch::channel(false);
         tokio::spawn(learn(admin, state.clone(), requests, tried_tx));
-        Ok(Topics { state, asks, tried })
+        let murmur2 = config.get("partitioner") == Some("murmur2_random");
+        Ok(Topics {
+            state,
+            asks,
+            tried,
+            murmur2,
+        })
     }
 
     /// Waits (at most `timeout`) until the first listing was tried, so that a relay that starts
@@ -82,11 +102,26 @@ impl Topics {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What is known of `topic`; asks for what is not known yet.
-    pub(crate) fn get(&self, topic: &str) -> Topic {
+    /// What is known of `topic` for a message with `key`; asks for what is not known yet.
+    pub(crate) fn get(&self, topic: &str, key: Option<&[u8]>) -> Topic {
         let mut state = self.state();
-        let listed = state.listed.as_ref().map(|listed| listed.contains(topic));
-        if listed != Some(true) && !state.listing_asked {
+        // Decided on the borrowed listing first: nothing is copied per message.
+        let (listed, no_leader, partition) = match &state.listed {
+            None => (None, None, None),
+            Some(listed) => match listed.get(topic) {
+                None => (Some(false), None, None),
+                Some(leaders) => {
+                    let (no_leader, partition) = self.route(leaders, key);
+                    (Some(true), no_leader, partition)
+                }
+            },
+        };
+        let max_age = match state.leaderless {
+            true => LISTING_INTERVAL,
+            false => LISTING_MAX_AGE,
+        };
+        let stale = state.listed_at.is_none_or(|at| at.elapsed() > max_age);
+        if (stale || listed != Some(true)) && !state.listing_asked {
             state.listing_asked = true;
             let _ = self.asks.send(Ask::List);
         }
@@ -97,13 +132,52 @@ impl Topics {
         Topic {
             unlisted: listed == Some(false),
             limit,
+            no_leader,
+            partition,
         }
     }
 
-    /// Topics found to exist by publishing to them (created on first use).
+    /// Where a message with `key` goes, when a partition of its topic has no leader (`leaders`
+    /// by partition): its key's partition if that one has none, or, without a key, a partition
+    /// that has one.
+    fn route(&self, leaders: &[bool], key: Option<&[u8]>) -> (Option<i32>, Option<i32>) {
+        if leaders.iter().all(|has| *has) {
+            return (None, None);
+        }
+        match key {
+            Some(key) if self.murmur2 => {
+                let p = java_partition(key, leaders.len());
+                ((!leaders[p]).then_some(p as i32), None)
+            }
+            Some(_) => (None, None),
+            None => {
+                let available: Vec<usize> = (0..leaders.len()).filter(|p| leaders[*p]).collect();
+                if available.is_empty() {
+                    return (None, None);
+                }
+                let pick = available[rand::random_range(0..available.len())];
+                (None, Some(pick as i32))
+            }
+        }
+    }
+
+    /// Something is not acknowledged in time: learn the cluster's topics and leaders again
+    /// (at most once a second).
+    pub(crate) fn refresh(&self) {
+        let mut state = self.state();
+        if !state.listing_asked {
+            state.listing_asked = true;
+            let _ = self.asks.send(Ask::List);
+        }
+    }
+
+    /// Topics found to exist by publishing to them (created on first use): listed from now
+    /// on (their partitions are learned at the next listing).
     pub(crate) fn created(&self, topics: &[String]) {
         if let Some(listed) = &mut self.state().listed {
-            listed.extend(topics.iter().cloned());
+            for topic in topics {
+                listed.entry(topic.clone()).or_default();
+            }
         }
     }
 }
@@ -142,16 +216,25 @@ async fn learn(
                             .topics()
                             .iter()
                             .filter(|t| t.error().is_none())
-                            .map(|t| t.name().to_owned())
-                            .collect::<HashSet<_>>()
+                            .map(|t| {
+                                let mut partitions: Vec<_> = t.partitions().iter().collect();
+                                partitions.sort_by_key(|p| p.id());
+                                let leaders = partitions.iter().map(|p| p.leader() >= 0).collect();
+                                (t.name().to_owned(), leaders)
+                            })
+                            .collect::<HashMap<_, _>>()
                     })
             })
             .await;
             listed_at = Some(Instant::now());
             let mut state = lock();
             state.listing_asked = false;
+            state.listed_at = listed_at;
             match listing {
-                Ok(Ok(topics)) => state.listed = Some(topics),
+                Ok(Ok(topics)) => {
+                    state.leaderless = topics.values().flatten().any(|has: &bool| !has);
+                    state.listed = Some(topics);
+                }
                 Ok(Err(error)) => tracing::debug!(%error, "cannot list the cluster's topics"),
                 Err(_) => {}
             }
@@ -198,4 +281,60 @@ async fn describe_limits(
             Some((topic.clone(), limit))
         })
         .collect()
+}
+
+/// The partition Java's producer (and librdkafka's `murmur2_random`) gives a key:
+/// `toPositive(murmur2(key)) % partitions` (Kafka's `Utils.murmur2`).
+fn java_partition(key: &[u8], partitions: usize) -> usize {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    let mut h = SEED ^ key.len() as u32;
+    let mut words = key.chunks_exact(4);
+    for word in &mut words {
+        let mut k = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        h = h.wrapping_mul(M) ^ k.wrapping_mul(M);
+    }
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        for (i, byte) in tail.iter().enumerate() {
+            h ^= u32::from(*byte) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    (h & 0x7fff_ffff) as usize % partitions.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kafka's own vectors (`UtilsTest.testMurmur2`), as partitions of 2^31 - 1 would not
+    /// show them: compare the positive hash.
+    #[test]
+    fn keys_are_partitioned_as_javas_producer_does() {
+        for (key, murmur2) in [
+            (&b"21"[..], -973_932_308_i32),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ] {
+            let positive = (murmur2 & 0x7fff_ffff) as usize;
+            assert_eq!(
+                java_partition(key, usize::MAX),
+                positive % usize::MAX,
+                "{key:?}"
+            );
+            assert_eq!(java_partition(key, 6), positive % 6, "{key:?}");
+        }
+    }
 }
