@@ -536,6 +536,16 @@ impl InFlight {
     /// Takes out every message that can be decided now (see the type's docs).
     pub(crate) fn take_settled(&mut self) -> Settled {
         self.record_ready();
+        // A probe the cluster has not answered within `PROBE_TIMEOUT` (librdkafka may wait
+        // much longer for a topic's metadata): its topic is taken not to exist. Should
+        // librdkafka deliver it later after all, that copy is a duplicate.
+        for entry in self.entries.iter_mut().flatten() {
+            if entry.probe && entry.result.is_none() && entry.claimed_at.elapsed() > PROBE_TIMEOUT {
+                entry.result = Some(Err(DeliveryError::UnknownTopic(
+                    entry.message.topic.clone(),
+                )));
+            }
+        }
         // Which slots to take, decided on borrowed keys: no allocation per message.
         let mut take = Vec::new();
         {
@@ -623,6 +633,8 @@ pub(crate) fn message_bytes(message: &PendingMessage) -> usize {
 
 /// How long the first batch waits for the cluster's topics to be listed.
 const FIRST_LISTING_WAIT: Duration = Duration::from_millis(500);
+/// How long a probe may go unanswered before its topic is taken not to exist.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Topics the relay probes at once (see [`Publisher::send`]).
 const MAX_PROBES: usize = 16;
 
@@ -653,6 +665,16 @@ impl Publisher {
             source: source.as_bytes().to_vec(),
             topics: Topics::start(config)?,
         })
+    }
+
+    /// Replaces the producer (after a fatal error); what the relay learned of the cluster
+    /// stays.
+    pub(crate) fn renew(&mut self) -> Result<(), KafkaError> {
+        self.producer = self
+            .config
+            .client_config()
+            .create_with_context(StatsContext)?;
+        Ok(())
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.

@@ -27,7 +27,9 @@
 //!    flight: the next batch is claimed while the previous one is completed, and skips exactly
 //!    those acknowledged ids, never "everything below" some sequence). Claims start at a floor
 //!    (migration 0008) only so that they do not walk over completed rows' index entries: every
-//!    id below it is settled. It rises past an id only once the sequence had handed that id
+//!    id below it is settled, held (found through its own index once due, migration 0012), or
+//!    in flight (and covered again by lowering the floor if it leaves flight without being
+//!    completed or held). It rises past an id only once the sequence had handed that id
 //!    out before the relay's own completion transaction X began (writers take their
 //!    transaction id before their sequences, by a statement trigger, so theirs are below X)
 //!    and a later snapshot's xmin is above X, i.e. none of those writers still runs; a
@@ -49,6 +51,12 @@
 //! 4. Duplicates (redeliveries after a crash, or a deposed relay's in-flight batch landing late)
 //!    are copies of records whose first delivery was already in order: each producer's stream is
 //!    in order, and every producer that sent B had sent A before it or found A complete.
+//!
+//! Two routes keep a destination that does not answer from holding back others: a keyed
+//! message whose partition has no leader (keys are partitioned as Java's producer does, so the
+//! relay knows the partition) is held at once, as a failed attempt, without being sent; and a
+//! record over its topic's size limit goes alone through a second producer (see `kafka`), so
+//! the broker's refusal never fails the producer that has everything else in flight.
 //!
 //! The one exception is chosen by configuration: under [`PoisonPolicy::DeadLetter`], a message
 //! Kafka refuses permanently is moved aside and the later messages of its key go on without it.

@@ -177,8 +177,7 @@ impl Pipeline {
     fn replace_failed_producer(&mut self) -> Result<(), RelayError> {
         if let Some(reason) = self.publisher.fatal_error() {
             tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
-            self.publisher = Publisher::new(&self.config.kafka, &self.config.source)
-                .map_err(RelayError::Kafka)?;
+            self.publisher.renew().map_err(RelayError::Kafka)?;
         }
         Ok(())
     }
