@@ -51,6 +51,9 @@ pub(crate) enum Diagnostic {
     /// The relay's sessions with `synchronous_commit = off` (a lost completion after a database
     /// crash means a duplicate, never a loss).
     AsyncCommit,
+    /// 10,000 of the backlog's messages, spread through it, held with distinct keys (a topic
+    /// that is missing or not authorised): the others must drain as fast as without them.
+    HeldKeys,
 }
 
 impl Diagnostic {
@@ -59,6 +62,7 @@ impl Diagnostic {
             Diagnostic::Keep => "default (Completion::Keep)",
             Diagnostic::Delete => "Completion::Delete",
             Diagnostic::AsyncCommit => "synchronous_commit=off for the relay",
+            Diagnostic::HeldKeys => "10,000 held keys spread through the backlog",
         }
     }
 }
@@ -92,13 +96,23 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
     // is inserted during a drain, so every id below it is done). Searched from the start instead,
     // every check would walk everything completed so far (dead rows until vacuum): at a check
     // every 10 ms, PostgreSQL CPU taken from the relay being measured.
-    let lowest_pending = format!("SELECT min(id) FROM {schema}.message WHERE id >= $1");
+    if args.diagnostic == Some(Diagnostic::HeldKeys) {
+        sqlx::raw_sql(&format!(
+            "UPDATE {schema}.message
+                SET topic = 'bench-held', key = convert_to('held-' || id, 'UTF8'), attempts = 1,
+                    last_error = 'held by the bench', retry_at = now() + interval '1 hour'
+              WHERE id % greatest((SELECT count(*) FROM {schema}.message) / 10000, 1) = 0;
+             ANALYZE {schema}.message"
+        ))
+        .execute(&pool)
+        .await?;
+    }
+    // Held messages stay pending: the drain is done once every other one is.
+    let lowest_pending =
+        format!("SELECT min(id) FROM {schema}.message WHERE id >= $1 AND retry_at IS NULL");
     let mut pending_from = 0i64;
-    let total: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL"
-    ))
-    .fetch_one(&pool)
-    .await?;
+    let unheld = format!("SELECT count(*) FROM {schema}.message WHERE retry_at IS NULL");
+    let total: i64 = sqlx::query_scalar(&unheld).fetch_one(&pool).await?;
     anyhow::ensure!(total > 0, "nothing to drain");
     let rss_before_kb = proc_status_kb("self", "VmRSS");
     let hwm_before_kb = proc_status_kb("self", "VmHWM");
@@ -122,11 +136,7 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let hwm_kb = proc_status_kb("self", "VmHWM");
     relay.shutdown().await?;
-    let pending: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL"
-    ))
-    .fetch_one(&pool)
-    .await?;
+    let pending: i64 = sqlx::query_scalar(&unheld).fetch_one(&pool).await?;
     println!(
         "{}",
         json!({
