@@ -386,6 +386,7 @@ pub(crate) struct InFlight {
     /// The first send number of the latest batch, and how many of its deliveries are unsettled.
     batch_start: u64,
     batch_unsettled: usize,
+    batch_counted: usize,
     /// Messages and bytes (see [`message_bytes`]) held.
     count: usize,
     bytes: usize,
@@ -425,6 +426,7 @@ impl InFlight {
                 // A probe may wait for its topic for long: the batch does not wait for it.
                 let counted = !sent.probe;
                 self.batch_unsettled += usize::from(counted);
+                self.batch_counted += usize::from(counted);
                 self.deliveries.push(Delivery {
                     number,
                     counted,
@@ -472,13 +474,22 @@ impl InFlight {
         }
     }
 
-    /// Waits until every delivery of the latest batch has settled or `deadline` passes;
-    /// `true` when they all settled.
+    /// Waits until every delivery of the latest batch has settled, or, once `deadline` has
+    /// passed, until only stragglers are left (at most one in twenty, at least one): a batch
+    /// that is slow as a whole (a long drain, a busy broker) is waited for, one with a few
+    /// messages that do not get through is not. `true` when they all settled.
     pub(crate) async fn settle_batch(&mut self, deadline: Instant) -> bool {
+        let stragglers = (self.batch_counted / 20).max(1);
+        let mut late = false;
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
         while self.batch_unsettled > 0 {
+            if late && self.batch_unsettled <= stragglers {
+                return false;
+            }
             tokio::select! {
-                _ = self.next_settled() => {}
-                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = self.next_settled() => self.record_ready(),
+                _ = &mut timer, if !late => late = true,
             }
         }
         true
@@ -614,6 +625,7 @@ impl InFlight {
         self.deliveries = FuturesUnordered::new();
         self.batch_start = self.first;
         self.batch_unsettled = 0;
+        self.batch_counted = 0;
         self.count = 0;
         self.bytes = 0;
     }
@@ -703,6 +715,7 @@ impl Publisher {
     ) {
         in_flight.batch_start = in_flight.next_number();
         in_flight.batch_unsettled = 0;
+        in_flight.batch_counted = 0;
         self.topics.first_listing(FIRST_LISTING_WAIT).await;
         let mut probing = in_flight.probing();
         // Keys with a record refused at once (rare: keys are cloned only then).

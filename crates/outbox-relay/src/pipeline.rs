@@ -259,11 +259,11 @@ impl Pipeline {
                 tracing::warn!("lost the lease with messages in flight; abandoning them");
                 return Step::NotLeader;
             }
-            Some(true) => {
-                // A moving average over the last few batches.
-                self.typical_ack = (self.typical_ack * 7 + claimed_at.elapsed()) / 8;
-            }
+            Some(true) => self.learn_ack_time(claimed_at.elapsed()),
             Some(false) => {
+                // Until here, all but the stragglers were acknowledged: that is how long a
+                // batch takes, too.
+                self.learn_ack_time(claimed_at.elapsed());
                 self.publisher.refresh_topics();
                 tracing::debug!(
                     in_flight = self.in_flight.len(),
@@ -273,6 +273,11 @@ impl Pipeline {
             }
         }
         self.decide(term).await.unwrap_or(Step::More)
+    }
+
+    /// A moving average over the last few batches of how long one takes to be acknowledged.
+    fn learn_ack_time(&mut self, took: Duration) {
+        self.typical_ack = (self.typical_ack * 7 + took) / 8;
     }
 
     /// Waits until some message in flight is acknowledged (or the term ends).
