@@ -311,6 +311,17 @@ impl ClientContext for StatsContext {
     }
 }
 
+/// How waiting for a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchWait {
+    /// Every message was acknowledged (or failed).
+    Acknowledged,
+    /// Some stay in flight: a few were left, or acknowledgements stopped coming.
+    Stragglers,
+    /// Many were still unacknowledged at the last moment.
+    GaveUp,
+}
+
 /// One message handed to the producer. It is kept whole, payload included, in case it has to
 /// be sent again alone (bounded: at most `MAX_BATCHES_IN_FLIGHT` batches are in flight).
 struct Entry {
@@ -474,25 +485,41 @@ impl InFlight {
         }
     }
 
-    /// Waits until every delivery of the latest batch has settled, or, once `deadline` has
-    /// passed, until only stragglers are left (at most one in twenty, at least one): a batch
-    /// that is slow as a whole (a long drain, a busy broker) is waited for, one with a few
-    /// messages that do not get through is not. `true` when they all settled.
-    pub(crate) async fn settle_batch(&mut self, deadline: Instant) -> bool {
+    /// Waits until every delivery of the latest batch has settled; once `deadline` has passed,
+    /// only while acknowledgements keep coming (no pause of `quiet`) and more than stragglers
+    /// are left (one in twenty, at least one); and not past `last`. A batch that is slow as a
+    /// whole (a long drain, a busy broker) is waited for, one with messages that do not get
+    /// through is not. Returns how it ended and when the last delivery settled.
+    pub(crate) async fn settle_batch(
+        &mut self,
+        deadline: Instant,
+        quiet: Duration,
+        last: Instant,
+    ) -> (BatchWait, Option<Instant>) {
         let stragglers = (self.batch_counted / 20).max(1);
         let mut late = false;
+        let mut settled_at = None;
         let timer = tokio::time::sleep_until(deadline);
-        tokio::pin!(timer);
+        let give_up = tokio::time::sleep_until(last);
+        tokio::pin!(timer, give_up);
         while self.batch_unsettled > 0 {
             if late && self.batch_unsettled <= stragglers {
-                return false;
+                return (BatchWait::Stragglers, settled_at);
             }
+            let pause = settled_at.unwrap_or(deadline).max(deadline) + quiet;
             tokio::select! {
-                _ = self.next_settled() => self.record_ready(),
+                _ = self.next_settled() => {
+                    self.record_ready();
+                    settled_at = Some(Instant::now());
+                }
                 _ = &mut timer, if !late => late = true,
+                _ = tokio::time::sleep_until(pause), if late => {
+                    return (BatchWait::Stragglers, settled_at);
+                }
+                _ = &mut give_up => return (BatchWait::GaveUp, settled_at),
             }
         }
-        true
+        (BatchWait::Acknowledged, settled_at)
     }
 
     /// What a claim holds back while messages are unacknowledged: their keys; for messages

@@ -13,7 +13,9 @@ use crate::backoff::Backoff;
 use crate::config::PoisonPolicy;
 use crate::config::{Completion, RelayConfig};
 use crate::health::Health;
-use crate::kafka::{message_bytes, DeliveryError, ErrorClass, InFlight, Publisher, Settled};
+use crate::kafka::{
+    message_bytes, BatchWait, DeliveryError, ErrorClass, InFlight, Publisher, Settled,
+};
 use crate::lease::Term;
 use crate::metrics as m;
 use crate::wakeup::Wakeups;
@@ -53,9 +55,10 @@ pub(crate) struct Pipeline {
     pub(crate) typical_ack: Duration,
 }
 
-/// A batch is waited for until it is acknowledged, or for this many times the usual time (at
-/// least `MIN_BATCH_WAIT`); what is still unacknowledged then stays in flight while later
-/// batches go on, and holds back only its own keys.
+/// A batch is waited for until it is acknowledged; after this many times the usual time (at
+/// least `MIN_BATCH_WAIT`) only until the rest are stragglers, and after this many times that
+/// not at all (see `InFlight::settle_batch`). What is still unacknowledged then stays in flight
+/// while later batches go on, and holds back only its own keys.
 const BATCH_WAIT_FACTOR: u32 = 4;
 const MIN_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// At most this many batches' worth of messages in flight: beyond it the relay waits for
@@ -249,9 +252,9 @@ impl Pipeline {
         let acked = {
             let lease_lost = lease_lost(self.term.clone(), term.clone());
             tokio::select! {
-                acked = self.in_flight.settle_batch(deadline) => Some(acked),
+                acked = self.in_flight.settle_batch(deadline, MIN_BATCH_WAIT, claimed_at + wait * BATCH_WAIT_FACTOR) => Some(acked),
                 _ = lease_lost => None,
-                _ = cancel.cancelled() => Some(false),
+                _ = cancel.cancelled() => Some((BatchWait::GaveUp, None)),
             }
         };
         match acked {
@@ -259,11 +262,12 @@ impl Pipeline {
                 tracing::warn!("lost the lease with messages in flight; abandoning them");
                 return Step::NotLeader;
             }
-            Some(true) => self.learn_ack_time(claimed_at.elapsed()),
-            Some(false) => {
-                // Until here, all but the stragglers were acknowledged: that is how long a
-                // batch takes, too.
-                self.learn_ack_time(claimed_at.elapsed());
+            Some((BatchWait::Acknowledged, _)) => self.learn_ack_time(claimed_at.elapsed()),
+            Some((_, settled_at)) => {
+                // Until the last acknowledgement before the rest stalled: how long a batch takes.
+                if let Some(settled_at) = settled_at {
+                    self.learn_ack_time(settled_at.duration_since(claimed_at));
+                }
                 self.publisher.refresh_topics();
                 tracing::debug!(
                     in_flight = self.in_flight.len(),
