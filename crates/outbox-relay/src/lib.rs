@@ -86,6 +86,7 @@ mod backoff;
 pub mod cleanup;
 pub mod config;
 pub mod health;
+mod in_flight;
 pub mod kafka;
 pub mod lease;
 pub mod metrics;

@@ -13,9 +13,8 @@ use crate::backoff::Backoff;
 use crate::config::PoisonPolicy;
 use crate::config::{Completion, RelayConfig};
 use crate::health::Health;
-use crate::kafka::{
-    message_bytes, BatchWait, DeliveryError, ErrorClass, InFlight, Publisher, Settled,
-};
+use crate::in_flight::{message_bytes, BatchWait, InFlight, Settled};
+use crate::kafka::{DeliveryError, ErrorClass, Publisher};
 use crate::lease::Term;
 use crate::metrics as m;
 use crate::wakeup::Wakeups;
