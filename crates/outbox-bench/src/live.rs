@@ -622,7 +622,7 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
             duration: *duration,
         };
         let run = rig.phase(ctx, &spec, args.live_writers).await?;
-        let explain = explain_claim(ctx, &fence, ctx.batch_size()).await?;
+        let explain = explain_claim(&ctx.schema, &fence, ctx.batch_size()).await?;
         let dead: Option<i64> = sqlx::query_scalar(
             "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'message'",
         )

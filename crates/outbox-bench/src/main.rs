@@ -10,6 +10,7 @@
 mod kafka;
 mod live;
 mod report;
+mod steady;
 mod throughput;
 mod util;
 mod writes;
@@ -48,6 +49,9 @@ enum Command {
     /// Internal: drains a pre-filled schema with a relay and reports time and peak RSS.
     #[command(hide = true)]
     DrainChild(throughput::DrainChildArgs),
+    /// Internal: one writer process of the steady scenario.
+    #[command(hide = true)]
+    WriterChild(steady::WriterChildArgs),
 }
 
 /// The scenarios of issue 5 (the drain and the relay's memory are measured together).
@@ -63,6 +67,9 @@ pub(crate) enum Scenario {
     Live,
     /// 7: a live run while a REPEATABLE READ transaction holds an old snapshot.
     Snapshot,
+    /// 8: steady rates from writer processes through `outbox.enqueue`, the `outbox relay`
+    /// daemon, per-process CPU.
+    Steady,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -75,7 +82,7 @@ pub(crate) struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "drain,write-path,notify,live,snapshot"
+        default_value = "drain,steady,write-path,notify,live,snapshot"
     )]
     pub(crate) scenarios: Vec<Scenario>,
     /// Rounds of the alternating comparisons (raw vs drain, write path, NOTIFY).
@@ -84,6 +91,10 @@ pub(crate) struct RunArgs {
     /// Messages in the drained backlog, and sent by the raw producer baseline.
     #[arg(long, default_value_t = 200_000)]
     pub(crate) drain_messages: u64,
+    /// Sizes of the backlogs written just before the relay starts, no maintenance, drained in
+    /// every round beside the vacuumed one (the flag without values skips them).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100000,2000000")]
+    pub(crate) fresh_messages: Vec<u64>,
     /// Relay batch sizes for the drain, each measured in every round; the first one is also the
     /// relay's batch size in the other scenarios.
     #[arg(long, value_delimiter = ',', default_value = "5000,10000")]
@@ -146,6 +157,15 @@ pub(crate) struct RunArgs {
     /// and the dual write keep the defaults.
     #[arg(long, value_name = "KEY=VALUE")]
     pub(crate) relay_kafka: Vec<String>,
+    /// Offered rates of the steady scenario (writer processes, the relay daemon), msg/s.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000")]
+    pub(crate) steady_rates: Vec<f64>,
+    /// Writer processes in the steady scenario (the offered rate is split between them).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) steady_writers: usize,
+    /// Seconds per steady rate per round.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) steady_seconds: u64,
     /// Offered rate during the snapshot scenario.
     #[arg(long, default_value_t = 1000.0)]
     pub(crate) snapshot_rate: f64,
@@ -274,6 +294,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::DrainChild(args)) => runtime.block_on(throughput::drain_child(args)),
+        Some(Command::WriterChild(args)) => runtime.block_on(steady::writer_child(args)),
         None => runtime.block_on(run(cli.run)),
     };
     match result {
@@ -381,6 +402,7 @@ async fn run_scenarios(ctx: &Ctx) -> anyhow::Result<()> {
             Scenario::Notify => writes::notify(ctx).await?,
             Scenario::Live => live::live(ctx).await?,
             Scenario::Snapshot => live::snapshot(ctx).await?,
+            Scenario::Steady => steady::run(ctx).await?,
         }
         ctx.truncate().await?;
     }

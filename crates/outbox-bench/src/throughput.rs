@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use outbox::postgres::{Fence, LeaseState, Statements};
-use outbox::{Message, SchemaName};
+use outbox::{Message, Outbox, OutboxConfig, SchemaName};
 use outbox_relay::{Completion, Relay, RelayConfig};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -54,6 +54,9 @@ pub(crate) enum Diagnostic {
     /// 10,000 of the backlog's messages, spread through it, held with distinct keys (a topic
     /// that is missing or not authorised): the others must drain as fast as without them.
     HeldKeys,
+    /// The default configuration on a backlog written just before the relay starts, no
+    /// maintenance (see `Backlog::Fresh`).
+    Fresh,
 }
 
 impl Diagnostic {
@@ -63,6 +66,7 @@ impl Diagnostic {
             Diagnostic::Delete => "Completion::Delete",
             Diagnostic::AsyncCommit => "synchronous_commit=off for the relay",
             Diagnostic::HeldKeys => "10,000 held keys spread through the backlog",
+            Diagnostic::Fresh => "a freshly written backlog, no maintenance",
         }
     }
 }
@@ -176,6 +180,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let mut raw = Vec::new();
     let mut raw_batched = Vec::new();
     let mut drains: Vec<Vec<Drain>> = vec![Vec::new(); args.batch_sizes.len()];
+    let mut fresh: Vec<Vec<Drain>> = vec![Vec::new(); args.fresh_messages.len()];
     let mut prefill_rates = Vec::new();
     let mut explains = json!({});
     for round in 0..args.rounds {
@@ -186,12 +191,34 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             raw_batched.push(raw_round(ctx, &raw_topic, Some(stop_and_wait), &label).await?);
         }
         for (i, &batch_size) in args.batch_sizes.iter().enumerate() {
-            prefill_rates.push(prefill(ctx, &drain_topic, count, &label).await?);
+            prefill_rates.push(
+                prefill(
+                    ctx,
+                    &ctx.schema,
+                    Backlog::Vacuumed,
+                    &drain_topic,
+                    count,
+                    &label,
+                )
+                .await?,
+            );
             if round == 0 && i == 0 {
-                explains = explain_backlog(ctx, batch_size).await?;
+                explains = explain_backlog(ctx, &ctx.schema, batch_size).await?;
             }
-            let drain = drain_in_child(ctx, batch_size, count, None, None, &label).await?;
+            let drain =
+                drain_in_child(ctx, &ctx.schema, batch_size, count, None, None, &label).await?;
             drains[i].push(drain);
+        }
+        for (i, &size) in args.fresh_messages.iter().enumerate() {
+            let schema = fresh_schema(ctx).await?;
+            let label = format!("fresh {size}, {label}");
+            let drain = async {
+                prefill(ctx, &schema, Backlog::Fresh, &drain_topic, size, &label).await?;
+                drain_in_child(ctx, &schema, ctx.batch_size(), size, None, None, &label).await
+            }
+            .await;
+            drop_schema(ctx, &schema).await?;
+            fresh[i].push(drain?);
         }
         if !raw_first {
             raw.push(raw_round(ctx, &raw_topic, None, &label).await?);
@@ -210,22 +237,47 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 d.hwm_mb
             ));
         }
+        for (i, size) in args.fresh_messages.iter().enumerate() {
+            let d = &fresh[i][round];
+            line.push_str(&format!(
+                ", fresh {size}: {:.0} msg/s = {:.0}% of raw",
+                d.rate(),
+                100.0 * d.rate() / raw[round],
+            ));
+        }
         say(line);
     }
 
     let mut diagnostics = Vec::new();
     for &diagnostic in &args.drain_diagnostics {
-        prefill(ctx, &drain_topic, count, diagnostic.label()).await?;
+        let backlog = if diagnostic == Diagnostic::Fresh {
+            Backlog::Fresh
+        } else {
+            Backlog::Vacuumed
+        };
+        let schema = fresh_schema(ctx).await?;
+        prefill(
+            ctx,
+            &schema,
+            backlog,
+            &drain_topic,
+            count,
+            diagnostic.label(),
+        )
+        .await?;
         let samples = Arc::new(ProfileSamples::default());
         let drain = drain_in_child(
             ctx,
+            &schema,
             ctx.batch_size(),
             count,
             Some(samples.clone()),
             Some(diagnostic),
             diagnostic.label(),
         )
-        .await?;
+        .await;
+        drop_schema(ctx, &schema).await?;
+        let drain = drain?;
         say(format!(
             "diagnostic drain, {}: {:.0} msg/s",
             diagnostic.label(),
@@ -406,12 +458,32 @@ async fn raw_round(
     Ok(count as f64 / elapsed.as_secs_f64())
 }
 
-/// Empties the outbox and fills it with `count` messages, `prefill_chunk` per transaction, then
-/// vacuums and analyzes it (a backlog that has sat during an outage would have been by
-/// autovacuum) and checkpoints, so that every drain starts from the same state. Returns the
-/// fill rate.
-async fn prefill(ctx: &Ctx, topic: &str, count: u64, label: &str) -> anyhow::Result<f64> {
-    let schema = &ctx.schema;
+/// How a drained backlog was left before the relay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backlog {
+    /// Vacuumed, analyzed and checkpointed: a backlog that sat long enough for autovacuum.
+    Vacuumed,
+    /// Written just before the relay starts into a table never analyzed, no maintenance: what a
+    /// relay meets coming back after an outage or a deploy (no statistics, no visibility map,
+    /// hint bits unset).
+    Fresh,
+}
+
+/// Empties the outbox of `schema` and fills it with `count` messages, `prefill_chunk` per
+/// transaction; a `Vacuumed` backlog is then vacuumed, analyzed and checkpointed, so that every
+/// such drain starts from the same state. Returns the fill rate.
+async fn prefill(
+    ctx: &Ctx,
+    schema: &SchemaName,
+    backlog: Backlog,
+    topic: &str,
+    count: u64,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let outbox = Outbox::new(OutboxConfig {
+        schema: schema.clone(),
+        ..OutboxConfig::default()
+    });
     sqlx::raw_sql(&format!("TRUNCATE {schema}.message"))
         .execute(&ctx.pool)
         .await?;
@@ -425,7 +497,7 @@ async fn prefill(ctx: &Ctx, topic: &str, count: u64, label: &str) -> anyhow::Res
     while next < count || !tasks.is_empty() {
         while next < count && tasks.len() < 2 {
             let end = (next + chunk).min(count);
-            let (pool, outbox, topic) = (ctx.pool.clone(), ctx.outbox.clone(), topic.to_owned());
+            let (pool, outbox, topic) = (ctx.pool.clone(), outbox.clone(), topic.to_owned());
             let (payload_bytes, keys) = (ctx.args.payload_bytes, ctx.args.keys);
             tasks.spawn(async move {
                 let messages = (next..end).map(|n| {
@@ -443,18 +515,40 @@ async fn prefill(ctx: &Ctx, topic: &str, count: u64, label: &str) -> anyhow::Res
         }
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
-    progress.set_message("vacuum, checkpoint");
-    sqlx::raw_sql(&format!("VACUUM (ANALYZE) {schema}.message"))
-        .execute(&ctx.pool)
-        .await?;
-    sqlx::raw_sql("CHECKPOINT").execute(&ctx.pool).await?;
+    if backlog == Backlog::Vacuumed {
+        progress.set_message("vacuum, checkpoint");
+        sqlx::raw_sql(&format!("VACUUM (ANALYZE) {schema}.message"))
+            .execute(&ctx.pool)
+            .await?;
+        sqlx::raw_sql("CHECKPOINT").execute(&ctx.pool).await?;
+    }
     progress.finish_and_clear();
     Ok(rate)
+}
+
+/// A new schema, migrated, for a backlog of its own: never analyzed.
+async fn fresh_schema(ctx: &Ctx) -> anyhow::Result<SchemaName> {
+    let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
+    Outbox::new(OutboxConfig {
+        schema: schema.clone(),
+        ..OutboxConfig::default()
+    })
+    .migrate(&ctx.pool)
+    .await?;
+    Ok(schema)
+}
+
+async fn drop_schema(ctx: &Ctx, schema: &SchemaName) -> anyhow::Result<()> {
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&ctx.pool)
+        .await?;
+    Ok(())
 }
 
 /// Runs the drain in a child process (this binary, `drain-child`) and reads its result.
 async fn drain_in_child(
     ctx: &Ctx,
+    schema: &SchemaName,
     batch_size: usize,
     count: u64,
     profile: Option<Arc<ProfileSamples>>,
@@ -464,14 +558,14 @@ async fn drain_in_child(
     let exe = std::env::current_exe().context("locate the bench binary")?;
     let updated_sql = "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'message'";
     let updated_before: i64 = sqlx::query_scalar(updated_sql)
-        .bind(ctx.schema.as_str())
+        .bind(schema.as_str())
         .fetch_one(&ctx.pool)
         .await?;
     let mut command = tokio::process::Command::new(exe);
     command
         .arg("drain-child")
         .arg("--schema")
-        .arg(ctx.schema.as_str())
+        .arg(schema.as_str())
         .arg("--batch-size")
         .arg(batch_size.to_string());
     for item in &ctx.args.relay_kafka {
@@ -494,7 +588,7 @@ async fn drain_in_child(
     let progress = bar(&format!("drain b={batch_size} {label}"), count);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = profile.clone().map(|samples| {
-        let schema = ctx.schema.clone();
+        let schema = schema.clone();
         let stop = stop.clone();
         tokio::spawn(async move { samples.sample(schema, stop).await })
     });
@@ -506,7 +600,7 @@ async fn drain_in_child(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 // Table statistics lag by up to a second: for the progress bar only.
                 if let Ok(updated) = sqlx::query_scalar::<_, i64>(updated_sql)
-                    .bind(ctx.schema.as_str())
+                    .bind(schema.as_str())
                     .fetch_one(&ctx.pool)
                     .await
                 {
@@ -608,8 +702,12 @@ impl ProfileSamples {
 /// the relay starts: the claim is run with a lease this function takes and releases (the claim
 /// only reads), timed, and EXPLAINed from its text as PostgreSQL reports it. The completion is
 /// EXPLAINed in a transaction that is rolled back.
-pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Result<Value> {
-    let statements = Statements::new(&ctx.schema);
+pub(crate) async fn explain_backlog(
+    ctx: &Ctx,
+    schema: &SchemaName,
+    batch_size: usize,
+) -> anyhow::Result<Value> {
+    let statements = Statements::new(schema);
     let lease = ctx.relay_config(batch_size).lease_name;
     let holder = "bench-explain";
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
@@ -625,13 +723,12 @@ pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Res
         holder: holder.to_owned(),
         token,
     };
-    let claim = explain_claim(ctx, &fence, batch_size).await;
+    let claim = explain_claim(schema, &fence, batch_size).await;
     statements.lease_release(&mut conn, &fence).await?;
     let claim = claim?;
     let mut tx = ctx.pool.begin().await?;
     let ids: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM {}.message WHERE processed_at IS NULL ORDER BY id LIMIT {batch_size}",
-        ctx.schema
+        "SELECT id FROM {schema}.message WHERE processed_at IS NULL ORDER BY id LIMIT {batch_size}"
     ))
     .fetch_all(&mut *tx)
     .await?;
@@ -644,8 +741,7 @@ pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Res
                         RETURNING id, topic, key, payload, headers, created_at, attempts)
          INSERT INTO {schema}.published
                 (id, topic, key, payload, headers, created_at, processed_at, attempts)
-         SELECT id, topic, key, payload, headers, created_at, now(), attempts FROM moved",
-        schema = ctx.schema
+         SELECT id, topic, key, payload, headers, created_at, now(), attempts FROM moved"
     ))
     // The relay passes the ids as ranges; the prefilled backlog's first ids are one run.
     .bind(format!(
@@ -665,11 +761,11 @@ pub(crate) async fn explain_backlog(ctx: &Ctx, batch_size: usize) -> anyhow::Res
 /// Runs the relay's claim statement (`Statements::claim`) once under `fence`, timed, then
 /// EXPLAIN (ANALYZE, BUFFERS) of the same text (`Statements::claim_sql`).
 pub(crate) async fn explain_claim(
-    ctx: &Ctx,
+    schema: &SchemaName,
     fence: &Fence,
     batch_size: usize,
 ) -> anyhow::Result<Value> {
-    let statements = Statements::new(&ctx.schema);
+    let statements = Statements::new(schema);
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
     let started = Instant::now();
     let rows = statements

@@ -43,6 +43,8 @@ pub struct RelayFile {
     pub max_batch_bytes: Option<usize>,
     /// Fallback poll interval in milliseconds.
     pub poll_interval_ms: Option<u64>,
+    /// How long a batch may fill while traffic is light, in milliseconds.
+    pub batch_linger_ms: Option<u64>,
     /// `keep` (default) or `delete`.
     pub completion: Option<String>,
     /// `block` (default) or `dead-letter`.
@@ -151,6 +153,7 @@ impl FileConfig {
                 "batch_size" => r.batch_size = Some(number(&value)? as usize),
                 "max_batch_bytes" => r.max_batch_bytes = Some(number(&value)? as usize),
                 "poll_interval_ms" => r.poll_interval_ms = Some(number(&value)?),
+                "batch_linger_ms" => r.batch_linger_ms = Some(number(&value)?),
                 "retention_hours" => {
                     r.retention_hours = Some(value.parse().map_err(|_| {
                         ConfigError::invalid(
@@ -274,6 +277,9 @@ impl Settings {
         if let Some(v) = r.poll_interval_ms {
             relay.poll_interval = ms(v);
         }
+        if let Some(v) = r.batch_linger_ms {
+            relay.batch_linger = ms(v);
+        }
         if let Some(v) = r.cleanup_interval_ms {
             relay.cleanup_interval = ms(v);
         }
@@ -385,6 +391,10 @@ impl Settings {
         out.push_str(&format!(
             "poll_interval_ms = {}\n",
             r.poll_interval.as_millis()
+        ));
+        out.push_str(&format!(
+            "batch_linger_ms = {}\n",
+            r.batch_linger.as_millis()
         ));
         match r.completion {
             Completion::Keep { retention } => {

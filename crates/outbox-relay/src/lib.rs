@@ -92,6 +92,7 @@ pub mod lease;
 pub mod metrics;
 mod monitor;
 mod pipeline;
+mod sessions;
 mod topics;
 #[cfg(feature = "otel")]
 mod trace;
@@ -140,8 +141,15 @@ impl Relay {
     /// Validates `config` and starts the relay's tasks on the current Tokio runtime: the lease
     /// keeper, the listener, the pipeline and (with [`Completion::Keep`]) retention cleanup.
     /// The schema must have been migrated.
+    ///
+    /// The relay opens its own connections (at most 8) with `pool`'s connect options, so that
+    /// its session settings never reach the service's sessions and a busy service never
+    /// starves it of connections. They run with `jit = off`, `enable_sort = off` (claim plans
+    /// that stay bounded on a backlog without planner statistics) and `statement_timeout` set
+    /// to the lease term; `application_name` is `outbox-relay` unless the options name one.
     pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
         config.validate()?;
+        let pool = sessions::pool(&pool, config.lease_ttl);
         let statements = Arc::new(Statements::new(&config.schema));
         let publisher =
             kafka::Publisher::new(&config.kafka, &config.source).map_err(RelayError::Kafka)?;
@@ -210,6 +218,8 @@ impl Relay {
             claimed_last_id: None,
             in_flight: Default::default(),
             typical_ack: Duration::ZERO,
+            next_claim_at: None,
+            empty_since: None,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

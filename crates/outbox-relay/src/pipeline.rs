@@ -52,6 +52,10 @@ pub(crate) struct Pipeline {
     pub(crate) in_flight: InFlight,
     /// How long a batch usually takes to be acknowledged (a moving average).
     pub(crate) typical_ack: Duration,
+    /// After a batch that was not full: the next claim waits until then (`batch_linger`).
+    pub(crate) next_claim_at: Option<Instant>,
+    /// Since when claims have found nothing, while not idle.
+    pub(crate) empty_since: Option<Instant>,
 }
 
 /// A batch is waited for until it is acknowledged; after this many times the usual time (at
@@ -66,6 +70,12 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// How often the claim floor rises while batches are not full.
 const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// While claims find nothing for this many lingers in a row, the relay keeps polling at the
+/// linger (writers skip the NOTIFY meanwhile); after that it goes idle and waits for one. A
+/// short lull in steady traffic thus costs a few empty claims, not a flip of the idle flag
+/// and a notification per message.
+const LINGERS_BEFORE_IDLE: u32 = 10;
 
 /// A completion statement in flight for acknowledged messages. Until it has settled, claims
 /// skip these ids (they may or may not be visible as completed yet); skipping acknowledged
@@ -199,6 +209,13 @@ impl Pipeline {
             );
             return self.wait_for_acks(term, cancel).await;
         }
+        if let Some(at) = self.next_claim_at.take() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = cancel.cancelled() => return Step::More,
+            }
+        }
+        let started = Instant::now();
         let batch = match self.claim(term).await {
             Ok(batch) => batch,
             Err(error) => {
@@ -221,8 +238,16 @@ impl Pipeline {
             if self.idle {
                 return Step::Idle;
             }
+            let linger = self.config.batch_linger;
+            if started.duration_since(*self.empty_since.get_or_insert(started))
+                < linger * LINGERS_BEFORE_IDLE
+            {
+                self.next_claim_at = Some(started + linger);
+                return Step::More;
+            }
             // Going idle: ask writers to notify, then claim once more, so that a commit that
             // happened before the flag was visible is not left waiting.
+            self.empty_since = None;
             return match self.set_idle(term, true).await {
                 Ok(()) => Step::More,
                 Err(error) => {
@@ -235,6 +260,11 @@ impl Pipeline {
             if let Err(error) = self.set_idle(term, false).await {
                 tracing::warn!(%error, "cannot update the idle flag");
             }
+        }
+        self.empty_since = None;
+        if !self.backlog {
+            // Let the next batch fill for a moment: fewer claims and completions per message.
+            self.next_claim_at = Some(started + self.config.batch_linger);
         }
         // The claim may have taken long (a slow database); never start publishing on a term
         // that could have ended meanwhile.
