@@ -33,11 +33,15 @@ pub(crate) fn relay_producer_config(bootstrap: &str) -> ClientConfig {
     config
 }
 
-/// A producer with the relay's settings.
-pub(crate) fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
-    relay_producer_config(bootstrap)
-        .create()
-        .context("create a Kafka producer")
+/// A producer with the relay's settings, and `overrides` over them.
+pub(crate) fn producer(bootstrap: &str, overrides: &[String]) -> anyhow::Result<FutureProducer> {
+    let mut config = relay_producer_config(bootstrap);
+    for item in overrides {
+        if let Some((key, value)) = item.split_once('=') {
+            config.set(key.trim(), value.trim());
+        }
+    }
+    config.create().context("create a Kafka producer")
 }
 
 /// Sends `count` records shaped like the relay's (key `key-<n mod keys>`, `payload_bytes` payload,
@@ -52,11 +56,12 @@ pub(crate) async fn produce(
     payload_bytes: usize,
     keys: usize,
     batch: Option<usize>,
+    overrides: &[String],
     bar: &ProgressBar,
 ) -> anyhow::Result<Duration> {
     let keys: Vec<String> = (0..keys as u64).map(|n| key(n, keys)).collect();
     let started = Instant::now();
-    let producer = producer(bootstrap)?;
+    let producer = producer(bootstrap, overrides)?;
     let mut pending: std::collections::VecDeque<DeliveryFuture> = std::collections::VecDeque::new();
     let batch = batch.unwrap_or(usize::MAX);
     let mut in_batch = 0;

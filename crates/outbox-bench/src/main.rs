@@ -157,6 +157,9 @@ pub(crate) struct RunArgs {
     /// and the dual write keep the defaults.
     #[arg(long, value_name = "KEY=VALUE")]
     pub(crate) relay_kafka: Vec<String>,
+    /// The raw producer's tuned variant: producer properties over the relay's, KEY=VALUE.
+    #[arg(long, value_delimiter = ',', default_value = "linger.ms=5")]
+    pub(crate) raw_tuned: Vec<String>,
     /// Offered rates of the steady scenario (writer processes, the relay daemon), msg/s.
     #[arg(long, value_delimiter = ',', default_value = "500,2000")]
     pub(crate) steady_rates: Vec<f64>,

@@ -202,7 +202,7 @@ pub(crate) async fn closed_loop(
 pub(crate) async fn write_path(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
     let topic = ctx.topic("bench-write").await;
-    let producer = kafka::producer(&ctx.bootstrap)?;
+    let producer = kafka::producer(&ctx.bootstrap, &[])?;
     // Warm the producer (metadata, idempotent producer id) before anything is timed.
     producer
         .send(
