@@ -574,3 +574,40 @@ async fn the_daemons_statements_are_bounded_by_the_lease_term() {
     .await;
     outbox.drop_schema().await;
 }
+
+/// Exit code 2 and a first line naming `name`: a usage error, not a panic or a database error.
+/// (clap adds a hint to its own errors; ours are one line.)
+fn assert_usage_error(output: &Output, name: &str) {
+    let message = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "{name}: {message}");
+    let first = message.lines().next().unwrap_or_default();
+    assert!(first.contains(name), "{name}: {message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_named_after_a_keyword_is_refused_by_name() {
+    for schema in ["order", "user", "values"] {
+        let output = run(outbox_cmd(schema).arg("migrate"));
+        assert_usage_error(&output, "reserved word");
+        assert!(
+            stderr(&output).contains(&format!("{schema:?}")),
+            "{}",
+            stderr(&output)
+        );
+    }
+    // Every keyword this server cannot take unquoted as a schema-qualified name.
+    let pool = outbox_test_support::pool().await;
+    let keywords: Vec<String> =
+        sqlx::query_scalar("SELECT word FROM pg_get_keywords() WHERE catcode <> 'U'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(keywords.len() > 100, "{keywords:?}");
+    for keyword in keywords {
+        assert!(
+            outbox::SchemaName::new(keyword.clone()).is_err(),
+            "{keyword} is accepted as a schema name"
+        );
+    }
+}
