@@ -157,8 +157,8 @@ impl Relay {
         tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
         let pool = sessions::pool(&pool, config.lease_ttl);
         let statements = Arc::new(Statements::new(&config.schema));
-        let publisher =
-            kafka::Publisher::new(&config.kafka, &config.source).map_err(RelayError::Kafka)?;
+        let publisher = kafka::Publisher::new(&config.kafka, &config.source)
+            .map_err(|e| RelayError::Kafka(kafka::redact_config_error(e)))?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
         let shutdown_timeout = config.shutdown_timeout;
         let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
@@ -385,6 +385,26 @@ mod tests {
         match started {
             Ok(result) => assert!(matches!(result, Err(RelayError::NoRuntime)), "{result:?}"),
             Err(_) => panic!("Relay::start panicked outside a Tokio runtime"),
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_property_refused_by_librdkafka_is_not_echoed() {
+        let mut config = RelayConfig::new("127.0.0.1:1", "svc");
+        config.kafka.set(
+            "sasl.jaas.config",
+            "org.apache.kafka.common.security.plain.PlainLoginModule required password=\"jaas-secret\";",
+        );
+        let error = match Relay::start(lazy_pool(), config) {
+            Ok(relay) => {
+                relay.abort();
+                panic!("librdkafka accepted sasl.jaas.config")
+            }
+            Err(error) => error,
+        };
+        for shown in [error.to_string(), format!("{error:?}")] {
+            assert!(shown.contains("sasl.jaas.config"), "{shown}");
+            assert!(!shown.contains("jaas-secret"), "{shown}");
         }
     }
 
