@@ -15,12 +15,11 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox::postgres::RepublishFilter;
 use outbox_relay::{Completion, Health, HealthReport, Relay};
-use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::config::{mask_url, ConfigError, FileConfig, Overrides, Settings};
+use crate::config::{retention_from_hours, ConfigError, FileConfig, Overrides, Settings};
 
 /// Transactional outbox for PostgreSQL and Apache Kafka.
 #[derive(Debug, Parser)]
@@ -144,7 +143,7 @@ pub enum DeadLetterAction {
         #[arg(long)]
         json: bool,
         /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Put dead letters back into the outbox with their original sequence, to be published
@@ -295,22 +294,35 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { json, watch } => match watch {
             None => status(&settings, json).await,
-            Some(seconds) if seconds.is_finite() && seconds > 0.0 => loop {
-                if !json {
-                    print!("\x1b[2J\x1b[H"); // clear the screen between refreshes
+            Some(seconds) => {
+                let interval = watch_interval(seconds)?;
+                loop {
+                    if !json {
+                        print!("\x1b[2J\x1b[H"); // clear the screen between refreshes
+                    }
+                    status(&settings, json).await?;
+                    tokio::select! {
+                        _ = shutdown_signal() => return Ok(()),
+                        _ = tokio::time::sleep(interval) => {}
+                    }
                 }
-                status(&settings, json).await?;
-                tokio::select! {
-                    _ = shutdown_signal() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {}
-                }
-            },
-            Some(_) => Err(ConfigError::Invalid {
-                key: "--watch".into(),
-                reason: "must be a positive number of seconds".into(),
             }
-            .into()),
         },
+    }
+}
+
+/// `--watch`'s refresh interval: positive, and at most a day.
+fn watch_interval(seconds: f64) -> Result<Duration, ConfigError> {
+    const MAX_SECONDS: f64 = 86_400.0;
+    if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(ConfigError::Invalid {
+            key: "--watch".into(),
+            reason: format!(
+                "must be a number of seconds above 0 and at most {MAX_SECONDS}, not {seconds:?}"
+            ),
+        })
     }
 }
 
@@ -331,12 +343,9 @@ async fn connect(
     settings: &Settings,
     statement_timeout: Option<Duration>,
 ) -> Result<PgPool, CliError> {
-    let url = mask_url(&settings.database_url);
-    let mut options =
-        PgConnectOptions::from_str(&settings.database_url).map_err(|e| ConfigError::Invalid {
-            key: "database_url".into(),
-            reason: format!("{url}: {e}"),
-        })?;
+    // Validated with the user's names when the settings were resolved.
+    let url = &settings.database_url;
+    let mut options = settings.database_url.connect_options("database_url")?;
     if let Some(timeout) = statement_timeout {
         options = options.options([(
             "statement_timeout",
@@ -560,16 +569,10 @@ async fn republish(
 
 async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<(), CliError> {
     let retention = match (retention_hours, settings.relay.completion) {
-        (Some(hours), _) if hours.is_finite() && hours >= 0.0 => {
-            Duration::from_secs_f64(hours * 3600.0)
-        }
-        (Some(_), _) => {
-            return Err(ConfigError::Invalid {
-                key: "--retention-hours".into(),
-                reason: "must be a non-negative number of hours".into(),
-            }
-            .into())
-        }
+        (Some(hours), _) => retention_from_hours(hours).map_err(|reason| ConfigError::Invalid {
+            key: "--retention-hours".into(),
+            reason,
+        })?,
         (None, Completion::Keep { retention }) => retention,
         (None, Completion::Delete) => {
             println!("completion = \"delete\": processed messages are deleted at once; nothing to clean up");

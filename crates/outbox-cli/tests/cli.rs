@@ -586,6 +586,60 @@ fn assert_usage_error(output: &Output, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_numbers_are_usage_errors_not_panics() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    let print_config = ["relay", "--print-config"];
+    assert_usage_error(
+        &run(outbox_cmd(schema)
+            .env("OUTBOX_RETENTION_HOURS", "1e300")
+            .args(print_config)),
+        "OUTBOX_RETENTION_HOURS",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema)
+            .env("OUTBOX_CLEANUP_BATCH_SIZE", u64::MAX.to_string())
+            .args(print_config)),
+        "OUTBOX_CLEANUP_BATCH_SIZE",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["cleanup", "--retention-hours", "1e300"])),
+        "--retention-hours",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["status", "--watch", "1e300"])),
+        "--watch",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["dead-letters", "list", "--limit=-1"])),
+        "--limit",
+    );
+    outbox.drop_schema().await;
+}
+
+#[test]
+fn connection_strings_never_show_passwords() {
+    for (url, secret) in [
+        (
+            "postgres://me@127.0.0.1:1/x?password=query-secret",
+            "query-secret",
+        ),
+        ("postgres://me:half@masked@127.0.0.1:1/x", "masked"),
+        (
+            "host=127.0.0.1 port=1 user=me password=kv-secret",
+            "kv-secret",
+        ),
+    ] {
+        for args in [&["relay", "--print-config"][..], &["status"]] {
+            let output = run(outbox_cmd("outbox").env("DATABASE_URL", url).args(args));
+            let shown = format!("{}{}", stdout(&output), stderr(&output));
+            assert!(!shown.contains(secret), "{url} {args:?}: {shown}");
+            assert!(!shown.contains("panicked"), "{url} {args:?}: {shown}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_named_after_a_keyword_is_refused_by_name() {
     for schema in ["order", "user", "values"] {
         let output = run(outbox_cmd(schema).arg("migrate"));
