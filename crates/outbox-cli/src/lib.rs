@@ -3,6 +3,7 @@
 
 pub mod config;
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox::postgres::RepublishFilter;
 use outbox_relay::{Completion, Health, HealthReport, Relay};
+use std::str::FromStr;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -181,7 +183,11 @@ pub enum CliError {
 /// Parses the command line, runs the command and returns the exit code.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logging = std::env::var_os("OUTBOX_LOG");
+    if let Err(error) = init_logging(cli.log_format, logging.as_deref()) {
+        eprintln!("outbox: {error}");
+        return ExitCode::from(2);
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -194,9 +200,8 @@ pub async fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+fn init_logging(format: LogFormat, directives: Option<&OsStr>) -> Result<(), ConfigError> {
+    let filter = log_filter(directives)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -204,6 +209,35 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
+}
+
+/// `OUTBOX_LOG`'s filter, or the default when it is unset or empty. An invalid directive is an
+/// error naming it: dropping it would silently drop the whole filter.
+fn log_filter(directives: Option<&OsStr>) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    use tracing_subscriber::filter::Directive;
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: "OUTBOX_LOG".into(),
+        reason,
+    };
+    let directives = match directives {
+        None => "",
+        Some(text) => text
+            .to_str()
+            .ok_or_else(|| invalid(format!("not UTF-8: {text:?}")))?,
+    };
+    if directives.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new(
+            "info,sqlx=warn,rdkafka=warn",
+        ));
+    }
+    for directive in directives.split(',').filter(|d| !d.is_empty()) {
+        Directive::from_str(directive)
+            .map_err(|e| invalid(format!("invalid directive {directive:?}: {e}")))?;
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| invalid(format!("{directives:?}: {e}")))
 }
 
 /// Runs a parsed command.
@@ -782,4 +816,23 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_log_directives_are_named() {
+        let error = log_filter(Some(OsStr::new("info,outbox_relay=loud")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("OUTBOX_LOG") && error.contains("outbox_relay=loud"),
+            "{error}"
+        );
+        log_filter(Some(OsStr::new("info,outbox_relay=debug"))).unwrap();
+        log_filter(Some(OsStr::new(""))).unwrap();
+        log_filter(None).unwrap();
+    }
 }

@@ -618,6 +618,19 @@ async fn large_numbers_are_usage_errors_not_panics() {
 }
 
 #[test]
+fn invalid_log_directive_is_an_error_naming_it() {
+    let output = run(outbox_cmd("outbox")
+        .env("OUTBOX_LOG", "info,outbox_relay=loud")
+        .args(["relay", "--print-config"]));
+    assert_usage_error(&output, "OUTBOX_LOG");
+    assert!(
+        stderr(&output).contains("outbox_relay=loud"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn connection_strings_never_show_passwords() {
     for (url, secret) in [
         (
