@@ -3,6 +3,7 @@
 
 pub mod config;
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -663,11 +664,11 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
                     println!(
                         "sequence {} topic {} key {} attempts {} ({:.0}s ago): {}",
                         d.id,
-                        d.topic,
-                        d.key.as_deref().map_or("-".into(), String::from_utf8_lossy),
+                        printable(&d.topic),
+                        key_text(d.key.as_deref()).unwrap_or_else(|| "-".into()),
                         d.attempts,
                         d.age.as_secs_f64(),
-                        d.error
+                        printable(&d.error)
                     );
                 }
             }
@@ -731,10 +732,6 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         .held_keys(&mut conn, 20)
         .await
         .map_err(db_error)?;
-    let key_text = |k: &Option<Vec<u8>>| {
-        k.as_deref()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-    };
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     if json {
         let leases: Vec<serde_json::Value> = leases
@@ -750,7 +747,7 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             "held": backlog.held,
             "dead_letters": backlog.dead_letters,
             "blocked_keys": held.iter().map(|h| serde_json::json!({
-                "topic": h.topic, "key": key_text(&h.key), "head_sequence": h.head,
+                "topic": h.topic, "key": h.key.as_deref().map(String::from_utf8_lossy), "head_sequence": h.head,
                 "attempts": h.attempts, "failed_messages": h.failed_messages, "last_error": h.last_error,
             })).collect::<Vec<_>>(),
             "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
@@ -783,7 +780,7 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 "oldest snapshot:     {:.1}s (pid {}, {}, application {:?})",
                 s.age.as_secs_f64(),
                 s.pid,
-                s.state.as_deref().unwrap_or("state hidden"),
+                printable(s.state.as_deref().unwrap_or("state hidden")),
                 s.application_name
             ),
             None => println!("oldest snapshot:     - (no other session holds one)"),
@@ -791,36 +788,78 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         for h in &held {
             println!(
                 "blocked key:         topic {} key {} at sequence {} ({} attempts): {}",
-                h.topic,
-                key_text(&h.key).unwrap_or_else(|| "-".into()),
+                printable(&h.topic),
+                key_text(h.key.as_deref()).unwrap_or_else(|| "-".into()),
                 h.head,
                 h.attempts,
-                h.last_error.as_deref().unwrap_or("-")
+                printable(h.last_error.as_deref().unwrap_or("-"))
             );
         }
         if let Some((id, attempts, error)) = &activity.oldest_failure {
             println!(
-                "oldest failing:      sequence {id}, {attempts} attempts, last error: {error}"
+                "oldest failing:      sequence {id}, {attempts} attempts, last error: {}",
+                printable(error)
             );
         }
         for lease in leases {
+            let holder = printable(&lease.holder);
             let state = if lease.expires_in_ms > 0 {
                 format!(
-                    "held by {} (token {}, expires in {} ms)",
-                    lease.holder, lease.token, lease.expires_in_ms
+                    "held by {holder} (token {}, expires in {} ms)",
+                    lease.token, lease.expires_in_ms
                 )
             } else {
-                format!("free (last holder {}, token {})", lease.holder, lease.token)
+                format!("free (last holder {holder}, token {})", lease.token)
             };
-            println!("lease {:<14} {state}", format!("{}:", lease.name));
+            println!(
+                "lease {:<14} {state}",
+                format!("{}:", printable(&lease.name))
+            );
         }
     }
     Ok(())
 }
 
+/// A message key for a terminal: UTF-8 (invalid bytes replaced), control characters escaped.
+fn key_text(key: Option<&[u8]>) -> Option<String> {
+    key.map(|k| printable(&String::from_utf8_lossy(k)).into_owned())
+}
+
+/// `text` safe to print on a terminal: control characters (escape sequences could clear the
+/// screen or forge lines) and bidirectional overrides (which reorder what is shown) are escaped
+/// as `\u{..}`. Any SQL writer can store keys, topics and errors; JSON output is escaped by the
+/// serializer instead.
+fn printable(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_control_and_reordering_characters_only() {
+        assert_eq!(printable("plain key é"), "plain key é");
+        assert_eq!(
+            printable("\x1b[2Jok\r\u{202e}\u{9b}"),
+            "\\u{1b}[2Jok\\u{d}\\u{202e}\\u{9b}"
+        );
+    }
 
     #[test]
     fn invalid_log_directives_are_named() {

@@ -653,6 +653,40 @@ fn connection_strings_never_show_passwords() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_topics_and_errors_are_printed_with_control_characters_escaped() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    // Any SQL writer can store these: a screen clear and a forged status line.
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.message (topic, key, payload, attempts, last_error, retry_at)
+         VALUES ('t', convert_to(E'\\x1b[2J\\x1b[Hall good\\r', 'UTF8'), 'x', 1,
+                 E'refused\\x1b]0;title\\x07', now() + interval '1 hour')"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.dead_letter (id, topic, key, created_at, attempts, error)
+         VALUES (424242, 't', convert_to(E'\\x1b[2Jk\\u202e', 'UTF8'), now(), 1,
+                 E'bad\\x1b[31m')"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    for args in [&["status"][..], &["dead-letters", "list"]] {
+        let output = run(outbox_cmd(schema).args(args));
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        let shown = stdout(&output);
+        assert!(
+            !shown.contains(['\x1b', '\x07', '\r', '\u{202e}']),
+            "{args:?}: {shown:?}"
+        );
+        assert!(shown.contains("[2J"), "{args:?}: {shown:?}");
+    }
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_named_after_a_keyword_is_refused_by_name() {
     for schema in ["order", "user", "values"] {
         let output = run(outbox_cmd(schema).arg("migrate"));
