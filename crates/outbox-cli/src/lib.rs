@@ -3,6 +3,8 @@
 
 pub mod config;
 
+use std::borrow::Cow;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,10 +19,10 @@ use outbox::postgres::RepublishFilter;
 use outbox_relay::{Completion, Health, HealthReport, Relay};
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::config::{mask_url, ConfigError, FileConfig, Overrides, Settings};
+use crate::config::{retention_from_hours, ConfigError, FileConfig, Overrides, Settings};
 
 /// Transactional outbox for PostgreSQL and Apache Kafka.
 #[derive(Debug, Parser)]
@@ -144,7 +146,7 @@ pub enum DeadLetterAction {
         #[arg(long)]
         json: bool,
         /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Put dead letters back into the outbox with their original sequence, to be published
@@ -182,7 +184,11 @@ pub enum CliError {
 /// Parses the command line, runs the command and returns the exit code.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logging = std::env::var_os("OUTBOX_LOG");
+    if let Err(error) = init_logging(cli.log_format, logging.as_deref()) {
+        eprintln!("outbox: {error}");
+        return ExitCode::from(2);
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -195,9 +201,8 @@ pub async fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+fn init_logging(format: LogFormat, directives: Option<&OsStr>) -> Result<(), ConfigError> {
+    let filter = log_filter(directives)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -205,6 +210,35 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
+}
+
+/// `OUTBOX_LOG`'s filter, or the default when it is unset or empty. An invalid directive is an
+/// error naming it: dropping it would silently drop the whole filter.
+fn log_filter(directives: Option<&OsStr>) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+    use tracing_subscriber::filter::Directive;
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: "OUTBOX_LOG".into(),
+        reason,
+    };
+    let directives = match directives {
+        None => "",
+        Some(text) => text
+            .to_str()
+            .ok_or_else(|| invalid(format!("not UTF-8: {text:?}")))?,
+    };
+    if directives.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new(
+            "info,sqlx=warn,rdkafka=warn",
+        ));
+    }
+    for directive in directives.split(',').filter(|d| !d.is_empty()) {
+        Directive::from_str(directive)
+            .map_err(|e| invalid(format!("invalid directive {directive:?}: {e}")))?;
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| invalid(format!("{directives:?}: {e}")))
 }
 
 /// Runs a parsed command.
@@ -295,22 +329,35 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status { json, watch } => match watch {
             None => status(&settings, json).await,
-            Some(seconds) if seconds.is_finite() && seconds > 0.0 => loop {
-                if !json {
-                    print!("\x1b[2J\x1b[H"); // clear the screen between refreshes
+            Some(seconds) => {
+                let interval = watch_interval(seconds)?;
+                loop {
+                    if !json {
+                        print!("\x1b[2J\x1b[H"); // clear the screen between refreshes
+                    }
+                    status(&settings, json).await?;
+                    tokio::select! {
+                        _ = shutdown_signal() => return Ok(()),
+                        _ = tokio::time::sleep(interval) => {}
+                    }
                 }
-                status(&settings, json).await?;
-                tokio::select! {
-                    _ = shutdown_signal() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {}
-                }
-            },
-            Some(_) => Err(ConfigError::Invalid {
-                key: "--watch".into(),
-                reason: "must be a positive number of seconds".into(),
             }
-            .into()),
         },
+    }
+}
+
+/// `--watch`'s refresh interval: positive, and at most a day.
+fn watch_interval(seconds: f64) -> Result<Duration, ConfigError> {
+    const MAX_SECONDS: f64 = 86_400.0;
+    if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(ConfigError::Invalid {
+            key: "--watch".into(),
+            reason: format!(
+                "must be a number of seconds above 0 and at most {MAX_SECONDS}, not {seconds:?}"
+            ),
+        })
     }
 }
 
@@ -331,12 +378,9 @@ async fn connect(
     settings: &Settings,
     statement_timeout: Option<Duration>,
 ) -> Result<PgPool, CliError> {
-    let url = mask_url(&settings.database_url);
-    let mut options =
-        PgConnectOptions::from_str(&settings.database_url).map_err(|e| ConfigError::Invalid {
-            key: "database_url".into(),
-            reason: format!("{url}: {e}"),
-        })?;
+    // Validated with the user's names when the settings were resolved.
+    let url = &settings.database_url;
+    let mut options = settings.database_url.connect_options("database_url")?;
     if let Some(timeout) = statement_timeout {
         options = options.options([(
             "statement_timeout",
@@ -560,16 +604,10 @@ async fn republish(
 
 async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<(), CliError> {
     let retention = match (retention_hours, settings.relay.completion) {
-        (Some(hours), _) if hours.is_finite() && hours >= 0.0 => {
-            Duration::from_secs_f64(hours * 3600.0)
-        }
-        (Some(_), _) => {
-            return Err(ConfigError::Invalid {
-                key: "--retention-hours".into(),
-                reason: "must be a non-negative number of hours".into(),
-            }
-            .into())
-        }
+        (Some(hours), _) => retention_from_hours(hours).map_err(|reason| ConfigError::Invalid {
+            key: "--retention-hours".into(),
+            reason,
+        })?,
         (None, Completion::Keep { retention }) => retention,
         (None, Completion::Delete) => {
             println!("completion = \"delete\": processed messages are deleted at once; nothing to clean up");
@@ -626,11 +664,11 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
                     println!(
                         "sequence {} topic {} key {} attempts {} ({:.0}s ago): {}",
                         d.id,
-                        d.topic,
-                        d.key.as_deref().map_or("-".into(), String::from_utf8_lossy),
+                        printable(&d.topic),
+                        key_text(d.key.as_deref()).unwrap_or_else(|| "-".into()),
                         d.attempts,
                         d.age.as_secs_f64(),
-                        d.error
+                        printable(&d.error)
                     );
                 }
             }
@@ -694,10 +732,6 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         .held_keys(&mut conn, 20)
         .await
         .map_err(db_error)?;
-    let key_text = |k: &Option<Vec<u8>>| {
-        k.as_deref()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-    };
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     if json {
         let leases: Vec<serde_json::Value> = leases
@@ -713,7 +747,7 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             "held": backlog.held,
             "dead_letters": backlog.dead_letters,
             "blocked_keys": held.iter().map(|h| serde_json::json!({
-                "topic": h.topic, "key": key_text(&h.key), "head_sequence": h.head,
+                "topic": h.topic, "key": h.key.as_deref().map(String::from_utf8_lossy), "head_sequence": h.head,
                 "attempts": h.attempts, "failed_messages": h.failed_messages, "last_error": h.last_error,
             })).collect::<Vec<_>>(),
             "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
@@ -746,7 +780,7 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 "oldest snapshot:     {:.1}s (pid {}, {}, application {:?})",
                 s.age.as_secs_f64(),
                 s.pid,
-                s.state.as_deref().unwrap_or("state hidden"),
+                printable(s.state.as_deref().unwrap_or("state hidden")),
                 s.application_name
             ),
             None => println!("oldest snapshot:     - (no other session holds one)"),
@@ -754,29 +788,90 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
         for h in &held {
             println!(
                 "blocked key:         topic {} key {} at sequence {} ({} attempts): {}",
-                h.topic,
-                key_text(&h.key).unwrap_or_else(|| "-".into()),
+                printable(&h.topic),
+                key_text(h.key.as_deref()).unwrap_or_else(|| "-".into()),
                 h.head,
                 h.attempts,
-                h.last_error.as_deref().unwrap_or("-")
+                printable(h.last_error.as_deref().unwrap_or("-"))
             );
         }
         if let Some((id, attempts, error)) = &activity.oldest_failure {
             println!(
-                "oldest failing:      sequence {id}, {attempts} attempts, last error: {error}"
+                "oldest failing:      sequence {id}, {attempts} attempts, last error: {}",
+                printable(error)
             );
         }
         for lease in leases {
+            let holder = printable(&lease.holder);
             let state = if lease.expires_in_ms > 0 {
                 format!(
-                    "held by {} (token {}, expires in {} ms)",
-                    lease.holder, lease.token, lease.expires_in_ms
+                    "held by {holder} (token {}, expires in {} ms)",
+                    lease.token, lease.expires_in_ms
                 )
             } else {
-                format!("free (last holder {}, token {})", lease.holder, lease.token)
+                format!("free (last holder {holder}, token {})", lease.token)
             };
-            println!("lease {:<14} {state}", format!("{}:", lease.name));
+            println!(
+                "lease {:<14} {state}",
+                format!("{}:", printable(&lease.name))
+            );
         }
     }
     Ok(())
+}
+
+/// A message key for a terminal: UTF-8 (invalid bytes replaced), control characters escaped.
+fn key_text(key: Option<&[u8]>) -> Option<String> {
+    key.map(|k| printable(&String::from_utf8_lossy(k)).into_owned())
+}
+
+/// `text` safe to print on a terminal: control characters (escape sequences could clear the
+/// screen or forge lines) and bidirectional overrides (which reorder what is shown) are escaped
+/// as `\u{..}`. Any SQL writer can store keys, topics and errors; JSON output is escaped by the
+/// serializer instead.
+fn printable(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_and_reordering_characters_only() {
+        assert_eq!(printable("plain key é"), "plain key é");
+        assert_eq!(
+            printable("\x1b[2Jok\r\u{202e}\u{9b}"),
+            "\\u{1b}[2Jok\\u{d}\\u{202e}\\u{9b}"
+        );
+    }
+
+    #[test]
+    fn invalid_log_directives_are_named() {
+        let error = log_filter(Some(OsStr::new("info,outbox_relay=loud")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("OUTBOX_LOG") && error.contains("outbox_relay=loud"),
+            "{error}"
+        );
+        log_filter(Some(OsStr::new("info,outbox_relay=debug"))).unwrap();
+        log_filter(Some(OsStr::new(""))).unwrap();
+        log_filter(None).unwrap();
+    }
 }

@@ -574,3 +574,141 @@ async fn the_daemons_statements_are_bounded_by_the_lease_term() {
     .await;
     outbox.drop_schema().await;
 }
+
+/// Exit code 2 and a first line naming `name`: a usage error, not a panic or a database error.
+/// (clap adds a hint to its own errors; ours are one line.)
+fn assert_usage_error(output: &Output, name: &str) {
+    let message = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "{name}: {message}");
+    let first = message.lines().next().unwrap_or_default();
+    assert!(first.contains(name), "{name}: {message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_numbers_are_usage_errors_not_panics() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    let print_config = ["relay", "--print-config"];
+    assert_usage_error(
+        &run(outbox_cmd(schema)
+            .env("OUTBOX_RETENTION_HOURS", "1e300")
+            .args(print_config)),
+        "OUTBOX_RETENTION_HOURS",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema)
+            .env("OUTBOX_CLEANUP_BATCH_SIZE", u64::MAX.to_string())
+            .args(print_config)),
+        "OUTBOX_CLEANUP_BATCH_SIZE",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["cleanup", "--retention-hours", "1e300"])),
+        "--retention-hours",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["status", "--watch", "1e300"])),
+        "--watch",
+    );
+    assert_usage_error(
+        &run(outbox_cmd(schema).args(["dead-letters", "list", "--limit=-1"])),
+        "--limit",
+    );
+    outbox.drop_schema().await;
+}
+
+#[test]
+fn invalid_log_directive_is_an_error_naming_it() {
+    let output = run(outbox_cmd("outbox")
+        .env("OUTBOX_LOG", "info,outbox_relay=loud")
+        .args(["relay", "--print-config"]));
+    assert_usage_error(&output, "OUTBOX_LOG");
+    assert!(
+        stderr(&output).contains("outbox_relay=loud"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn connection_strings_never_show_passwords() {
+    for (url, secret) in [
+        (
+            "postgres://me@127.0.0.1:1/x?password=query-secret",
+            "query-secret",
+        ),
+        ("postgres://me:half@masked@127.0.0.1:1/x", "masked"),
+        (
+            "host=127.0.0.1 port=1 user=me password=kv-secret",
+            "kv-secret",
+        ),
+    ] {
+        for args in [&["relay", "--print-config"][..], &["status"]] {
+            let output = run(outbox_cmd("outbox").env("DATABASE_URL", url).args(args));
+            let shown = format!("{}{}", stdout(&output), stderr(&output));
+            assert!(!shown.contains(secret), "{url} {args:?}: {shown}");
+            assert!(!shown.contains("panicked"), "{url} {args:?}: {shown}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_topics_and_errors_are_printed_with_control_characters_escaped() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str();
+    // Any SQL writer can store these: a screen clear and a forged status line.
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.message (topic, key, payload, attempts, last_error, retry_at)
+         VALUES ('t', convert_to(E'\\x1b[2J\\x1b[Hall good\\r', 'UTF8'), 'x', 1,
+                 E'refused\\x1b]0;title\\x07', now() + interval '1 hour')"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.dead_letter (id, topic, key, created_at, attempts, error)
+         VALUES (424242, 't', convert_to(E'\\x1b[2Jk\\u202e', 'UTF8'), now(), 1,
+                 E'bad\\x1b[31m')"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    for args in [&["status"][..], &["dead-letters", "list"]] {
+        let output = run(outbox_cmd(schema).args(args));
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        let shown = stdout(&output);
+        assert!(
+            !shown.contains(['\x1b', '\x07', '\r', '\u{202e}']),
+            "{args:?}: {shown:?}"
+        );
+        assert!(shown.contains("[2J"), "{args:?}: {shown:?}");
+    }
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_named_after_a_keyword_is_refused_by_name() {
+    for schema in ["order", "user", "values"] {
+        let output = run(outbox_cmd(schema).arg("migrate"));
+        assert_usage_error(&output, "reserved word");
+        assert!(
+            stderr(&output).contains(&format!("{schema:?}")),
+            "{}",
+            stderr(&output)
+        );
+    }
+    // Every keyword this server cannot take unquoted as a schema-qualified name.
+    let pool = outbox_test_support::pool().await;
+    let keywords: Vec<String> =
+        sqlx::query_scalar("SELECT word FROM pg_get_keywords() WHERE catcode <> 'U'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(keywords.len() > 100, "{keywords:?}");
+    for keyword in keywords {
+        assert!(
+            outbox::SchemaName::new(keyword.clone()).is_err(),
+            "{keyword} is accepted as a schema name"
+        );
+    }
+}

@@ -127,8 +127,8 @@ pub struct ConsumerStats {
     pub malformed: AtomicU64,
 }
 
-/// Consumer settings.
-#[derive(Debug, Clone)]
+/// Consumer settings. `Debug` masks secret properties.
+#[derive(Clone)]
 pub struct ConsumerConfig {
     /// Kafka bootstrap servers.
     pub bootstrap_servers: String,
@@ -140,6 +140,58 @@ pub struct ConsumerConfig {
     pub retry_initial: Duration,
     /// Extra librdkafka consumer properties, verbatim.
     pub properties: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(key, value)| (key.as_str(), masked(key, value)))
+            .collect();
+        f.debug_struct("ConsumerConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("retry_initial", &self.retry_initial)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// Properties whose values are secrets (the relay's rule, `outbox_relay::kafka::is_secret_property`).
+fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".key.pem")
+        || key == "sasl.jaas.config"
+        || key == "sasl.oauthbearer.config"
+        || key.ends_with("token")
+}
+
+fn masked<'a>(key: &str, value: &'a str) -> &'a str {
+    if is_secret_property(key) {
+        "********"
+    } else {
+        value
+    }
+}
+
+/// librdkafka's refusal of a property echoes its value, in its own text too: mask it when the
+/// property is a secret.
+fn redact_config_error(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, description, key, value) if is_secret_property(&key) => {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, "********")
+            };
+            KafkaError::ClientConfig(code, description, key, "********".to_owned())
+        }
+        other => other,
+    }
 }
 
 /// Why the consumer stopped.
@@ -176,7 +228,7 @@ where
     for (key, value) in &config.properties {
         client.set(key, value);
     }
-    let consumer: StreamConsumer = client.create()?;
+    let consumer: StreamConsumer = client.create().map_err(redact_config_error)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
 
@@ -339,6 +391,63 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_with(properties: &[(&str, &str)]) -> ConsumerConfig {
+        ConsumerConfig {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            group_id: "group".into(),
+            topics: vec!["topic".into()],
+            retry_initial: Duration::from_millis(10),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn debug_output_masks_secret_properties() {
+        let config = config_with(&[
+            ("sasl.username", "app"),
+            ("sasl.password", "kafka-secret"),
+            ("ssl.key.password", "key-secret"),
+        ]);
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("sasl.password") && shown.contains("app"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("kafka-secret") && !shown.contains("key-secret"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn secret_property_refused_by_librdkafka_is_not_echoed() {
+        let config = config_with(&[(
+            "sasl.jaas.config",
+            "org.apache.kafka.common.security.plain.PlainLoginModule required password=\"jaas-secret\";",
+        )]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/nothing")
+            .unwrap();
+        let inbox = Inbox::new(outbox::SchemaName::default_schema());
+        let error = run(
+            config,
+            pool,
+            inbox,
+            Arc::default(),
+            CancellationToken::new(),
+            async |_, _| Ok::<(), String>(()),
+        )
+        .await
+        .expect_err("librdkafka refuses sasl.jaas.config");
+        for shown in [error.to_string(), format!("{error:?}")] {
+            assert!(shown.contains("sasl.jaas.config"), "{shown}");
+            assert!(!shown.contains("jaas-secret"), "{shown}");
+        }
+    }
 
     #[test]
     fn only_a_partition_this_consumer_no_longer_holds_is_ignored_when_storing() {

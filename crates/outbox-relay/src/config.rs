@@ -89,6 +89,8 @@ pub struct InvalidConfig {
     pub key: String,
     /// Why it is rejected.
     pub reason: String,
+    /// For a rule between two settings, the other one.
+    counterpart: Option<&'static str>,
 }
 
 impl InvalidConfig {
@@ -96,7 +98,23 @@ impl InvalidConfig {
         InvalidConfig {
             key: key.into(),
             reason: reason.into(),
+            counterpart: None,
         }
+    }
+
+    /// A rule between `key` and `counterpart`; `reason` names both.
+    fn between(key: &str, counterpart: &'static str, reason: String) -> Self {
+        InvalidConfig {
+            counterpart: Some(counterpart),
+            ..InvalidConfig::new(key, reason)
+        }
+    }
+
+    /// For a rule between two settings, the other one involved (`lease_ttl` when
+    /// `lease_renew_interval` is more than a third of it), so that a caller can name the one
+    /// its user set.
+    pub fn counterpart(&self) -> Option<&str> {
+        self.counterpart
     }
 }
 
@@ -134,7 +152,8 @@ impl RelayConfig {
         }
     }
 
-    /// Checks every setting; the error names the first one at fault.
+    /// Checks every setting; the error names the first one at fault (for a rule between two,
+    /// one of them, the other in [`InvalidConfig::counterpart`]).
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.source.is_empty() {
             return Err(InvalidConfig::new("source", "must not be empty"));
@@ -154,60 +173,127 @@ impl RelayConfig {
         if self.lease_name.is_empty() {
             return Err(InvalidConfig::new("lease_name", "must not be empty"));
         }
+        for (key, value) in [
+            ("lease_ttl", self.lease_ttl),
+            ("lease_renew_interval", self.lease_renew_interval),
+            ("poll_interval", self.poll_interval),
+            ("cleanup_interval", self.cleanup_interval),
+            ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("stall_timeout", self.stall_timeout),
+            ("monitor_interval", self.monitor_interval),
+        ] {
+            if value > MAX_INTERVAL {
+                return Err(InvalidConfig::new(
+                    key,
+                    format!("must be at most {MAX_INTERVAL:?} (found {value:?})"),
+                ));
+            }
+        }
         if self.lease_ttl < Duration::from_millis(100) {
-            return Err(InvalidConfig::new("lease_ttl", "must be at least 100ms"));
+            return Err(InvalidConfig::new(
+                "lease_ttl",
+                format!("must be at least 100ms (found {:?})", self.lease_ttl),
+            ));
         }
         if self.lease_renew_interval.is_zero() || self.lease_renew_interval * 3 > self.lease_ttl {
-            return Err(InvalidConfig::new(
+            return Err(InvalidConfig::between(
                 "lease_renew_interval",
+                "lease_ttl",
                 format!(
-                    "must be positive and at most a third of lease_ttl ({:?}), so that a renewal can fail twice before the lease expires",
-                    self.lease_ttl
+                    "lease_renew_interval ({:?}) must be positive and at most a third of lease_ttl ({:?}), so that a renewal can fail twice before the lease expires",
+                    self.lease_renew_interval, self.lease_ttl
                 ),
             ));
         }
         if self.batch_size == 0 || self.batch_size > 100_000 {
             return Err(InvalidConfig::new(
                 "batch_size",
-                "must be between 1 and 100000",
+                format!("must be between 1 and 100000 (found {})", self.batch_size),
             ));
         }
         if self.max_batch_bytes == 0 || self.max_batch_bytes > 1 << 30 {
             return Err(InvalidConfig::new(
                 "max_batch_bytes",
-                "must be between 1 and 1073741824",
+                format!(
+                    "must be between 1 and 1073741824 (found {})",
+                    self.max_batch_bytes
+                ),
             ));
         }
         if self.poll_interval.is_zero() {
             return Err(InvalidConfig::new("poll_interval", "must be positive"));
         }
         if self.batch_linger > Duration::from_secs(1) {
-            return Err(InvalidConfig::new("batch_linger", "must be at most 1s"));
+            return Err(InvalidConfig::new(
+                "batch_linger",
+                format!("must be at most 1s (found {:?})", self.batch_linger),
+            ));
+        }
+        if let Completion::Keep { retention } = self.completion {
+            if retention > MAX_RETENTION {
+                return Err(InvalidConfig::new(
+                    "retention",
+                    format!("must be at most {MAX_RETENTION_YEARS} years"),
+                ));
+            }
         }
         if self.cleanup_interval.is_zero() {
             return Err(InvalidConfig::new("cleanup_interval", "must be positive"));
         }
-        if self.cleanup_batch_size == 0 {
-            return Err(InvalidConfig::new("cleanup_batch_size", "must be positive"));
-        }
-        if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
+        if self.cleanup_batch_size == 0 || self.cleanup_batch_size > MAX_CLEANUP_BATCH_SIZE {
             return Err(InvalidConfig::new(
+                "cleanup_batch_size",
+                format!(
+                    "must be between 1 and {MAX_CLEANUP_BATCH_SIZE} (found {})",
+                    self.cleanup_batch_size
+                ),
+            ));
+        }
+        if self.backoff_initial.is_zero() {
+            return Err(InvalidConfig::new("backoff_initial", "must be positive"));
+        }
+        if self.backoff_initial > self.backoff_max {
+            return Err(InvalidConfig::between(
                 "backoff_initial",
-                "must be positive and not above backoff_max",
+                "backoff_max",
+                format!(
+                    "backoff_initial ({:?}) must not be above backoff_max ({:?})",
+                    self.backoff_initial, self.backoff_max
+                ),
             ));
         }
         if self.monitor_interval.is_zero() {
             return Err(InvalidConfig::new("monitor_interval", "must be positive"));
         }
         if self.stall_timeout <= self.monitor_interval {
-            return Err(InvalidConfig::new(
+            return Err(InvalidConfig::between(
                 "stall_timeout",
-                "must be longer than monitor_interval, or every sample would look stalled",
+                "monitor_interval",
+                format!(
+                    "stall_timeout ({:?}) must be longer than monitor_interval ({:?}), or every sample would look stalled",
+                    self.stall_timeout, self.monitor_interval
+                ),
             ));
         }
         self.kafka.validate()
     }
 }
+
+/// The longest interval or timeout a setting takes. Longer ones are mistakes (a lease nobody
+/// can take over for days), and they would overflow the clock arithmetic and PostgreSQL's
+/// `statement_timeout` (the lease term), which stops at about 24.8 days.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+const MAX_RETENTION_YEARS: u64 = 100;
+
+/// The longest retention with [`Completion::Keep`]: far beyond any use, and well within the
+/// database's timestamp range, which cleanup computes from it.
+pub const MAX_RETENTION: Duration = Duration::from_secs(MAX_RETENTION_YEARS * 365 * 24 * 3600);
+
+/// The most rows one cleanup statement deletes (it holds their locks until it ends).
+pub const MAX_CLEANUP_BATCH_SIZE: usize = 1_000_000;
 
 #[cfg(test)]
 mod tests {
@@ -225,7 +311,32 @@ mod tests {
         let mut config = RelayConfig::new("localhost:9092", "svc");
         config.lease_ttl = Duration::from_secs(3);
         config.lease_renew_interval = Duration::from_secs(2);
-        assert_eq!(config.validate().unwrap_err().key, "lease_renew_interval");
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.key, "lease_renew_interval");
+        assert_eq!(error.counterpart(), Some("lease_ttl"));
+    }
+
+    #[test]
+    fn absurd_values_are_rejected_before_anything_overflows() {
+        type Change = fn(&mut RelayConfig);
+        let cases: [(&str, Change); 5] = [
+            ("lease_ttl", |c| c.lease_ttl = Duration::MAX),
+            ("shutdown_timeout", |c| {
+                c.shutdown_timeout = Duration::from_millis(u64::MAX)
+            }),
+            ("monitor_interval", |c| c.monitor_interval = Duration::ZERO),
+            ("cleanup_batch_size", |c| c.cleanup_batch_size = usize::MAX),
+            ("retention", |c| {
+                c.completion = Completion::Keep {
+                    retention: Duration::MAX,
+                }
+            }),
+        ];
+        for (key, set) in cases {
+            let mut config = RelayConfig::new("localhost:9092", "svc");
+            set(&mut config);
+            assert_eq!(config.validate().unwrap_err().key, key);
+        }
     }
 
     #[test]

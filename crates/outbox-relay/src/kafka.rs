@@ -49,6 +49,22 @@ pub fn is_secret_property(key: &str) -> bool {
         || key.ends_with("token")
 }
 
+/// librdkafka's refusal of a property echoes its value, in its own text too (`Invalid value
+/// "..." for configuration property "..."`): mask it when the property is a secret.
+pub(crate) fn redact_config_error(error: KafkaError) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, description, key, value) if is_secret_property(&key) => {
+            let description = if value.is_empty() {
+                description
+            } else {
+                description.replace(&value, "********")
+            };
+            KafkaError::ClientConfig(code, description, key, "********".to_owned())
+        }
+        other => other,
+    }
+}
+
 impl KafkaConfig {
     /// Properties for `bootstrap_servers` with the relay's defaults.
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {

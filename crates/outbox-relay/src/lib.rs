@@ -131,6 +131,9 @@ pub enum RelayError {
     /// A relay task panicked (a bug).
     #[error("a relay task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// [`Relay::start`] was called outside a Tokio runtime, which its tasks need.
+    #[error("the relay must be started within a Tokio runtime")]
+    NoRuntime,
 }
 
 /// Entry point: starts relays.
@@ -140,7 +143,8 @@ pub struct Relay;
 impl Relay {
     /// Validates `config` and starts the relay's tasks on the current Tokio runtime: the lease
     /// keeper, the listener, the pipeline and (with [`Completion::Keep`]) retention cleanup.
-    /// The schema must have been migrated.
+    /// The schema must have been migrated. Outside a Tokio runtime it fails with
+    /// [`RelayError::NoRuntime`].
     ///
     /// The relay opens its own connections (at most 8) with `pool`'s connect options, so that
     /// its session settings never reach the service's sessions and a busy service never
@@ -149,10 +153,12 @@ impl Relay {
     /// to the lease term; `application_name` is `outbox-relay` unless the options name one.
     pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
         config.validate()?;
+        // Everything below spawns tasks (the session pool too), which panics without one.
+        tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
         let pool = sessions::pool(&pool, config.lease_ttl);
         let statements = Arc::new(Statements::new(&config.schema));
-        let publisher =
-            kafka::Publisher::new(&config.kafka, &config.source).map_err(RelayError::Kafka)?;
+        let publisher = kafka::Publisher::new(&config.kafka, &config.source)
+            .map_err(|e| RelayError::Kafka(kafka::redact_config_error(e)))?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
         let shutdown_timeout = config.shutdown_timeout;
         let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
@@ -228,7 +234,7 @@ impl Relay {
             cancel,
             keeper_cancel,
             tasks,
-            pipeline_task,
+            pipeline_task: Some(pipeline_task),
             keeper_task,
             term: term_rx,
             health,
@@ -247,7 +253,9 @@ pub struct RelayHandle {
     cancel: CancellationToken,
     keeper_cancel: CancellationToken,
     tasks: JoinSet<()>,
-    pipeline_task: tokio::task::JoinHandle<Result<(), RelayError>>,
+    /// `None` once [`RelayHandle::stopped`] has returned its outcome: a finished join handle
+    /// must not be polled again.
+    pipeline_task: Option<tokio::task::JoinHandle<Result<(), RelayError>>>,
     keeper_task: tokio::task::JoinHandle<()>,
     term: watch::Receiver<Option<Term>>,
     health: Arc<Health>,
@@ -283,19 +291,25 @@ impl RelayHandle {
     /// Bounded: after `shutdown_timeout` (plus a second for the lease release) whatever still
     /// runs is abandoned, e.g. a statement blocked on a lock in the database, so that a standby
     /// can take over; what it had not completed is published again by the next holder.
+    ///
+    /// After [`RelayHandle::stopped`] returned, the pipeline's outcome was reported there; the
+    /// rest still stops and the lease is released.
     pub async fn shutdown(mut self) -> Result<(), RelayError> {
         self.cancel.cancel();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        let pipeline = match tokio::time::timeout_at(deadline, &mut self.pipeline_task).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!(
-                    timeout = ?self.shutdown_timeout,
-                    "the relay did not stop within the shutdown timeout (a statement blocked in the database?); abandoning it"
-                );
-                self.pipeline_task.abort();
-                Ok(Ok(()))
-            }
+        let pipeline = match self.pipeline_task.as_mut() {
+            None => Ok(Ok(())),
+            Some(task) => match tokio::time::timeout_at(deadline, &mut *task).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        timeout = ?self.shutdown_timeout,
+                        "the relay did not stop within the shutdown timeout (a statement blocked in the database?); abandoning it"
+                    );
+                    task.abort();
+                    Ok(Ok(()))
+                }
+            },
         };
         if tokio::time::timeout_at(deadline, async {
             while self.tasks.join_next().await.is_some() {}
@@ -319,14 +333,23 @@ impl RelayHandle {
     }
 
     /// Resolves if the relay stops on its own (a fatal error); otherwise runs forever.
+    /// Cancel-safe. Once it has returned the outcome, later calls return `Ok(())` at once;
+    /// call [`RelayHandle::shutdown`] to stop the remaining tasks and release the lease.
     pub async fn stopped(&mut self) -> Result<(), RelayError> {
-        (&mut self.pipeline_task).await?
+        let Some(task) = self.pipeline_task.as_mut() else {
+            return Ok(());
+        };
+        let outcome = task.await;
+        self.pipeline_task = None;
+        outcome?
     }
 
     /// Stops at once, as a crash would: no flush, no completion, no lease release. For tests
     /// of failover; the lease expires on its own.
     pub fn abort(mut self) {
-        self.pipeline_task.abort();
+        if let Some(task) = &self.pipeline_task {
+            task.abort();
+        }
         self.keeper_task.abort();
         self.tasks.abort_all();
     }
@@ -339,4 +362,77 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relay".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy_pool() -> PgPool {
+        // No maintenance tasks, so that it can be built outside a runtime too.
+        sqlx::postgres::PgPoolOptions::new()
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_lazy("postgres://nobody@127.0.0.1:1/nothing")
+            .unwrap()
+    }
+
+    #[test]
+    fn starting_outside_a_tokio_runtime_is_an_error_not_a_panic() {
+        let started = std::panic::catch_unwind(|| {
+            Relay::start(lazy_pool(), RelayConfig::new("127.0.0.1:1", "svc")).map(|_| ())
+        });
+        match started {
+            Ok(result) => assert!(matches!(result, Err(RelayError::NoRuntime)), "{result:?}"),
+            Err(_) => panic!("Relay::start panicked outside a Tokio runtime"),
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_property_refused_by_librdkafka_is_not_echoed() {
+        let mut config = RelayConfig::new("127.0.0.1:1", "svc");
+        config.kafka.set(
+            "sasl.jaas.config",
+            "org.apache.kafka.common.security.plain.PlainLoginModule required password=\"jaas-secret\";",
+        );
+        let error = match Relay::start(lazy_pool(), config) {
+            Ok(relay) => {
+                relay.abort();
+                panic!("librdkafka accepted sasl.jaas.config")
+            }
+            Err(error) => error,
+        };
+        for shown in [error.to_string(), format!("{error:?}")] {
+            assert!(shown.contains("sasl.jaas.config"), "{shown}");
+            assert!(!shown.contains("jaas-secret"), "{shown}");
+        }
+    }
+
+    /// A handle whose pipeline has already failed, as after a fatal error.
+    fn handle_of_a_failed_relay() -> RelayHandle {
+        let (_term_tx, term) = watch::channel(None);
+        RelayHandle {
+            holder: "test".into(),
+            shutdown_timeout: Duration::from_secs(1),
+            cancel: CancellationToken::new(),
+            keeper_cancel: CancellationToken::new(),
+            tasks: JoinSet::new(),
+            pipeline_task: Some(tokio::spawn(async {
+                Err(RelayError::InvalidConfig(InvalidConfig::new(
+                    "test", "fatal",
+                )))
+            })),
+            keeper_task: tokio::spawn(async {}),
+            term,
+            health: Arc::new(Health::new(Duration::from_secs(60))),
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_after_the_relay_stopped_on_its_own_returns() {
+        let mut relay = handle_of_a_failed_relay();
+        assert!(relay.stopped().await.is_err());
+        let shutdown = tokio::spawn(relay.shutdown()).await;
+        assert!(shutdown.is_ok(), "shutdown panicked: {shutdown:?}");
+    }
 }

@@ -984,10 +984,11 @@ impl Statements {
         arguments: PgArguments,
         message: &Message,
     ) -> Result<Option<i64>, sqlx::Error> {
-        // The caller's parameters keep their numbers; the message's follow them.
+        // The caller's parameters keep their numbers; the message's follow them. The newline
+        // ends a trailing `-- comment` of the statement before the closing parenthesis.
         let first = arguments.len() + 1;
         let sql = format!(
-            "WITH business AS ({statement})
+            "WITH business AS ({statement}\n)
              INSERT INTO {schema}.message (topic, key, payload, headers)
              SELECT ${first}, ${}, ${}, ${} WHERE EXISTS (SELECT 1 FROM business)
              RETURNING id",

@@ -1015,3 +1015,34 @@ async fn take_lease(sql: &Statements, conn: &mut sqlx::PgConnection) -> Fence {
         token,
     }
 }
+
+/// The caller's statement is placed inside the outbox's: a trailing `-- comment` must not
+/// swallow what follows it.
+#[tokio::test]
+async fn execute_and_save_accepts_a_statement_ending_in_a_line_comment() {
+    let outbox = TestOutbox::new().await;
+    let schema = &outbox.schema;
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.orders (id bigint PRIMARY KEY, state text NOT NULL)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let insert = format!(
+        "INSERT INTO {schema}.orders (id, state) VALUES ($1, 'packed') RETURNING id -- new order"
+    );
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let saved = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&insert).bind(1_i64),
+            Message::new("orders", b"created".to_vec()).key("order-1"),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(saved.is_some());
+    assert_eq!(count(&outbox).await, 1);
+    outbox.drop_schema().await;
+}
