@@ -812,9 +812,12 @@ impl Statements {
                                 LIMIT $2)",
             ),
             backlog: render(
+                // least() ignores NULLs: the age of an empty outbox must stay NULL, not 1e9 s.
                 "SELECT count(*),
-                        (least(extract(epoch FROM now() - min(created_at) FILTER (WHERE isfinite(created_at))), 1e9)
-                           * 1000000)::bigint,
+                        CASE WHEN min(created_at) FILTER (WHERE isfinite(created_at)) IS NOT NULL
+                             THEN (least(extract(epoch FROM now() - min(created_at) FILTER (WHERE isfinite(created_at))), 1e9)
+                                   * 1000000)::bigint
+                        END,
                         count(*) FILTER (WHERE retry_at > now()),
                         (SELECT count(*) FROM {schema}.dead_letter)
                    FROM {schema}.message WHERE processed_at IS NULL",

@@ -1046,3 +1046,24 @@ async fn execute_and_save_accepts_a_statement_ending_in_a_line_comment() {
     assert_eq!(count(&outbox).await, 1);
     outbox.drop_schema().await;
 }
+
+/// An empty outbox has no oldest pending message: an age clamped to 1e9 s here reached
+/// `outbox status` and the oldest-age gauge, which alerts watch.
+#[tokio::test]
+async fn an_empty_outbox_has_no_oldest_pending_age() {
+    let outbox = TestOutbox::new().await;
+    let statements = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let empty = statements.backlog(&mut conn).await.unwrap();
+    assert_eq!((empty.pending, empty.oldest_age), (0, None));
+    outbox
+        .commit_each([Message::new("topic", b"one".to_vec())])
+        .await;
+    let one = statements.backlog(&mut conn).await.unwrap();
+    assert_eq!(one.pending, 1);
+    assert!(one
+        .oldest_age
+        .is_some_and(|age| age < Duration::from_secs(60)));
+    drop(conn);
+    outbox.drop_schema().await;
+}
