@@ -22,7 +22,10 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::time::Instant;
 
 use crate::kafka::ConsumerThread;
-use crate::util::{histogram, histogram_json, key, now_micros, payload, quantile_ms, say, Spread};
+use crate::util::{
+    cpu_seconds, histogram, histogram_json, key, now_micros, payload, quantile_ms, say, CpuSample,
+    Spread,
+};
 use crate::Ctx;
 
 /// Arguments of the hidden `writer-child` subcommand.
@@ -84,49 +87,6 @@ pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
         json!({"sent": count, "seconds": seconds, "cpu_seconds": cpu})
     );
     Ok(())
-}
-
-/// CPU seconds (user + system) of a process and its threads so far.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-/// CPU seconds so far of every process named `name` (the PostgreSQL server and its backends,
-/// the Kafka broker's JVM).
-fn cpu_seconds_of(name: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return f64::NAN;
-    };
-    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.trim() == name)
-        })
-        .filter_map(cpu_seconds)
-        .sum()
-}
-
-#[derive(Debug, Clone, Copy)]
-struct CpuSample {
-    relay: f64,
-    postgres: f64,
-    kafka: f64,
-    bench: f64,
-}
-
-impl CpuSample {
-    fn now(relay: u32) -> CpuSample {
-        CpuSample {
-            relay: cpu_seconds(relay).unwrap_or(f64::NAN),
-            postgres: cpu_seconds_of("postgres"),
-            kafka: cpu_seconds_of("java"),
-            bench: cpu_seconds(std::process::id()).unwrap_or(f64::NAN),
-        }
-    }
 }
 
 /// One rate in one round.

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Connection as _;
 
-use crate::util::{bar, key, payload, proc_status_kb, say, Spread};
+use crate::util::{bar, cpu_seconds, key, payload, proc_status_kb, say, CpuSample, Spread};
 use crate::{kafka, Ctx};
 
 /// Arguments of the hidden `drain-child` subcommand.
@@ -119,6 +119,7 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
     let total: i64 = sqlx::query_scalar(&unheld).fetch_one(&pool).await?;
     anyhow::ensure!(total > 0, "nothing to drain");
     let rss_before_kb = proc_status_kb("self", "VmRSS");
+    let cpu_before = cpu_seconds(std::process::id());
     let hwm_before_kb = proc_status_kb("self", "VmHWM");
     let started = Instant::now();
     let relay = Relay::start(pool.clone(), config)?;
@@ -150,6 +151,7 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
             "rss_before_kb": rss_before_kb,
             "hwm_before_kb": hwm_before_kb,
             "hwm_kb": hwm_kb,
+            "cpu_seconds": cpu_seconds(std::process::id()).zip(cpu_before).map(|(a, b)| a - b),
             "hwm_after_shutdown_kb": proc_status_kb("self", "VmHWM"),
         })
     );
@@ -162,6 +164,22 @@ struct Drain {
     seconds: f64,
     hwm_mb: f64,
     rss_before_mb: f64,
+    /// CPU seconds while draining: the relay's process, PostgreSQL, the Kafka broker.
+    cpu: [f64; 3],
+}
+
+impl Drain {
+    /// CPU microseconds per message: the relay's process, PostgreSQL, the broker, all three.
+    fn cpu_per_message(&self) -> [f64; 4] {
+        let us = |s: f64| 1e6 * s / self.messages;
+        let [relay, postgres, kafka] = self.cpu;
+        [
+            us(relay),
+            us(postgres),
+            us(kafka),
+            us(relay + postgres + kafka),
+        ]
+    }
 }
 
 impl Drain {
@@ -179,6 +197,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let stop_and_wait = ctx.batch_size();
     // Per round: each variant's rate, and the best of them.
     let mut raw_rounds: Vec<Vec<f64>> = Vec::new();
+    let mut raw_cpu: Vec<Vec<f64>> = Vec::new();
     let mut raw = Vec::new();
     let mut drains: Vec<Vec<Drain>> = vec![Vec::new(); args.batch_sizes.len()];
     let mut fresh: Vec<Vec<Drain>> = vec![Vec::new(); args.fresh_messages.len()];
@@ -188,7 +207,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let raw_first = round % 2 == 0;
         let label = format!("round {}/{}", round + 1, args.rounds);
         if raw_first {
-            raw_rounds.push(raw_round(ctx, &raw_topic, &label).await?);
+            let (rates, cpu) = raw_round(ctx, &raw_topic, &label).await?;
+            raw_rounds.push(rates);
+            raw_cpu.push(cpu);
         }
         for (i, &batch_size) in args.batch_sizes.iter().enumerate() {
             prefill_rates.push(
@@ -221,7 +242,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             fresh[i].push(drain?);
         }
         if !raw_first {
-            raw_rounds.push(raw_round(ctx, &raw_topic, &label).await?);
+            let (rates, cpu) = raw_round(ctx, &raw_topic, &label).await?;
+            raw_rounds.push(rates);
+            raw_cpu.push(cpu);
         }
         raw.push(raw_rounds[round].iter().copied().fold(0.0, f64::max));
         let mut line = format!(
@@ -297,14 +320,22 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let mut raw_json = Vec::new();
     for (i, (name, _, overrides)) in raw_variants(ctx).into_iter().enumerate() {
         let rates: Vec<f64> = raw_rounds.iter().map(|r| r[i]).collect();
+        let cpu: Vec<f64> = raw_cpu.iter().map(|r| r[i]).collect();
         report.row(
             "1 raw producer",
             &format!("throughput, {name}"),
             "msg/s",
             &rates,
         );
+        report.row(
+            "1 raw producer",
+            &format!("CPU per message (producer + broker), {name}"),
+            "µs",
+            &cpu,
+        );
         raw_json.push(json!({"variant": name, "overrides": overrides,
-                             "rate": Spread::of(&rates).json(&rates)}));
+                             "rate": Spread::of(&rates).json(&rates),
+                             "cpu_us_per_message": Spread::of(&cpu).json(&cpu)}));
     }
     report.row(
         "1 raw producer",
@@ -320,7 +351,13 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let before: Vec<f64> = drains[i].iter().map(|d| d.rss_before_mb).collect();
         let scenario = format!("2 drain, batch {batch_size}");
         report.row(&scenario, "throughput", "msg/s", &rates);
-        report.row(&scenario, "ratio to raw (same round)", "%", &ratios);
+        report.row(
+            &scenario,
+            "ratio to the best raw producer (same round)",
+            "%",
+            &ratios,
+        );
+        cpu_rows(&mut report, &scenario, &drains[i]);
         let memory = format!("5 memory, batch {batch_size}");
         report.row(
             &memory,
@@ -373,6 +410,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "%",
             &ratios,
         );
+        cpu_rows(&mut report, &scenario, &fresh[i]);
         let hwm: Vec<f64> = fresh[i].iter().map(|d| d.hwm_mb).collect();
         report.row(&scenario, "relay process peak RSS", "MB", &hwm);
         let ratio = Spread::of(&ratios);
@@ -517,12 +555,15 @@ fn raw_variants(ctx: &Ctx) -> [(String, Option<usize>, Vec<String>); 3] {
     ]
 }
 
-/// One round of every raw variant; returns their rates in `raw_variants` order.
-async fn raw_round(ctx: &Ctx, topic: &str, label: &str) -> anyhow::Result<Vec<f64>> {
+/// One round of every raw variant; returns their rates in `raw_variants` order, and their CPU
+/// per message (µs, the producing process and the broker together).
+async fn raw_round(ctx: &Ctx, topic: &str, label: &str) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let count = ctx.args.drain_messages;
     let mut rates = Vec::new();
+    let mut cpu = Vec::new();
     for (i, (_, batch, overrides)) in raw_variants(ctx).into_iter().enumerate() {
         let progress = bar(&format!("raw {} {label}", i + 1), count);
+        let before = CpuSample::now(0);
         let elapsed = kafka::produce(
             &ctx.bootstrap,
             topic,
@@ -535,9 +576,11 @@ async fn raw_round(ctx: &Ctx, topic: &str, label: &str) -> anyhow::Result<Vec<f6
         )
         .await?;
         progress.finish_and_clear();
+        let after = CpuSample::now(0);
         rates.push(count as f64 / elapsed.as_secs_f64());
+        cpu.push(1e6 * (after.bench - before.bench + after.kafka - before.kafka) / count as f64);
     }
-    Ok(rates)
+    Ok((rates, cpu))
 }
 
 /// How a drained backlog was left before the relay starts.
@@ -608,6 +651,22 @@ async fn prefill(
     Ok(rate)
 }
 
+/// Rows of CPU per message for a set of drains.
+fn cpu_rows(report: &mut crate::report::Report, scenario: &str, drains: &[Drain]) {
+    for (i, part) in [
+        "relay process",
+        "PostgreSQL (all its processes)",
+        "Kafka broker",
+        "all three",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let values: Vec<f64> = drains.iter().map(|d| d.cpu_per_message()[i]).collect();
+        report.row(scenario, &format!("CPU per message, {part}"), "µs", &values);
+    }
+}
+
 /// A new schema, migrated, for a backlog of its own: never analyzed.
 async fn fresh_schema(ctx: &Ctx) -> anyhow::Result<SchemaName> {
     let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
@@ -661,6 +720,7 @@ async fn drain_in_child(
                 .get_name(),
         );
     }
+    let before = CpuSample::now(0);
     let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -718,6 +778,14 @@ async fn drain_in_child(
         seconds: result["seconds"].as_f64().unwrap_or(f64::NAN),
         hwm_mb: mb("hwm_kb"),
         rss_before_mb: mb("rss_before_kb"),
+        cpu: {
+            let after = CpuSample::now(0);
+            [
+                result["cpu_seconds"].as_f64().unwrap_or(f64::NAN),
+                after.postgres - before.postgres,
+                after.kafka - before.kafka,
+            ]
+        },
     })
 }
 

@@ -24,6 +24,50 @@ pub(crate) fn proc_status_kb(pid: &str, field: &str) -> Option<u64> {
     })
 }
 
+/// CPU seconds (user + system) of a process and its threads so far.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds so far of every process named `name` (the PostgreSQL server and its backends,
+/// the Kafka broker's JVM).
+pub(crate) fn cpu_seconds_of(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == name)
+        })
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
+/// CPU seconds so far of the relay's process, PostgreSQL, the Kafka broker and this process.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSample {
+    pub(crate) relay: f64,
+    pub(crate) postgres: f64,
+    pub(crate) kafka: f64,
+    pub(crate) bench: f64,
+}
+
+impl CpuSample {
+    pub(crate) fn now(relay: u32) -> CpuSample {
+        CpuSample {
+            relay: cpu_seconds(relay).unwrap_or(f64::NAN),
+            postgres: cpu_seconds_of("postgres"),
+            kafka: cpu_seconds_of("java"),
+            bench: cpu_seconds(std::process::id()).unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// A latency histogram in microseconds, from 1 µs to 10 minutes, 3 significant digits.
 pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
