@@ -166,6 +166,10 @@ pub(crate) struct RunArgs {
     /// Writer processes in the steady scenario (the offered rate is split between them).
     #[arg(long, default_value_t = 4)]
     pub(crate) steady_writers: usize,
+    /// The relay daemon's `batch_linger_ms` values the steady scenario compares (a daemon per
+    /// value, rotated within each round).
+    #[arg(long, value_delimiter = ',', default_value = "5")]
+    pub(crate) steady_linger_ms: Vec<u64>,
     /// Seconds per steady rate per round.
     #[arg(long, default_value_t = 10)]
     pub(crate) steady_seconds: u64,

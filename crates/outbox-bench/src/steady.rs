@@ -107,6 +107,20 @@ impl Daemon {
     fn pid(&self) -> u32 {
         self.0.id().unwrap_or(0)
     }
+
+    /// SIGTERM, then waits until it has exited (and released its lease).
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.0.id() {
+            std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()?;
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.0.wait())
+            .await
+            .context("the relay daemon did not exit within 30 s of SIGTERM")??;
+        Ok(())
+    }
 }
 
 impl Drop for Daemon {
@@ -120,7 +134,7 @@ impl Drop for Daemon {
     }
 }
 
-async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Daemon> {
+async fn start_daemon(ctx: &Ctx, linger_ms: u64) -> anyhow::Result<Daemon> {
     let exe = std::env::current_exe()?.with_file_name("outbox");
     anyhow::ensure!(
         exe.exists(),
@@ -134,6 +148,7 @@ async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Daemon> {
         .env("OUTBOX_SCHEMA", ctx.schema.as_str())
         .env("OUTBOX_SOURCE", crate::kafka::SOURCE)
         .env("OUTBOX_LOG", "warn")
+        .env("OUTBOX_BATCH_LINGER_MS", linger_ms.to_string())
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -252,35 +267,43 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
     ctx.truncate().await?;
     let topic = ctx.topic("bench-steady").await;
-    let relay = start_daemon(ctx).await?;
     let consumer = ConsumerThread::start(&ctx.bootstrap, &topic)?;
-    // Warm-up, not reported: connections, the producer's metadata, the consumer's fetches.
     let mut first = 0;
-    phase(ctx, &topic, &relay, &consumer, 200.0, 0, first).await?;
-    first += 100_000_000;
-    let mut phases: Vec<(usize, Phase)> = Vec::new();
+    // (linger index, rate index, run), rotated within each round.
+    let mut phases: Vec<(usize, usize, Phase)> = Vec::new();
     for round in 0..args.rounds {
-        let mut order: Vec<usize> = (0..args.steady_rates.len()).collect();
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
-            let rate = args.steady_rates[i];
-            let id = (phases.len() + 1) as u16;
-            let run = phase(ctx, &topic, &relay, &consumer, rate, id, first).await?;
+        let mut lingers: Vec<usize> = (0..args.steady_linger_ms.len()).collect();
+        let shift = round % lingers.len().max(1);
+        lingers.rotate_left(shift);
+        for l in lingers {
+            let linger_ms = args.steady_linger_ms[l];
+            let relay = start_daemon(ctx, linger_ms).await?;
+            // Warm-up, not reported: connections, the producer's metadata, the consumer's
+            // fetches.
+            phase(ctx, &topic, &relay, &consumer, 200.0, 0, first).await?;
             first += 100_000_000;
-            say(format!(
-                "steady round {}/{}: {rate} msg/s offered, {:.0} achieved, relay {:.1} µs CPU/msg, PostgreSQL {:.1} µs/msg",
-                round + 1,
-                args.rounds,
-                run.committed as f64 / run.writer_seconds,
-                1e6 * run.cpu[0] / run.committed as f64,
-                1e6 * run.cpu[1] / run.committed as f64,
-            ));
-            phases.push((i, run));
+            let mut order: Vec<usize> = (0..args.steady_rates.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let rate = args.steady_rates[i];
+                let id = (phases.len() + 1) as u16;
+                let run = phase(ctx, &topic, &relay, &consumer, rate, id, first).await?;
+                first += 100_000_000;
+                say(format!(
+                    "steady round {}/{}, batch_linger {linger_ms} ms: {rate} msg/s offered, {:.0} achieved, relay {:.1} µs CPU/msg, PostgreSQL {:.1} µs/msg",
+                    round + 1,
+                    args.rounds,
+                    run.committed as f64 / run.writer_seconds,
+                    1e6 * run.cpu[0] / run.committed as f64,
+                    1e6 * run.cpu[1] / run.committed as f64,
+                ));
+                phases.push((l, i, run));
+            }
+            relay.stop().await?;
         }
     }
-    drop(relay);
     let (receipts, duplicates) = consumer.stop();
     let received: HashMap<i64, u64> = receipts
         .iter()
@@ -289,11 +312,16 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
 
     let mut report = ctx.report();
     let mut details = Vec::new();
-    for (i, &rate) in args.steady_rates.iter().enumerate() {
+    for ((l, &linger_ms), (i, &rate)) in args
+        .steady_linger_ms
+        .iter()
+        .enumerate()
+        .flat_map(|l| args.steady_rates.iter().enumerate().map(move |r| (l, r)))
+    {
         let runs: Vec<&Phase> = phases
             .iter()
-            .filter(|(j, _)| *j == i)
-            .map(|(_, p)| p)
+            .filter(|(m, j, _)| (*m, *j) == (l, i))
+            .map(|(_, _, p)| p)
             .collect();
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
@@ -334,7 +362,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .map(|r| r.committed as f64 / r.writer_seconds)
             .collect();
         let scenario = format!(
-            "8 steady {rate} msg/s, {} writer processes",
+            "8 steady {rate} msg/s, {} writer processes, batch_linger {linger_ms} ms",
             args.steady_writers
         );
         report.row(&scenario, "writers' achieved rate", "msg/s", &achieved);
@@ -366,7 +394,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let rate_ok = Spread::of(&achieved).median >= 0.98 * rate;
         let wanted_p99 = if rate <= 500.0 { 10.0 } else { 15.0 };
         report.target(
-            &format!("steady {rate} msg/s: commit → consumer p99, writers at the offered rate"),
+            &format!("steady {rate} msg/s, batch_linger {linger_ms} ms: commit → consumer p99, writers at the offered rate"),
             &format!("< {wanted_p99} ms, >= 98% of offered"),
             format!(
                 "p99 {:.1} ms ({:.1}-{:.1}); achieved {:.0} msg/s",
@@ -379,14 +407,14 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         );
         if rate >= 2000.0 {
             report.target(
-                &format!("steady {rate} msg/s: relay CPU per message"),
+                &format!("steady {rate} msg/s, batch_linger {linger_ms} ms: relay CPU per message"),
                 "<= 20 µs",
                 format!("{:.1} µs ({:.1}-{:.1})", relay.median, relay.min, relay.max),
                 relay.median <= 20.0,
             );
         }
         details.push(json!({
-            "rate": rate, "rounds": per_round,
+            "rate": rate, "batch_linger_ms": linger_ms, "rounds": per_round,
             "relay_cpu_us_per_message": relay.json(&relay_cpu),
             "postgres_cpu_us_per_message": Spread::of(&postgres_cpu).json(&postgres_cpu),
         }));
