@@ -141,7 +141,18 @@ async fn start_daemon(ctx: &Ctx, linger_ms: u64) -> anyhow::Result<Daemon> {
         "{} is missing: build it beside the bench (cargo build --release -p outbox-cli -p outbox-bench)",
         exe.display()
     );
-    let child = tokio::process::Command::new(&exe)
+    let mut command = tokio::process::Command::new(&exe);
+    // `--relay-kafka KEY=VALUE` reaches the daemon as OUTBOX_KAFKA_<KEY> (dots as underscores).
+    for item in &ctx.args.relay_kafka {
+        if let Some((key, value)) = item.split_once('=') {
+            let name = format!(
+                "OUTBOX_KAFKA_{}",
+                key.trim().replace('.', "_").to_uppercase()
+            );
+            command.env(name, value.trim());
+        }
+    }
+    let child = command
         .arg("relay")
         .env("DATABASE_URL", outbox_test_support::database_url())
         .env("KAFKA_BOOTSTRAP_SERVERS", &ctx.bootstrap)

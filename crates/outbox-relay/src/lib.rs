@@ -148,9 +148,10 @@ impl Relay {
     ///
     /// The relay opens its own connections (at most 8) with `pool`'s connect options, so that
     /// its session settings never reach the service's sessions and a busy service never
-    /// starves it of connections. They run with `jit = off`, `enable_sort = off` (claim plans
-    /// that stay bounded on a backlog without planner statistics) and `statement_timeout` set
-    /// to the lease term; `application_name` is `outbox-relay` unless the options name one.
+    /// starves it of connections. They run with `jit = off`, `enable_seqscan = off` and
+    /// `enable_bitmapscan = off` (claim plans that stay bounded on a backlog without planner
+    /// statistics) and `statement_timeout` set to the lease term; `application_name` is
+    /// `outbox-relay` unless the options name one.
     pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
         config.validate()?;
         // Everything below spawns tasks (the session pool too), which panics without one.
@@ -207,6 +208,8 @@ impl Relay {
         };
         let keeper_task = tokio::spawn(keeper.run(keeper_cancel.clone()));
         let pipeline = Pipeline {
+            session: sessions::Kept::new(pool.clone()),
+            completer: None,
             pool,
             statements,
             config,
@@ -225,7 +228,6 @@ impl Relay {
             in_flight: Default::default(),
             typical_ack: Duration::ZERO,
             next_claim_at: None,
-            empty_since: None,
         };
         let pipeline_task = tokio::spawn(pipeline.run(cancel.clone()));
         Ok(RelayHandle {

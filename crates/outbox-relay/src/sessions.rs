@@ -9,9 +9,13 @@
 //!   through a bitmap scan and sorts it to return the first batch, and its cost estimate is high
 //!   enough to JIT-compile the statement: measured on a fresh 300,000-row backlog, 1,034 ms per
 //!   claim of 5,000 (677 ms of it JIT), against 8 ms once analyzed. The relay's sessions run with
-//!   `enable_sort = off`, so the only plans left for "the lowest pending ids" walk the primary
-//!   key in order and stop after the batch, and `jit = off`: 8 ms on the same fresh backlog.
-//!   Every relay statement is bounded by a batch, in id order, so the settings fit them all;
+//!   `enable_seqscan = off` and `enable_bitmapscan = off`, so the relay's tables are read through
+//!   index scans only: "the lowest pending ids" walk the primary key in order and stop after the
+//!   batch, held rows are found through their own indexes; and `jit = off`: 8 ms on the same
+//!   fresh backlog. (`enable_sort = off` fixed the claim too, but made the lookup of due held
+//!   messages below the floor walk the primary key over everything completed since the last
+//!   vacuum, to avoid a sort of a handful of rows: the chaos scenario with 10,000 held keys
+//!   caught it.) Every relay statement reads a batch or a few rows, so the settings fit them all;
 //!   they never reach the service's sessions.
 //! - **Every statement bounded.** `statement_timeout` is the lease term: a statement blocked
 //!   longer (a lock a writer holds) is of no use to a holder that must renew or step down.
@@ -26,8 +30,9 @@
 
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Executor as _, PgPool};
+use sqlx::{Executor as _, PgConnection, PgPool, Postgres};
 
 /// At most this many: the listener, the lease keeper, the pipeline's claim and decisions, the
 /// completion in flight, the health monitor and cleanup, with room for one being replaced.
@@ -40,7 +45,7 @@ pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration) -> PgPool {
         options = options.application_name("outbox-relay");
     }
     let settings = format!(
-        "SET jit = off; SET enable_sort = off; SET statement_timeout = '{}ms'",
+        "SET jit = off; SET enable_seqscan = off; SET enable_bitmapscan = off; SET statement_timeout = '{}ms'",
         statement_timeout.as_millis().max(1)
     );
     PgPoolOptions::new()
@@ -56,4 +61,36 @@ pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration) -> PgPool {
             })
         })
         .connect_lazy_with(options)
+}
+
+/// A session kept between statements by a task that runs one after another (the pipeline's
+/// claims, the completions): taking a connection from the pool and giving it back per statement
+/// costs a task spawned and a thread woken each time, which at light traffic was a large part of
+/// the relay's CPU per message. After an error it is dropped, so a broken one is replaced.
+pub(crate) struct Kept {
+    pool: PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Kept {
+    pub(crate) fn new(pool: PgPool) -> Kept {
+        Kept { pool, conn: None }
+    }
+
+    /// The kept connection, taking one from the pool if there is none.
+    pub(crate) async fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let conn = self.pool.acquire().await?;
+            return Ok(&mut **self.conn.insert(conn));
+        }
+        self.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Passes `result` on; after an error the connection is not kept.
+    pub(crate) fn checked<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
 }

@@ -601,8 +601,9 @@ impl Statements {
             //
             // The lowest ids are found by walking the primary key in order (ORDER BY id LIMIT,
             // never min(), which a planner without statistics reads through a bitmap of every
-            // id in range): on the relay's sessions, where sorting is disabled, no other plan
-            // is left, so a claim reads about what it returns on a backlog never analyzed.
+            // id in range): on the relay's sessions, which read through index scans only (see
+            // `outbox_relay`'s sessions), a claim reads about what it returns on a backlog never
+            // analyzed.
             //
             // The scan starts at the lease row's floor (migration 0008). $7/$8 are a candidate
             // from a completed batch (see `FloorCandidate`): every id up to $8 went to a
