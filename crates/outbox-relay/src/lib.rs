@@ -73,8 +73,10 @@
 //!
 //! **Wake-ups.** While the relay waits for work, inserting messages sends a NOTIFY in the
 //! writing transaction, delivered at commit; the relay LISTENs, and also polls every
-//! `poll_interval`. While it is busy it claims again at once after every batch, and writers skip
-//! the NOTIFY (it serializes committing transactions on a global lock): the relay keeps an
+//! `poll_interval`. While it is busy it claims again at once after a full batch, and
+//! `batch_linger` after the previous claim began when the batch was not full (so that at light
+//! traffic a claim and a completion carry a few messages, not one), and writers skip the NOTIFY
+//! (it serializes committing transactions on a global lock): the relay keeps an
 //! `idle` flag on its lease row, sets it and claims once more before it waits, and polls
 //! shortly after going idle to catch a writer that read the flag just before it changed.
 //!
