@@ -3,10 +3,12 @@
 //! One command measures, in the same run so that compared figures share the machine's noise:
 //! the raw producer baseline and the relay's drain of a backlog (alternating rounds), the relay's
 //! peak memory while draining (in a child process), live end-to-end latency at several offered
-//! rates, the write-path cost of enqueuing, writers with and without the wake-up NOTIFY, and the
-//! effect of a transaction holding an old snapshot. It prints a table and writes it as JSON.
+//! rates, the write-path cost of enqueuing, writers with and without the wake-up NOTIFY, the
+//! effect of a transaction holding an old snapshot, and the CPU per row of each way of enqueueing
+//! against a plain INSERT. It prints a table and writes it as JSON.
 //! See `docs/performance.md`.
 
+mod enqueue;
 mod kafka;
 mod live;
 mod report;
@@ -70,6 +72,8 @@ pub(crate) enum Scenario {
     /// 8: steady rates from writer processes through `outbox.enqueue`, the `outbox relay`
     /// daemon, per-process CPU.
     Steady,
+    /// 9: CPU per saved row of each way of enqueueing, against a plain INSERT.
+    Enqueue,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -82,10 +86,10 @@ pub(crate) struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "drain,steady,write-path,notify,live,snapshot"
+        default_value = "drain,steady,write-path,notify,live,snapshot,enqueue"
     )]
     pub(crate) scenarios: Vec<Scenario>,
-    /// Rounds of the alternating comparisons (raw vs drain, write path, NOTIFY).
+    /// Rounds of the alternating comparisons (raw vs drain, write path, NOTIFY, enqueue cost).
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
     /// Messages in the drained backlog, and sent by the raw producer baseline.
@@ -176,6 +180,9 @@ pub(crate) struct RunArgs {
     /// Offered rate during the snapshot scenario.
     #[arg(long, default_value_t = 1000.0)]
     pub(crate) snapshot_rate: f64,
+    /// Seconds per enqueue-cost case per round.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) enqueue_seconds: f64,
 }
 
 /// What every scenario shares.
@@ -410,6 +417,7 @@ async fn run_scenarios(ctx: &Ctx) -> anyhow::Result<()> {
             Scenario::Live => live::live(ctx).await?,
             Scenario::Snapshot => live::snapshot(ctx).await?,
             Scenario::Steady => steady::run(ctx).await?,
+            Scenario::Enqueue => enqueue::enqueue(ctx).await?,
         }
         ctx.truncate().await?;
     }

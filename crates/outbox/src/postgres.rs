@@ -76,6 +76,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "held messages by retry time",
         include_str!("migrations/0012_held_by_retry_time.sql"),
     ),
+    (
+        13,
+        "cheaper topic check and insert trigger, enqueue_all()",
+        include_str!("migrations/0013_cheaper_enqueue.sql"),
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
