@@ -171,8 +171,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub(crate) steady_writers: usize,
     /// The relay daemon's `batch_linger_ms` values the steady scenario compares (a daemon per
-    /// value, rotated within each round).
-    #[arg(long, value_delimiter = ',', default_value = "5")]
+    /// value, rotated within each round); without, the relay's default.
+    #[arg(long, value_delimiter = ',')]
     pub(crate) steady_linger_ms: Vec<u64>,
     /// Seconds per steady rate per round.
     #[arg(long, default_value_t = 10)]

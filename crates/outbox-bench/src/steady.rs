@@ -276,6 +276,10 @@ async fn phase(
 /// Scenario 8.
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
+    let lingers_ms = match args.steady_linger_ms.is_empty() {
+        true => vec![ctx.relay_config(1).batch_linger.as_millis() as u64],
+        false => args.steady_linger_ms.clone(),
+    };
     ctx.truncate().await?;
     let topic = ctx.topic("bench-steady").await;
     let consumer = ConsumerThread::start(&ctx.bootstrap, &topic)?;
@@ -283,11 +287,11 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     // (linger index, rate index, run), rotated within each round.
     let mut phases: Vec<(usize, usize, Phase)> = Vec::new();
     for round in 0..args.rounds {
-        let mut lingers: Vec<usize> = (0..args.steady_linger_ms.len()).collect();
+        let mut lingers: Vec<usize> = (0..lingers_ms.len()).collect();
         let shift = round % lingers.len().max(1);
         lingers.rotate_left(shift);
         for l in lingers {
-            let linger_ms = args.steady_linger_ms[l];
+            let linger_ms = lingers_ms[l];
             let relay = start_daemon(ctx, linger_ms).await?;
             // Warm-up, not reported: connections, the producer's metadata, the consumer's
             // fetches.
@@ -323,8 +327,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
 
     let mut report = ctx.report();
     let mut details = Vec::new();
-    for ((l, &linger_ms), (i, &rate)) in args
-        .steady_linger_ms
+    for ((l, &linger_ms), (i, &rate)) in lingers_ms
         .iter()
         .enumerate()
         .flat_map(|l| args.steady_rates.iter().enumerate().map(move |r| (l, r)))

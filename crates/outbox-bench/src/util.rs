@@ -34,7 +34,9 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 /// CPU seconds so far of every process named `name` (the PostgreSQL server and its backends,
-/// the Kafka broker's JVM).
+/// the Kafka broker's JVM), including their children that have exited: a backend whose client
+/// disconnected is gone from `/proc` by the time a phase ends, but the postmaster that reaped
+/// it carries its CPU in its own `cutime`/`cstime`.
 pub(crate) fn cpu_seconds_of(name: &str) -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return f64::NAN;
@@ -44,8 +46,16 @@ pub(crate) fn cpu_seconds_of(name: &str) -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim() == name)
         })
-        .filter_map(cpu_seconds)
+        .filter_map(|pid| Some(cpu_seconds(pid)? + reaped_children_cpu_seconds(pid)?))
         .sum()
+}
+
+/// CPU seconds of the children a process has waited for (`cutime` + `cstime`).
+fn reaped_children_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// CPU seconds so far of the relay's process, PostgreSQL, the Kafka broker and this process.
