@@ -44,21 +44,26 @@ pub(crate) fn producer(bootstrap: &str, overrides: &[String]) -> anyhow::Result<
     config.create().context("create a Kafka producer")
 }
 
+/// How the raw producer sends: with `batch`, like the relay's publish loop (hands `batch`
+/// records to librdkafka, waits for all of them, then the next batch); without, keeping
+/// librdkafka's queue full. `overrides` are producer properties over the relay's.
+pub(crate) struct RawMode<'a> {
+    pub(crate) batch: Option<usize>,
+    pub(crate) overrides: &'a [String],
+}
+
 /// Sends `count` records shaped like the relay's (key `key-<n mod keys>`, `payload_bytes` payload,
-/// `x-sequence` and `x-source` headers) to `topic` with a new producer, and waits for every
-/// acknowledgement. With `batch`, works like the relay's publish loop: hands `batch` records to
-/// librdkafka, waits for all of them, then the next batch; without, keeps librdkafka's queue
-/// full (the ceiling). Returns the time from creating the producer to the last acknowledgement.
+/// `x-sequence` and `x-source` headers) to `topic` with a new producer in `mode`, and waits for
+/// every acknowledgement. Returns the time from creating the producer to the last
+/// acknowledgement.
 pub(crate) async fn produce(
     bootstrap: &str,
     topic: &str,
-    count: u64,
-    payload_bytes: usize,
-    keys: usize,
-    batch: Option<usize>,
-    overrides: &[String],
+    (count, payload_bytes, keys): (u64, usize, usize),
+    mode: RawMode<'_>,
     bar: &ProgressBar,
 ) -> anyhow::Result<Duration> {
+    let RawMode { batch, overrides } = mode;
     let keys: Vec<String> = (0..keys as u64).map(|n| key(n, keys)).collect();
     let started = Instant::now();
     let producer = producer(bootstrap, overrides)?;

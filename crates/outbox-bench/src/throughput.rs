@@ -567,11 +567,11 @@ async fn raw_round(ctx: &Ctx, topic: &str, label: &str) -> anyhow::Result<(Vec<f
         let elapsed = kafka::produce(
             &ctx.bootstrap,
             topic,
-            count,
-            ctx.args.payload_bytes,
-            ctx.args.keys,
-            batch,
-            &overrides,
+            (count, ctx.args.payload_bytes, ctx.args.keys),
+            kafka::RawMode {
+                batch,
+                overrides: &overrides,
+            },
             &progress,
         )
         .await?;

@@ -381,11 +381,20 @@ impl Pipeline {
             .unwrap_or_else(|| Kept::new(self.pool.clone()));
         let ids = delivered.clone();
         let task = tokio::spawn(async move {
-            let result = match kept.conn().await {
-                Ok(conn) => statements.complete(conn, &delivered, delete, &fence).await,
-                Err(error) => Err(error),
-            };
-            let result = kept.checked(result);
+            // A kept connection may have been closed under it (a terminated backend, a
+            // restarted server): on a connection's failure, once more on a new one. The
+            // completion is idempotent; a batch left uncompleted would be published again.
+            let mut result = Err(sqlx::Error::PoolClosed);
+            for _ in 0..2 {
+                result = match kept.conn().await {
+                    Ok(conn) => statements.complete(conn, &delivered, delete, &fence).await,
+                    Err(error) => Err(error),
+                };
+                result = kept.checked(result);
+                if !matches!(&result, Err(error) if connection_failed(error)) {
+                    break;
+                }
+            }
             (kept, result)
         });
         // This batch's claim returned before the completion began, so its last value pairs with
@@ -622,5 +631,18 @@ fn record_published(delivered: &[(PendingMessage, Duration)]) {
     }
     if let Some((topic, n)) = run {
         m::published(topic, n);
+    }
+}
+
+/// Whether `error` is the connection's failure rather than the statement's: I/O, or the server
+/// ending the session (SQLSTATE class 08, connection exception; 57P01-57P03, terminated by an
+/// operator or a shutdown). Not 57014: a statement cancelled by its timeout is not retried.
+fn connection_failed(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }
