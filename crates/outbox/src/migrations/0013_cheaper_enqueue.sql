@@ -1,18 +1,10 @@
 -- A cheaper insert, and enqueue_all(): many messages in one statement.
 --
--- The topic check was most of what an insert cost. PostgreSQL's regex engine expands the bounded
--- repetition {1,249} into ~250 NFA states and builds its DFA anew at every match: 20-40 us per
--- row. The same rule as a length test and a pattern without counted repetition or lookahead
--- (either one doubles a match's cost) costs ~0.3 us: Kafka's characters, 1 to 249 of them, and
--- a leading "." or ".." must be followed by more, so that "." and ".." fail. ([.] rather than a
--- backslash, so the pattern does not depend on standard_conforming_strings.) Validating the new
--- constraint reads the pending rows once.
-ALTER TABLE {schema}.message
-    DROP CONSTRAINT message_topic_is_legal,
-    ADD CONSTRAINT message_topic_is_legal CHECK (
-        octet_length(topic) < 250
-        AND topic ~ '^(?:[a-zA-Z0-9_-]|[.][a-zA-Z0-9_-]|[.][.][a-zA-Z0-9._-])[a-zA-Z0-9._-]*$'
-    );
+-- The topic check stays as it is. Its counted repetition ({1,249}) makes PostgreSQL's regex
+-- engine rebuild a DFA at every match (20-40 us per row), and an equivalent pattern without it
+-- costs ~0.3 us; but with that pattern in place, the hostile-writers chaos scenario's healthy
+-- messages went from p50 2.6-2.9 to 7.1-8.0 ms (three and four runs, the rest of this migration
+-- unchanged), which is not explained yet. Left for a migration that explains it.
 
 -- The id sequence keeps CACHE 1. A cached range would be handed out later by transactions newer
 -- than the relay's completion, while the claim already reads its end as the sequence's last
