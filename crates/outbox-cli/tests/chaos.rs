@@ -827,8 +827,18 @@ async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
          p99 {p99:.1} ms with the hostile writers, and p50 {base_p50:.1} ms, p99 {base_p99:.1} ms \
          without them (8a), the same daemon with its default settings in both."
     ));
+    // The median must stay within 2x (plus 2 ms of scheduling noise): a real slowdown of every
+    // healthy message shows there (a change that cost the relay 5 ms per cycle under hostile
+    // writers measured 7.1-8.0 ms against 2.1-2.5). The p99 of ~1,350 commits is a dozen
+    // samples: on this 2-core machine the baseline's alone ranged 13-120 ms between runs of the
+    // same code, and the hostile run's 45-80 ms, so the tail is held to 2x the baseline's p99
+    // but never to less than 100 ms.
     assert!(
-        p99 <= 2.0 * base_p99,
+        p50 <= 2.0 * base_p50 + 2.0,
+        "p50 {p50:.1} ms with hostile writers, {base_p50:.1} ms without"
+    );
+    assert!(
+        p99 <= 2.0 * base_p99.max(50.0),
         "p99 {p99:.1} ms with hostile writers, {base_p99:.1} ms without"
     );
 }
