@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::headers;
-use outbox::Inbox;
+use outbox::{headers, is_secret_property, Inbox};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -157,17 +156,6 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("properties", &properties)
             .finish()
     }
-}
-
-/// Properties whose values are secrets (the relay's rule, `outbox_relay::kafka::is_secret_property`).
-fn is_secret_property(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key.ends_with(".key.pem")
-        || key == "sasl.jaas.config"
-        || key == "sasl.oauthbearer.config"
-        || key.ends_with("token")
 }
 
 fn masked<'a>(key: &str, value: &'a str) -> &'a str {

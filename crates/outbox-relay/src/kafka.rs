@@ -38,16 +38,7 @@ pub struct KafkaConfig {
     properties: BTreeMap<String, String>,
 }
 
-/// Properties whose values are secrets: masked in `Debug`, logs and printed configuration.
-pub fn is_secret_property(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key.ends_with(".key.pem")
-        || key == "sasl.jaas.config"
-        || key == "sasl.oauthbearer.config"
-        || key.ends_with("token")
-}
+pub use outbox::is_secret_property;
 
 /// librdkafka's refusal of a property echoes its value, in its own text too (`Invalid value
 /// "..." for configuration property "..."`): mask it when the property is a secret.

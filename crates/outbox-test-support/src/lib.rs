@@ -93,6 +93,24 @@ impl TestOutbox {
         }
     }
 
+    /// Takes the relay lease "relay" as holder "me" on `conn`, as a relay would, for tests that
+    /// run the relay's statements themselves; returns its fence.
+    pub async fn take_lease(&self, conn: &mut sqlx::PgConnection) -> outbox::postgres::Fence {
+        let statements = outbox::postgres::Statements::new(&self.schema);
+        let outbox::postgres::LeaseState::Held { token, .. } = statements
+            .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
+            .await
+            .expect("lease_acquire")
+        else {
+            panic!("lease not acquired")
+        };
+        outbox::postgres::Fence {
+            lease: "relay".into(),
+            holder: "me".into(),
+            token,
+        }
+    }
+
     /// Saves and commits each message in a transaction of its own; returns the sequences.
     pub async fn commit_each(
         &self,

@@ -46,3 +46,15 @@ pub use message::{record_wire_size, Header, Message, MAX_SOURCE_BYTES};
 pub use migrate::MigrationReport;
 pub use schema::{InvalidSchemaName, SchemaName};
 pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};
+
+/// Whether a librdkafka property's value is a secret, to be masked in `Debug`, logs, errors and
+/// printed configuration. One rule for the relay, the consumer and the CLI.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".key.pem")
+        || key == "sasl.jaas.config"
+        || key == "sasl.oauthbearer.config"
+        || key.ends_with("token")
+}

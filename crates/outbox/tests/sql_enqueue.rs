@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use outbox::postgres::{Fence, LeaseState, Statements};
+use outbox::postgres::Statements;
 use outbox_test_support::TestOutbox;
 use sqlx::postgres::PgListener;
-use sqlx::{Acquire as _, PgConnection, Postgres, Transaction};
+use sqlx::{Acquire as _, Postgres, Transaction};
 
 async fn count(outbox: &TestOutbox) -> i64 {
     sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", outbox.schema))
@@ -22,22 +22,6 @@ fn database_error(error: sqlx::Error) -> (String, String) {
         error.code().expect("an SQLSTATE").into_owned(),
         error.message().to_owned(),
     )
-}
-
-async fn take_lease(outbox: &TestOutbox, conn: &mut PgConnection) -> Fence {
-    let sql = Statements::new(&outbox.schema);
-    let LeaseState::Held { token, .. } = sql
-        .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
-        .await
-        .unwrap()
-    else {
-        panic!("lease not acquired")
-    };
-    Fence {
-        lease: "relay".into(),
-        holder: "me".into(),
-        token,
-    }
 }
 
 /// How many times this transaction has read the lease table so far: the insert trigger reads it
@@ -302,7 +286,7 @@ async fn rolled_back_enqueue_all_publishes_nothing() {
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&outbox, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     Statements::new(&outbox.schema)
         .lease_set_idle(&mut conn, &fence, true)
         .await
@@ -362,7 +346,7 @@ async fn the_insert_trigger_looks_for_a_waiting_relay_until_the_transaction_has_
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&outbox, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
 
     // A busy relay: every insert looks again, and nothing wakes it.
     let mut tx = outbox.pool.begin().await.unwrap();
@@ -400,7 +384,7 @@ async fn a_wake_up_rolled_back_with_a_savepoint_is_queued_again() {
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&outbox, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     Statements::new(&outbox.schema)
         .lease_set_idle(&mut conn, &fence, true)
         .await

@@ -435,7 +435,7 @@ async fn writers_notify_only_while_a_relay_waits_for_it() {
     );
 
     // A relay holds the lease and is busy: no NOTIFY (and no commit-time lock).
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     assert_eq!(
         next_notification(&mut listener, b"2").await,
         "marker",
@@ -476,7 +476,7 @@ async fn claim_stops_at_the_byte_budget_and_never_below_one_message() {
     let ids = outbox
         .commit_each((0..5).map(|i| Message::new("t", vec![b'x'; 99]).key(format!("{i}"))))
         .await;
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let claimed = |limit: i64, max_bytes: i64, skip: Vec<i64>| {
         let (sql, fence, pool) = (&sql, &fence, &outbox.pool);
         async move {
@@ -525,7 +525,7 @@ async fn header_bytes_count_against_the_byte_budget() {
     let ids = outbox
         .commit_each((0..5).map(|_| Message::new("t", vec![]).header("h", vec![b'v'; 10_000])))
         .await;
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let claimed = sql
         .claim(
             &mut conn,
@@ -563,7 +563,7 @@ async fn the_held_key_test_is_an_index_lookup_whatever_is_held() {
     .execute(&mut *conn)
     .await
     .unwrap();
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", sql.claim_sql()))
         .bind(5000_i64)
         .bind(1_i64 << 30)
@@ -625,7 +625,7 @@ async fn completion_replaces_a_copy_already_in_published() {
     .execute(&mut *conn)
     .await
     .unwrap();
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     assert_eq!(
         sql.complete(&mut conn, &ids, false, &fence)
             .await
@@ -700,7 +700,7 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
     let outbox = TestOutbox::new().await;
     let sql = Statements::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let message = |n: &str| Message::new("t", n.as_bytes().to_vec()).key(n);
     let mut tracker = FloorTracker::default();
     let claim = async |tracker: &mut FloorTracker| -> Claimed {
@@ -806,7 +806,7 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     let outbox = TestOutbox::new().await;
     let sql = Statements::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let ids = outbox
         .commit_each(["a", "b", "c"].map(|n| Message::new("t", n.as_bytes().to_vec())))
         .await;
@@ -914,7 +914,7 @@ async fn the_floor_rises_past_held_messages_and_due_ones_are_still_claimed() {
     let outbox = TestOutbox::new().await;
     let sql = Statements::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = take_lease(&sql, &mut conn).await;
+    let fence = outbox.take_lease(&mut conn).await;
     let held = outbox.commit_each([Message::new("t", "h1").key("h")]).await[0];
     let hold = |until: &'static str| {
         format!(
@@ -1005,21 +1005,6 @@ async fn the_floor_rises_past_held_messages_and_due_ones_are_still_claimed() {
     );
     drop(conn);
     outbox.drop_schema().await;
-}
-
-async fn take_lease(sql: &Statements, conn: &mut sqlx::PgConnection) -> Fence {
-    let LeaseState::Held { token, .. } = sql
-        .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
-        .await
-        .unwrap()
-    else {
-        panic!("lease not acquired")
-    };
-    Fence {
-        lease: "relay".into(),
-        holder: "me".into(),
-        token,
-    }
 }
 
 /// The caller's statement is placed inside the outbox's: a trailing `-- comment` must not
