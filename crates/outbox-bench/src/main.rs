@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox::{Outbox, OutboxConfig, SchemaName};
-use outbox_relay::{Relay, RelayConfig, RelayHandle};
+use outbox_kafka_relay::{Relay, RelayConfig, RelayHandle};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -461,7 +461,7 @@ async fn run_header(ctx: &Ctx) -> serde_json::Value {
             "shared_buffers": setting("shared_buffers").await,
         },
         "kafka_bootstrap": ctx.bootstrap,
-        "producer_settings": outbox_relay::KafkaConfig::new(ctx.bootstrap.clone()).masked(),
+        "producer_settings": outbox_kafka_relay::KafkaConfig::new(ctx.bootstrap.clone()).masked(),
         "args": format!("{:?}", ctx.args),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     })

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use outbox::postgres::{Fence, LeaseState, Statements};
 use outbox::{Message, Outbox, OutboxConfig, SchemaName};
-use outbox_relay::{Completion, Relay, RelayConfig};
+use outbox_kafka_relay::{Completion, Relay, RelayConfig};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Connection as _;

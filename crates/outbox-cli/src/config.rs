@@ -9,9 +9,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use outbox::SchemaName;
-use outbox_relay::config::MAX_RETENTION;
-use outbox_relay::kafka::is_secret_property;
-use outbox_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
+use outbox_kafka_relay::config::MAX_RETENTION;
+use outbox_kafka_relay::kafka::is_secret_property;
+use outbox_kafka_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox::postgres::RepublishFilter;
-use outbox_relay::{Completion, Health, HealthReport, Relay};
+use outbox_kafka_relay::{Completion, Health, HealthReport, Relay};
 use std::str::FromStr;
 
 use sqlx::postgres::PgPoolOptions;
@@ -478,7 +478,7 @@ fn install_metrics_recorder() -> Result<PrometheusHandle, CliError> {
     ];
     PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full(outbox_relay::metrics::PUBLISH_LATENCY.to_owned()),
+            Matcher::Full(outbox_kafka_relay::metrics::PUBLISH_LATENCY.to_owned()),
             &latency_buckets,
         )
         .and_then(|builder| builder.install_recorder())
@@ -617,7 +617,7 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
     let pool = connect(settings, None).await?;
     let statements = outbox::postgres::Statements::new(&settings.schema);
     let bar = indicatif::ProgressBar::new_spinner();
-    let deleted = outbox_relay::cleanup::run_once(
+    let deleted = outbox_kafka_relay::cleanup::run_once(
         &pool,
         &statements,
         retention,
@@ -863,14 +863,14 @@ mod tests {
 
     #[test]
     fn invalid_log_directives_are_named() {
-        let error = log_filter(Some(OsStr::new("info,outbox_relay=loud")))
+        let error = log_filter(Some(OsStr::new("info,outbox_kafka_relay=loud")))
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("OUTBOX_LOG") && error.contains("outbox_relay=loud"),
+            error.contains("OUTBOX_LOG") && error.contains("outbox_kafka_relay=loud"),
             "{error}"
         );
-        log_filter(Some(OsStr::new("info,outbox_relay=debug"))).unwrap();
+        log_filter(Some(OsStr::new("info,outbox_kafka_relay=debug"))).unwrap();
         log_filter(Some(OsStr::new(""))).unwrap();
         log_filter(None).unwrap();
     }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::Message;
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::chaos::{report, report_note, write_messages, Ledger};
 use outbox_test_support::{
     create_replicated_topic, create_topic, create_topic_on, create_topic_with_config, database_url,

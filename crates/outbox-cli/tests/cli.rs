@@ -5,7 +5,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use outbox::Message;
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, database_url, kafka_bootstrap_servers, unique_topic, wait_until, KafkaBroker,
     TestOutbox, TopicReader,
@@ -620,11 +620,11 @@ async fn large_numbers_are_usage_errors_not_panics() {
 #[test]
 fn invalid_log_directive_is_an_error_naming_it() {
     let output = run(outbox_cmd("outbox")
-        .env("OUTBOX_LOG", "info,outbox_relay=loud")
+        .env("OUTBOX_LOG", "info,outbox_kafka_relay=loud")
         .args(["relay", "--print-config"]));
     assert_usage_error(&output, "OUTBOX_LOG");
     assert!(
-        stderr(&output).contains("outbox_relay=loud"),
+        stderr(&output).contains("outbox_kafka_relay=loud"),
         "{}",
         stderr(&output)
     );

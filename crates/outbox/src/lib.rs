@@ -1,7 +1,7 @@
 //! The transactional outbox for PostgreSQL and Apache Kafka: the part a service links.
 //!
 //! A service saves the events it wants to publish **in the same database transaction** as its
-//! business data. Either both commit or neither does; a relay (the `outbox-relay` crate, or the
+//! business data. Either both commit or neither does; a relay (the `outbox-kafka-relay` crate, or the
 //! standalone `outbox relay` command) then publishes every committed message to Kafka.
 //!
 //! ```no_run

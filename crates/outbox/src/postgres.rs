@@ -607,7 +607,7 @@ impl Statements {
             // The lowest ids are found by walking the primary key in order (ORDER BY id LIMIT,
             // never min(), which a planner without statistics reads through a bitmap of every
             // id in range): on the relay's sessions, which read through index scans only (see
-            // `outbox_relay`'s sessions), a claim reads about what it returns on a backlog never
+            // `outbox_kafka_relay`'s sessions), a claim reads about what it returns on a backlog never
             // analyzed.
             //
             // The scan starts at the lease row's floor (migration 0008). $7/$8 are a candidate

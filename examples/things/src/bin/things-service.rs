@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox::{Message, Outbox, OutboxConfig, SchemaName};
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;

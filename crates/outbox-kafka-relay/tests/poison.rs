@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outbox::postgres::Statements;
 use outbox::Message;
-use outbox_relay::{PoisonPolicy, Relay, RelayConfig};
+use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::chaos::{report, Figures};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,

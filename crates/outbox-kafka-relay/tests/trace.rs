@@ -7,7 +7,7 @@ use opentelemetry::trace::{Span as _, TraceContextExt, Tracer, TracerProvider as
 use opentelemetry::{global, Context};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use outbox::Message;
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,
 };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use outbox::postgres::{RepublishFilter, Statements};
 use outbox::Message;
-use outbox_relay::{Completion, Relay, RelayConfig};
+use outbox_kafka_relay::{Completion, Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, record_count, unique_topic, wait_until, KafkaBroker,
     Received, TestOutbox, TopicReader,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use outbox::{Message, Outbox, OutboxConfig};
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{create_topic, kafka_bootstrap_servers, pool, unique_topic, TopicReader};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use outbox::postgres::{HeldKey, Statements};
 use outbox::Message;
-use outbox_relay::{PoisonPolicy, Relay, RelayConfig};
+use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, create_topic_with_config, kafka_bootstrap_servers, unique_topic, wait_until,
     TestOutbox, TopicReader,

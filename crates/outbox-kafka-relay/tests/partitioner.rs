@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outbox::Message;
-use outbox_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,
 };
