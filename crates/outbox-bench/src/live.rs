@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
-use outbox::postgres::{Fence, Statements};
+use outbox_kafka_relay::diagnostics;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 use tokio::task::JoinSet;
@@ -540,46 +540,21 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
     let topic = ctx.topic("bench-snapshot").await;
     let rig = LiveRig::start(ctx, &topic).await?;
-    let statements = Statements::new(&ctx.schema);
-    let config = ctx.relay_config(ctx.batch_size());
+    let lease = ctx.relay_config(ctx.batch_size()).lease_name;
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-    let token = statements
-        .leases(&mut conn)
-        .await?
-        .into_iter()
-        .find(|l| l.name == config.lease_name && l.holder == rig.relay.holder())
-        .context("the relay's lease row")?
-        .token;
-    let fence = Fence {
-        lease: config.lease_name.clone(),
-        holder: rig.relay.holder().to_owned(),
-        token,
-    };
     let current_phase = Arc::new(AtomicU16::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let claim_timer = {
-        let (current_phase, stop, fence) = (current_phase.clone(), stop.clone(), fence.clone());
-        let limit = ctx.batch_size() as i64;
+        let (current_phase, stop, lease) = (current_phase.clone(), stop.clone(), lease.clone());
+        let (schema, limit) = (ctx.schema.clone(), ctx.batch_size());
         tokio::spawn(async move {
             let mut samples: Vec<(u16, f64, usize)> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let t0 = Instant::now();
-                let rows = statements
-                    .claim(
-                        &mut conn,
-                        limit,
-                        i64::MAX,
-                        &Default::default(),
-                        Default::default(),
-                        &fence,
-                    )
-                    .await?
-                    .messages
-                    .len();
+                let claim = diagnostics::time_claim(&mut conn, &schema, &lease, limit).await?;
                 samples.push((
                     current_phase.load(Ordering::Relaxed),
-                    t0.elapsed().as_secs_f64() * 1000.0,
-                    rows,
+                    claim.elapsed.as_secs_f64() * 1000.0,
+                    claim.rows,
                 ));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -622,7 +597,7 @@ pub(crate) async fn snapshot(ctx: &Ctx) -> anyhow::Result<()> {
             duration: *duration,
         };
         let run = rig.phase(ctx, &spec, args.live_writers).await?;
-        let explain = explain_claim(&ctx.schema, &fence, ctx.batch_size()).await?;
+        let explain = explain_claim(&ctx.schema, &lease, ctx.batch_size()).await?;
         let dead: Option<i64> = sqlx::query_scalar(
             "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'message'",
         )

@@ -474,10 +474,6 @@ pub(crate) struct RelayOnItsOwn {
 }
 
 impl RelayOnItsOwn {
-    pub(crate) fn holder(&self) -> &str {
-        self.handle.as_ref().expect("running").holder()
-    }
-
     /// Stops the relay gracefully, then its runtime.
     pub(crate) async fn shutdown(mut self) -> anyhow::Result<()> {
         let handle = self.handle.take().expect("running");

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
-use outbox::postgres::{Fence, LeaseState, Statements};
 use outbox::{Message, Outbox, OutboxConfig, SchemaName};
+use outbox_kafka_relay::diagnostics;
 use outbox_kafka_relay::{Completion, Relay, RelayConfig};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -848,115 +848,34 @@ impl ProfileSamples {
     }
 }
 
-/// The relay's own claim and (a copy of) its completion statement on the full backlog, before
-/// the relay starts: the claim is run with a lease this function takes and releases (the claim
-/// only reads), timed, and EXPLAINed from its text as PostgreSQL reports it. The completion is
-/// EXPLAINed in a transaction that is rolled back.
+/// The relay's claim on the full backlog, before the relay starts (see
+/// `outbox_kafka_relay::diagnostics`): timed, and EXPLAINed.
 pub(crate) async fn explain_backlog(
     ctx: &Ctx,
     schema: &SchemaName,
     batch_size: usize,
 ) -> anyhow::Result<Value> {
-    let statements = Statements::new(schema);
     let lease = ctx.relay_config(batch_size).lease_name;
-    let holder = "bench-explain";
-    let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-    let token = match statements
-        .lease_acquire(&mut conn, &lease, holder, Duration::from_secs(30))
-        .await?
-    {
-        LeaseState::Held { token, .. } => token,
-        other => bail!("cannot take the lease to time the claim: {other:?}"),
-    };
-    let fence = Fence {
-        lease,
-        holder: holder.to_owned(),
-        token,
-    };
-    let claim = explain_claim(schema, &fence, batch_size).await;
-    statements.lease_release(&mut conn, &fence).await?;
-    let claim = claim?;
-    let mut tx = ctx.pool.begin().await?;
-    let ids: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM {schema}.message WHERE processed_at IS NULL ORDER BY id LIMIT {batch_size}"
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
-    let complete: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS, WAL)
-         WITH moved AS (DELETE FROM {schema}.message
-                         WHERE id >= lower($1::text::int8multirange)
-                           AND id < upper($1::text::int8multirange)
-                           AND $1::text::int8multirange @> id AND processed_at IS NULL
-                        RETURNING id, topic, key, payload, headers, created_at, attempts)
-         INSERT INTO {schema}.published
-                (id, topic, key, payload, headers, created_at, processed_at, attempts)
-         SELECT id, topic, key, payload, headers, created_at, now(), attempts FROM moved"
-    ))
-    // The relay passes the ids as ranges; the prefilled backlog's first ids are one run.
-    .bind(format!(
-        "{{[{},{})}}",
-        ids.first().copied().unwrap_or(0),
-        ids.last().map_or(0, |last| last + 1)
-    ))
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.rollback().await?;
-    Ok(json!({
-        "claim": claim,
-        "complete_copy": {"execution_ms": execution_ms(&complete), "plan": complete},
-    }))
+    Ok(json!({"claim": explain_claim(schema, &lease, batch_size).await?}))
 }
 
-/// Runs the relay's claim statement (`Statements::claim`) once under `fence`, timed, then
-/// EXPLAIN (ANALYZE, BUFFERS) of the same text (`Statements::claim_sql`).
+/// The relay's claim under lease `lease`, run once (timed) and EXPLAINed, as JSON.
 pub(crate) async fn explain_claim(
     schema: &SchemaName,
-    fence: &Fence,
+    lease: &str,
     batch_size: usize,
 ) -> anyhow::Result<Value> {
-    let statements = Statements::new(schema);
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-    let started = Instant::now();
-    let rows = statements
-        .claim(
-            &mut conn,
-            batch_size as i64,
-            i64::MAX,
-            &Default::default(),
-            Default::default(),
-            fence,
-        )
-        .await?
-        .messages
-        .len();
-    let statement_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let sql = statements.claim_sql();
-    let plan: Result<Vec<String>, sqlx::Error> =
-        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"))
-            .bind(batch_size as i64)
-            .bind(i64::MAX)
-            .bind("{}")
-            .bind(&fence.lease)
-            .bind(&fence.holder)
-            .bind(fence.token)
-            .bind(None::<String>)
-            .bind(None::<i64>)
-            .bind(Vec::<String>::new())
-            .bind(Vec::<Vec<u8>>::new())
-            .bind(Vec::<String>::new())
-            .bind(Vec::<String>::new())
-            .bind(None::<i64>)
-            .fetch_all(&mut conn)
-            .await;
-    Ok(match plan {
+    let explain = diagnostics::explain_claim(&mut conn, schema, lease, batch_size).await?;
+    let statement_ms = explain.run.elapsed.as_secs_f64() * 1000.0;
+    Ok(match explain.plan {
         Ok(plan) => json!({
-            "statement_ms": statement_ms, "rows": rows,
-            "execution_ms": execution_ms(&plan), "plan": plan, "sql": sql,
+            "statement_ms": statement_ms, "rows": explain.run.rows,
+            "execution_ms": execution_ms(&plan), "plan": plan, "sql": explain.sql,
         }),
         Err(error) => json!({
-            "statement_ms": statement_ms, "rows": rows,
-            "explain_error": error.to_string(), "sql": sql,
+            "statement_ms": statement_ms, "rows": explain.run.rows,
+            "explain_error": error, "sql": explain.sql,
         }),
     })
 }

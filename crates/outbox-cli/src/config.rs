@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use outbox::SchemaName;
 use outbox_kafka_relay::config::MAX_RETENTION;
-use outbox_kafka_relay::kafka::is_secret_property;
+use outbox::is_secret_property;
 use outbox_kafka_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;

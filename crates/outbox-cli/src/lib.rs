@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use outbox::postgres::RepublishFilter;
+use outbox::admin::RepublishFilter;
 use outbox_kafka_relay::{Completion, Health, HealthReport, Relay};
 use std::str::FromStr;
 
@@ -280,14 +280,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             yes,
             confirm_above,
         } => {
-            let filter = RepublishFilter {
-                from_id: id.or(from_id),
-                to_id: id.or(to_id),
-                key: key.map(String::into_bytes),
-                topic,
-                since,
-                until,
-            };
+            let mut filter = RepublishFilter::all()
+                .ids(id.or(from_id), id.or(to_id))
+                .created(since, until);
+            if let Some(key) = key {
+                filter = filter.key(key);
+            }
+            if let Some(topic) = topic {
+                filter = filter.topic(topic);
+            }
             republish(&settings, filter, yes, confirm_above).await
         }
         Command::Cleanup { retention_hours } => cleanup(&settings, retention_hours).await,
@@ -368,8 +369,11 @@ fn writer(settings: &Settings) -> Outbox {
     })
 }
 
-fn db_error(error: sqlx::Error) -> CliError {
-    CliError::Runtime(format!("database error: {error}"))
+fn db_error(error: impl Into<outbox::Error>) -> CliError {
+    match error.into() {
+        outbox::Error::Database(error) => CliError::Runtime(format!("database error: {error}")),
+        other => CliError::Runtime(other.to_string()),
+    }
 }
 
 /// A pool on the configured database; with `statement_timeout`, the server cancels any of its
@@ -421,13 +425,13 @@ async fn run_relay(
     if settings.derive_source {
         // Two services that both leave `source` unset must not publish the same
         // (x-source, x-sequence) pairs: consumers' inboxes would drop one's events.
-        let statements = outbox::postgres::Statements::new(&settings.schema);
+        let admin = outbox::admin::Admin::new(&settings.schema);
         let mut conn = pool.acquire().await.map_err(|e| {
             CliError::Runtime(format!(
                 "cannot derive the relay's source from the database: {e}"
             ))
         })?;
-        settings.relay.source = statements.default_source(&mut conn).await.map_err(|e| {
+        settings.relay.source = admin.default_source(&mut conn).await.map_err(|e| {
             CliError::Runtime(format!(
                 "cannot derive the relay's source from the database: {e}"
             ))
@@ -553,8 +557,8 @@ async fn republish(
             }
         }
     }
-    let statements = outbox::postgres::Statements::new(&settings.schema);
-    let total = statements
+    let admin = outbox::admin::Admin::new(&settings.schema);
+    let total = admin
         .republish_count(&mut conn, &filter)
         .await
         .map_err(db_error)? as u64;
@@ -586,7 +590,7 @@ async fn republish(
     let mut after = i64::MIN;
     let mut done = 0;
     loop {
-        let (count, last) = statements
+        let (count, last) = admin
             .republish_batch(&mut conn, &filter, after, 10_000)
             .await
             .map_err(db_error)?;
@@ -615,11 +619,11 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
         }
     };
     let pool = connect(settings, None).await?;
-    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let admin = outbox::admin::Admin::new(&settings.schema);
     let bar = indicatif::ProgressBar::new_spinner();
     let deleted = outbox_kafka_relay::cleanup::run_once(
         &pool,
-        &statements,
+        &admin,
         retention,
         settings.relay.cleanup_batch_size,
         |total| bar.set_message(format!("deleted {total} processed messages")),
@@ -636,11 +640,11 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
 
 async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(), CliError> {
     let pool = connect(settings, None).await?;
-    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let admin = outbox::admin::Admin::new(&settings.schema);
     let mut conn = pool.acquire().await.map_err(db_error)?;
     match action {
         DeadLetterAction::List { json, limit } => {
-            let letters = statements
+            let letters = admin
                 .dead_letters(&mut conn, limit)
                 .await
                 .map_err(db_error)?;
@@ -674,7 +678,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
             }
         }
         DeadLetterAction::Retry { id, .. } => {
-            let requeued = statements
+            let requeued = admin
                 .requeue_dead_letters(&mut conn, id)
                 .await
                 .map_err(db_error)?;
@@ -684,7 +688,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
             );
         }
         DeadLetterAction::Drop { id, .. } => {
-            let dropped = statements
+            let dropped = admin
                 .drop_dead_letters(&mut conn, id)
                 .await
                 .map_err(db_error)?;
@@ -714,24 +718,18 @@ async fn shutdown_signal() -> &'static str {
 
 async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     let pool = connect(settings, None).await?;
-    let statements = outbox::postgres::Statements::new(&settings.schema);
+    let admin = outbox::admin::Admin::new(&settings.schema);
     let mut conn = pool.acquire().await.map_err(db_error)?;
-    let backlog = statements.backlog(&mut conn).await.map_err(|e| {
+    let backlog = admin.backlog(&mut conn).await.map_err(|e| {
         CliError::Runtime(format!(
             "cannot read the outbox in schema {} (run `outbox migrate`?): {e}",
             settings.schema
         ))
     })?;
-    let leases = statements.leases(&mut conn).await.map_err(db_error)?;
-    let activity = statements.activity(&mut conn).await.map_err(db_error)?;
-    let snapshot = statements
-        .oldest_snapshot(&mut conn)
-        .await
-        .map_err(db_error)?;
-    let held = statements
-        .held_keys(&mut conn, 20)
-        .await
-        .map_err(db_error)?;
+    let leases = admin.leases(&mut conn).await.map_err(db_error)?;
+    let activity = admin.activity(&mut conn).await.map_err(db_error)?;
+    let snapshot = admin.oldest_snapshot(&mut conn).await.map_err(db_error)?;
+    let held = admin.held_keys(&mut conn, 20).await.map_err(db_error)?;
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
     if json {
         let leases: Vec<serde_json::Value> = leases
@@ -750,8 +748,8 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 "topic": h.topic, "key": h.key.as_deref().map(String::from_utf8_lossy), "head_sequence": h.head,
                 "attempts": h.attempts, "failed_messages": h.failed_messages, "last_error": h.last_error,
             })).collect::<Vec<_>>(),
-            "oldest_failure": activity.oldest_failure.as_ref().map(|(id, attempts, error)| {
-                serde_json::json!({"sequence": id, "attempts": attempts, "last_error": error})
+            "oldest_failure": activity.oldest_failure.as_ref().map(|f| {
+                serde_json::json!({"sequence": f.sequence, "attempts": f.attempts, "last_error": f.error})
             }),
             "oldest_snapshot": snapshot.as_ref().map(|s| serde_json::json!({
                 "pid": s.pid, "age_ms": s.age.as_millis() as u64, "state": s.state,
@@ -795,10 +793,12 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
                 printable(h.last_error.as_deref().unwrap_or("-"))
             );
         }
-        if let Some((id, attempts, error)) = &activity.oldest_failure {
+        if let Some(failure) = &activity.oldest_failure {
             println!(
-                "oldest failing:      sequence {id}, {attempts} attempts, last error: {}",
-                printable(error)
+                "oldest failing:      sequence {}, {} attempts, last error: {}",
+                failure.sequence,
+                failure.attempts,
+                printable(&failure.error)
             );
         }
         for lease in leases {

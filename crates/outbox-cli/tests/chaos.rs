@@ -611,10 +611,10 @@ async fn hold_ten_thousand_keys(outbox: &TestOutbox) -> Vec<i64> {
     .await
     .unwrap();
     // All but the one probing the topic.
-    let statements = outbox::postgres::Statements::new(&outbox.schema);
+    let admin = outbox::admin::Admin::new(&outbox.schema);
     wait_until(Duration::from_secs(60), "10,000 keys are held", || async {
         let mut conn = outbox.pool.acquire().await.unwrap();
-        let backlog = statements.backlog(&mut conn).await.unwrap();
+        let backlog = admin.backlog(&mut conn).await.unwrap();
         backlog.held >= 9_999
     })
     .await;
@@ -762,7 +762,7 @@ async fn steady_load(hostile: bool) -> (f64, f64) {
         );
         // Every bad message is held with its own error or dead-lettered, none published, and
         // no healthy message was blamed.
-        let statements = outbox::postgres::Statements::new(&outbox.schema);
+        let admin = outbox::admin::Admin::new(&outbox.schema);
         wait_until(
             Duration::from_secs(60),
             "every bad message carries its own error",
@@ -789,7 +789,7 @@ async fn steady_load(hostile: bool) -> (f64, f64) {
         .unwrap();
         assert_eq!(published, 0, "a bad message was published");
         let mut conn = outbox.pool.acquire().await.unwrap();
-        let held = statements.held_keys(&mut conn, 100_000).await.unwrap();
+        let held = admin.held_keys(&mut conn, 100_000).await.unwrap();
         assert_eq!(
             held.len(),
             stored.len(),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::Statements;
+use outbox::admin::Admin;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,15 +17,15 @@ use crate::metrics as m;
 /// left; calls `progress` with the running total after each batch. Returns the total.
 pub async fn run_once(
     pool: &PgPool,
-    statements: &Statements,
+    admin: &Admin,
     retention: Duration,
     batch_size: usize,
     mut progress: impl FnMut(u64),
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, outbox::Error> {
     let mut total = 0;
     loop {
-        let mut conn = pool.acquire().await?;
-        let deleted = statements
+        let mut conn = pool.acquire().await.map_err(outbox::Error::from)?;
+        let deleted = admin
             .cleanup(&mut conn, retention, batch_size as i64)
             .await?;
         total += deleted;
@@ -39,7 +39,7 @@ pub async fn run_once(
 
 pub(crate) async fn run_periodically(
     pool: PgPool,
-    statements: Arc<Statements>,
+    admin: Arc<Admin>,
     term: watch::Receiver<Option<Term>>,
     retention: Duration,
     interval: Duration,
@@ -58,7 +58,7 @@ pub(crate) async fn run_periodically(
         if !leader {
             continue;
         }
-        match run_once(&pool, &statements, retention, batch_size, |_| {}).await {
+        match run_once(&pool, &admin, retention, batch_size, |_| {}).await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "retention cleanup removed processed messages"),
             Err(error) => {

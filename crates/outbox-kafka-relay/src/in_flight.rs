@@ -8,9 +8,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::postgres::PendingMessage;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
-use outbox::postgres::PendingMessage;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::DeliveryFuture;
 use tokio::time::Instant;

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
+use crate::postgres::PendingMessage;
 use outbox::headers;
-use outbox::postgres::{MalformedHeaders, PendingMessage};
+use outbox::headers::MalformedHeaders;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -38,7 +39,7 @@ pub struct KafkaConfig {
     properties: BTreeMap<String, String>,
 }
 
-pub use outbox::is_secret_property;
+use outbox::is_secret_property;
 
 /// librdkafka's refusal of a property echoes its value, in its own text too (`Invalid value
 /// "..." for configuration property "..."`): mask it when the property is a secret.
@@ -183,7 +184,7 @@ impl fmt::Debug for KafkaConfig {
 
 /// Whether retrying a failed delivery can succeed without anyone changing anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// Broker down, leader election, timeouts, throttling, a topic not (yet) created: retry.
     Retriable,
     /// Kafka rejects this record as it is (too large, invalid, not authorized): retrying the
@@ -192,7 +193,7 @@ pub enum ErrorClass {
 }
 
 /// Classifies a delivery error by librdkafka's error code (never by message text).
-pub fn classify(error: &KafkaError) -> ErrorClass {
+pub(crate) fn classify(error: &KafkaError) -> ErrorClass {
     use RDKafkaErrorCode::*;
     match error.rdkafka_error_code() {
         Some(

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Fence, Fenced, LeaseState, Statements};
+use crate::postgres::{Fence, Fenced, LeaseState, Statements};
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;

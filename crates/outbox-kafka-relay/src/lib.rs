@@ -87,13 +87,15 @@
 mod backoff;
 pub mod cleanup;
 pub mod config;
+pub mod diagnostics;
 pub mod health;
 mod in_flight;
-pub mod kafka;
-pub mod lease;
+mod kafka;
+mod lease;
 pub mod metrics;
 mod monitor;
 mod pipeline;
+mod postgres;
 mod sessions;
 mod topics;
 #[cfg(feature = "otel")]
@@ -103,7 +105,8 @@ mod wakeup;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::Statements;
+use crate::postgres::Statements;
+use outbox::admin::Admin;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -160,6 +163,7 @@ impl Relay {
         tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
         let pool = sessions::pool(&pool, config.lease_ttl);
         let statements = Arc::new(Statements::new(&config.schema));
+        let admin = Arc::new(Admin::new(&config.schema));
         let publisher = kafka::Publisher::new(&config.kafka, &config.source)
             .map_err(|e| RelayError::Kafka(kafka::redact_config_error(e)))?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
@@ -180,7 +184,7 @@ impl Relay {
         ));
         tasks.spawn(monitor::run(
             pool.clone(),
-            statements.clone(),
+            admin.clone(),
             config.kafka.clone(),
             health.clone(),
             config.monitor_interval,
@@ -189,7 +193,7 @@ impl Relay {
         if let Completion::Keep { retention } = config.completion {
             tasks.spawn(cleanup::run_periodically(
                 pool.clone(),
-                statements.clone(),
+                admin,
                 term_rx.clone(),
                 retention,
                 config.cleanup_interval,

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Statements, SCHEMA_VERSION};
+use outbox::admin::Admin;
+use outbox::SCHEMA_VERSION;
 use rdkafka::producer::{BaseProducer, Producer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,7 @@ use crate::metrics as m;
 
 pub(crate) async fn run(
     pool: PgPool,
-    statements: Arc<Statements>,
+    admin: Arc<Admin>,
     kafka: KafkaConfig,
     health: Arc<Health>,
     interval: Duration,
@@ -33,21 +34,21 @@ pub(crate) async fn run(
     let probe = probe.map(Arc::new);
     loop {
         let backlog = async {
-            let mut conn = pool.acquire().await?;
-            let version = statements.schema_version(&mut conn).await?;
+            let mut conn = pool.acquire().await.map_err(outbox::Error::from)?;
+            let version = admin.schema_version(&mut conn).await?;
             if version < SCHEMA_VERSION {
                 return Ok(Err(version));
             }
-            let backlog = statements.backlog(&mut conn).await?;
-            let snapshot = statements.oldest_snapshot(&mut conn).await?;
-            Ok::<_, sqlx::Error>(Ok((backlog, snapshot)))
+            let backlog = admin.backlog(&mut conn).await?;
+            let snapshot = admin.oldest_snapshot(&mut conn).await?;
+            Ok::<_, outbox::Error>(Ok((backlog, snapshot)))
         }
         .await;
         match backlog {
             Ok(Err(version)) => {
                 let reason = format!(
                     "schema {} is not migrated (version {version}, this relay needs {SCHEMA_VERSION}): run `outbox migrate`",
-                    statements.schema()
+                    admin.schema()
                 );
                 tracing::error!("{reason}");
                 health.database(true);

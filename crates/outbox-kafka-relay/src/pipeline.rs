@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Skip, Statements};
+use crate::postgres::{Completed, Fenced, FloorTracker, PendingMessage, Skip, Statements};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::time::Instant;

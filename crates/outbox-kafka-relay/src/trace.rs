@@ -5,10 +5,10 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::postgres::PendingMessage;
 use opentelemetry::global;
 use opentelemetry::trace::{Span, SpanKind, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
-use outbox::postgres::PendingMessage;
 use outbox::trace::{parse_trace_context, TRACEPARENT, TRACESTATE};
 
 /// Records the spans of one delivered message; `since_claim` is the time from claim to ack.

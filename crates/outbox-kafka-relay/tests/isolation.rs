@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use outbox::postgres::{HeldKey, Statements};
+use outbox::admin::{Admin, HeldKey};
 use outbox::Message;
 use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::{
@@ -25,11 +25,11 @@ fn config(outbox: &TestOutbox, policy: PoisonPolicy) -> RelayConfig {
 
 /// The held keys, once there are `count` of them.
 async fn held_keys(outbox: &TestOutbox, count: usize) -> Vec<HeldKey> {
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     let deadline = tokio::time::Instant::now() + READ;
     loop {
         let mut conn = outbox.pool.acquire().await.unwrap();
-        let held = statements.held_keys(&mut conn, 100).await.unwrap();
+        let held = admin.held_keys(&mut conn, 100).await.unwrap();
         if held.len() == count {
             return held;
         }
@@ -158,9 +158,9 @@ async fn undecodable_rows_are_dead_lettered_with_their_error_under_that_policy()
     let mut reader = TopicReader::new(&topic);
     reader.read_at_least(1, READ).await;
     assert_eq!(reader.received[0].payload_str(), "after");
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let dead = statements.dead_letters(&mut conn, 10).await.unwrap();
+    let dead = admin.dead_letters(&mut conn, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, bad);
     assert!(
@@ -504,8 +504,8 @@ async fn rows_with_extreme_values_do_not_stop_the_claim() {
     // The status query copes with such rows too.
     wait_until(READ, "only the malformed row is pending", || async {
         let mut conn = outbox.pool.acquire().await.unwrap();
-        let statements = Statements::new(&outbox.schema);
-        statements.backlog(&mut conn).await.unwrap().pending == 1
+        let admin = Admin::new(&outbox.schema);
+        admin.backlog(&mut conn).await.unwrap().pending == 1
     })
     .await;
     relay.shutdown().await.unwrap();
@@ -539,18 +539,18 @@ async fn a_flood_of_missing_topic_names_is_held_at_once_and_healthy_topics_flow(
         started.elapsed()
     );
     // All but the probes are held long before librdkafka's 30 s metadata wait.
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     wait_until(
         Duration::from_secs(10),
         "the unprobed names are held",
         || async {
             let mut conn = outbox.pool.acquire().await.unwrap();
-            statements.held_keys(&mut conn, 1000).await.unwrap().len() >= 200 - 16
+            admin.held_keys(&mut conn, 1000).await.unwrap().len() >= 200 - 16
         },
     )
     .await;
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let held = statements.held_keys(&mut conn, 1000).await.unwrap();
+    let held = admin.held_keys(&mut conn, 1000).await.unwrap();
     assert!(
         held[0]
             .last_error

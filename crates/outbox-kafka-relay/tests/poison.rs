@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use outbox::postgres::Statements;
+use outbox::admin::Admin;
 use outbox::Message;
 use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::chaos::{report, Figures};
@@ -114,9 +114,9 @@ async fn block_policy(backlog_in_small_batches: bool) {
         "the key stops at the poison message"
     );
 
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let held = statements.held_keys(&mut conn, 10).await.unwrap();
+    let held = admin.held_keys(&mut conn, 10).await.unwrap();
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0].head, poison);
     assert_eq!(held[0].key.as_deref(), Some(&b"poison"[..]));
@@ -191,19 +191,16 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
     })
     .await;
 
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let letters = statements.dead_letters(&mut conn, 10).await.unwrap();
+    let letters = admin.dead_letters(&mut conn, 10).await.unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].id, poison, "the dead letter keeps its sequence");
     assert!(letters[0].error.contains("too large"), "{letters:?}");
     relay.shutdown().await.unwrap();
 
     assert_eq!(
-        statements
-            .requeue_dead_letters(&mut conn, None)
-            .await
-            .unwrap(),
+        admin.requeue_dead_letters(&mut conn, None).await.unwrap(),
         [poison]
     );
     drop(conn);

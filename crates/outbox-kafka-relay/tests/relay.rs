@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outbox::postgres::{RepublishFilter, Statements};
+use outbox::admin::{Admin, RepublishFilter};
 use outbox::Message;
 use outbox_kafka_relay::{Completion, Relay, RelayConfig};
 use outbox_test_support::{
@@ -334,7 +334,7 @@ async fn messages_put_back_below_the_claim_floor_are_published_by_the_running_re
     let outbox = TestOutbox::new().await;
     let topic = topic(1).await;
     let relay = Relay::start(outbox.pool.clone(), config(&outbox)).unwrap();
-    let statements = Statements::new(&outbox.schema);
+    let admin = Admin::new(&outbox.schema);
     let filler = || Message::new(&topic, b"filler".to_vec()).key("filler");
     let sent = outbox
         .commit_each([Message::new(&topic, b"old".to_vec()).key("old"), filler()])
@@ -369,12 +369,8 @@ async fn messages_put_back_below_the_claim_floor_are_published_by_the_running_re
 
     floor_passes(second).await;
     let mut conn = outbox.pool.acquire().await.unwrap();
-    let filter = RepublishFilter {
-        from_id: Some(old),
-        to_id: Some(old),
-        ..RepublishFilter::default()
-    };
-    let (republished, _) = statements
+    let filter = RepublishFilter::all().ids(Some(old), Some(old));
+    let (republished, _) = admin
         .republish_batch(&mut conn, &filter, 0, 10)
         .await
         .unwrap();
@@ -385,7 +381,7 @@ async fn messages_put_back_below_the_claim_floor_are_published_by_the_running_re
     floor_passes(second).await;
     outbox.dead_letter_by_hand(second).await;
     assert_eq!(
-        statements
+        admin
             .requeue_dead_letters(&mut conn, Some(second))
             .await
             .unwrap(),

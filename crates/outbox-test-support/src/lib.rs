@@ -93,22 +93,21 @@ impl TestOutbox {
         }
     }
 
-    /// Takes the relay lease "relay" as holder "me" on `conn`, as a relay would, for tests that
-    /// run the relay's statements themselves; returns its fence.
-    pub async fn take_lease(&self, conn: &mut sqlx::PgConnection) -> outbox::postgres::Fence {
-        let statements = outbox::postgres::Statements::new(&self.schema);
-        let outbox::postgres::LeaseState::Held { token, .. } = statements
-            .lease_acquire(conn, "relay", "me", Duration::from_secs(30))
-            .await
-            .expect("lease_acquire")
-        else {
-            panic!("lease not acquired")
-        };
-        outbox::postgres::Fence {
-            lease: "relay".into(),
-            holder: "me".into(),
-            token,
-        }
+    /// Writes the lease row of a relay that holds the lease and, with `idle`, waits for work:
+    /// what writers' insert trigger reads to decide whether to wake it. For tests of the write
+    /// side without a relay.
+    pub async fn relay_waits(&self, idle: bool) {
+        sqlx::query(&format!(
+            "INSERT INTO {}.relay_lease AS l
+                    (name, holder, token, idle, acquired_at, renewed_at, expires_at)
+             VALUES ('relay', 'test', 1, $1, now(), now(), now() + interval '1 hour')
+             ON CONFLICT (name) DO UPDATE SET idle = $1, expires_at = excluded.expires_at",
+            self.schema
+        ))
+        .bind(idle)
+        .execute(&self.pool)
+        .await
+        .expect("write the lease row");
     }
 
     /// Saves and commits each message in a transaction of its own; returns the sequences.

@@ -12,6 +12,11 @@
 //! - [`SOURCE`] (`x-source`): the configured source name, UTF-8.
 //! - [`VALUE_TYPE`] (`x-value-type`): the payload's type name, set by typed helpers.
 
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::message::Header;
+
 /// Header carrying the outbox sequence, 8-byte big-endian signed.
 pub const SEQUENCE: &str = "x-sequence";
 /// Header carrying the source (the publishing service), UTF-8.
@@ -43,6 +48,73 @@ pub fn decode_sequence(value: &[u8]) -> Result<i64, MalformedSequence> {
     Ok(i64::from_be_bytes(bytes))
 }
 
+/// Headers are stored as `[{"name": n, "text": v}]`, or `"base64"` for values that are not
+/// UTF-8, so that operators can read them with psql and SQL writers can produce them.
+pub(crate) fn encode_stored(headers: &[Header]) -> Option<Value> {
+    if headers.is_empty() {
+        return None;
+    }
+    let encoded = headers
+        .iter()
+        .map(|h| match std::str::from_utf8(&h.value) {
+            Ok(text) => json!({ "name": h.name, "text": text }),
+            Err(_) => json!({
+                "name": h.name,
+                "base64": base64::engine::general_purpose::STANDARD.encode(&h.value),
+            }),
+        })
+        .collect();
+    Some(Value::Array(encoded))
+}
+
+/// Stored headers the relay cannot publish: not the shape the writers store, or naming a
+/// header the relay sets itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed stored outbox headers: {0}")]
+pub struct MalformedHeaders(String);
+
+/// Reads the headers column as the writers store it (see [`encode_stored`]); a row written
+/// by hand in another shape, or naming a reserved header, is an error, never a panic.
+pub fn decode_stored(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(items) = value else {
+        return Err(MalformedHeaders(format!(
+            "expected an array, found {value}"
+        )));
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let name = item["name"]
+                .as_str()
+                .filter(|name| !name.is_empty())
+                .ok_or_else(|| MalformedHeaders(format!("header without a name: {item}")))?;
+            if RESERVED.contains(&name) {
+                return Err(MalformedHeaders(format!(
+                    "header {name:?} is reserved: the relay sets it"
+                )));
+            }
+            let value = if let Some(text) = item["text"].as_str() {
+                text.as_bytes().to_vec()
+            } else if let Some(b64) = item["base64"].as_str() {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| MalformedHeaders(format!("header {name:?}: {e}")))?
+            } else {
+                return Err(MalformedHeaders(format!(
+                    "header {name:?} has no text or base64 value: {item}"
+                )));
+            };
+            Ok(Header {
+                name: name.to_owned(),
+                value,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +136,27 @@ mod tests {
             Err(MalformedSequence { len: 3 })
         );
         assert_eq!(decode_sequence(&[]), Err(MalformedSequence { len: 0 }));
+    }
+
+    #[test]
+    fn headers_round_trip_text_and_binary_in_order() {
+        let headers = vec![
+            Header {
+                name: "traceparent".into(),
+                value: b"00-abc-def-01".to_vec(),
+            },
+            Header {
+                name: "bin".into(),
+                value: vec![0, 159, 146, 150],
+            },
+            Header {
+                name: "traceparent".into(),
+                value: b"dup".to_vec(),
+            },
+        ];
+        let stored = encode_stored(&headers);
+        assert_eq!(stored.as_ref().unwrap()[0]["text"], "00-abc-def-01");
+        assert!(stored.as_ref().unwrap()[1]["base64"].is_string());
+        assert_eq!(decode_stored(stored).unwrap(), headers);
     }
 }

@@ -17,20 +17,24 @@ use std::sync::Arc;
 use sqlx::{Postgres, Transaction};
 
 use crate::error::Error;
-use crate::postgres::Statements;
 use crate::schema::SchemaName;
 
 /// Records processed messages; created over a migrated outbox schema.
 #[derive(Debug, Clone)]
 pub struct Inbox {
-    statements: Arc<Statements>,
+    record: Arc<str>,
 }
+
+// Waits on a concurrent insert of the same key until that transaction ends, so two consumers
+// racing on one message cannot both see it as new.
+const RECORD: &str = "INSERT INTO {schema}.inbox (source, sequence) VALUES ($1, $2)
+ ON CONFLICT DO NOTHING";
 
 impl Inbox {
     /// An inbox in `schema` (migrate it with [`crate::Outbox::migrate`]).
     pub fn new(schema: SchemaName) -> Self {
         Inbox {
-            statements: Arc::new(Statements::new(&schema)),
+            record: RECORD.replace("{schema}", schema.as_str()).into(),
         }
     }
 
@@ -43,6 +47,11 @@ impl Inbox {
         source: &str,
         sequence: i64,
     ) -> Result<bool, Error> {
-        Ok(self.statements.inbox_record(tx, source, sequence).await?)
+        let result = sqlx::query(&self.record)
+            .bind(source)
+            .bind(sequence)
+            .execute(&mut **tx)
+            .await?;
+        Ok(result.rows_affected() == 1)
     }
 }

@@ -28,12 +28,13 @@
 //! Services in other languages enqueue with the SQL function `outbox.enqueue(topic, key, payload,
 //! headers)` inside their own transaction and run only the standalone relay.
 
+pub mod admin;
 mod error;
 pub mod headers;
 pub mod inbox;
 mod message;
 mod migrate;
-pub mod postgres;
+mod postgres;
 mod schema;
 #[cfg(feature = "otel")]
 pub mod trace;
@@ -44,6 +45,7 @@ pub use error::{Error, InvalidMessage};
 pub use inbox::Inbox;
 pub use message::{record_wire_size, Header, Message, MAX_SOURCE_BYTES};
 pub use migrate::MigrationReport;
+pub use postgres::SCHEMA_VERSION;
 pub use schema::{InvalidSchemaName, SchemaName};
 pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};
 

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use outbox::postgres::Statements;
 use outbox_test_support::TestOutbox;
 use sqlx::postgres::PgListener;
 use sqlx::{Acquire as _, Postgres, Transaction};
@@ -285,12 +284,7 @@ async fn rolled_back_enqueue_all_publishes_nothing() {
     let outbox = TestOutbox::new().await;
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = outbox.take_lease(&mut conn).await;
-    Statements::new(&outbox.schema)
-        .lease_set_idle(&mut conn, &fence, true)
-        .await
-        .unwrap();
+    outbox.relay_waits(true).await;
     let mut tx = outbox.pool.begin().await.unwrap();
     sqlx::query(&format!(
         "SELECT * FROM {}.enqueue_all(ARRAY['t', 't'], NULL, ARRAY['a', 'b']::bytea[])",
@@ -302,7 +296,6 @@ async fn rolled_back_enqueue_all_publishes_nothing() {
     tx.rollback().await.unwrap();
     assert_eq!(count(&outbox).await, 0);
     assert!(!woken(&outbox, &mut listener).await, "no wake-up");
-    drop(conn);
     drop(listener);
     outbox.drop_schema().await;
 }
@@ -342,11 +335,9 @@ async fn enqueue_all_runs_the_insert_trigger_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_insert_trigger_looks_for_a_waiting_relay_until_the_transaction_has_woken_it() {
     let outbox = TestOutbox::new().await;
-    let sql = Statements::new(&outbox.schema);
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = outbox.take_lease(&mut conn).await;
+    outbox.relay_waits(false).await;
 
     // A busy relay: every insert looks again, and nothing wakes it.
     let mut tx = outbox.pool.begin().await.unwrap();
@@ -356,7 +347,7 @@ async fn the_insert_trigger_looks_for_a_waiting_relay_until_the_transaction_has_
     }
     assert_eq!(lease_reads(&outbox, &mut tx).await, before + 5);
     // The relay starts to wait meanwhile: the next insert wakes it.
-    sql.lease_set_idle(&mut conn, &fence, true).await.unwrap();
+    outbox.relay_waits(true).await;
     enqueue(&outbox, &mut tx, "now idle").await;
     assert_eq!(lease_reads(&outbox, &mut tx).await, before + 6);
     tx.commit().await.unwrap();
@@ -371,7 +362,6 @@ async fn the_insert_trigger_looks_for_a_waiting_relay_until_the_transaction_has_
     assert_eq!(lease_reads(&outbox, &mut tx).await, before + 1);
     tx.commit().await.unwrap();
     assert!(woken(&outbox, &mut listener).await, "woken");
-    drop(conn);
     drop(listener);
     outbox.drop_schema().await;
 }
@@ -383,12 +373,7 @@ async fn a_wake_up_rolled_back_with_a_savepoint_is_queued_again() {
     let outbox = TestOutbox::new().await;
     let mut listener = PgListener::connect_with(&outbox.pool).await.unwrap();
     listener.listen(&outbox.schema.channel()).await.unwrap();
-    let mut conn = outbox.pool.acquire().await.unwrap();
-    let fence = outbox.take_lease(&mut conn).await;
-    Statements::new(&outbox.schema)
-        .lease_set_idle(&mut conn, &fence, true)
-        .await
-        .unwrap();
+    outbox.relay_waits(true).await;
 
     let mut tx = outbox.pool.begin().await.unwrap();
     let mut savepoint = tx.begin().await.unwrap();
@@ -398,7 +383,6 @@ async fn a_wake_up_rolled_back_with_a_savepoint_is_queued_again() {
     tx.commit().await.unwrap();
     assert!(woken(&outbox, &mut listener).await, "woken");
     assert_eq!(count(&outbox).await, 1);
-    drop(conn);
     drop(listener);
     outbox.drop_schema().await;
 }

@@ -1,0 +1,557 @@
+//! What an operator reads and does: the backlog, held keys, dead letters, republishing, leases,
+//! retention. The `outbox` command, the relay's health and metrics, and any console are built on
+//! these; none of them changes what the relay is publishing except through the documented
+//! effects (a message put back keeps its sequence, and lowers the relay's claim floor so the
+//! running relay finds it at once).
+//!
+//! Every statement takes a connection, so an operator's tool can run it on a pool connection,
+//! in a transaction of its own, or with its own `statement_timeout`.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
+use sqlx::{PgConnection, Postgres};
+
+use crate::error::Error;
+use crate::postgres::Statements;
+use crate::schema::SchemaName;
+
+/// Operator statements on one outbox schema.
+///
+/// ```no_run
+/// # async fn example(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+/// use outbox::admin::Admin;
+///
+/// let admin = Admin::new(&outbox::SchemaName::default_schema());
+/// let mut conn = pool.acquire().await?;
+/// let backlog = admin.backlog(&mut conn).await?;
+/// println!("{} pending, {} dead letters", backlog.pending, backlog.dead_letters);
+/// for key in admin.held_keys(&mut conn, 20).await? {
+///     println!("{} held by message {}: {:?}", key.topic, key.head, key.last_error);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    schema: SchemaName,
+    backlog: String,
+    activity: String,
+    held_keys: String,
+    dead_letters: String,
+    requeue_dead_letters: String,
+    drop_dead_letters: String,
+    republish_count: String,
+    republish_batch: String,
+    leases: String,
+    cleanup: String,
+}
+
+/// Backlog figures for status and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Messages not yet published.
+    pub pending: i64,
+    /// Age of the oldest pending message; `None` when nothing is pending.
+    pub oldest_age: Option<Duration>,
+    /// Pending messages held after a failed delivery (waiting for their retry).
+    pub held: i64,
+    /// Messages in the dead-letter table.
+    pub dead_letters: i64,
+}
+
+/// What has happened lately, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Activity {
+    /// Time since the last message was published (kept completions only).
+    pub since_last_publish: Option<Duration>,
+    /// Pending messages with at least one failed delivery attempt.
+    pub failing: i64,
+    /// The oldest failing message.
+    pub oldest_failure: Option<Failure>,
+}
+
+/// A pending message whose deliveries failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Failure {
+    /// Its sequence.
+    pub sequence: i64,
+    /// Failed attempts so far.
+    pub attempts: i32,
+    /// The last error.
+    pub error: String,
+}
+
+/// A key whose head message failed and holds back the key's later messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldKey {
+    /// Topic.
+    pub topic: String,
+    /// Key (`None`: a single message without key).
+    pub key: Option<Vec<u8>>,
+    /// Sequence of the failed head message.
+    pub head: i64,
+    /// Its attempts so far.
+    pub attempts: i32,
+    /// Pending messages of the key that have failed at least once.
+    pub failed_messages: i64,
+    /// The head's last error.
+    pub last_error: Option<String>,
+}
+
+/// A dead letter, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Original sequence.
+    pub id: i64,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Delivery attempts.
+    pub attempts: i32,
+    /// The permanent error.
+    pub error: String,
+    /// Time since it was dead-lettered.
+    pub age: Duration,
+}
+
+/// Which published messages to publish again. Unset fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RepublishFilter {
+    /// Lowest sequence, inclusive.
+    pub from_id: Option<i64>,
+    /// Highest sequence, inclusive.
+    pub to_id: Option<i64>,
+    /// Exact key.
+    pub key: Option<Vec<u8>>,
+    /// Exact topic.
+    pub topic: Option<String>,
+    /// Created at or after (PostgreSQL timestamptz text).
+    pub since: Option<String>,
+    /// Created at or before (PostgreSQL timestamptz text).
+    pub until: Option<String>,
+}
+
+impl RepublishFilter {
+    /// Matches every published message.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only sequences `from..=to`.
+    pub fn ids(mut self, from: Option<i64>, to: Option<i64>) -> Self {
+        (self.from_id, self.to_id) = (from, to);
+        self
+    }
+
+    /// Only this key.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Only this topic.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// Only messages created in this window (PostgreSQL timestamptz text, either end open).
+    pub fn created(mut self, since: Option<String>, until: Option<String>) -> Self {
+        (self.since, self.until) = (since, until);
+        self
+    }
+}
+
+/// The session whose snapshot is oldest: while it holds it, vacuum cannot remove the index
+/// entries of completed messages, and every claim walks over them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OldestSnapshot {
+    /// Backend process id (`pg_terminate_backend` takes it).
+    pub pid: i32,
+    /// How long its transaction (or, outside one, its statement) has been running.
+    pub age: Duration,
+    /// `active`, `idle in transaction`, ... (`None` when the role may not see it).
+    pub state: Option<String>,
+    /// The client's `application_name`.
+    pub application_name: String,
+}
+
+/// A lease row, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseRow {
+    /// Lease name.
+    pub name: String,
+    /// Current or last holder.
+    pub holder: String,
+    /// Fencing token of the current or last term.
+    pub token: i64,
+    /// Milliseconds until expiry; zero or negative when free.
+    pub expires_in_ms: i64,
+}
+
+// least() ignores NULLs: the age of an empty outbox must stay NULL, not 1e9 s.
+const BACKLOG: &str = "SELECT count(*),
+        CASE WHEN min(created_at) FILTER (WHERE isfinite(created_at)) IS NOT NULL
+             THEN (least(extract(epoch FROM now() - min(created_at) FILTER (WHERE isfinite(created_at))), 1e9)
+                   * 1000000)::bigint
+        END,
+        count(*) FILTER (WHERE retry_at > now()),
+        (SELECT count(*) FROM {schema}.dead_letter)
+   FROM {schema}.message WHERE processed_at IS NULL";
+
+const ACTIVITY: &str = "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.published)) * 1000000)::bigint,
+        (SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL AND attempts > 0),
+        f.id, f.attempts, f.last_error
+   FROM (SELECT 1) one
+   LEFT JOIN LATERAL (SELECT id, attempts, last_error FROM {schema}.message
+                       WHERE processed_at IS NULL AND attempts > 0
+                       ORDER BY id LIMIT 1) f ON true";
+
+const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
+        (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id))
+   FROM {schema}.message h
+  WHERE processed_at IS NULL AND retry_at IS NOT NULL
+  GROUP BY topic, key
+  ORDER BY min(id)
+  LIMIT $1";
+
+const DEAD_LETTERS: &str = "SELECT id, topic, key, attempts, error,
+        (extract(epoch FROM now() - dead_at) * 1000)::bigint
+   FROM {schema}.dead_letter ORDER BY id LIMIT $1";
+
+/// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
+/// back with their old ids must not sit below it. It always writes the row and bumps the
+/// generation, even when the floor is already lower: a claim raising it concurrently must meet
+/// the lock and the new generation and give up.
+const LOWER_FLOOR: &str = "lowered AS (UPDATE {schema}.relay_lease
+                          SET floor = least(floor, (SELECT min(id) FROM inserted)),
+                              floor_generation = floor_generation + 1
+                        WHERE EXISTS (SELECT 1 FROM inserted))";
+
+// Back into the outbox with the original sequence, so x-sequence is kept.
+const REQUEUE_DEAD_LETTERS: &str = "WITH moved AS (
+         DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1
+      RETURNING id, topic, key, payload, headers, created_at, attempts, error),
+      inserted AS (INSERT INTO {schema}.message
+                          (id, topic, key, payload, headers, created_at, attempts, last_error)
+                   OVERRIDING SYSTEM VALUE
+                   SELECT id, topic, key, payload, headers, created_at, attempts, error FROM moved
+                   RETURNING id),
+      {lower_floor}
+ SELECT id FROM inserted";
+
+const DROP_DEAD_LETTERS: &str =
+    "DELETE FROM {schema}.dead_letter WHERE $1::bigint IS NULL OR id = $1";
+
+/// Parameters $1-$6, bound by [`bind_filter`].
+const REPUBLISH_FILTER: &str = "($1::bigint IS NULL OR id >= $1)
+     AND ($2::bigint IS NULL OR id <= $2)
+     AND ($3::bytea IS NULL OR key = $3)
+     AND ($4::text IS NULL OR topic = $4)
+     AND ($5::text IS NULL OR created_at >= $5::timestamptz)
+     AND ($6::text IS NULL OR created_at <= $6::timestamptz)";
+
+const REPUBLISH_COUNT: &str = "SELECT count(*) FROM {schema}.published WHERE {filter}";
+
+// Back into the outbox with the original sequence. Keyset-paginated by id ($7: the last id
+// done, $8: the page size) so each statement stays bounded.
+const REPUBLISH_BATCH: &str = "WITH moved AS (
+         DELETE FROM {schema}.published
+          WHERE id IN (SELECT id FROM {schema}.published
+                        WHERE {filter} AND id > $7
+                          AND NOT EXISTS (SELECT 1 FROM {schema}.message m WHERE m.id = published.id)
+                        ORDER BY id LIMIT $8)
+      RETURNING id, topic, key, payload, headers, created_at),
+      inserted AS (INSERT INTO {schema}.message (id, topic, key, payload, headers, created_at)
+                   OVERRIDING SYSTEM VALUE
+                   SELECT id, topic, key, payload, headers, created_at FROM moved
+                   RETURNING id),
+      {lower_floor}
+ SELECT id FROM inserted";
+
+const LEASES: &str =
+    "SELECT name, holder, token, (extract(epoch FROM expires_at - now()) * 1000)::bigint
+   FROM {schema}.relay_lease ORDER BY name";
+
+// Unfenced: rows published before the retention are never in flight, so deleting them is safe
+// from anywhere; the relay's leader runs it periodically.
+const CLEANUP: &str = "DELETE FROM {schema}.published
+  WHERE id IN (SELECT id FROM {schema}.published
+                WHERE processed_at < now() - $1 * interval '1 microsecond'
+                ORDER BY processed_at
+                LIMIT $2)";
+
+// What holds back vacuum of this database's tables: its sessions' snapshots (backend_xmin) and
+// open write transactions (backend_xid, also when idle in transaction), and standbys' feedback
+// through walsenders (no datname). Without pg_read_all_stats, other roles' sessions show
+// neither and are missed.
+const OLDEST_SNAPSHOT: &str = "SELECT pid,
+        (extract(epoch FROM now() - coalesce(xact_start, query_start, backend_start)) * 1000000)::bigint,
+        state, coalesce(application_name, '')
+   FROM pg_stat_activity
+  WHERE (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+    AND (datname = current_database() OR datname IS NULL)
+    AND pid <> pg_backend_pid()
+  ORDER BY greatest(age(backend_xmin), age(backend_xid)) DESC NULLS LAST
+  LIMIT 1";
+
+fn bind_filter<'q, O>(
+    query: QueryAs<'q, Postgres, O, PgArguments>,
+    filter: &'q RepublishFilter,
+) -> QueryAs<'q, Postgres, O, PgArguments> {
+    query
+        .bind(filter.from_id)
+        .bind(filter.to_id)
+        .bind(filter.key.as_deref())
+        .bind(filter.topic.as_deref())
+        .bind(filter.since.as_deref())
+        .bind(filter.until.as_deref())
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn duration_us(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
+}
+
+impl Admin {
+    /// The statements for `schema`, rendered once.
+    pub fn new(schema: &SchemaName) -> Self {
+        let render = |sql: &str| {
+            sql.replace("{filter}", REPUBLISH_FILTER)
+                .replace("{lower_floor}", LOWER_FLOOR)
+                .replace("{schema}", schema.as_str())
+        };
+        Admin {
+            schema: schema.clone(),
+            backlog: render(BACKLOG),
+            activity: render(ACTIVITY),
+            held_keys: render(HELD_KEYS),
+            dead_letters: render(DEAD_LETTERS),
+            requeue_dead_letters: render(REQUEUE_DEAD_LETTERS),
+            drop_dead_letters: render(DROP_DEAD_LETTERS),
+            republish_count: render(REPUBLISH_COUNT),
+            republish_batch: render(REPUBLISH_BATCH),
+            leases: render(LEASES),
+            cleanup: render(CLEANUP),
+        }
+    }
+
+    /// The schema these statements address.
+    pub fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+
+    /// The schema's migration version; 0 when it was never migrated. The relay refuses to run
+    /// on a schema older than [`crate::SCHEMA_VERSION`].
+    pub async fn schema_version(&self, conn: &mut PgConnection) -> Result<i32, Error> {
+        Ok(Statements::new(&self.schema).schema_version(conn).await?)
+    }
+
+    /// A source (`x-source`) unique to this outbox, for relays configured without one: the
+    /// cluster's system identifier (distinct for every `initdb`), the database and the schema.
+    pub async fn default_source(&self, conn: &mut PgConnection) -> Result<String, Error> {
+        Ok(sqlx::query_scalar(
+            "SELECT format('outbox:%s:%s:%s', system_identifier, current_database(), $1::text)
+               FROM pg_control_system()",
+        )
+        .bind(self.schema.as_str())
+        .fetch_one(conn)
+        .await?)
+    }
+
+    /// Pending, held and dead-lettered counts, and the oldest pending message's age.
+    pub async fn backlog(&self, conn: &mut PgConnection) -> Result<Backlog, Error> {
+        let (pending, oldest_us, held, dead_letters): (i64, Option<i64>, i64, i64) =
+            sqlx::query_as(&self.backlog).fetch_one(conn).await?;
+        Ok(Backlog {
+            pending,
+            oldest_age: oldest_us.map(duration_us),
+            held,
+            dead_letters,
+        })
+    }
+
+    /// Recent activity: the last publish, failing messages.
+    pub async fn activity(&self, conn: &mut PgConnection) -> Result<Activity, Error> {
+        type Row = (Option<i64>, i64, Option<i64>, Option<i32>, Option<String>);
+        let (since_us, failing, id, attempts, error): Row =
+            sqlx::query_as(&self.activity).fetch_one(conn).await?;
+        Ok(Activity {
+            since_last_publish: since_us.map(duration_us),
+            failing,
+            oldest_failure: id.map(|sequence| Failure {
+                sequence,
+                attempts: attempts.unwrap_or(0),
+                error: error.unwrap_or_default(),
+            }),
+        })
+    }
+
+    /// Up to `limit` keys held back by a failed head message, oldest first.
+    pub async fn held_keys(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<HeldKey>, Error> {
+        type Row = (String, Option<Vec<u8>>, i64, i32, i64, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(&self.held_keys)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(topic, key, head, attempts, failed_messages, last_error)| HeldKey {
+                    topic,
+                    key,
+                    head,
+                    attempts,
+                    failed_messages,
+                    last_error,
+                },
+            )
+            .collect())
+    }
+
+    /// Up to `limit` dead letters, oldest sequence first.
+    pub async fn dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        type Row = (i64, String, Option<Vec<u8>>, i32, String, i64);
+        let rows: Vec<Row> = sqlx::query_as(&self.dead_letters)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, topic, key, attempts, error, age_ms)| DeadLetter {
+                id,
+                topic,
+                key,
+                attempts,
+                error,
+                age: Duration::from_millis(age_ms.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Puts one dead letter (`Some(id)`) or all of them back into the outbox with their
+    /// original sequence; returns the sequences requeued.
+    pub async fn requeue_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        id: Option<i64>,
+    ) -> Result<Vec<i64>, Error> {
+        Ok(sqlx::query_scalar(&self.requeue_dead_letters)
+            .bind(id)
+            .fetch_all(conn)
+            .await?)
+    }
+
+    /// Deletes one dead letter (`Some(id)`) or all of them; returns how many.
+    pub async fn drop_dead_letters(
+        &self,
+        conn: &mut PgConnection,
+        id: Option<i64>,
+    ) -> Result<u64, Error> {
+        Ok(sqlx::query(&self.drop_dead_letters)
+            .bind(id)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+
+    /// How many published messages match `filter`.
+    pub async fn republish_count(
+        &self,
+        conn: &mut PgConnection,
+        filter: &RepublishFilter,
+    ) -> Result<i64, Error> {
+        let (count,): (i64,) = bind_filter(sqlx::query_as(&self.republish_count), filter)
+            .fetch_one(conn)
+            .await?;
+        Ok(count)
+    }
+
+    /// Moves up to `limit` published messages matching `filter` with a sequence above `after`
+    /// back into the outbox (they keep their sequence). Returns how many moved and the highest
+    /// sequence moved, `None` when nothing was left: pass it as the next `after`.
+    pub async fn republish_batch(
+        &self,
+        conn: &mut PgConnection,
+        filter: &RepublishFilter,
+        after: i64,
+        limit: i64,
+    ) -> Result<(u64, Option<i64>), Error> {
+        let ids: Vec<(i64,)> = bind_filter(sqlx::query_as(&self.republish_batch), filter)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(conn)
+            .await?;
+        Ok((ids.len() as u64, ids.iter().map(|r| r.0).max()))
+    }
+
+    /// Every lease row.
+    pub async fn leases(&self, conn: &mut PgConnection) -> Result<Vec<LeaseRow>, Error> {
+        let rows: Vec<(String, String, i64, i64)> =
+            sqlx::query_as(&self.leases).fetch_all(conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, holder, token, expires_in_ms)| LeaseRow {
+                name,
+                holder,
+                token,
+                expires_in_ms,
+            })
+            .collect())
+    }
+
+    /// Deletes at most `limit` messages published longer than `retention` ago; returns how
+    /// many.
+    pub async fn cleanup(
+        &self,
+        conn: &mut PgConnection,
+        retention: Duration,
+        limit: i64,
+    ) -> Result<u64, Error> {
+        Ok(sqlx::query(&self.cleanup)
+            .bind(micros(retention))
+            .bind(limit)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+
+    /// The other session of this database holding the oldest snapshot, if any.
+    pub async fn oldest_snapshot(
+        &self,
+        conn: &mut PgConnection,
+    ) -> Result<Option<OldestSnapshot>, Error> {
+        let row: Option<(i32, Option<i64>, Option<String>, String)> =
+            sqlx::query_as(OLDEST_SNAPSHOT).fetch_optional(conn).await?;
+        Ok(
+            row.map(|(pid, age_us, state, application_name)| OldestSnapshot {
+                pid,
+                age: duration_us(age_us.unwrap_or(0)),
+                state,
+                application_name,
+            }),
+        )
+    }
+}
