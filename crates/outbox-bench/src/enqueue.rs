@@ -137,10 +137,7 @@ impl Run {
 /// Scenario 8, in a schema of its own (its lease row must not meet the other scenarios' relays).
 pub(crate) async fn enqueue(ctx: &Ctx) -> anyhow::Result<()> {
     let schema = SchemaName::new(format!("bench_enqueue_{}", outbox_test_support::short_id()))?;
-    let outbox = Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    });
+    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
     outbox.migrate(&ctx.pool).await?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE {schema}.floor (

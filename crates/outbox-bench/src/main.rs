@@ -346,10 +346,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("connect to PostgreSQL (start the services with: eval \"$(dev/up)\")")?;
     let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
-    let outbox = Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    });
+    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
     outbox.migrate(&pool).await?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE {schema}.business (

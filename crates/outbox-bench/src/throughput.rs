@@ -605,10 +605,7 @@ async fn prefill(
     count: u64,
     label: &str,
 ) -> anyhow::Result<f64> {
-    let outbox = Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    });
+    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
     sqlx::raw_sql(&format!("TRUNCATE {schema}.message"))
         .execute(&ctx.pool)
         .await?;
@@ -670,12 +667,9 @@ fn cpu_rows(report: &mut crate::report::Report, scenario: &str, drains: &[Drain]
 /// A new schema, migrated, for a backlog of its own: never analyzed.
 async fn fresh_schema(ctx: &Ctx) -> anyhow::Result<SchemaName> {
     let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
-    Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    })
-    .migrate(&ctx.pool)
-    .await?;
+    Outbox::new(OutboxConfig::default().schema(schema.clone()))
+        .migrate(&ctx.pool)
+        .await?;
     Ok(schema)
 }
 

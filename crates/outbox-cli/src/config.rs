@@ -8,9 +8,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use outbox::is_secret_property;
 use outbox::SchemaName;
 use outbox_kafka_relay::config::MAX_RETENTION;
-use outbox::is_secret_property;
 use outbox_kafka_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
 use serde::Deserialize;
 use sqlx::postgres::PgConnectOptions;

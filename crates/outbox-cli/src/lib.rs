@@ -363,10 +363,7 @@ fn watch_interval(seconds: f64) -> Result<Duration, ConfigError> {
 }
 
 fn writer(settings: &Settings) -> Outbox {
-    Outbox::new(OutboxConfig {
-        schema: settings.schema.clone(),
-        ..OutboxConfig::default()
-    })
+    Outbox::new(OutboxConfig::default().schema(settings.schema.clone()))
 }
 
 fn db_error(error: impl Into<outbox::Error>) -> CliError {

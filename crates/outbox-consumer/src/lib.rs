@@ -128,6 +128,7 @@ pub struct ConsumerStats {
 
 /// Consumer settings. `Debug` masks secret properties.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ConsumerConfig {
     /// Kafka bootstrap servers.
     pub bootstrap_servers: String,
@@ -139,6 +140,30 @@ pub struct ConsumerConfig {
     pub retry_initial: Duration,
     /// Extra librdkafka consumer properties, verbatim.
     pub properties: Vec<(String, String)>,
+}
+
+impl ConsumerConfig {
+    /// A consumer in group `group_id` of `topics` on `bootstrap_servers`, retrying a failed
+    /// record after 100 ms at first, with no extra properties.
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        ConsumerConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            group_id: group_id.into(),
+            topics: topics.into_iter().map(Into::into).collect(),
+            retry_initial: Duration::from_millis(100),
+            properties: Vec::new(),
+        }
+    }
+
+    /// Sets a librdkafka consumer property (`security.protocol`, `sasl.password`, ...).
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
 }
 
 impl std::fmt::Debug for ConsumerConfig {

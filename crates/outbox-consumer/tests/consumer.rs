@@ -56,13 +56,12 @@ async fn duplicates_are_skipped_and_a_failed_handler_is_retried_until_applied() 
 
     let stats = Arc::new(ConsumerStats::default());
     let cancel = CancellationToken::new();
-    let config = ConsumerConfig {
-        bootstrap_servers: kafka_bootstrap_servers(),
-        group_id: format!("inbox-test-{}", short_id()),
-        topics: vec![topic.clone()],
-        retry_initial: Duration::from_millis(50),
-        properties: vec![],
-    };
+    let mut config = ConsumerConfig::new(
+        kafka_bootstrap_servers(),
+        format!("inbox-test-{}", short_id()),
+        [&topic],
+    );
+    config.retry_initial = Duration::from_millis(50);
     let mut failed_once = false;
     let handler_table = table.clone();
     // Not spawned: the handler borrows the transaction, so the loop runs on this task.
@@ -188,12 +187,11 @@ async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() 
     produce_to(&producer, &topic, Some(0), 1, "event").await;
 
     let group_id = format!("inbox-rebalance-{}", short_id());
-    let config = |properties: Vec<(String, String)>| ConsumerConfig {
-        bootstrap_servers: kafka_bootstrap_servers(),
-        group_id: group_id.clone(),
-        topics: vec![topic.clone()],
-        retry_initial: Duration::from_millis(50),
-        properties,
+    let config = |properties: Vec<(String, String)>| {
+        let mut config = ConsumerConfig::new(kafka_bootstrap_servers(), &group_id, [&topic]);
+        config.retry_initial = Duration::from_millis(50);
+        config.properties = properties;
+        config
     };
     // A member busy in its handler does not rejoin; the group reassigns its partitions once
     // `max.poll.interval.ms` (the rebalance timeout) has passed, the shortest the broker allows.

@@ -33,6 +33,7 @@ pub enum PoisonPolicy {
 /// Relay settings. [`RelayConfig::new`] gives production defaults; [`RelayConfig::validate`]
 /// names the setting at fault.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Schema holding the outbox objects.
     pub schema: SchemaName,

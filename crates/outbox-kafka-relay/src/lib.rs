@@ -255,6 +255,7 @@ const LEASE_RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A running relay. Dropping it does not stop it; call [`RelayHandle::shutdown`].
 #[derive(Debug)]
+#[must_use = "dropping the handle leaves the relay running; call shutdown() to stop it"]
 pub struct RelayHandle {
     holder: String,
     shutdown_timeout: Duration,

@@ -34,8 +34,16 @@ async fn one_trace_runs_from_the_request_through_the_outbox_to_the_kafka_record(
     {
         let _attached = cx.clone().attach();
         let mut tx = outbox.pool.begin().await.unwrap();
+        // Enabling the feature alone changes nothing an outbox saves: it is opted into.
         outbox
             .outbox
+            .save_for_publishing(&mut tx, Message::new(&topic, b"plain".to_vec()).key("k"))
+            .await
+            .unwrap();
+        outbox
+            .outbox
+            .clone()
+            .saving_trace_context()
             .save_for_publishing(&mut tx, Message::new(&topic, b"traced".to_vec()).key("k"))
             .await
             .unwrap();
@@ -44,7 +52,13 @@ async fn one_trace_runs_from_the_request_through_the_outbox_to_the_kafka_record(
     cx.span().end();
 
     let mut reader = TopicReader::new(&topic);
-    let record = reader.read_at_least(1, Duration::from_secs(60)).await[0].clone();
+    let records = reader.read_at_least(2, Duration::from_secs(60)).await;
+    assert_eq!(records[0].payload_str(), "plain");
+    assert!(
+        records[0].header("traceparent").is_none(),
+        "an outbox not saving trace context saved one"
+    );
+    let record = records[1].clone();
     let traceparent = String::from_utf8(record.header("traceparent").unwrap().to_vec()).unwrap();
     assert_eq!(
         traceparent,

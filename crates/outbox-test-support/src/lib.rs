@@ -78,10 +78,7 @@ impl TestOutbox {
     pub async fn new() -> Self {
         let pool = pool().await;
         let schema = SchemaName::new(format!("t_{}", short_id())).expect("valid schema name");
-        let outbox = Outbox::new(OutboxConfig {
-            schema: schema.clone(),
-            ..OutboxConfig::default()
-        });
+        let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
         outbox
             .migrate(&pool)
             .await

@@ -1,6 +1,8 @@
 //! W3C trace context on messages (`otel` feature): the `traceparent` and `tracestate` of the
 //! OpenTelemetry context a message is saved in travel with it as Kafka headers, so the relay
-//! can record its spans in that trace and the consumer can continue it.
+//! can record its spans in that trace and the consumer can continue it. An outbox saves them
+//! when built with [`crate::Outbox::saving_trace_context`]; [`Message::with_trace_context`] adds
+//! them to one message.
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry::Context;
@@ -14,8 +16,8 @@ pub const TRACESTATE: &str = "tracestate";
 
 impl Message {
     /// Adds the `traceparent`/`tracestate` of `context`'s span (if it has a valid one and the
-    /// message carries none yet). `save_for_publishing` does this with the current context; use
-    /// this when the context is kept elsewhere (e.g. `tracing-opentelemetry`'s
+    /// message carries none yet). An outbox [saving trace context](crate::Outbox::saving_trace_context) does
+    /// this with the current context; use this when the context is kept elsewhere (e.g. `tracing-opentelemetry`'s
     /// `Span::current().context()`).
     pub fn with_trace_context(mut self, context: &Context) -> Self {
         let span = context.span();

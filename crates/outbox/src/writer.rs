@@ -19,12 +19,28 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
 
 /// Write-side configuration.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct OutboxConfig {
     /// Schema holding the outbox objects (default `outbox`).
     pub schema: SchemaName,
     /// Largest message accepted, as a Kafka record ([`crate::record_wire_size`]); `None` for
     /// [`DEFAULT_MAX_PAYLOAD_BYTES`]. Keep it at or below the relay's `message.max.bytes`.
     pub max_message_bytes: Option<usize>,
+}
+
+impl OutboxConfig {
+    /// Writes to `schema` instead of `outbox`.
+    pub fn schema(mut self, schema: SchemaName) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// Accepts messages up to `bytes` as Kafka records instead of
+    /// [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = Some(bytes);
+        self
+    }
 }
 
 /// The write side of the outbox: saves messages inside the caller's transaction.
@@ -34,6 +50,7 @@ pub struct OutboxConfig {
 pub struct Outbox {
     statements: Arc<Statements>,
     max_message_bytes: usize,
+    trace_context: bool,
 }
 
 impl Outbox {
@@ -44,7 +61,18 @@ impl Outbox {
             max_message_bytes: config
                 .max_message_bytes
                 .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+            trace_context: false,
         }
+    }
+
+    /// Messages saved through this outbox carry the current OpenTelemetry trace context
+    /// (`traceparent`/`tracestate`, see [`crate::trace`]), so the relay records its spans in the
+    /// trace that saved them and consumers can continue it. A choice per outbox, not per build:
+    /// enabling the `otel` feature alone changes nothing that is saved.
+    #[cfg(feature = "otel")]
+    pub fn saving_trace_context(mut self) -> Self {
+        self.trace_context = true;
+        self
     }
 
     /// The schema this outbox writes to.
@@ -68,7 +96,7 @@ impl Outbox {
         tx: &mut Transaction<'_, Postgres>,
         message: Message,
     ) -> Result<Sequence, Error> {
-        let message = with_current_trace(message);
+        let message = self.with_current_trace(message);
         message.validate(self.max_message_bytes)?;
         Ok(self.statements.insert_one(tx, &message).await?)
     }
@@ -105,7 +133,7 @@ impl Outbox {
     where
         E: Execute<'q, Postgres>,
     {
-        let message = with_current_trace(message);
+        let message = self.with_current_trace(message);
         message.validate(self.max_message_bytes)?;
         let arguments = statement
             .take_arguments()
@@ -125,7 +153,10 @@ impl Outbox {
         tx: &mut Transaction<'_, Postgres>,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
-        let messages: Vec<Message> = messages.into_iter().map(with_current_trace).collect();
+        let messages: Vec<Message> = messages
+            .into_iter()
+            .map(|m| self.with_current_trace(m))
+            .collect();
         for message in &messages {
             message.validate(self.max_message_bytes)?;
         }
@@ -136,9 +167,13 @@ impl Outbox {
     }
 }
 
-/// With the `otel` feature, messages carry the current OpenTelemetry trace context.
-fn with_current_trace(message: Message) -> Message {
-    #[cfg(feature = "otel")]
-    let message = message.with_trace_context(&opentelemetry::Context::current());
-    message
+impl Outbox {
+    /// The message, with the current trace context if this outbox saves it.
+    fn with_current_trace(&self, message: Message) -> Message {
+        #[cfg(feature = "otel")]
+        if self.trace_context {
+            return message.with_trace_context(&opentelemetry::Context::current());
+        }
+        message
+    }
 }

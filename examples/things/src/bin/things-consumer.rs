@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::routing::get;
 use axum::{Json, Router};
@@ -60,12 +59,9 @@ async fn main() -> anyhow::Result<()> {
     let pool = things::connect().await?;
     let schema = SchemaName::new(CONSUMER_SCHEMA)?;
     // The consumer's own schema holds its inbox (part of the outbox migrations) and read model.
-    Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    })
-    .migrate(&pool)
-    .await?;
+    Outbox::new(OutboxConfig::default().schema(schema.clone()))
+        .migrate(&pool)
+        .await?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE IF NOT EXISTS {CONSUMER_SCHEMA}.thing (
              id uuid PRIMARY KEY,
@@ -108,13 +104,11 @@ async fn main() -> anyhow::Result<()> {
         signal_cancel.cancel();
     });
     tracing::info!(%addr, "things-consumer running");
-    let config = ConsumerConfig {
-        bootstrap_servers: things::kafka_bootstrap_servers(),
-        group_id: "things-consumer".into(),
-        topics: vec![TOPIC.into()],
-        retry_initial: Duration::from_millis(100),
-        properties: vec![],
-    };
+    let config = ConsumerConfig::new(
+        things::kafka_bootstrap_servers(),
+        "things-consumer",
+        [TOPIC],
+    );
     outbox_consumer::run(
         config,
         pool,

@@ -148,10 +148,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     let pool = things::connect().await?;
     let schema = SchemaName::new(SERVICE_OUTBOX_SCHEMA)?;
-    let outbox = Outbox::new(OutboxConfig {
-        schema: schema.clone(),
-        ..OutboxConfig::default()
-    });
+    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
     outbox.migrate(&pool).await?;
     sqlx::raw_sql(&format!(
         "CREATE SCHEMA IF NOT EXISTS {SERVICE_SCHEMA};
