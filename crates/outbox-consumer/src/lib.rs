@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{headers, is_secret_property, Inbox};
+use outbox::{headers, is_secret_property, Header, Inbox, Sequence};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -45,11 +45,11 @@ pub struct Record {
     /// Value.
     pub payload: Option<Vec<u8>>,
     /// Headers in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<Header>,
     /// `x-source`.
     pub source: String,
     /// `x-sequence`.
-    pub sequence: i64,
+    pub sequence: Sequence,
 }
 
 impl Record {
@@ -57,8 +57,8 @@ impl Record {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
+            .find(|h| h.name == name)
+            .map(|h| h.value.as_slice())
     }
 
     /// The `x-value-type` header, if present and UTF-8.
@@ -85,15 +85,18 @@ pub enum MalformedRecord {
 impl Record {
     /// Parses a Kafka message; headers are read leniently (a malformed one is an error value).
     pub fn from_message(message: &BorrowedMessage<'_>) -> Result<Self, MalformedRecord> {
-        let headers: Vec<(String, Vec<u8>)> = message
+        let headers: Vec<Header> = message
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .map(|h| Header {
+                        name: h.key.to_owned(),
+                        value: h.value.unwrap_or_default().to_vec(),
+                    })
                     .collect()
             })
             .unwrap_or_default();
-        let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        let find = |name: &str| headers.iter().find(|h| h.name == name).map(|h| &h.value);
         let sequence = headers::decode_sequence(
             find(headers::SEQUENCE).ok_or(MalformedRecord::MissingSequence)?,
         )?;

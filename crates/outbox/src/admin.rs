@@ -16,6 +16,7 @@ use sqlx::{PgConnection, Postgres};
 use crate::error::Error;
 use crate::postgres::Statements;
 use crate::schema::SchemaName;
+use crate::writer::Sequence;
 
 /// Operator statements on one outbox schema.
 ///
@@ -79,7 +80,7 @@ pub struct Activity {
 #[non_exhaustive]
 pub struct Failure {
     /// Its sequence.
-    pub sequence: i64,
+    pub sequence: Sequence,
     /// Failed attempts so far.
     pub attempts: i32,
     /// The last error.
@@ -95,7 +96,7 @@ pub struct HeldKey {
     /// Key (`None`: a single message without key).
     pub key: Option<Vec<u8>>,
     /// Sequence of the failed head message.
-    pub head: i64,
+    pub head: Sequence,
     /// Its attempts so far.
     pub attempts: i32,
     /// Pending messages of the key that have failed at least once.
@@ -109,7 +110,7 @@ pub struct HeldKey {
 #[non_exhaustive]
 pub struct DeadLetter {
     /// Original sequence.
-    pub id: i64,
+    pub id: Sequence,
     /// Topic.
     pub topic: String,
     /// Key.
@@ -127,9 +128,9 @@ pub struct DeadLetter {
 #[non_exhaustive]
 pub struct RepublishFilter {
     /// Lowest sequence, inclusive.
-    pub from_id: Option<i64>,
+    pub from_id: Option<Sequence>,
     /// Highest sequence, inclusive.
-    pub to_id: Option<i64>,
+    pub to_id: Option<Sequence>,
     /// Exact key.
     pub key: Option<Vec<u8>>,
     /// Exact topic.
@@ -147,7 +148,7 @@ impl RepublishFilter {
     }
 
     /// Only sequences `from..=to`.
-    pub fn ids(mut self, from: Option<i64>, to: Option<i64>) -> Self {
+    pub fn ids(mut self, from: Option<Sequence>, to: Option<Sequence>) -> Self {
         (self.from_id, self.to_id) = (from, to);
         self
     }

@@ -18,6 +18,7 @@ use sqlx::{Postgres, Transaction};
 
 use crate::error::Error;
 use crate::schema::SchemaName;
+use crate::writer::Sequence;
 
 /// Records processed messages; created over a migrated outbox schema.
 #[derive(Debug, Clone)]
@@ -45,7 +46,7 @@ impl Inbox {
         &self,
         tx: &mut Transaction<'_, Postgres>,
         source: &str,
-        sequence: i64,
+        sequence: Sequence,
     ) -> Result<bool, Error> {
         let result = sqlx::query(&self.record)
             .bind(source)
