@@ -8,6 +8,10 @@ pub enum Error {
     /// is untouched and remains the caller's to roll back or to continue.
     #[error("invalid outbox message: {0}")]
     InvalidMessage(#[from] InvalidMessage),
+    /// [`crate::Outbox::execute_and_save`] was given something other than one SQL statement;
+    /// nothing ran.
+    #[error("execute_and_save takes one SQL statement: {0}")]
+    InvalidStatement(String),
     /// The configured schema name is not a plain SQL identifier.
     #[error(transparent)]
     InvalidSchemaName(#[from] InvalidSchemaName),

@@ -223,7 +223,6 @@ impl Statements {
             first + 1,
             first + 2,
             first + 3,
-            statement = statement.trim_end().trim_end_matches(';'),
             schema = self.schema.as_str(),
         );
         bind_message(sqlx::query_scalar_with(&sql, arguments), message)

@@ -135,13 +135,14 @@ impl Outbox {
     {
         let message = self.with_current_trace(message);
         message.validate(self.max_message_bytes)?;
+        let sql = single_statement(statement.sql())?;
         let arguments = statement
             .take_arguments()
             .map_err(sqlx::Error::Encode)?
             .unwrap_or_default();
         Ok(self
             .statements
-            .insert_with_statement(tx, statement.sql(), arguments, &message)
+            .insert_with_statement(tx, sql, arguments, &message)
             .await?)
     }
 
@@ -175,5 +176,161 @@ impl Outbox {
             return message.with_trace_context(&opentelemetry::Context::current());
         }
         message
+    }
+}
+
+/// `sql` without its final `;` and what follows it, when that is only whitespace and comments:
+/// the statement is wrapped in a `WITH` clause, where a terminator is a syntax error. Text in
+/// quotes (`'...'`, `"..."`, `$tag$...$tag$`) and comments (`--`, nested `/* */`) is skipped, so
+/// a `;` there is not taken for one; a `;` followed by more SQL is more than one statement.
+fn single_statement(sql: &str) -> Result<&str, Error> {
+    let bytes = sql.as_bytes();
+    let mut terminator: Option<usize> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &sql[i..];
+        let skip = if rest.starts_with("--") {
+            rest.find('\n').unwrap_or(rest.len())
+        } else if rest.starts_with("/*") {
+            block_comment_len(rest).ok_or_else(|| unterminated("/* comment"))?
+        } else if bytes[i] == b'\'' || bytes[i] == b'"' {
+            quoted_len(rest, bytes[i]).ok_or_else(|| unterminated("quoted text"))?
+        } else if let Some(tag) = dollar_tag(rest) {
+            rest[tag.len()..]
+                .find(tag)
+                .map(|end| 2 * tag.len() + end)
+                .ok_or_else(|| unterminated("dollar-quoted text"))?
+        } else {
+            if bytes[i] == b';' {
+                terminator.get_or_insert(i);
+            } else if !bytes[i].is_ascii_whitespace() && terminator.is_some() {
+                return Err(Error::InvalidStatement(
+                    "more SQL follows a `;`: pass one statement".into(),
+                ));
+            }
+            1
+        };
+        i += skip;
+    }
+    Ok(&sql[..terminator.unwrap_or(sql.len())])
+}
+
+fn unterminated(what: &str) -> Error {
+    Error::InvalidStatement(format!("unterminated {what}"))
+}
+
+/// Length of the `/* */` comment `text` starts with (PostgreSQL nests them).
+fn block_comment_len(text: &str) -> Option<usize> {
+    let mut depth = 0;
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with("/*") {
+            depth += 1;
+            i += 2;
+        } else if text[i..].starts_with("*/") {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return Some(i);
+            }
+        } else {
+            i += text[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    None
+}
+
+/// Length of the quoted text `text` starts with; a doubled quote is an escaped one.
+fn quoted_len(text: &str, quote: u8) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut i = 1;
+    while i < bytes.len() {
+        if bytes[i] == quote {
+            if bytes.get(i + 1) == Some(&quote) {
+                i += 2;
+                continue;
+            }
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The `$tag$` opening dollar-quoted text at the start of `text` (a parameter such as `$1`
+/// is not one).
+fn dollar_tag(text: &str) -> Option<&str> {
+    let inner = text.strip_prefix('$')?;
+    let end = inner.find('$')?;
+    let tag = &inner[..end];
+    let valid = tag
+        .chars()
+        .enumerate()
+        .all(|(n, c)| c == '_' || c.is_alphabetic() || (n > 0 && c.is_ascii_digit()));
+    valid.then(|| &text[..end + 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::single_statement;
+
+    #[test]
+    fn a_final_terminator_and_trailing_comments_are_cut() {
+        for (sql, want) in [
+            (
+                "UPDATE t SET a = 1 RETURNING id",
+                "UPDATE t SET a = 1 RETURNING id",
+            ),
+            (
+                "UPDATE t SET a = 1 RETURNING id;",
+                "UPDATE t SET a = 1 RETURNING id",
+            ),
+            (
+                "UPDATE t SET a = 1 RETURNING id; -- done",
+                "UPDATE t SET a = 1 RETURNING id",
+            ),
+            (
+                "UPDATE t RETURNING id ; /* a; b */\n",
+                "UPDATE t RETURNING id ",
+            ),
+            (
+                "UPDATE t RETURNING id -- no; terminator",
+                "UPDATE t RETURNING id -- no; terminator",
+            ),
+            (
+                "UPDATE t SET a = ';' RETURNING id",
+                "UPDATE t SET a = ';' RETURNING id",
+            ),
+            (
+                "UPDATE t SET a = 'it''s;' RETURNING id;",
+                "UPDATE t SET a = 'it''s;' RETURNING id",
+            ),
+            (
+                "UPDATE \"a;b\" SET a = $q$;$q$ RETURNING $1;",
+                "UPDATE \"a;b\" SET a = $q$;$q$ RETURNING $1",
+            ),
+            (
+                "UPDATE t /* /* ; */ ; */ SET a = 1 RETURNING id",
+                "UPDATE t /* /* ; */ ; */ SET a = 1 RETURNING id",
+            ),
+        ] {
+            assert_eq!(single_statement(sql).unwrap(), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn more_than_one_statement_or_an_open_quote_is_refused() {
+        for sql in [
+            "UPDATE t SET a = 1 RETURNING id; DELETE FROM t",
+            "UPDATE t SET a = 'open RETURNING id",
+            "UPDATE t SET a = $x$open RETURNING id",
+            "UPDATE t /* open RETURNING id",
+        ] {
+            let error = single_statement(sql).unwrap_err().to_string();
+            assert!(
+                error.starts_with("execute_and_save takes one SQL statement"),
+                "{sql}: {error}"
+            );
+        }
     }
 }

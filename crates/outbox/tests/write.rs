@@ -358,9 +358,36 @@ async fn execute_and_save_accepts_a_statement_ending_in_a_line_comment() {
         )
         .await
         .unwrap();
-    tx.commit().await.unwrap();
     assert!(saved.is_some());
-    assert_eq!(count(&outbox).await, 1);
+    // A terminator with a comment after it, and more than one statement.
+    let ship = format!(
+        "UPDATE {schema}.orders SET state = 'shipped' WHERE id = $1 RETURNING id; -- shipped"
+    );
+    let shipped = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&ship).bind(1_i64),
+            Message::new("orders", b"shipped".to_vec()).key("order-1"),
+        )
+        .await
+        .unwrap();
+    assert!(shipped.is_some());
+    let two = format!("DELETE FROM {schema}.orders WHERE id = $1 RETURNING id; SELECT 1");
+    let refused = outbox
+        .outbox
+        .execute_and_save(
+            &mut tx,
+            sqlx::query(&two).bind(1_i64),
+            Message::new("orders", b"deleted".to_vec()).key("order-1"),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(Error::InvalidStatement(_))),
+        "{refused:?}"
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(count(&outbox).await, 2, "the refused statement ran nothing");
     outbox.drop_schema().await;
 }
 
