@@ -851,7 +851,7 @@ fn complete_keep(on_conflict: &str) -> String {
     )
 }
 
-/// Binds the claim's parameters, in its numbering.
+/// Binds the claim's parameters from the structs that name them, in the statement's numbering.
 fn bind_claim<'q>(
     query: Query<'q, Postgres, PgArguments>,
     limit: i64,
@@ -862,19 +862,19 @@ fn bind_claim<'q>(
 ) -> Query<'q, Postgres, PgArguments> {
     let candidate = floor.candidate;
     query
-        .bind(limit)
-        .bind(max_bytes)
-        .bind(id_ranges(skip.ids))
-        .bind(&fence.lease)
-        .bind(&fence.holder)
-        .bind(fence.token)
-        .bind(candidate.map(|c| c.xid.to_string()))
-        .bind(candidate.map(|c| c.last_id))
-        .bind(skip.topics)
-        .bind(skip.keys)
-        .bind(skip.keyless_topics)
-        .bind(skip.stalled_topics)
-        .bind(floor.lower_to)
+        .bind(limit) // $1
+        .bind(max_bytes) // $2
+        .bind(id_ranges(skip.ids)) // $3
+        .bind(&fence.lease) // $4 ($F1)
+        .bind(&fence.holder) // $5 ($F2)
+        .bind(fence.token) // $6 ($F3)
+        .bind(candidate.map(|c| c.xid.to_string())) // $7
+        .bind(candidate.map(|c| c.last_id)) // $8
+        .bind(skip.topics) // $9
+        .bind(skip.keys) // $10
+        .bind(skip.keyless_topics) // $11
+        .bind(skip.stalled_topics) // $12
+        .bind(floor.lower_to) // $13
 }
 
 /// `ids` as the text of an `int8multirange` (`{[1,4),[7,8)}`), merging runs of consecutive ids:
