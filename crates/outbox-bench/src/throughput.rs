@@ -878,7 +878,7 @@ pub(crate) async fn explain_backlog(
     let claim = claim?;
     let mut tx = ctx.pool.begin().await?;
     let ids: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT id FROM {schema}.message WHERE processed_at IS NULL ORDER BY id LIMIT {batch_size}"
+        "SELECT id FROM {schema}.message ORDER BY id LIMIT {batch_size}"
     ))
     .fetch_all(&mut *tx)
     .await?;
@@ -887,7 +887,7 @@ pub(crate) async fn explain_backlog(
          WITH moved AS (DELETE FROM {schema}.message
                          WHERE id >= lower($1::text::int8multirange)
                            AND id < upper($1::text::int8multirange)
-                           AND $1::text::int8multirange @> id AND processed_at IS NULL
+                           AND $1::text::int8multirange @> id
                         RETURNING id, topic, key, payload, headers, created_at, attempts)
          INSERT INTO {schema}.published
                 (id, topic, key, payload, headers, created_at, processed_at, attempts)

@@ -70,6 +70,11 @@ pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cheaper topic check and insert trigger, enqueue_all()",
         include_str!("migrations/0013_cheaper_enqueue.sql"),
     ),
+    (
+        14,
+        "message.processed_at dropped",
+        include_str!("migrations/0014_no_processed_at.sql"),
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.

@@ -403,7 +403,7 @@ const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
         coalesce(octet_length(key), 0) + coalesce(octet_length(payload), 0)
           + coalesce(octet_length(headers::text), 0) AS size
    FROM {schema}.message m
-  WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+  WHERE EXISTS (SELECT 1 FROM lease)
     AND NOT (SELECT $3::text::int8multirange) @> m.id
     AND (m.key IS NULL OR cardinality($9::text[]) = 0
          OR (m.topic, m.key) NOT IN (SELECT * FROM unnest($9::text[], $10::bytea[])))
@@ -412,7 +412,7 @@ const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
     AND (m.key IS NULL OR NOT (SELECT yes FROM any_held) OR NOT EXISTS (
            SELECT 1 FROM {schema}.message h
             WHERE h.topic = m.topic AND h.key = m.key
-              AND h.processed_at IS NULL AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
+              AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
 
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
@@ -422,8 +422,7 @@ fn complete_keep(on_conflict: &str) -> String {
     format!(
         "WITH fence AS (SELECT {{fence}} AS held),
               moved AS (DELETE FROM {{schema}}.message
-                         WHERE {{in_ids}} AND processed_at IS NULL
-                           AND (SELECT held FROM fence)
+                         WHERE {{in_ids}} AND (SELECT held FROM fence)
                      RETURNING id, topic, key, payload, headers, created_at, attempts),
               done AS (INSERT INTO {{schema}}.published
                               (id, topic, key, payload, headers, created_at, processed_at, attempts)
@@ -593,8 +592,7 @@ impl Statements {
                             pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
                       any_held AS MATERIALIZED (
                      SELECT EXISTS (SELECT 1 FROM {schema}.message
-                                     WHERE processed_at IS NULL AND retry_at IS NOT NULL
-                                       AND retry_at > now()) AS yes)
+                                     WHERE retry_at IS NOT NULL AND retry_at > now()) AS yes)
                  SELECT id, topic, key, payload, headers, attempts, age_us,
                         (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
                         (SELECT xmin FROM horizon) AS xmin
@@ -647,8 +645,7 @@ impl Statements {
                 "WITH fence AS (SELECT {fence} AS held),
                       moved AS (DELETE FROM {schema}.message m
                                  USING unnest($1::bigint[], $2::text[]) AS f(id, error)
-                                 WHERE m.id = f.id AND m.processed_at IS NULL
-                                   AND (SELECT held FROM fence)
+                                 WHERE m.id = f.id AND (SELECT held FROM fence)
                              RETURNING m.id, m.topic, m.key, m.payload, m.headers, m.created_at,
                                        least(m.attempts, 2147483646) + 1 AS attempts, f.error),
                       stored AS (INSERT INTO {schema}.dead_letter
@@ -687,7 +684,7 @@ impl Statements {
                         (SELECT last_error FROM {schema}.message x
                           WHERE x.id = min(h.id))
                    FROM {schema}.message h
-                  WHERE processed_at IS NULL AND retry_at IS NOT NULL
+                  WHERE retry_at IS NOT NULL
                   GROUP BY topic, key
                   ORDER BY min(id)
                   LIMIT $1",
@@ -716,8 +713,8 @@ impl Statements {
             // through the held messages' index (message_held), whatever the backlog.
             release_topics: fenced(
                 "UPDATE {schema}.message SET retry_at = now()
-                  WHERE topic = ANY($1) AND processed_at IS NULL AND retry_at IS NOT NULL
-                    AND retry_at > now() AND {fence}",
+                  WHERE topic = ANY($1) AND retry_at IS NOT NULL AND retry_at > now()
+                    AND {fence}",
                 2,
             ),
             lease_other: render(
@@ -759,7 +756,7 @@ impl Statements {
                         END,
                         count(*) FILTER (WHERE retry_at > now()),
                         (SELECT count(*) FROM {schema}.dead_letter)
-                   FROM {schema}.message WHERE processed_at IS NULL",
+                   FROM {schema}.message",
             ),
             // Waits on a concurrent insert of the same key until that transaction ends, so two
             // consumers racing on one message cannot both see it as new.
@@ -769,11 +766,11 @@ impl Statements {
             ),
             activity: render(
                 "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.published)) * 1000000)::bigint,
-                        (SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL AND attempts > 0),
+                        (SELECT count(*) FROM {schema}.message WHERE attempts > 0),
                         f.id, f.attempts, f.last_error
                    FROM (SELECT 1) one
                    LEFT JOIN LATERAL (SELECT id, attempts, last_error FROM {schema}.message
-                                       WHERE processed_at IS NULL AND attempts > 0
+                                       WHERE attempts > 0
                                        ORDER BY id LIMIT 1) f ON true",
             ),
             republish_count: render(&format!(
