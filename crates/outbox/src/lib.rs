@@ -32,7 +32,7 @@ mod error;
 pub mod headers;
 pub mod inbox;
 mod message;
-mod migrate;
+pub mod migrate;
 pub mod postgres;
 mod schema;
 #[cfg(feature = "otel")]

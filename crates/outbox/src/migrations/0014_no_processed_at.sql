@@ -24,3 +24,9 @@ DROP INDEX {schema}.message_due;
 ALTER INDEX {schema}.message_due_rebuilt RENAME TO message_due;
 
 ALTER TABLE {schema}.message DROP COLUMN processed_at;
+
+-- Each applied migration's checksum (SHA-256 of its text as embedded in the library, before the
+-- schema name is filled in), compared at every migration run, so that a migration edited after
+-- it was applied is refused instead of leaving schemas that differ under one version number.
+-- The library fills it in for the migrations applied before this one.
+ALTER TABLE {schema}.schema_version ADD COLUMN checksum text;
