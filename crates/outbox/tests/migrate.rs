@@ -1,9 +1,9 @@
 //! Migrations against the real PostgreSQL started by `dev/up`: the baseline and the incremental
 //! migrations build the same schema, upgrades keep what the schema holds, checksums refuse an
-//! edited migration.
+//! edited migration, and the inbox migrates on its own.
 
 use outbox::migrate::{BASELINE_VERSION, MIGRATIONS, SCHEMA_VERSION};
-use outbox::{Error, SchemaName};
+use outbox::{Error, Inbox, Message, SchemaName};
 use outbox_test_support::TestOutbox;
 use sqlx::PgPool;
 
@@ -301,4 +301,45 @@ async fn an_edited_migration_is_refused_and_nothing_changes() {
     }
     created.drop_schema().await;
     upgraded.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_consumer_migrates_its_inbox_without_an_outbox() {
+    let outbox = TestOutbox::unmigrated().await;
+    let inbox = Inbox::new(outbox.schema.clone());
+    let report = inbox.migrate(&outbox.pool).await.unwrap();
+    assert_eq!(
+        (report.previous_version, report.current_version()),
+        (0, SCHEMA_VERSION),
+        "{report}"
+    );
+    for expected in [true, false] {
+        let mut tx = outbox.pool.begin().await.unwrap();
+        assert_eq!(
+            inbox.try_record(&mut tx, "source", 1).await.unwrap(),
+            expected
+        );
+        tx.commit().await.unwrap();
+    }
+    let again = inbox.migrate(&outbox.pool).await.unwrap();
+    assert!(again.applied.is_empty(), "{again}");
+    outbox.drop_schema().await;
+}
+
+/// An inbox and an outbox migrating one new schema at once (a service's consumer and writer
+/// starting together) take turns: the schema is created once, and both succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_and_an_outbox_migrating_one_schema_at_once_take_turns() {
+    let outbox = TestOutbox::unmigrated().await;
+    let inbox = Inbox::new(outbox.schema.clone());
+    let (by_inbox, by_outbox) = tokio::join!(
+        inbox.migrate(&outbox.pool),
+        outbox.outbox.migrate(&outbox.pool)
+    );
+    let mut applied = [by_inbox.unwrap().applied, by_outbox.unwrap().applied];
+    applied.sort();
+    assert_eq!(applied, [vec![], vec![BASELINE_VERSION]]);
+    outbox.commit_each([Message::new("t", b"x".to_vec())]).await;
+    assert_eq!(outbox.pending().await, 1);
+    outbox.drop_schema().await;
 }
