@@ -151,10 +151,7 @@ impl LiveRig {
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
             let (pool, stop) = (ctx.pool.clone(), stop.clone());
-            let sql = format!(
-                "SELECT count(*) FROM {}.message WHERE processed_at IS NULL",
-                ctx.schema
-            );
+            let sql = format!("SELECT count(*) FROM {}.message", ctx.schema);
             let progress = progress.clone();
             tokio::spawn(async move {
                 let started = Instant::now();

@@ -245,12 +245,11 @@ impl Ctx {
 
     /// Pending (unpublished) messages.
     pub(crate) async fn pending(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}.message WHERE processed_at IS NULL",
-            self.schema
-        ))
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", self.schema))
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Waits until nothing is pending; false after `timeout`.

@@ -336,7 +336,7 @@ pub struct Settings {
     /// Relay settings.
     pub relay: RelayConfig,
     /// No source was configured: the relay derives one from the database at startup
-    /// ([`outbox::postgres::Statements::default_source`]), unique per outbox.
+    /// ([`outbox::admin::Admin::default_source`]), unique per outbox.
     pub derive_source: bool,
 }
 

@@ -74,15 +74,22 @@ pub struct TestOutbox {
 }
 
 impl TestOutbox {
-    /// Creates and migrates a fresh schema.
+    /// Creates and migrates a fresh schema (from the baseline).
     pub async fn new() -> Self {
+        let outbox = Self::unmigrated().await;
+        outbox
+            .outbox
+            .migrate(&outbox.pool)
+            .await
+            .expect("migrate the test schema");
+        outbox
+    }
+
+    /// A fresh schema name, not created yet.
+    pub async fn unmigrated() -> Self {
         let pool = pool().await;
         let schema = SchemaName::new(format!("t_{}", short_id())).expect("valid schema name");
         let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
-        outbox
-            .migrate(&pool)
-            .await
-            .expect("migrate the test schema");
         TestOutbox {
             pool,
             outbox,
@@ -105,6 +112,49 @@ impl TestOutbox {
         .execute(&self.pool)
         .await
         .expect("write the lease row");
+    }
+
+    /// A fresh schema as a build of schema version `version` left it, for upgrade tests: the
+    /// embedded migrations 1 to `version` applied one by one, in one transaction, and recorded
+    /// in `schema_version` as that build recorded them. Not migrated further. Panics unless
+    /// `version` is below 14 (from 14 on, builds record checksums: use [`TestOutbox::new`]).
+    pub async fn at_version(version: i32) -> Self {
+        assert!(
+            (1..14).contains(&version),
+            "at_version({version}): versions 1 to 13 only"
+        );
+        let outbox = Self::unmigrated().await;
+        let schema = &outbox.schema;
+        let mut tx = outbox.pool.begin().await.expect("begin");
+        sqlx::raw_sql(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.schema_version (
+                 version integer PRIMARY KEY,
+                 description text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .execute(&mut *tx)
+        .await
+        .expect("create the schema and its version table");
+        for migration in outbox::migrate::MIGRATIONS
+            .iter()
+            .take_while(|m| m.version <= version)
+        {
+            sqlx::raw_sql(&migration.sql(schema))
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("migration {}: {e}", migration.version));
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.schema_version (version, description) VALUES ($1, $2)"
+            ))
+            .bind(migration.version)
+            .bind(migration.description)
+            .execute(&mut *tx)
+            .await
+            .expect("record the migration");
+        }
+        tx.commit().await.expect("commit");
+        outbox
     }
 
     /// Saves and commits each message in a transaction of its own; returns the sequences.
@@ -140,13 +190,10 @@ impl TestOutbox {
 
     /// Pending (unpublished) messages.
     pub async fn pending(&self) -> i64 {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {}.message WHERE processed_at IS NULL",
-            self.schema
-        ))
-        .fetch_one(&self.pool)
-        .await
-        .expect("count pending")
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", self.schema))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count pending")
     }
 
     /// Moves published message `id` from the history into the dead letters, as if the relay had

@@ -14,7 +14,6 @@ use sqlx::query::QueryAs;
 use sqlx::{PgConnection, Postgres};
 
 use crate::error::Error;
-use crate::postgres::Statements;
 use crate::schema::SchemaName;
 use crate::writer::Sequence;
 
@@ -209,20 +208,20 @@ const BACKLOG: &str = "SELECT count(*),
         END,
         count(*) FILTER (WHERE retry_at > now()),
         (SELECT count(*) FROM {schema}.dead_letter)
-   FROM {schema}.message WHERE processed_at IS NULL";
+   FROM {schema}.message";
 
 const ACTIVITY: &str = "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.published)) * 1000000)::bigint,
-        (SELECT count(*) FROM {schema}.message WHERE processed_at IS NULL AND attempts > 0),
+        (SELECT count(*) FROM {schema}.message WHERE attempts > 0),
         f.id, f.attempts, f.last_error
    FROM (SELECT 1) one
    LEFT JOIN LATERAL (SELECT id, attempts, last_error FROM {schema}.message
-                       WHERE processed_at IS NULL AND attempts > 0
+                       WHERE attempts > 0
                        ORDER BY id LIMIT 1) f ON true";
 
 const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
         (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id))
    FROM {schema}.message h
-  WHERE processed_at IS NULL AND retry_at IS NOT NULL
+  WHERE retry_at IS NOT NULL
   GROUP BY topic, key
   ORDER BY min(id)
   LIMIT $1";
@@ -359,7 +358,7 @@ impl Admin {
     /// The schema's migration version; 0 when it was never migrated. The relay refuses to run
     /// on a schema older than [`crate::SCHEMA_VERSION`].
     pub async fn schema_version(&self, conn: &mut PgConnection) -> Result<i32, Error> {
-        Ok(Statements::new(&self.schema).schema_version(conn).await?)
+        Ok(crate::migrate::schema_version(&self.schema, conn).await?)
     }
 
     /// A source (`x-source`) unique to this outbox, for relays configured without one: the

@@ -34,6 +34,22 @@ pub enum Error {
         /// Newest version this build knows.
         known: i32,
     },
+    /// A migration applied to the schema is not this build's copy of it: the checksum recorded
+    /// when it ran differs. Nothing was changed. A migration must not change once it ran
+    /// somewhere; restore its released text, and make the change a new migration.
+    #[error("migration {version} ({file}) applied to the outbox schema {schema} differs from this build's copy (recorded checksum {}, this build's {embedded}); nothing was changed: restore the migration as it was released and put the change in a new migration", recorded.as_deref().unwrap_or("none"))]
+    MigrationChanged {
+        /// Schema name.
+        schema: String,
+        /// The migration's version.
+        version: i32,
+        /// Its file, under `crates/outbox/src/migrations/`.
+        file: &'static str,
+        /// The checksum recorded when it was applied (`None`: none recorded).
+        recorded: Option<String>,
+        /// The checksum of this build's copy.
+        embedded: String,
+    },
 }
 
 /// Why a message was rejected at save time.

@@ -14,15 +14,17 @@
 
 use std::sync::Arc;
 
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::Error;
+use crate::migrate::MigrationReport;
 use crate::schema::SchemaName;
 use crate::writer::Sequence;
 
-/// Records processed messages; created over a migrated outbox schema.
+/// Records processed messages, in the table `inbox` of an outbox schema.
 #[derive(Debug, Clone)]
 pub struct Inbox {
+    schema: SchemaName,
     record: Arc<str>,
 }
 
@@ -32,11 +34,21 @@ const RECORD: &str = "INSERT INTO {schema}.inbox (source, sequence) VALUES ($1, 
  ON CONFLICT DO NOTHING";
 
 impl Inbox {
-    /// An inbox in `schema` (migrate it with [`crate::Outbox::migrate`]).
+    /// An inbox in `schema`; create it with [`Inbox::migrate`].
     pub fn new(schema: SchemaName) -> Self {
         Inbox {
             record: RECORD.replace("{schema}", schema.as_str()).into(),
+            schema,
         }
+    }
+
+    /// Creates or upgrades the schema that holds the inbox, so that a service that only
+    /// consumes sets up its inbox without an [`crate::Outbox`]. The inbox is part of the outbox
+    /// schema: this runs the same migrations as [`crate::Outbox::migrate`] (idempotent, safe to
+    /// run from many instances at once, and against an outbox migrating the same schema), so
+    /// the schema also gets the outbox's tables, unused until something writes to them.
+    pub async fn migrate(&self, pool: &PgPool) -> Result<MigrationReport, Error> {
+        crate::migrate::run(&self.schema, pool).await
     }
 
     /// Records the message as processed within `tx`; returns `true` if it is new, `false` if it

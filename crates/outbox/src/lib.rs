@@ -33,7 +33,7 @@ mod error;
 pub mod headers;
 pub mod inbox;
 mod message;
-mod migrate;
+pub mod migrate;
 mod postgres;
 mod schema;
 #[cfg(feature = "otel")]
@@ -45,7 +45,7 @@ pub use error::{Error, InvalidMessage};
 pub use inbox::Inbox;
 pub use message::{record_wire_size, Header, Message, MAX_SOURCE_BYTES};
 pub use migrate::MigrationReport;
-pub use postgres::SCHEMA_VERSION;
+pub use migrate::SCHEMA_VERSION;
 pub use schema::{InvalidSchemaName, SchemaName};
 pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};
 

@@ -1,88 +1,17 @@
-//! The writer's statements and the migrations. The relay's statements live in the relay crate,
-//! the operator's in [`crate::admin`].
+//! The writer's statements. The migrations are [`crate::migrate`], the operator's statements
+//! [`crate::admin`], the relay's live in the relay crate.
 //!
-//! Nothing else in this crate builds SQL. The only text placed into statements is the
-//! [`SchemaName`], validated as a plain identifier before it gets here; every value is a bind
-//! parameter. All times come from the database clock (`now()`), so relays on hosts whose clocks
-//! disagree still agree on who holds a lease.
+//! The only text placed into statements is the [`SchemaName`], validated as a plain identifier
+//! before it gets here; every value is a bind parameter.
 
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryScalar;
-use sqlx::{Arguments as _, PgConnection, Postgres, Transaction};
+use sqlx::{Arguments as _, PgConnection, Postgres};
 
 use crate::headers::encode_stored;
 use crate::message::Message;
 use crate::schema::SchemaName;
-
-/// Embedded migrations, in order. `{schema}` and `{channel}` are replaced by the validated
-/// schema name and its notification channel.
-pub(crate) const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (
-        1,
-        "outbox table, lease table, notify trigger, enqueue()",
-        include_str!("migrations/0001_outbox.sql"),
-    ),
-    (2, "inbox table", include_str!("migrations/0002_inbox.sql")),
-    (
-        3,
-        "per-message retry, dead letters",
-        include_str!("migrations/0003_poison.sql"),
-    ),
-    (
-        4,
-        "notify only while no relay is busy",
-        include_str!("migrations/0004_notify_when_idle.sql"),
-    ),
-    (
-        5,
-        "published messages move to their own table",
-        include_str!("migrations/0005_published_table.sql"),
-    ),
-    (
-        6,
-        "notify only while a relay waits",
-        include_str!("migrations/0006_notify_only_idle.sql"),
-    ),
-    (
-        7,
-        "wake-up trigger before the insert",
-        include_str!("migrations/0007_notify_before_insert.sql"),
-    ),
-    (
-        8,
-        "claim floor",
-        include_str!("migrations/0008_claim_floor.sql"),
-    ),
-    (
-        9,
-        "claim floor generation",
-        include_str!("migrations/0009_floor_generation.sql"),
-    ),
-    (
-        10,
-        "one insert trigger, no duplicate pending index",
-        include_str!("migrations/0010_leaner_insert.sql"),
-    ),
-    (
-        11,
-        "enqueue() validates headers",
-        include_str!("migrations/0011_untrusted_rows.sql"),
-    ),
-    (
-        12,
-        "held messages by retry time",
-        include_str!("migrations/0012_held_by_retry_time.sql"),
-    ),
-    (
-        13,
-        "cheaper topic check and insert trigger, enqueue_all()",
-        include_str!("migrations/0013_cheaper_enqueue.sql"),
-    ),
-];
-
-/// The schema version these statements are written for: the last embedded migration.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The writer's statements on one outbox schema, rendered once.
 #[derive(Debug, Clone)]
@@ -117,67 +46,6 @@ impl Statements {
     /// The schema these statements address.
     pub(crate) fn schema(&self) -> &SchemaName {
         &self.schema
-    }
-
-    /// Applies the embedded migrations that are missing, under an advisory lock so that
-    /// concurrent migrators (several service instances starting at once) take turns. Returns the
-    /// versions applied now.
-    pub(crate) async fn migrate(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<(Vec<i32>, i32), sqlx::Error> {
-        let schema = self.schema.as_str();
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate:' || $1))")
-            .bind(schema)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.schema_version (
-                 version integer PRIMARY KEY,
-                 description text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())"
-        ))
-        .execute(&mut **tx)
-        .await?;
-        let current: i32 = sqlx::query_scalar(&format!(
-            "SELECT coalesce(max(version), 0) FROM {schema}.schema_version"
-        ))
-        .fetch_one(&mut **tx)
-        .await?;
-        let mut applied = Vec::new();
-        for (version, description, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
-            let sql = sql
-                .replace("{schema}", schema)
-                .replace("{channel}", &self.schema.channel());
-            sqlx::raw_sql(&sql).execute(&mut **tx).await?;
-            sqlx::query(&format!(
-                "INSERT INTO {schema}.schema_version (version, description) VALUES ($1, $2)"
-            ))
-            .bind(version)
-            .bind(description)
-            .execute(&mut **tx)
-            .await?;
-            applied.push(*version);
-        }
-        Ok((applied, current))
-    }
-
-    /// The schema's migration version; 0 when it was never migrated (no such schema or table).
-    pub(crate) async fn schema_version(&self, conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
-        let table = format!("{}.schema_version", self.schema.as_str());
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(&table)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !exists {
-            return Ok(0);
-        }
-        sqlx::query_scalar(&format!("SELECT coalesce(max(version), 0) FROM {table}"))
-            .fetch_one(conn)
-            .await
     }
 
     const INSERT_ONE: &'static str = "INSERT INTO {schema}.message (topic, key, payload, headers)

@@ -81,9 +81,9 @@ impl Outbox {
     }
 
     /// Creates or upgrades the outbox schema (idempotent, safe to run from many instances at
-    /// once).
+    /// once; see [`crate::migrate`]).
     pub async fn migrate(&self, pool: &PgPool) -> Result<MigrationReport, Error> {
-        crate::migrate::run(&self.statements, pool).await
+        crate::migrate::run(self.schema(), pool).await
     }
 
     /// Saves `message` for publishing as part of `tx`: it is published if and only if `tx`

@@ -259,7 +259,7 @@ const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
         coalesce(octet_length(key), 0) + coalesce(octet_length(payload), 0)
           + coalesce(octet_length(headers::text), 0) AS size
    FROM {schema}.message m
-  WHERE processed_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+  WHERE EXISTS (SELECT 1 FROM lease)
     AND NOT (SELECT $3::text::int8multirange) @> m.id
     AND (m.key IS NULL OR cardinality($9::text[]) = 0
          OR (m.topic, m.key) NOT IN (SELECT * FROM unnest($9::text[], $10::bytea[])))
@@ -268,7 +268,7 @@ const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
     AND (m.key IS NULL OR NOT (SELECT yes FROM any_held) OR NOT EXISTS (
            SELECT 1 FROM {schema}.message h
             WHERE h.topic = m.topic AND h.key = m.key
-              AND h.processed_at IS NULL AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
+              AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
 
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
@@ -564,7 +564,7 @@ impl Statements {
                pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
          any_held AS MATERIALIZED (
         SELECT EXISTS (SELECT 1 FROM {schema}.message
-                        WHERE processed_at IS NULL AND retry_at IS NOT NULL
+                        WHERE retry_at IS NOT NULL
                           AND retry_at > now()) AS yes)
     SELECT id, topic, key, payload, headers, attempts, age_us,
            (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
@@ -769,7 +769,7 @@ impl Statements {
     /// Messages of these topics held for a failure become due now; fenced. Found
     /// through the held messages' index (message_held), whatever the backlog.
     const RELEASE_TOPICS: &'static str = "UPDATE {schema}.message SET retry_at = now()
-     WHERE topic = ANY($1) AND processed_at IS NULL AND retry_at IS NOT NULL
+     WHERE topic = ANY($1) AND retry_at IS NOT NULL
        AND retry_at > now() AND {fence}";
 
     /// Makes the held messages of `topics` due now (a topic that did not exist was created);
@@ -793,7 +793,7 @@ impl Statements {
     const DEAD_LETTER: &'static str = "WITH fence AS (SELECT {fence} AS held),
          moved AS (DELETE FROM {schema}.message m
                     USING unnest($1::bigint[], $2::text[]) AS f(id, error)
-                    WHERE m.id = f.id AND m.processed_at IS NULL
+                    WHERE m.id = f.id
                       AND (SELECT held FROM fence)
                 RETURNING m.id, m.topic, m.key, m.payload, m.headers, m.created_at,
                           least(m.attempts, 2147483646) + 1 AS attempts, f.error),
@@ -837,8 +837,7 @@ fn complete_keep(on_conflict: &str) -> String {
     format!(
         "WITH fence AS (SELECT {{fence}} AS held),
               moved AS (DELETE FROM {{schema}}.message
-                         WHERE {{in_ids}} AND processed_at IS NULL
-                           AND (SELECT held FROM fence)
+                         WHERE {{in_ids}} AND (SELECT held FROM fence)
                      RETURNING id, topic, key, payload, headers, created_at, attempts),
               done AS (INSERT INTO {{schema}}.published
                               (id, topic, key, payload, headers, created_at, processed_at, attempts)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::{Json, Router};
-use outbox::{Outbox, OutboxConfig, SchemaName};
+use outbox::{Inbox, SchemaName};
 use outbox_consumer::{ConsumerConfig, ConsumerStats, Record};
 use serde_json::json;
 use sqlx::{Postgres, Transaction};
@@ -58,10 +58,9 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     let pool = things::connect().await?;
     let schema = SchemaName::new(CONSUMER_SCHEMA)?;
-    // The consumer's own schema holds its inbox (part of the outbox migrations) and read model.
-    Outbox::new(OutboxConfig::default().schema(schema.clone()))
-        .migrate(&pool)
-        .await?;
+    // The consumer's own schema holds its inbox and read model.
+    let inbox = Inbox::new(schema);
+    inbox.migrate(&pool).await?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE IF NOT EXISTS {CONSUMER_SCHEMA}.thing (
              id uuid PRIMARY KEY,
@@ -109,14 +108,6 @@ async fn main() -> anyhow::Result<()> {
         "things-consumer",
         [TOPIC],
     );
-    outbox_consumer::run(
-        config,
-        pool,
-        outbox::Inbox::new(schema),
-        stats,
-        cancel,
-        apply,
-    )
-    .await?;
+    outbox_consumer::run(config, pool, inbox, stats, cancel, apply).await?;
     Ok(())
 }
