@@ -162,6 +162,22 @@ impl TestOutbox {
         .expect("count pending")
     }
 
+    /// Rows in the `message` table, pending, held or in flight.
+    pub async fn message_rows(&self) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", self.schema))
+            .fetch_one(&self.pool)
+            .await
+            .expect("count messages")
+    }
+
+    /// Waits until nothing is pending: the relay completed every message. Panics after `timeout`.
+    pub async fn wait_until_drained(&self, timeout: Duration) {
+        wait_until(timeout, "nothing is pending", || async {
+            self.pending().await == 0
+        })
+        .await;
+    }
+
     /// Moves published message `id` from the history into the dead letters, as if the relay had
     /// dead-lettered it, for tests of `dead-letters retry`.
     pub async fn dead_letter_by_hand(&self, id: i64) {

@@ -8,13 +8,6 @@ use outbox::postgres::{
 use outbox::{Error, Inbox, InvalidMessage, Message};
 use outbox_test_support::{wait_until, TestOutbox};
 
-async fn count(outbox: &TestOutbox) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", outbox.schema))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
     let outbox = TestOutbox::new().await;
@@ -56,7 +49,7 @@ async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(count(&outbox).await, 1);
+    assert_eq!(outbox.message_rows().await, 1);
     outbox.drop_schema().await;
 }
 
@@ -131,7 +124,7 @@ async fn execute_and_save_runs_the_statement_and_saves_the_message_together() {
     assert!(shipped.is_some_and(|id| id > created));
     tx.rollback().await.unwrap();
     assert_eq!((orders("packed").await, orders("shipped").await), (1, 0));
-    assert_eq!(count(&outbox).await, 1);
+    assert_eq!(outbox.message_rows().await, 1);
 
     // A failing statement saves nothing; an invalid message runs nothing.
     let mut tx = outbox.pool.begin().await.unwrap();
@@ -158,7 +151,10 @@ async fn execute_and_save_runs_the_statement_and_saves_the_message_together() {
         .unwrap_err();
     assert!(matches!(invalid, Error::InvalidMessage(_)), "{invalid}");
     tx.commit().await.unwrap();
-    assert_eq!((orders("packed").await, count(&outbox).await), (1, 1));
+    assert_eq!(
+        (orders("packed").await, outbox.message_rows().await),
+        (1, 1)
+    );
     outbox.drop_schema().await;
 }
 
@@ -687,7 +683,7 @@ async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids()
         .await
         .unwrap();
     }
-    assert_eq!(count(&outbox).await, 4 * 7);
+    assert_eq!(outbox.message_rows().await, 4 * 7);
     outbox.drop_schema().await;
 }
 
@@ -1034,7 +1030,7 @@ async fn execute_and_save_accepts_a_statement_ending_in_a_line_comment() {
         .unwrap();
     tx.commit().await.unwrap();
     assert!(saved.is_some());
-    assert_eq!(count(&outbox).await, 1);
+    assert_eq!(outbox.message_rows().await, 1);
     outbox.drop_schema().await;
 }
 
