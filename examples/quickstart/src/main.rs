@@ -2,8 +2,8 @@
 //! relay until they are published, and print them as consumed back from Kafka.
 //!
 //! Run with `dev/quickstart` (which starts PostgreSQL and Kafka first), or against services of
-//! your own with `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` set. It uses only the published
-//! crates and their dependencies (sqlx, rdkafka, tokio).
+//! your own with `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` set. A package of its own, so that
+//! it can use only what a user has: the published crates, sqlx, rdkafka and tokio.
 
 use std::time::Duration;
 
