@@ -1,5 +1,21 @@
 //! The `outbox` command: migrate the schema, run the relay as a daemon, enqueue from scripts,
 //! and inspect the outbox. Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration.
+//!
+//! `cargo install outbox-cli` installs it; `outbox --help` lists the commands, and the operations
+//! guide (`docs/operations.md` in the repository) covers every command and setting. The same
+//! commands run from Rust, e.g. in a service's own binary:
+//!
+//! ```no_run
+//! use clap::Parser as _;
+//! use outbox_cli::{Cli, Command};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let cli = Cli::try_parse_from(["outbox", "--config", "outbox.toml", "migrate"])?;
+//! assert!(matches!(cli.command, Command::Migrate));
+//! outbox_cli::run(cli).await?; // what `outbox --config outbox.toml migrate` does
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod config;
 

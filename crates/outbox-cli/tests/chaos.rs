@@ -874,10 +874,7 @@ async fn a_partition_without_a_leader_delays_only_its_own_messages() {
             Message::new(&orphaned, "warm-up").key("warm-up"),
         ])
         .await;
-    wait_until(Duration::from_secs(60), "the relay published", || async {
-        outbox.pending().await == 0
-    })
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(60)).await;
     cluster
         .iter_mut()
         .find(|b| b.node_id() == 3)

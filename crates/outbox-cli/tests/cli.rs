@@ -175,10 +175,7 @@ async fn republished_range_arrives_again_with_the_original_sequences() {
         .await;
     let mut reader = TopicReader::new(&topic);
     reader.read_at_least(6, Duration::from_secs(60)).await;
-    wait_until(Duration::from_secs(10), "all are processed", || async {
-        outbox.pending().await == 0
-    })
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
 
     let (from, to) = (sequences[1], sequences[3]);
     let republish = run(outbox_cmd(outbox.schema.as_str())
@@ -564,12 +561,7 @@ async fn the_daemons_statements_are_bounded_by_the_lease_term() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     lock.rollback().await.unwrap();
-    wait_until(
-        Duration::from_secs(30),
-        "the message is completed",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(30)).await;
     outbox.drop_schema().await;
 }
 

@@ -18,6 +18,43 @@
 //!
 //! Records without a well-formed `x-sequence` or `x-source` cannot be deduplicated; they are
 //! reported (log and [`ConsumerStats::malformed`]) and skipped, never a panic.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use outbox::{Inbox, SchemaName};
+//! use outbox_consumer::{ConsumerConfig, ConsumerStats, Record};
+//! use sqlx::{Postgres, Transaction};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! /// Applies one record to the read model; runs at most once per (`x-source`, `x-sequence`).
+//! async fn apply(tx: &mut Transaction<'static, Postgres>, record: &Record) -> Result<(), sqlx::Error> {
+//!     sqlx::query("INSERT INTO thing_view (source_sequence, payload) VALUES ($1, $2)")
+//!         .bind(record.sequence)
+//!         .bind(record.payload.as_deref())
+//!         .execute(&mut **tx)
+//!         .await?;
+//!     Ok(())
+//! }
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! // The inbox lives in an outbox schema: migrate it with `outbox::Outbox::migrate`.
+//! let pool = sqlx::PgPool::connect("postgres://localhost/things_view").await?;
+//! let config = ConsumerConfig {
+//!     bootstrap_servers: "kafka:9092".into(),
+//!     group_id: "thing-view".into(),
+//!     topics: vec!["thing_topic".into()],
+//!     retry_initial: Duration::from_millis(100),
+//!     properties: vec![],
+//! };
+//! let stats = Arc::new(ConsumerStats::default());
+//! let cancel = CancellationToken::new(); // cancel it to stop
+//! let inbox = Inbox::new(SchemaName::default());
+//! outbox_consumer::run(config, pool, inbox, stats, cancel, apply).await?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,24 @@
 //! The relay: publishes committed outbox messages to Apache Kafka.
 //!
-//! Run it embedded ([`Relay::start`]) or as the standalone `outbox relay` command. Any number of
-//! relays may run against one outbox; they share a lease, and only its holder publishes.
+//! Run it embedded ([`Relay::start`]) or as the standalone `outbox relay` command (the
+//! `outbox-cli` crate). Any number of relays may run against one outbox; they share a lease, and
+//! only its holder publishes.
+//!
+//! ```no_run
+//! use outbox_kafka_relay::{Relay, RelayConfig};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = sqlx::PgPool::connect("postgres://localhost/things").await?;
+//! // The schema must be migrated first: `outbox::Outbox::migrate` or `outbox migrate`.
+//! let mut config = RelayConfig::new("kafka:9092", "thing-service");
+//! config.kafka.set("compression.type", "lz4"); // librdkafka properties, verbatim
+//! let relay = Relay::start(pool, config)?;
+//!
+//! // ... until the service shuts down:
+//! relay.shutdown().await?; // stop claiming, complete what Kafka acknowledged, release the lease
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # What is guaranteed, and why it holds
 //!
@@ -83,6 +100,11 @@
 //! **Shutdown.** [`RelayHandle::shutdown`] (the CLI calls it on SIGTERM/SIGINT) stops claiming,
 //! waits up to `shutdown_timeout` for in-flight deliveries, completes what was acknowledged and
 //! releases the lease so a standby takes over immediately.
+
+/// The README's Rust examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 
 mod backoff;
 pub mod cleanup;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use outbox::Message;
 use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{
-    create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,
+    create_topic, kafka_bootstrap_servers, unique_topic, TestOutbox, TopicReader,
 };
 
 const PARTITIONS: i32 = 6;
@@ -116,12 +116,7 @@ async fn keyed_messages_land_on_the_partition_a_java_producer_would_choose() {
         reader.received.len(),
         &misplaced[..misplaced.len().min(5)]
     );
-    wait_until(
-        Duration::from_secs(10),
-        "all messages are marked processed",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }

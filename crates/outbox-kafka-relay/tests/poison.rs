@@ -12,7 +12,7 @@ use outbox::Message;
 use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::chaos::{report, Figures};
 use outbox_test_support::{
-    create_topic, kafka_bootstrap_servers, unique_topic, wait_until, TestOutbox, TopicReader,
+    create_topic, kafka_bootstrap_servers, unique_topic, TestOutbox, TopicReader,
 };
 
 const READ: Duration = Duration::from_secs(60);
@@ -186,10 +186,7 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
         ["poison:0", "poison:2", "poison:3"]
     );
     assert_eq!(payloads_of(&reader, "healthy").len(), 5);
-    wait_until(Duration::from_secs(10), "nothing is pending", || async {
-        outbox.pending().await == 0
-    })
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
 
     let admin = Admin::new(&outbox.schema);
     let mut conn = outbox.pool.acquire().await.unwrap();

@@ -66,12 +66,7 @@ async fn committed_message_is_published_with_compatible_headers() {
     assert_eq!(record.header("x-source"), Some(SOURCE.as_bytes()));
     assert_eq!(record.header("x-value-type"), Some(&b"ThingCreated"[..]));
     assert_eq!(record.header("binary"), Some(&[0u8, 255, 1][..]));
-    wait_until(
-        Duration::from_secs(10),
-        "the message is marked processed",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
@@ -155,12 +150,7 @@ async fn drain_backlog_exactly_once(
     let count = messages.len();
     outbox.commit_all(messages).await;
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "the backlog is drained",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(60)).await;
     relay.shutdown().await.unwrap();
 
     assert_eq!(
@@ -470,12 +460,7 @@ async fn standby_finishes_the_job_when_the_leader_is_aborted_mid_stream() {
     assert!(standby.is_leader());
     let duplicates = reader.assert_per_key_order();
     println!("failover: {COUNT} messages, {duplicates} duplicate deliveries");
-    wait_until(
-        Duration::from_secs(10),
-        "everything is completed",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
     standby.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
@@ -546,12 +531,7 @@ async fn relay_started_while_kafka_is_down_delivers_once_it_is_up() {
         })
         .await;
     reader.assert_per_key_order();
-    wait_until(
-        Duration::from_secs(10),
-        "everything is completed",
-        || async { outbox.pending().await == 0 },
-    )
-    .await;
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
@@ -625,16 +605,10 @@ async fn delete_on_completion_leaves_no_rows() {
     TopicReader::new(&topic)
         .read_at_least(10, READ_TIMEOUT)
         .await;
-    let count_rows = || async {
-        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {}.message", outbox.schema))
-            .fetch_one(&outbox.pool)
-            .await
-            .unwrap()
-    };
     wait_until(
         Duration::from_secs(10),
         "published rows are deleted",
-        || async { count_rows().await == 0 },
+        || async { outbox.pending().await == 0 },
     )
     .await;
     relay.shutdown().await.unwrap();

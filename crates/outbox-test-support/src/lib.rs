@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use outbox::{Outbox, OutboxConfig, SchemaName};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgConnection, PgPool};
 
 pub use broker::{free_port, KafkaBroker};
 pub use kafka::{
@@ -64,6 +64,9 @@ fn redact(url: &str) -> String {
 }
 
 /// An outbox in a schema of its own, migrated, so that tests do not see each other's messages.
+///
+/// A test ends with [`TestOutbox::drop_schema`]; a test that fails (or returns) before it still
+/// has its schema dropped when the `TestOutbox` is dropped.
 pub struct TestOutbox {
     /// Pool on the test database.
     pub pool: PgPool,
@@ -71,6 +74,7 @@ pub struct TestOutbox {
     pub outbox: Outbox,
     /// The test schema.
     pub schema: SchemaName,
+    guard: SchemaGuard,
 }
 
 impl TestOutbox {
@@ -89,11 +93,16 @@ impl TestOutbox {
     pub async fn unmigrated() -> Self {
         let pool = pool().await;
         let schema = SchemaName::new(format!("t_{}", short_id())).expect("valid schema name");
+        // Before anything is created, so that a schema left half-migrated is dropped too.
+        let guard = SchemaGuard {
+            schema: Some(schema.clone()),
+        };
         let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
         TestOutbox {
             pool,
             outbox,
             schema,
+            guard,
         }
     }
 
@@ -188,12 +197,20 @@ impl TestOutbox {
         sequences
     }
 
-    /// Pending (unpublished) messages.
+    /// Rows in the `message` table: messages not yet published (pending, held or in flight).
     pub async fn pending(&self) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", self.schema))
             .fetch_one(&self.pool)
             .await
             .expect("count pending")
+    }
+
+    /// Waits until nothing is pending: the relay completed every message. Panics after `timeout`.
+    pub async fn wait_until_drained(&self, timeout: Duration) {
+        wait_until(timeout, "nothing is pending", || async {
+            self.pending().await == 0
+        })
+        .await;
     }
 
     /// Moves published message `id` from the history into the dead letters, as if the relay had
@@ -219,11 +236,77 @@ impl TestOutbox {
     }
 
     /// Removes the schema and everything in it.
-    pub async fn drop_schema(self) {
+    pub async fn drop_schema(mut self) {
         sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.schema))
             .execute(&self.pool)
             .await
             .expect("drop the test schema");
+        self.guard.schema = None;
+    }
+}
+
+/// Drops a test schema that [`TestOutbox::drop_schema`] did not: the test failed or returned
+/// early. `Drop` cannot await, and cannot `block_on` inside the test's runtime (or rely on that
+/// runtime, which is blocked meanwhile), so a thread with a runtime and a connection of its own
+/// does it, and the drop waits for that thread.
+struct SchemaGuard {
+    schema: Option<SchemaName>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let Some(schema) = self.schema.take() else {
+            return;
+        };
+        let dropped = std::thread::spawn(move || -> Result<(), BoxError> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), drop_schema_of_failed_test(&schema))
+                    .await
+                    .map_err(|_| format!("DROP SCHEMA {schema} took over 60 s"))?
+            })
+        })
+        .join();
+        // Never a panic here: a panic while the failed test unwinds would abort the process.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("could not drop a test schema: {error}"),
+            Err(_) => eprintln!("could not drop a test schema: the dropping thread panicked"),
+        }
+    }
+}
+
+/// Drops `schema` from a connection of its own. A failed test may leave sessions that hold locks
+/// in its schema (an open transaction, a relay still running on the blocked runtime): they would
+/// block the drop for good, so after a short wait they are terminated. They can only be the
+/// failed test's own: no other test uses its schema.
+async fn drop_schema_of_failed_test(schema: &SchemaName) -> Result<(), BoxError> {
+    let mut conn = PgConnection::connect(&database_url()).await?;
+    sqlx::query("SET lock_timeout = '1s'")
+        .execute(&mut conn)
+        .await?;
+    loop {
+        match sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&mut conn)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(l.pid)
+                       FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                      WHERE c.relnamespace = $1::text::regnamespace AND l.pid <> pg_backend_pid()",
+                )
+                .bind(schema.as_str())
+                .execute(&mut conn)
+                .await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! `ProtobufOutboxService` sets it, so its consumers dispatch on it unchanged.
 
 use crate::headers::VALUE_TYPE;
+#[cfg(any(feature = "json", feature = "protobuf"))]
 use crate::message::Message;
 
 /// The `content-type` header.
@@ -58,6 +59,7 @@ pub fn value_type<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) ->
         .and_then(|(_, value)| std::str::from_utf8(value).ok())
 }
 
+#[cfg(any(feature = "json", feature = "protobuf"))]
 fn check_type(expected: &str, found: Option<&str>) -> Result<(), TypedError> {
     if found == Some(expected) {
         Ok(())

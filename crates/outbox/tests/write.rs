@@ -6,13 +6,6 @@ use outbox::admin::Admin;
 use outbox::{Error, Inbox, InvalidMessage, Message};
 use outbox_test_support::TestOutbox;
 
-async fn count(outbox: &TestOutbox) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {}.message", outbox.schema))
-        .fetch_one(&outbox.pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
     let outbox = TestOutbox::new().await;
@@ -54,7 +47,7 @@ async fn invalid_message_is_a_typed_error_and_the_transaction_stays_usable() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert_eq!(count(&outbox).await, 1);
+    assert_eq!(outbox.pending().await, 1);
     outbox.drop_schema().await;
 }
 
@@ -129,7 +122,7 @@ async fn execute_and_save_runs_the_statement_and_saves_the_message_together() {
     assert!(shipped.is_some_and(|id| id > created));
     tx.rollback().await.unwrap();
     assert_eq!((orders("packed").await, orders("shipped").await), (1, 0));
-    assert_eq!(count(&outbox).await, 1);
+    assert_eq!(outbox.pending().await, 1);
 
     // A failing statement saves nothing; an invalid message runs nothing.
     let mut tx = outbox.pool.begin().await.unwrap();
@@ -156,7 +149,7 @@ async fn execute_and_save_runs_the_statement_and_saves_the_message_together() {
         .unwrap_err();
     assert!(matches!(invalid, Error::InvalidMessage(_)), "{invalid}");
     tx.commit().await.unwrap();
-    assert_eq!((orders("packed").await, count(&outbox).await), (1, 1));
+    assert_eq!((orders("packed").await, outbox.pending().await), (1, 1));
     outbox.drop_schema().await;
 }
 
@@ -329,7 +322,7 @@ async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids()
         .await
         .unwrap();
     }
-    assert_eq!(count(&outbox).await, 4 * 7);
+    assert_eq!(outbox.pending().await, 4 * 7);
     outbox.drop_schema().await;
 }
 
@@ -387,7 +380,11 @@ async fn execute_and_save_accepts_a_statement_ending_in_a_line_comment() {
         "{refused:?}"
     );
     tx.commit().await.unwrap();
-    assert_eq!(count(&outbox).await, 2, "the refused statement ran nothing");
+    assert_eq!(
+        outbox.pending().await,
+        2,
+        "the refused statement ran nothing"
+    );
     outbox.drop_schema().await;
 }
 
