@@ -1,18 +1,26 @@
 //! One configuration for the CLI: a TOML file, then environment variables, then flags (later
-//! wins). Unknown keys are rejected, and every error names the key, variable or flag the user
-//! wrote. Passwords never print: not in `--print-config`, errors or `Debug` output.
+//! wins). Unknown keys and `OUTBOX_*` variables are refused, errors name the key, variable or
+//! flag the user wrote, and passwords never print (`--print-config`, errors, `Debug`).
+//!
+//! Each setting is one field of a `settings!` block ([`Config`], [`RelaySettings`]): its name is
+//! the file key (serde's derive), the `--flag` (clap's) and `OUTBOX_<KEY>`, its doc the help, and
+//! `=> field` the [`RelayConfig`] field it sets and `--print-config` shows. A macro around the
+//! two derives, not clap's `env` or figment: clap reads variables as it builds the command and
+//! blames a bad one's value on the flag, and neither could fill or print `RelayConfig` (another
+//! crate's type, without serde). Defaults and ranges stay in [`RelayConfig::new`] and
+//! [`RelayConfig::validate`], shared with the embedded relay; `--help` shows the defaults.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use outbox::is_secret_property;
 use outbox::SchemaName;
 use outbox_kafka_relay::config::MAX_RETENTION;
-use outbox_kafka_relay::{Completion, KafkaConfig, PoisonPolicy, RelayConfig};
-use serde::Deserialize;
+use outbox_kafka_relay::{Completion, PoisonPolicy, RelayConfig};
+use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 
 /// A PostgreSQL connection URL. `Debug` and `Display` mask its passwords ([`mask_url`]).
@@ -62,91 +70,6 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
-/// The configuration file's shape.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// PostgreSQL URL.
-    pub database_url: Option<DatabaseUrl>,
-    /// Outbox schema.
-    pub schema: Option<String>,
-    /// Relay settings.
-    #[serde(default)]
-    pub relay: RelayFile,
-    /// librdkafka producer properties, verbatim.
-    #[serde(default)]
-    pub kafka: BTreeMap<String, toml::Value>,
-    /// The keys ([`Names`]) that environment variables set, with the variables' names.
-    #[serde(skip)]
-    env_names: BTreeMap<String, String>,
-}
-
-impl fmt::Debug for FileConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kafka: BTreeMap<&str, String> = self
-            .kafka
-            .iter()
-            .map(|(key, value)| (key.as_str(), masked_value(key, &value.to_string())))
-            .collect();
-        f.debug_struct("FileConfig")
-            .field("database_url", &self.database_url)
-            .field("schema", &self.schema)
-            .field("relay", &self.relay)
-            .field("kafka", &kafka)
-            .finish()
-    }
-}
-
-fn masked_value(key: &str, value: &str) -> String {
-    if is_secret_property(key) {
-        "********".to_owned()
-    } else {
-        value.to_owned()
-    }
-}
-
-/// `[relay]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelayFile {
-    /// x-source header value.
-    pub source: Option<String>,
-    /// Lease name shared by relays that take turns.
-    pub lease_name: Option<String>,
-    /// Lease term in milliseconds.
-    pub lease_ttl_ms: Option<u64>,
-    /// Lease renewal interval in milliseconds (at most a third of the term).
-    pub lease_renew_interval_ms: Option<u64>,
-    /// Messages per batch.
-    pub batch_size: Option<usize>,
-    /// Bytes of keys and payloads per batch (a larger single message still goes alone).
-    pub max_batch_bytes: Option<usize>,
-    /// Fallback poll interval in milliseconds.
-    pub poll_interval_ms: Option<u64>,
-    /// How long a batch may fill while traffic is light, in milliseconds.
-    pub batch_linger_ms: Option<u64>,
-    /// `keep` (default) or `delete`.
-    pub completion: Option<String>,
-    /// `block` (default) or `dead-letter`.
-    pub poison_policy: Option<String>,
-    /// How long processed messages are kept (with `completion = "keep"`).
-    pub retention_hours: Option<f64>,
-    /// Retention cleanup interval in milliseconds.
-    pub cleanup_interval_ms: Option<u64>,
-    /// Rows deleted per cleanup statement.
-    pub cleanup_batch_size: Option<usize>,
-    /// First retry delay in milliseconds.
-    pub backoff_initial_ms: Option<u64>,
-    /// Retry delay cap in milliseconds.
-    pub backoff_max_ms: Option<u64>,
-    /// How long shutdown waits for in-flight deliveries, in milliseconds.
-    pub shutdown_timeout_ms: Option<u64>,
-    /// A leader whose backlog does not shrink for this long reports not ready, in milliseconds.
-    pub stall_timeout_ms: Option<u64>,
-    /// How often backlog and Kafka reachability are sampled, in milliseconds.
-    pub monitor_interval_ms: Option<u64>,
-}
-
 /// A configuration error: exit code 2, one line naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -186,143 +109,362 @@ impl ConfigError {
     }
 }
 
-/// Environment variables of the form `OUTBOX_<RELAY KEY>` (e.g. `OUTBOX_BATCH_SIZE`) and
-/// `OUTBOX_KAFKA_<PROPERTY>` (dots as underscores, e.g. `OUTBOX_KAFKA_LINGER_MS`), applied over
-/// the file. Variables the CLI reads through flags, and `OUTBOX_DEV_*` (the dev scripts'), are
-/// left alone; any other `OUTBOX_*` name is a typo and rejected by name.
-const FLAG_VARIABLES: [&str; 5] = [
-    "OUTBOX_CONFIG",
-    "OUTBOX_SCHEMA",
-    "OUTBOX_SOURCE",
-    "OUTBOX_LOG",
-    "OUTBOX_METRICS_ADDR",
-];
+/// Declares settings, each once: an `Option` field, named by its file key, documented by its
+/// `--help` text, read from `--<key>`, `OUTBOX_<KEY>` and the file; with `=> field`, the
+/// [`RelayConfig`] field it sets through [`Field`]. `tables` are the file's sub-tables.
+macro_rules! settings {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $( $(#[$meta:meta])* $key:ident: $ty:ty $(=> $field:ident)?, )*
+        }
+        $(tables { $( $(#[$table_meta:meta])* $table:ident: $table_ty:ty, )* })?
+    ) => {
+        #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        $(#[$attr])*
+        pub struct $name {
+            $( $(#[$meta])* #[arg(long)] pub $key: Option<$ty>, )*
+            $($( $(#[$table_meta])* #[arg(skip)] #[serde(default)] pub $table: $table_ty, )*)?
+        }
 
-impl FileConfig {
-    /// Applies `OUTBOX_*` variables from `vars` over the file's values.
-    pub fn apply_env(
-        &mut self,
-        vars: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<(), ConfigError> {
-        for (name, value) in vars {
-            let Some(rest) = name.strip_prefix("OUTBOX_") else {
-                continue;
-            };
-            if FLAG_VARIABLES.contains(&name.as_str()) || rest.starts_with("DEV_") {
-                continue;
+        impl $name {
+            /// The settings' file keys.
+            pub const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+            /// Takes the settings `upper` sets, telling `given` their keys.
+            fn overlay(&mut self, upper: &Self, mut given: impl FnMut(&'static str)) {
+                $(if let Some(value) = &upper.$key {
+                    self.$key = Some(value.clone());
+                    given(stringify!($key));
+                })*
             }
-            if let Some(property) = rest.strip_prefix("KAFKA_") {
-                let key = property.to_ascii_lowercase().replace('_', ".");
-                self.env_names.insert(format!("kafka.{key}"), name.clone());
-                self.kafka.insert(key, toml::Value::String(value));
-                continue;
-            }
-            let key = rest.to_ascii_lowercase();
-            let number = |value: &str| -> Result<u64, ConfigError> {
-                value.parse().map_err(|_| {
-                    ConfigError::invalid(&name, format!("expected a whole number, got {value:?}"))
-                })
-            };
-            let size = |value: &str| -> Result<usize, ConfigError> {
-                usize::try_from(number(value)?)
-                    .map_err(|_| ConfigError::invalid(&name, format!("{value} is too large")))
-            };
-            let r = &mut self.relay;
-            match key.as_str() {
-                "database_url" => {
-                    self.database_url = Some(DatabaseUrl(value));
-                    self.env_names.insert(key, name);
-                    continue;
+
+            /// Sets `key` from an environment variable's text; `None` if no setting is `key`.
+            fn set_text(&mut self, key: &str, text: &str) -> Option<Result<(), String>> {
+                match key {
+                    $(stringify!($key) => Some(text.parse().map(|value| self.$key = Some(value))
+                        .map_err(|e| format!("{e} (found {text:?})"))),)*
+                    _ => None,
                 }
-                "lease_name" => r.lease_name = Some(value),
-                "completion" => r.completion = Some(value),
-                "poison_policy" => r.poison_policy = Some(value),
-                "lease_ttl_ms" => r.lease_ttl_ms = Some(number(&value)?),
-                "lease_renew_interval_ms" => r.lease_renew_interval_ms = Some(number(&value)?),
-                "batch_size" => r.batch_size = Some(size(&value)?),
-                "max_batch_bytes" => r.max_batch_bytes = Some(size(&value)?),
-                "poll_interval_ms" => r.poll_interval_ms = Some(number(&value)?),
-                "batch_linger_ms" => r.batch_linger_ms = Some(number(&value)?),
-                "retention_hours" => {
-                    r.retention_hours = Some(value.parse().map_err(|_| {
-                        ConfigError::invalid(
-                            &name,
-                            format!("expected a number of hours, got {value:?}"),
-                        )
-                    })?)
-                }
-                "cleanup_interval_ms" => r.cleanup_interval_ms = Some(number(&value)?),
-                "cleanup_batch_size" => r.cleanup_batch_size = Some(size(&value)?),
-                "backoff_initial_ms" => r.backoff_initial_ms = Some(number(&value)?),
-                "backoff_max_ms" => r.backoff_max_ms = Some(number(&value)?),
-                "shutdown_timeout_ms" => r.shutdown_timeout_ms = Some(number(&value)?),
-                "stall_timeout_ms" => r.stall_timeout_ms = Some(number(&value)?),
-                "monitor_interval_ms" => r.monitor_interval_ms = Some(number(&value)?),
-                _ => return Err(ConfigError::invalid(&name, "unknown environment variable")),
             }
-            self.env_names.insert(format!("relay.{key}"), name);
+
+            /// Sets the [`RelayConfig`] fields; an error names the setting `name(key)`.
+            fn apply(
+                &self,
+                relay: &mut RelayConfig,
+                name: impl Fn(&str) -> String,
+            ) -> Result<(), ConfigError> {
+                $($(if let Some(value) = &self.$key {
+                    Field::set(value.clone(), &mut relay.$field)
+                        .map_err(|reason| ConfigError::invalid(&name(stringify!($key)), reason))?;
+                })?)*
+                Ok(())
+            }
+
+            /// The settings' values in `relay`, as TOML values, for `--print-config`.
+            fn show(relay: &RelayConfig) -> Vec<(&'static str, String)> {
+                let mut shown = Vec::new();
+                $($(if let Some(value) = <$ty as Field<_>>::show(&relay.$field) {
+                    shown.push((stringify!($key), value));
+                })?)*
+                shown
+            }
+        }
+    };
+}
+
+settings! {
+    /// Settings of every command: the file's top level, and flags of every command.
+    pub struct Config {
+        /// PostgreSQL URL, e.g. postgres://user:password@host:5432/database; also DATABASE_URL
+        /// [default: the dev/up database]
+        #[arg(global = true)]
+        database_url: DatabaseUrl,
+        /// Schema holding the outbox objects: a lower-case identifier, not an SQL keyword
+        #[arg(global = true)]
+        schema: String => schema,
+    }
+    tables {
+        /// `[relay]`.
+        relay: RelaySettings,
+        /// `[kafka]`: librdkafka producer properties, verbatim.
+        kafka: KafkaTable,
+    }
+}
+
+settings! {
+    /// The relay's settings: the file's `[relay]` table, and flags of `outbox relay`.
+    #[command(next_help_heading = "Relay settings (also the file's [relay] table)")]
+    pub struct RelaySettings {
+        /// The x-source header value, at most 255 bytes [default: "outbox:<cluster system
+        /// identifier>:<database>:<schema>", derived from the database, unique per outbox]
+        source: String => source,
+        /// Relays sharing a lease name take turns, one publishing at a time
+        lease_name: String => lease_name,
+        /// Lease term: a standby takes over at most this long after the holder dies
+        lease_ttl_ms: u64 => lease_ttl,
+        /// How often the holder renews its lease: at most a third of the term
+        lease_renew_interval_ms: u64 => lease_renew_interval,
+        /// Messages per claim/publish/complete round
+        batch_size: usize => batch_size,
+        /// Bytes of keys, payloads and headers per round (a larger message goes alone)
+        max_batch_bytes: usize => max_batch_bytes,
+        /// Fallback poll interval, for when no notification arrives
+        poll_interval_ms: u64 => poll_interval,
+        /// Under light traffic, claim at most this often, so that batches fill
+        batch_linger_ms: u64 => batch_linger,
+        /// "keep" (move published messages to the `published` table) or "delete"
+        completion: String => completion,
+        /// How long published messages are kept, with completion "keep"
+        retention_hours: f64 => completion,
+        /// How often the retention cleanup runs
+        cleanup_interval_ms: u64 => cleanup_interval,
+        /// Rows deleted per cleanup statement
+        cleanup_batch_size: usize => cleanup_batch_size,
+        /// A message Kafka refuses for good: "block" (retried, holding its key) or "dead-letter"
+        poison_policy: String => poison_policy,
+        /// First retry delay after a failed delivery (doubled per failure, with jitter)
+        backoff_initial_ms: u64 => backoff_initial,
+        /// Longest retry delay
+        backoff_max_ms: u64 => backoff_max,
+        /// How long shutdown waits for in-flight deliveries
+        shutdown_timeout_ms: u64 => shutdown_timeout,
+        /// A leader with a backlog and no progress this long reports not ready
+        stall_timeout_ms: u64 => stall_timeout,
+        /// How often the backlog and Kafka's reachability are sampled (health, metrics)
+        monitor_interval_ms: u64 => monitor_interval,
+    }
+}
+
+/// How a setting's value, as written, sets its [`RelayConfig`] field, and how `--print-config`
+/// writes that field (`None`: not at all).
+trait Field<T> {
+    fn set(self, field: &mut T) -> Result<(), String>;
+    fn show(field: &T) -> Option<String>;
+}
+
+/// Milliseconds.
+impl Field<Duration> for u64 {
+    fn set(self, field: &mut Duration) -> Result<(), String> {
+        *field = Duration::from_millis(self);
+        Ok(())
+    }
+    fn show(field: &Duration) -> Option<String> {
+        Some(field.as_millis().to_string())
+    }
+}
+
+/// A value the field takes as it is.
+impl<T: Serialize> Field<T> for T {
+    fn set(self, field: &mut T) -> Result<(), String> {
+        *field = self;
+        Ok(())
+    }
+    fn show(field: &T) -> Option<String> {
+        toml::Value::try_from(field)
+            .ok()
+            .map(|value| value.to_string())
+    }
+}
+
+impl Field<SchemaName> for String {
+    fn set(self, field: &mut SchemaName) -> Result<(), String> {
+        SchemaName::new(self)
+            .map(|schema| *field = schema)
+            .map_err(|e| e.to_string())
+    }
+    fn show(field: &SchemaName) -> Option<String> {
+        Some(toml_string(field.as_str()))
+    }
+}
+
+impl Field<PoisonPolicy> for String {
+    fn set(self, field: &mut PoisonPolicy) -> Result<(), String> {
+        *field = match self.as_str() {
+            "block" => PoisonPolicy::Block,
+            "dead-letter" => PoisonPolicy::DeadLetter,
+            _ => {
+                return Err(format!(
+                    "must be \"block\" or \"dead-letter\", not {self:?}"
+                ))
+            }
+        };
+        Ok(())
+    }
+    fn show(field: &PoisonPolicy) -> Option<String> {
+        Some(toml_string(match field {
+            PoisonPolicy::Block => "block",
+            PoisonPolicy::DeadLetter => "dead-letter",
+        }))
+    }
+}
+
+/// `completion`: "keep" leaves [`RelayConfig::new`]'s `Keep` and its retention as they are.
+impl Field<Completion> for String {
+    fn set(self, field: &mut Completion) -> Result<(), String> {
+        match self.as_str() {
+            "keep" => {}
+            "delete" => *field = Completion::Delete,
+            _ => return Err(format!("must be \"keep\" or \"delete\", not {self:?}")),
         }
         Ok(())
     }
+    fn show(field: &Completion) -> Option<String> {
+        Some(toml_string(match field {
+            Completion::Keep { .. } => "keep",
+            Completion::Delete => "delete",
+        }))
+    }
+}
 
+/// `retention_hours`: checked whatever the completion, used with `Keep`.
+impl Field<Completion> for f64 {
+    fn set(self, field: &mut Completion) -> Result<(), String> {
+        let hours = retention_from_hours(self)?;
+        if let Completion::Keep { retention } = field {
+            *retention = hours;
+        }
+        Ok(())
+    }
+    fn show(field: &Completion) -> Option<String> {
+        match field {
+            Completion::Keep { retention } => Some((retention.as_secs_f64() / 3600.0).to_string()),
+            Completion::Delete => None,
+        }
+    }
+}
+
+/// The `[kafka]` table: librdkafka producer properties, verbatim. `Debug` masks secrets.
+#[derive(Default, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaTable(BTreeMap<String, toml::Value>);
+
+/// Only the keys: values may be secrets.
+impl fmt::Debug for KafkaTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+/// The command line's settings of every command: [`Config`]'s, and Kafka's.
+#[derive(Default, Clone, clap::Args)]
+pub struct Flags {
+    /// The declared settings' flags.
+    #[command(flatten)]
+    pub config: Config,
+    /// Kafka bootstrap servers (librdkafka `bootstrap.servers`); also KAFKA_BOOTSTRAP_SERVERS
+    #[arg(long, global = true)]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Extra librdkafka producer property, KEY=VALUE (repeatable), e.g. `linger.ms=10`; also
+    /// OUTBOX_KAFKA_<PROPERTY> (dots as underscores) and the file's [kafka] table
+    #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
+    pub kafka: Vec<String>,
+}
+
+/// The Kafka flags' values may be secrets.
+impl fmt::Debug for Flags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let f = &mut f.debug_struct("Flags");
+        f.field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Conventional variables, read as the `OUTBOX_` one they stand for (which wins if both are set).
+const ALIASES: [(&str, &str); 2] = [
+    ("DATABASE_URL", "OUTBOX_DATABASE_URL"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"),
+];
+
+/// What the user wrote for each setting they gave, by file key (`relay.lease_ttl_ms`): the
+/// key, the variable (`OUTBOX_LEASE_TTL_MS`) or the flag (`--lease-ttl-ms`).
+type Names = BTreeMap<String, String>;
+
+fn name(names: &Names, key: &str) -> String {
+    names.get(key).cloned().unwrap_or_else(|| key.to_owned())
+}
+
+impl Config {
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.message().to_owned()
-                + &e.span()
-                    .map(|span| format!(" (at {})", line_of(&text, span.start)))
-                    .unwrap_or_default(),
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|at| text[..at.start.min(text.len())].lines().count());
+            let at = line.map(|line| format!(" (at line {})", line.max(1)));
+            ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.message().to_owned() + &at.unwrap_or_default(),
+            }
         })
     }
-}
 
-fn line_of(text: &str, offset: usize) -> String {
-    let line = text[..offset.min(text.len())].lines().count().max(1);
-    format!("line {line}")
-}
+    /// Takes what `upper` sets, its tables included; `name(key, file key)` is what the user
+    /// wrote for it.
+    fn layer(&mut self, upper: &Config, names: &mut Names, name: impl Fn(&str, &str) -> String) {
+        let mut given = |key: &str, path: String| {
+            let name = name(key, &path);
+            names.insert(path, name);
+        };
+        self.overlay(upper, |key| given(key, key.to_owned()));
+        self.relay
+            .overlay(&upper.relay, |key| given(key, format!("relay.{key}")));
+        for (key, value) in &upper.kafka.0 {
+            given(key, format!("kafka.{key}"));
+            self.kafka.0.insert(key.clone(), value.clone());
+        }
+    }
 
-/// Settings given on the command line or in the environment (they override the file).
-#[derive(Default, Clone, clap::Args)]
-pub struct Overrides {
-    /// PostgreSQL URL [env: DATABASE_URL] (default: the dev/up database).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
-    pub database_url: Option<DatabaseUrl>,
-    /// Schema holding the outbox objects [default: outbox].
-    #[arg(long, env = "OUTBOX_SCHEMA", global = true)]
-    pub schema: Option<String>,
-    /// Kafka bootstrap servers (librdkafka `bootstrap.servers`).
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", global = true)]
-    pub kafka_bootstrap_servers: Option<String>,
-    /// The x-source header value: the name of the publishing service [default: outbox].
-    #[arg(long, env = "OUTBOX_SOURCE", global = true)]
-    pub source: Option<String>,
-    /// Extra librdkafka producer property, KEY=VALUE (repeatable), e.g. `linger.ms=10`.
-    #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
-    pub kafka_properties: Vec<String>,
-}
-
-impl fmt::Debug for Overrides {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kafka: Vec<String> = self
-            .kafka_properties
-            .iter()
-            .map(|property| match property.split_once('=') {
-                Some((key, value)) => format!("{key}={}", masked_value(key.trim(), value)),
-                None => masked_value(property, property),
-            })
+    /// Applies the `OUTBOX_*` variables among `vars` (and their [`ALIASES`]): `OUTBOX_<KEY>` for
+    /// each setting, `OUTBOX_KAFKA_<PROPERTY>` for Kafka's (dots as underscores). `OUTBOX_DEV_*`
+    /// are the dev scripts'; any other `OUTBOX_*` is a mistake, refused by name.
+    fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+        names: &mut Names,
+    ) -> Result<(), ConfigError> {
+        let mut vars: Vec<(String, OsString)> = vars
+            .into_iter()
+            .map(|(name, value)| (name.to_string_lossy().into_owned(), value))
             .collect();
-        f.debug_struct("Overrides")
-            .field("database_url", &self.database_url)
-            .field("schema", &self.schema)
-            .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
-            .field("source", &self.source)
-            .field("kafka_properties", &kafka)
-            .finish()
+        vars.sort_by_key(|(name, _)| name.starts_with("OUTBOX_")); // the aliases first
+        let upper_case = |b: u8| matches!(b, b'A'..=b'Z' | b'0'..=b'9' | b'_');
+        for (name, value) in vars {
+            let alias = ALIASES.iter().find(|(alias, _)| *alias == name);
+            let variable = alias.map_or(name.as_str(), |(_, variable)| variable);
+            let rest = variable.strip_prefix("OUTBOX_");
+            let Some(rest) = rest.filter(|rest| !rest.starts_with("DEV_")) else {
+                continue; // not ours, or the dev scripts'
+            };
+            let invalid = |reason: &str| ConfigError::invalid(&name, reason);
+            let value = value
+                .into_string()
+                .map_err(|_| invalid("not valid UTF-8"))?;
+            if !rest.bytes().all(upper_case) {
+                return Err(invalid("unknown environment variable"));
+            }
+            let key = rest.to_ascii_lowercase();
+            let property = key.strip_prefix("kafka_").filter(|p| !p.is_empty());
+            let path = if let Some(property) = property {
+                let property = property.replace('_', ".");
+                self.kafka.0.insert(property.clone(), value.into());
+                format!("kafka.{property}")
+            } else if let Some(set) = self.set_text(&key, &value) {
+                set.map_err(|reason| invalid(&reason))?;
+                key
+            } else {
+                let set = self.relay.set_text(&key, &value);
+                set.ok_or_else(|| invalid("unknown environment variable"))?
+                    .map_err(|reason| invalid(&reason))?;
+                format!("relay.{key}")
+            };
+            names.insert(path, name);
+        }
+        Ok(())
     }
 }
 
@@ -342,68 +484,16 @@ pub struct Settings {
 
 const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
 const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:19092";
-const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// How the user named each setting they gave, so that an error names what they wrote: the
-/// file's key (`relay.lease_ttl_ms`), the environment variable (`OUTBOX_LEASE_TTL_MS`) or the
-/// flag. Settings are identified by their file key.
-struct Names {
-    env: BTreeMap<String, String>,
-    given: BTreeMap<String, String>,
-}
-
-impl Names {
-    /// `value` came from the file or its environment variable; passes it through.
-    fn given<T>(&mut self, key: &str, value: Option<T>) -> Option<T> {
-        if value.is_some() {
-            let name = self.env.get(key).cloned().unwrap_or_else(|| key.to_owned());
-            self.given.insert(key.to_owned(), name);
-        }
-        value
-    }
-
-    fn flag(&mut self, key: &str, flag: &str) {
-        self.given.insert(key.to_owned(), flag.to_owned());
-    }
-
-    fn is_given(&self, key: &str) -> bool {
-        self.given.contains_key(key)
-    }
-
-    fn name(&self, key: &str) -> String {
-        self.given
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| key.to_owned())
-    }
-}
-
-/// [`RelayConfig`]'s settings, as its validation names them, and their file keys.
-const RELAY_KEYS: [(&str, &str); 17] = [
-    ("source", "relay.source"),
-    ("lease_name", "relay.lease_name"),
-    ("lease_ttl", "relay.lease_ttl_ms"),
-    ("lease_renew_interval", "relay.lease_renew_interval_ms"),
-    ("batch_size", "relay.batch_size"),
-    ("max_batch_bytes", "relay.max_batch_bytes"),
-    ("poll_interval", "relay.poll_interval_ms"),
-    ("batch_linger", "relay.batch_linger_ms"),
-    ("retention", "relay.retention_hours"),
-    ("cleanup_interval", "relay.cleanup_interval_ms"),
-    ("cleanup_batch_size", "relay.cleanup_batch_size"),
-    ("backoff_initial", "relay.backoff_initial_ms"),
-    ("backoff_max", "relay.backoff_max_ms"),
-    ("shutdown_timeout", "relay.shutdown_timeout_ms"),
-    ("stall_timeout", "relay.stall_timeout_ms"),
-    ("monitor_interval", "relay.monitor_interval_ms"),
-    ("schema", "schema"),
-];
-
-fn file_key(relay_key: &str) -> &str {
-    RELAY_KEYS
+/// The file key of a setting as [`RelayConfig::validate`] names it, which is its field's name:
+/// the key adds the unit (`lease_ttl` is `relay.lease_ttl_ms`, `retention` is
+/// `relay.retention_hours`); Kafka's keys are the same (`kafka.acks`).
+fn file_key(setting: &str) -> String {
+    ["", "_ms", "_hours"]
         .iter()
-        .find(|(setting, _)| *setting == relay_key)
-        .map_or(relay_key, |(_, key)| key)
+        .map(|unit| format!("{setting}{unit}"))
+        .find(|key| RelaySettings::KEYS.contains(&key.as_str()))
+        .map_or_else(|| setting.to_owned(), |key| format!("relay.{key}"))
 }
 
 /// A retention given in hours: finite, not negative, and not beyond what cleanup can compute.
@@ -418,252 +508,140 @@ pub fn retention_from_hours(hours: f64) -> Result<Duration, String> {
     }
 }
 
+/// `command` with each setting's variable and default ([`RelayConfig::new`]'s) in its help.
+pub fn document(command: clap::Command) -> clap::Command {
+    let defaults = RelayConfig::new(DEFAULT_BOOTSTRAP, "outbox");
+    let mut shown = Config::show(&defaults);
+    shown.extend(RelaySettings::show(&defaults));
+    let keys: Vec<&str> = Config::KEYS
+        .iter()
+        .chain(RelaySettings::KEYS)
+        .copied()
+        .collect();
+    let describe = move |arg: clap::Arg| {
+        let key = arg.get_id().to_string();
+        if !keys.contains(&key.as_str()) {
+            return arg;
+        }
+        let default = match shown.iter().find(|(shown, _)| *shown == key) {
+            Some((_, value)) if key != "source" => {
+                format!(" [default: {}]", value.trim_matches('"'))
+            }
+            _ => String::new(),
+        };
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        let variable = key.to_ascii_uppercase();
+        arg.help(format!("{help}{default} [env: OUTBOX_{variable}]"))
+    };
+    command
+        .mut_args(describe.clone())
+        .mut_subcommand("relay", |relay| relay.mut_args(describe))
+}
+
 impl Settings {
-    /// Merges defaults, the file (if any) and the overrides, and validates the result.
-    pub fn resolve(file: FileConfig, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut names = Names {
-            env: file.env_names,
-            given: BTreeMap::new(),
-        };
-        let schema_text = match &overrides.schema {
-            Some(schema) => {
-                names.flag("schema", "--schema (OUTBOX_SCHEMA)");
-                schema.clone()
+    /// Merges the defaults, the `file`, the environment `vars` (less those the caller reads
+    /// itself) and the command line's `flags` (`outbox relay`'s in `relay_flags`), later over
+    /// earlier, and validates the result.
+    pub fn resolve(
+        file: Config,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+        flags: &Flags,
+        relay_flags: Option<&RelaySettings>,
+    ) -> Result<Self, ConfigError> {
+        let mut names = Names::default();
+        let mut config = Config::default();
+        config.layer(&file, &mut names, |_, path| path.to_owned());
+        config.apply_env(vars, &mut names)?;
+        if let Some(servers) = &flags.kafka_bootstrap_servers {
+            let servers = servers.clone().into();
+            config.kafka.0.insert("bootstrap.servers".into(), servers);
+            let flag = "--kafka-bootstrap-servers";
+            names.insert("kafka.bootstrap.servers".into(), flag.into());
+        }
+        let mut upper = flags.config.clone();
+        upper.relay = relay_flags.cloned().unwrap_or_default();
+        for property in &flags.kafka {
+            let Some((key, value)) = property.split_once('=') else {
+                // Not echoed: a secret with a typo would be.
+                return Err(ConfigError::invalid("--kafka", "expected KEY=VALUE"));
+            };
+            let value = value.trim().to_owned().into();
+            upper.kafka.0.insert(key.trim().to_owned(), value);
+        }
+        config.layer(&upper, &mut names, |key, path| {
+            match path.strip_prefix("kafka.") {
+                Some(_) => format!("--kafka {key}=..."),
+                None => format!("--{}", key.replace('_', "-")),
             }
-            None => names
-                .given("schema", file.schema)
-                .unwrap_or_else(|| "outbox".to_owned()),
-        };
-        let schema = SchemaName::new(schema_text)
-            .map_err(|e| ConfigError::invalid(&names.name("schema"), e.to_string()))?;
-        let database_url = match &overrides.database_url {
-            Some(url) => {
-                names.flag("database_url", "--database-url (DATABASE_URL)");
-                url.clone()
-            }
-            None => names
-                .given("database_url", file.database_url)
-                .unwrap_or_else(|| DatabaseUrl(DEFAULT_DATABASE_URL.to_owned())),
-        };
-        database_url.connect_options(&names.name("database_url"))?;
+        });
 
-        let r = file.relay;
-        let source = match &overrides.source {
-            Some(source) => {
-                names.flag("relay.source", "--source (OUTBOX_SOURCE)");
-                Some(source.clone())
-            }
-            None => names.given("relay.source", r.source),
-        };
-        let derive_source = source.is_none();
         // Replaced at startup when derived; validated like a configured one meanwhile.
-        let mut relay = RelayConfig::new(
-            DEFAULT_BOOTSTRAP,
-            source.unwrap_or_else(|| "outbox".to_owned()),
-        );
-        relay.schema = schema.clone();
-        let ms = Duration::from_millis;
-        if let Some(v) = names.given("relay.lease_name", r.lease_name) {
-            relay.lease_name = v;
-        }
-        if let Some(v) = names.given("relay.lease_ttl_ms", r.lease_ttl_ms) {
-            relay.lease_ttl = ms(v);
-        }
-        if let Some(v) = names.given("relay.lease_renew_interval_ms", r.lease_renew_interval_ms) {
-            relay.lease_renew_interval = ms(v);
-        }
-        if let Some(v) = names.given("relay.batch_size", r.batch_size) {
-            relay.batch_size = v;
-        }
-        if let Some(v) = names.given("relay.max_batch_bytes", r.max_batch_bytes) {
-            relay.max_batch_bytes = v;
-        }
-        if let Some(v) = names.given("relay.poll_interval_ms", r.poll_interval_ms) {
-            relay.poll_interval = ms(v);
-        }
-        if let Some(v) = names.given("relay.batch_linger_ms", r.batch_linger_ms) {
-            relay.batch_linger = ms(v);
-        }
-        if let Some(v) = names.given("relay.cleanup_interval_ms", r.cleanup_interval_ms) {
-            relay.cleanup_interval = ms(v);
-        }
-        if let Some(v) = names.given("relay.cleanup_batch_size", r.cleanup_batch_size) {
-            relay.cleanup_batch_size = v;
-        }
-        if let Some(v) = names.given("relay.backoff_initial_ms", r.backoff_initial_ms) {
-            relay.backoff_initial = ms(v);
-        }
-        if let Some(v) = names.given("relay.backoff_max_ms", r.backoff_max_ms) {
-            relay.backoff_max = ms(v);
-        }
-        if let Some(v) = names.given("relay.shutdown_timeout_ms", r.shutdown_timeout_ms) {
-            relay.shutdown_timeout = ms(v);
-        }
-        if let Some(v) = names.given("relay.stall_timeout_ms", r.stall_timeout_ms) {
-            relay.stall_timeout = ms(v);
-        }
-        if let Some(v) = names.given("relay.monitor_interval_ms", r.monitor_interval_ms) {
-            relay.monitor_interval = ms(v);
-        }
-        let retention = match names.given("relay.retention_hours", r.retention_hours) {
-            Some(hours) => retention_from_hours(hours).map_err(|reason| {
-                ConfigError::invalid(&names.name("relay.retention_hours"), reason)
-            })?,
-            None => DEFAULT_RETENTION,
-        };
-        relay.completion = match names.given("relay.completion", r.completion).as_deref() {
-            None | Some("keep") => Completion::Keep { retention },
-            Some("delete") => Completion::Delete,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &names.name("relay.completion"),
-                    format!("must be \"keep\" or \"delete\", not {other:?}"),
-                ))
-            }
-        };
-        relay.poison_policy = match names
-            .given("relay.poison_policy", r.poison_policy)
-            .as_deref()
-        {
-            None | Some("block") => PoisonPolicy::Block,
-            Some("dead-letter") => PoisonPolicy::DeadLetter,
-            Some(other) => {
-                return Err(ConfigError::invalid(
-                    &names.name("relay.poison_policy"),
-                    format!("must be \"block\" or \"dead-letter\", not {other:?}"),
-                ))
-            }
-        };
-
-        let mut kafka = KafkaConfig::new(DEFAULT_BOOTSTRAP);
-        for (key, value) in file.kafka {
-            let name = format!("kafka.{key}");
-            names.given(&name, Some(()));
+        let mut relay = RelayConfig::new(DEFAULT_BOOTSTRAP, "outbox");
+        config.apply(&mut relay, |key| name(&names, key))?;
+        let relay_name = |key: &str| name(&names, &format!("relay.{key}"));
+        config.relay.apply(&mut relay, relay_name)?;
+        let database_url = config
+            .database_url
+            .unwrap_or_else(|| DatabaseUrl(DEFAULT_DATABASE_URL.to_owned()));
+        database_url.connect_options(&name(&names, "database_url"))?;
+        for (key, value) in config.kafka.0 {
             let value = match value {
                 toml::Value::String(s) => s,
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                _ => {
-                    return Err(ConfigError::invalid(
-                        &names.name(&name),
-                        "must be a string, number or boolean",
-                    ))
+                toml::Value::Table(_) | toml::Value::Array(_) | toml::Value::Datetime(_) => {
+                    let key = name(&names, &format!("kafka.{key}"));
+                    let reason = "must be a string, number or boolean";
+                    return Err(ConfigError::invalid(&key, reason));
                 }
+                value => value.to_string(),
             };
-            kafka.set(key, value);
+            relay.kafka.set(key, value);
         }
-        if let Some(servers) = &overrides.kafka_bootstrap_servers {
-            names.flag(
-                "kafka.bootstrap.servers",
-                "--kafka-bootstrap-servers (KAFKA_BOOTSTRAP_SERVERS)",
-            );
-            kafka.set("bootstrap.servers", servers.clone());
-        }
-        for property in &overrides.kafka_properties {
-            let Some((key, value)) = property.split_once('=') else {
-                return Err(ConfigError::invalid(
-                    "--kafka",
-                    format!(
-                        "expected KEY=VALUE, got {:?}",
-                        masked_value(property, property)
-                    ),
-                ));
-            };
-            let key = key.trim();
-            names.flag(&format!("kafka.{key}"), &format!("--kafka {key}=..."));
-            kafka.set(key, value.trim());
-        }
-        relay.kafka = kafka;
         relay.validate().map_err(|e| {
             let key = file_key(&e.key);
             // A rule between two settings blames the one(s) the user set.
-            let mut blamed: Vec<String> = [Some(key), e.counterpart().map(file_key)]
+            let mut blamed: Vec<String> = [Some(key.clone()), e.counterpart().map(file_key)]
                 .into_iter()
                 .flatten()
-                .filter(|k| names.is_given(k))
-                .map(|k| names.name(k))
+                .filter_map(|k| names.get(&k).cloned())
                 .collect();
             if blamed.is_empty() {
-                blamed.push(names.name(key));
+                blamed.push(name(&names, &key));
             }
             ConfigError::invalid(&blamed.join(" and "), e.reason)
         })?;
         Ok(Settings {
             database_url,
-            schema,
+            schema: relay.schema.clone(),
+            derive_source: config.relay.source.is_none(),
             relay,
-            derive_source,
         })
     }
 
     /// The effective configuration as TOML, secrets masked. Read back, it configures the same.
     pub fn to_masked_toml(&self) -> String {
-        let r = &self.relay;
-        let ms = |d: Duration| d.as_millis();
-        let mut out = String::new();
-        out.push_str(&format!(
-            "database_url = {}\n",
-            toml_string(&self.database_url.to_string())
-        ));
-        out.push_str(&format!(
-            "schema = {}\n\n[relay]\n",
-            toml_string(self.schema.as_str())
-        ));
-        if self.derive_source {
-            out.push_str(
-                "# source: not set; derived at startup from the database, unique per outbox:\n\
-                 # \"outbox:<cluster system identifier>:<database>:<schema>\"\n",
-            );
-        } else {
-            out.push_str(&format!("source = {}\n", toml_string(&r.source)));
-        }
-        out.push_str(&format!("lease_name = {}\n", toml_string(&r.lease_name)));
-        out.push_str(&format!("lease_ttl_ms = {}\n", ms(r.lease_ttl)));
-        out.push_str(&format!(
-            "lease_renew_interval_ms = {}\n",
-            ms(r.lease_renew_interval)
-        ));
-        out.push_str(&format!("batch_size = {}\n", r.batch_size));
-        out.push_str(&format!("max_batch_bytes = {}\n", r.max_batch_bytes));
-        out.push_str(&format!("poll_interval_ms = {}\n", ms(r.poll_interval)));
-        out.push_str(&format!("batch_linger_ms = {}\n", ms(r.batch_linger)));
-        match r.completion {
-            Completion::Keep { retention } => {
-                out.push_str("completion = \"keep\"\n");
-                out.push_str(&format!(
-                    "retention_hours = {}\n",
-                    retention.as_secs_f64() / 3600.0
-                ));
+        let url = toml_string(&self.database_url.to_string());
+        let mut out = format!("database_url = {url}\n");
+        let tables = [
+            ("", Config::show(&self.relay)),
+            ("\n[relay]\n", RelaySettings::show(&self.relay)),
+        ];
+        for (header, shown) in tables {
+            out.push_str(header);
+            for (key, value) in shown {
+                if key == "source" && self.derive_source {
+                    out.push_str(
+                        "# source: not set; derived at startup from the database, unique per \
+                         outbox:\n# \"outbox:<cluster system identifier>:<database>:<schema>\"\n",
+                    );
+                } else {
+                    out.push_str(&format!("{key} = {value}\n"));
+                }
             }
-            Completion::Delete => out.push_str("completion = \"delete\"\n"),
         }
-        out.push_str(match r.poison_policy {
-            PoisonPolicy::Block => "poison_policy = \"block\"\n",
-            PoisonPolicy::DeadLetter => "poison_policy = \"dead-letter\"\n",
-        });
-        out.push_str(&format!(
-            "cleanup_interval_ms = {}\n",
-            ms(r.cleanup_interval)
-        ));
-        out.push_str(&format!("cleanup_batch_size = {}\n", r.cleanup_batch_size));
-        out.push_str(&format!("backoff_initial_ms = {}\n", ms(r.backoff_initial)));
-        out.push_str(&format!("backoff_max_ms = {}\n", ms(r.backoff_max)));
-        out.push_str(&format!(
-            "shutdown_timeout_ms = {}\n",
-            ms(r.shutdown_timeout)
-        ));
-        out.push_str(&format!("stall_timeout_ms = {}\n", ms(r.stall_timeout)));
-        out.push_str(&format!(
-            "monitor_interval_ms = {}\n\n[kafka]\n",
-            ms(r.monitor_interval)
-        ));
-        for (key, value) in r.kafka.masked() {
-            out.push_str(&format!(
-                "{} = {}\n",
-                toml_string(&key),
-                toml_string(&value)
-            ));
+        out.push_str("\n[kafka]\n");
+        for (key, value) in self.relay.kafka.masked() {
+            let (key, value) = (toml_string(&key), toml_string(&value));
+            out.push_str(&format!("{key} = {value}\n"));
         }
         out
     }
@@ -775,71 +753,115 @@ fn mask_key_values(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+    use std::os::unix::ffi::OsStringExt;
 
-    fn parse(text: &str) -> Result<Settings, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: "test".into(),
-            message: e.to_string(),
-        })?;
-        Settings::resolve(file, &Overrides::default())
-    }
-
-    #[test]
-    fn file_values_apply_and_flags_override_them() {
-        let file: FileConfig = toml::from_str(
-            "schema = \"from_file\"\n[relay]\nbatch_size = 10\n[kafka]\n\"linger.ms\" = 20\n",
-        )
-        .unwrap();
-        let overrides = Overrides {
-            schema: Some("from_flag".into()),
-            kafka_properties: vec!["linger.ms=1".into()],
-            ..Overrides::default()
+    /// Resolves the file `text`, the environment `env` and `outbox relay <args>`.
+    pub(super) fn resolve_with(
+        text: &str,
+        env: Vec<(OsString, OsString)>,
+        args: &[&str],
+    ) -> Result<Settings, String> {
+        let file: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let command_line = ["outbox", "relay"].iter().chain(args);
+        let cli = crate::Cli::try_parse_from(command_line).map_err(|e| e.to_string())?;
+        let crate::Command::Relay { settings, .. } = &cli.command else {
+            unreachable!("parsed as `outbox relay`")
         };
-        let settings = Settings::resolve(file, &overrides).unwrap();
-        assert_eq!(settings.schema.as_str(), "from_flag");
-        assert_eq!(settings.relay.batch_size, 10);
-        assert_eq!(settings.relay.kafka.get("linger.ms"), Some("1"));
+        Settings::resolve(file, env, &cli.flags, Some(settings)).map_err(|e| e.to_string())
+    }
+
+    pub(super) fn resolve(
+        text: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Settings, String> {
+        let env = env.iter().map(|(k, v)| (k.into(), v.into())).collect();
+        resolve_with(text, env, args)
+    }
+
+    fn parse(text: &str) -> Result<Settings, String> {
+        resolve(text, &[], &[])
     }
 
     #[test]
-    fn environment_overrides_the_file_and_typos_are_named() {
-        let mut file: FileConfig = toml::from_str("[relay]\nbatch_size = 10\n").unwrap();
-        file.apply_env([
-            ("OUTBOX_BATCH_SIZE".to_owned(), "20".to_owned()),
-            ("OUTBOX_KAFKA_LINGER_MS".to_owned(), "7".to_owned()),
-            ("OUTBOX_DEV_CACHE".to_owned(), "/x".to_owned()),
-            ("PATH".to_owned(), "/bin".to_owned()),
-        ])
-        .unwrap();
-        let settings = Settings::resolve(file, &Overrides::default()).unwrap();
+    fn the_environment_overrides_the_file_and_flags_override_both() {
+        let file = "schema = \"from_file\"\n[relay]\nbatch_size = 10\nlease_name = \"file\"\n\
+                    [kafka]\n\"linger.ms\" = 20\n\"acks\" = \"all\"\n";
+        let env = [
+            ("OUTBOX_BATCH_SIZE", "20"),
+            ("OUTBOX_LEASE_NAME", "env"),
+            ("OUTBOX_KAFKA_LINGER_MS", "7"),
+            ("OUTBOX_KAFKA_ACKS", "-1"),
+            ("DATABASE_URL", "postgres://me@db/alias"),
+            ("OUTBOX_DATABASE_URL", "postgres://me@db/outbox"),
+        ];
+        let args = [
+            "--schema=from_flag",
+            "--lease-name=flag",
+            "--kafka=linger.ms=1",
+        ];
+        let settings = resolve(file, &env, &args).unwrap();
+        assert_eq!(settings.schema.as_str(), "from_flag");
+        assert_eq!(settings.relay.lease_name, "flag");
         assert_eq!(settings.relay.batch_size, 20);
-        assert_eq!(settings.relay.kafka.get("linger.ms"), Some("7"));
-        let error = FileConfig::default()
-            .apply_env([("OUTBOX_BATCH_SISE".to_owned(), "1".to_owned())])
+        assert_eq!(settings.relay.kafka.get("linger.ms"), Some("1"));
+        assert_eq!(settings.relay.kafka.get("acks"), Some("-1"));
+        assert_eq!(settings.database_url.expose(), "postgres://me@db/outbox");
+    }
+
+    /// A mistyped or misplaced variable once configured nothing, silently: `OUTBOX_Batch_Size`
+    /// was read as `OUTBOX_BATCH_SIZE`, `OUTBOX_KAFKA_` set a property named "".
+    #[test]
+    fn unknown_outbox_variables_are_refused_by_name() {
+        let not_utf8 = OsString::from_vec(b"OUTBOX_BATCH_\xff".to_vec());
+        for name in [
+            "OUTBOX_BATCH_SISE".into(),
+            "OUTBOX_Batch_Size".into(),
+            "OUTBOX_RELAY_BATCH_SIZE".into(),
+            "OUTBOX_KAFKA_".into(),
+            "OUTBOX_".into(),
+            not_utf8,
+        ] {
+            let shown = name.to_string_lossy().into_owned();
+            let error = resolve_with("", vec![(name, "1".into())], &[]).unwrap_err();
+            assert!(
+                error.starts_with(&format!("invalid configuration: {shown}: ")),
+                "{error}"
+            );
+        }
+        // Values that are not UTF-8: refused in a setting, ignored elsewhere.
+        let value = OsString::from_vec(b"\xff".to_vec());
+        let error = resolve_with("", vec![("OUTBOX_SOURCE".into(), value.clone())], &[]);
+        assert!(error
             .unwrap_err()
-            .to_string();
-        assert!(error.contains("OUTBOX_BATCH_SISE"), "{error}");
+            .contains("OUTBOX_SOURCE: not valid UTF-8"));
+        let ignored = vec![
+            ("PATH".into(), value),
+            (OsString::from_vec(b"OTHER_\xff".to_vec()), "x".into()),
+            ("OUTBOX_DEV_CACHE".into(), "/x".into()),
+        ];
+        resolve_with("", ignored, &[]).unwrap();
     }
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let error = parse("[relay]\nbatch_sise = 10\n").unwrap_err().to_string();
+        let error = parse("[relay]\nbatch_sise = 10\n").unwrap_err();
         assert!(error.contains("batch_sise"), "{error}");
+        let error = parse("relay_batch_size = 10\n").unwrap_err();
+        assert!(error.contains("relay_batch_size"), "{error}");
     }
 
     #[test]
     fn lease_shorter_than_renewal_is_rejected_by_name() {
-        let error = parse("[relay]\nlease_ttl_ms = 1000\nlease_renew_interval_ms = 900\n")
-            .unwrap_err()
-            .to_string();
+        let error =
+            parse("[relay]\nlease_ttl_ms = 1000\nlease_renew_interval_ms = 900\n").unwrap_err();
         assert!(error.contains("relay.lease_renew_interval"), "{error}");
     }
 
     #[test]
     fn negative_retention_is_rejected_by_name() {
-        let error = parse("[relay]\nretention_hours = -1\n")
-            .unwrap_err()
-            .to_string();
+        let error = parse("[relay]\nretention_hours = -1\n").unwrap_err();
         assert!(error.contains("relay.retention_hours"), "{error}");
     }
 
@@ -856,14 +878,36 @@ mod tests {
         );
         assert!(shown.contains("sasl.password"));
     }
+
+    #[test]
+    fn help_shows_each_settings_variable_and_default() {
+        use clap::CommandFactory;
+        let mut command = document(crate::Cli::command());
+        command.build();
+        let help = command
+            .find_subcommand_mut("relay")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for expected in [
+            "--lease-ttl-ms <LEASE_TTL_MS>",
+            "[default: 10000] [env: OUTBOX_LEASE_TTL_MS]",
+            "[default: keep] [env: OUTBOX_COMPLETION]",
+            "[default: outbox] [env: OUTBOX_SCHEMA]",
+        ] {
+            assert!(help.contains(expected), "{expected}:\n{help}");
+        }
+    }
 }
 
 #[cfg(test)]
 mod documented_keys {
     //! docs/operations.md's configuration example is the list of keys users are told about:
-    //! each must be accepted, reach the relay's configuration, come from its environment
-    //! variable, and be printed by `--print-config`.
+    //! they are the declared settings, and each is accepted, reaches the relay's configuration
+    //! the same way from the file, its variable and its flag, and is printed by
+    //! `--print-config`.
 
+    use super::tests::resolve;
     use super::*;
 
     const OPERATIONS: &str = include_str!("../../../docs/operations.md");
@@ -888,13 +932,26 @@ mod documented_keys {
             .expect("the documented example is valid TOML")
     }
 
-    fn resolve_table(table: &toml::Table) -> Result<Settings, ConfigError> {
-        let file: FileConfig =
-            toml::from_str(&table.to_string()).map_err(|e| ConfigError::Parse {
-                path: "docs".into(),
-                message: e.to_string(),
-            })?;
-        Settings::resolve(file, &Overrides::default())
+    /// The settings in `table`: (file key, key, value), the `[kafka]` table aside.
+    fn settings_in(table: &toml::Table) -> Vec<(String, String, toml::Value)> {
+        let mut settings = Vec::new();
+        for (key, value) in table {
+            match value {
+                toml::Value::Table(relay) if key == "relay" => settings.extend(
+                    relay
+                        .iter()
+                        .map(|(k, v)| (format!("relay.{k}"), k.clone(), v.clone())),
+                ),
+                toml::Value::Table(_) => {}
+                value => settings.push((key.clone(), key.clone(), value.clone())),
+            }
+        }
+        settings
+    }
+
+    fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+        items.sort();
+        items
     }
 
     /// A valid value other than `value`, of the same type.
@@ -909,86 +966,75 @@ mod documented_keys {
         }
     }
 
-    fn relay_keys() -> Vec<(String, toml::Value)> {
-        let table = documented_table();
-        let relay = table["relay"].as_table().expect("a [relay] table");
-        relay.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    /// What a setting can change: the database URL (masked) and the relay's configuration.
+    fn effect(settings: Result<Settings, String>, what: &str) -> String {
+        let settings = settings.unwrap_or_else(|e| panic!("{what}: {e}"));
+        format!("{:?} {:?}", settings.database_url, settings.relay)
     }
 
     #[test]
     fn documented_example_is_accepted() {
-        let settings = resolve_table(&documented_table()).unwrap();
+        let settings = resolve(&documented_example(), &[], &[]).unwrap();
         assert_eq!(settings.schema.as_str(), "outbox");
     }
 
     #[test]
-    fn every_documented_relay_key_reaches_the_relay_config() {
-        let base = resolve_table(&documented_table()).unwrap().relay;
-        for (key, value) in relay_keys() {
-            let mut table = documented_table();
-            table["relay"][&key] = another(&key, &value);
-            let changed = resolve_table(&table)
-                .unwrap_or_else(|e| panic!("relay.{key}: {e}"))
-                .relay;
-            assert_ne!(
-                format!("{base:?}"),
-                format!("{changed:?}"),
-                "relay.{key} = {} did not reach RelayConfig",
-                table["relay"][&key]
-            );
-        }
+    fn the_documented_keys_are_the_declared_settings() {
+        let documented = settings_in(&documented_table())
+            .into_iter()
+            .map(|(_, key, _)| key);
+        let declared = Config::KEYS.iter().chain(RelaySettings::KEYS);
+        assert_eq!(
+            sorted(documented.collect()),
+            sorted(declared.map(|key| key.to_string()).collect())
+        );
     }
 
     #[test]
-    fn every_documented_relay_key_is_read_from_its_environment_variable() {
-        for (key, value) in relay_keys() {
-            if key == "source" {
-                continue; // OUTBOX_SOURCE is the --source flag's variable
-            }
+    fn every_documented_key_reaches_the_relay_config_from_the_file_its_variable_and_its_flag() {
+        let example = documented_example();
+        let base = effect(resolve(&example, &[], &[]), "the example");
+        for (path, key, value) in settings_in(&documented_table()) {
             let other = another(&key, &value);
             let mut table = documented_table();
-            table["relay"][&key] = other.clone();
-            let from_file = resolve_table(&table).unwrap().relay;
+            match path.strip_prefix("relay.") {
+                Some(_) => table["relay"][&key] = other.clone(),
+                None => table[&key] = other.clone(),
+            }
+            let from_file = effect(resolve(&table.to_string(), &[], &[]), &path);
+            assert_ne!(
+                base, from_file,
+                "{path} = {other} did not reach RelayConfig"
+            );
 
-            let mut file: FileConfig = toml::from_str(&documented_example()).unwrap();
             let text = match &other {
                 toml::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
             let variable = format!("OUTBOX_{}", key.to_ascii_uppercase());
-            file.apply_env([(variable.clone(), text)])
-                .unwrap_or_else(|e| panic!("{variable}: {e}"));
-            let from_env = Settings::resolve(file, &Overrides::default())
-                .unwrap_or_else(|e| panic!("{variable}: {e}"))
-                .relay;
-            assert_eq!(
-                format!("{from_file:?}"),
-                format!("{from_env:?}"),
-                "{variable} is not read like relay.{key}"
-            );
+            let from_env = effect(resolve(&example, &[(&variable, &text)], &[]), &variable);
+            assert_eq!(from_file, from_env, "{variable} is not read like {path}");
+            let flag = format!("--{}", key.replace('_', "-"));
+            let from_flag = effect(resolve(&example, &[], &[&flag, &text]), &flag);
+            assert_eq!(from_file, from_flag, "{flag} is not read like {path}");
         }
     }
 
     #[test]
     fn printed_configuration_names_every_documented_key_and_reads_back_the_same() {
-        let settings = resolve_table(&documented_table()).unwrap();
+        let settings = resolve(&documented_example(), &[], &[]).unwrap();
         let printed = settings.to_masked_toml();
         let reread: toml::Table = printed.parse().unwrap_or_else(|e| panic!("{e}\n{printed}"));
-        for key in documented_table().keys() {
-            assert!(reread.contains_key(key), "{key} not printed:\n{printed}");
-        }
-        for (key, _) in relay_keys() {
-            assert!(
-                reread["relay"].as_table().unwrap().contains_key(&key),
-                "relay.{key} not printed:\n{printed}"
-            );
-        }
-        // And the other way round: no printed key is missing from the documentation.
-        let documented: Vec<String> = relay_keys().into_iter().map(|(k, _)| k).collect();
-        for key in reread["relay"].as_table().unwrap().keys() {
-            assert!(documented.contains(key), "relay.{key} is not documented");
-        }
-        let again = resolve_table(&reread).unwrap();
+        let keys = |table: &toml::Table| {
+            sorted(
+                settings_in(table)
+                    .into_iter()
+                    .map(|(path, ..)| path)
+                    .collect(),
+            )
+        };
+        assert_eq!(keys(&documented_table()), keys(&reread), "{printed}");
+        let again = resolve(&printed, &[], &[]).unwrap();
         assert_eq!(
             format!("{:?}", settings.relay),
             format!("{:?}", again.relay),
@@ -999,31 +1045,33 @@ mod documented_keys {
 
 #[cfg(test)]
 mod user_errors {
-    //! Errors name what the user wrote (the file's key or the variable), values that cannot work
-    //! are refused at startup, and secrets never show.
+    //! Errors name what the user wrote (the file's key, the variable or the flag), values that
+    //! cannot work are refused at startup, and secrets never show.
 
+    use super::tests::resolve;
     use super::*;
 
-    fn resolve(file: &str, env: &[(&str, &str)]) -> Result<Settings, String> {
-        let mut config: FileConfig = toml::from_str(file).map_err(|e| e.to_string())?;
-        config
-            .apply_env(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .map_err(|e| e.to_string())?;
-        Settings::resolve(config, &Overrides::default()).map_err(|e| e.to_string())
+    fn error(file: &str, env: &[(&str, &str)]) -> String {
+        error_with(file, env, &[])
     }
 
-    fn error(file: &str, env: &[(&str, &str)]) -> String {
-        match resolve(file, env) {
-            Ok(settings) => panic!("accepted {file:?} {env:?}: {:?}", settings.relay),
+    fn error_with(file: &str, env: &[(&str, &str)], args: &[&str]) -> String {
+        match resolve(file, env, args) {
+            Ok(settings) => panic!("accepted {file:?} {env:?} {args:?}: {:?}", settings.relay),
             Err(error) => error,
         }
     }
 
     #[test]
-    fn errors_name_the_variable_or_key_the_user_set() {
+    fn errors_name_the_variable_key_or_flag_the_user_set() {
         let e = error("", &[("OUTBOX_LEASE_TTL_MS", "50")]);
         assert!(e.contains("OUTBOX_LEASE_TTL_MS"), "{e}");
         assert!(!e.contains("relay.lease_ttl:"), "{e}");
+        let e = error_with("", &[], &["--lease-ttl-ms", "50"]);
+        assert!(
+            e.starts_with("invalid configuration: --lease-ttl-ms: "),
+            "{e}"
+        );
 
         let e = error("[relay]\nlease_ttl_ms = 50\n", &[]);
         assert!(e.contains("relay.lease_ttl_ms"), "{e}");
@@ -1041,19 +1089,25 @@ mod user_errors {
 
         let e = error("schema = \"order\"\n", &[]);
         assert!(e.starts_with("invalid configuration: schema: "), "{e}");
-        let overrides = Overrides {
-            schema: Some("order".into()),
-            ..Overrides::default()
-        };
-        let e = Settings::resolve(FileConfig::default(), &overrides)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("OUTBOX_SCHEMA"), "{e}");
+        let e = error("", &[("OUTBOX_SCHEMA", "order")]);
+        assert!(
+            e.starts_with("invalid configuration: OUTBOX_SCHEMA: "),
+            "{e}"
+        );
+        let e = error_with("", &[], &["--schema", "order"]);
+        assert!(e.starts_with("invalid configuration: --schema: "), "{e}");
 
         let e = error("", &[("OUTBOX_MONITOR_INTERVAL_MS", "120000")]);
         assert!(e.contains("OUTBOX_MONITOR_INTERVAL_MS"), "{e}");
         let e = error("[kafka]\nacks = \"1\"\n", &[("OUTBOX_KAFKA_ACKS", "0")]);
         assert!(e.contains("OUTBOX_KAFKA_ACKS"), "{e}");
+        let e = error_with("", &[], &["--kafka", "acks=0"]);
+        assert!(e.contains("--kafka acks="), "{e}");
+        let e = error("", &[("DATABASE_URL", "host=db")]);
+        assert!(
+            e.starts_with("invalid configuration: DATABASE_URL: "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1131,7 +1185,7 @@ mod user_errors {
             ("postgres://me:half@masked@db/app", "masked"),
             ("postgres://me:p%40ss-secret@db/app", "ss-secret"),
         ] {
-            let settings = resolve(&format!("database_url = {url:?}\n"), &[])
+            let settings = resolve(&format!("database_url = {url:?}\n"), &[], &[])
                 .unwrap_or_else(|e| panic!("{url}: {e}"));
             for shown in [
                 settings.to_masked_toml(),
@@ -1162,14 +1216,16 @@ mod user_errors {
     fn debug_output_of_the_configuration_masks_secrets() {
         let text = "database_url = \"postgres://me:db-secret@db/app\"\n\
                     [kafka]\n\"sasl.password\" = \"kafka-secret\"\n";
-        let file: FileConfig = toml::from_str(text).unwrap();
-        let overrides = Overrides {
-            database_url: Some("postgres://me:db-secret@db/app".parse().unwrap()),
-            kafka_properties: vec!["sasl.password=kafka-secret".into()],
-            ..Overrides::default()
-        };
-        let shown = format!("{file:?} {overrides:?}");
-        let settings = Settings::resolve(file, &overrides).unwrap();
+        let file: Config = toml::from_str(text).unwrap();
+        let cli = <crate::Cli as clap::Parser>::try_parse_from([
+            "outbox",
+            "--database-url=postgres://me:db-secret@db/app",
+            "--kafka=sasl.password=kafka-secret",
+            "relay",
+        ])
+        .unwrap();
+        let shown = format!("{file:?} {cli:?}");
+        let settings = Settings::resolve(file, Vec::new(), &cli.flags, None).unwrap();
         let shown = format!("{shown} {settings:?}");
         assert!(
             !shown.contains("db-secret") && !shown.contains("kafka-secret"),

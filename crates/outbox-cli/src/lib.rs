@@ -20,12 +20,12 @@
 pub mod config;
 
 use std::borrow::Cow;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use outbox::{Message, Outbox, OutboxConfig};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ use std::str::FromStr;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::config::{retention_from_hours, ConfigError, FileConfig, Overrides, Settings};
+use crate::config::{retention_from_hours, Config, ConfigError, Flags, RelaySettings, Settings};
 
 /// Transactional outbox for PostgreSQL and Apache Kafka.
 #[derive(Debug, Parser)]
@@ -50,9 +50,9 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
-    /// Settings that override the file.
+    /// Settings that override the file and the environment.
     #[command(flatten)]
-    pub overrides: Overrides,
+    pub flags: Flags,
     /// The command to run.
     #[command(subcommand)]
     pub command: Command,
@@ -81,6 +81,9 @@ pub enum Command {
         /// Serve /metrics (Prometheus), /health/live and /health/ready on HOST:PORT.
         #[arg(long, env = "OUTBOX_METRICS_ADDR", value_name = "HOST:PORT")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Settings that override the file's `[relay]` table and the environment.
+        #[command(flatten)]
+        settings: RelaySettings,
     },
     /// Publish already processed messages again, keeping their original x-sequence (for a
     /// consumer that lost data). Needs `completion = "keep"` (deleted rows are gone).
@@ -199,7 +202,8 @@ pub enum CliError {
 
 /// Parses the command line, runs the command and returns the exit code.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = config::document(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let logging = std::env::var_os("OUTBOX_LOG");
     if let Err(error) = init_logging(cli.log_format, logging.as_deref()) {
         eprintln!("outbox: {error}");
@@ -259,12 +263,17 @@ fn log_filter(directives: Option<&OsStr>) -> Result<tracing_subscriber::EnvFilte
 
 /// Runs a parsed command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let mut file = match &cli.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
+    let file = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
     };
-    file.apply_env(std::env::vars())?;
-    let settings = Settings::resolve(file, &cli.overrides)?;
+    let read_elsewhere = [clap_variables(&Cli::command()), vec!["OUTBOX_LOG".into()]].concat();
+    let vars = std::env::vars_os().filter(|(name, _)| !read_elsewhere.contains(name));
+    let relay_flags = match &cli.command {
+        Command::Relay { settings, .. } => Some(settings),
+        _ => None,
+    };
+    let settings = Settings::resolve(file, vars, &cli.flags, relay_flags)?;
     match cli.command {
         Command::Relay {
             print_config: true, ..
@@ -284,6 +293,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Relay {
             print_config: false,
             metrics_addr,
+            ..
         } => run_relay(settings, metrics_addr).await,
         Command::Republish {
             id,
@@ -361,6 +371,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
         },
     }
+}
+
+/// The variables clap reads (`OUTBOX_CONFIG`, `OUTBOX_METRICS_ADDR`): not settings.
+fn clap_variables(command: &clap::Command) -> Vec<OsString> {
+    let own = command
+        .get_arguments()
+        .filter_map(|arg| Some(arg.get_env()?.to_owned()));
+    own.chain(command.get_subcommands().flat_map(clap_variables))
+        .collect()
 }
 
 /// `--watch`'s refresh interval: positive, and at most a day.

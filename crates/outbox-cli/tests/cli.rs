@@ -240,6 +240,81 @@ fn invalid_configuration_exits_2_naming_the_key() {
     assert!(stderr(&typo).contains("OUTBOX_BATCH_SISE"));
 }
 
+/// A mistyped or misplaced variable once configured nothing, silently: `OUTBOX_Batch_Size` was
+/// read as `OUTBOX_BATCH_SIZE`, `OUTBOX_KAFKA_` set a librdkafka property named "".
+#[test]
+fn unknown_outbox_variables_are_refused_by_name() {
+    for name in [
+        "OUTBOX_BATCH_SISE",
+        "OUTBOX_Batch_Size",
+        "OUTBOX_RELAY_BATCH_SIZE",
+        "OUTBOX_KAFKA_",
+    ] {
+        let output = run(outbox_cmd("outbox")
+            .env(name, "5")
+            .args(["relay", "--print-config"]));
+        assert_usage_error(&output, name);
+        assert!(stderr(&output).contains("unknown environment variable"));
+    }
+}
+
+/// Any variable that was not UTF-8, whoever's, made every command panic.
+#[test]
+fn variables_that_are_not_utf8_are_no_panic() {
+    use std::os::unix::ffi::OsStringExt;
+    let not_utf8 = std::ffi::OsString::from_vec(b"caf\xe9".to_vec());
+    let output = run(outbox_cmd("outbox")
+        .env("SOMEONE_ELSES", &not_utf8)
+        .args(["relay", "--print-config"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = run(outbox_cmd("outbox")
+        .env("OUTBOX_SOURCE", &not_utf8)
+        .args(["relay", "--print-config"]));
+    assert_usage_error(&output, "OUTBOX_SOURCE");
+}
+
+#[test]
+fn settings_come_from_the_file_then_the_environment_then_flags() {
+    let path = std::env::temp_dir().join(format!(
+        "outbox-cli-{}.toml",
+        outbox_test_support::short_id()
+    ));
+    std::fs::write(
+        &path,
+        "[relay]\nbatch_size = 10\nlease_name = \"file\"\nsource = \"file\"\n",
+    )
+    .unwrap();
+    let printed = |args: &[&str]| {
+        let output = run(outbox_cmd("outbox")
+            .env("OUTBOX_BATCH_SIZE", "20")
+            .env("OUTBOX_LEASE_NAME", "env")
+            .env_remove("OUTBOX_SOURCE")
+            .arg("--config")
+            .arg(&path)
+            .args(["relay", "--print-config"])
+            .args(args));
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+    };
+    let shown = printed(&[]);
+    for line in [
+        "source = \"file\"",
+        "lease_name = \"env\"",
+        "batch_size = 20",
+    ] {
+        assert!(shown.contains(line), "{line}:\n{shown}");
+    }
+    let shown = printed(&["--batch-size", "30", "--source", "flag"]);
+    for line in [
+        "source = \"flag\"",
+        "lease_name = \"env\"",
+        "batch_size = 30",
+    ] {
+        assert!(shown.contains(line), "{line}:\n{shown}");
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
 #[test]
 fn printed_configuration_masks_secrets() {
     let output = run(outbox_cmd("outbox")
