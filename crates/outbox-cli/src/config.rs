@@ -197,8 +197,8 @@ settings! {
     /// The relay's settings: the file's `[relay]` table, and flags of `outbox relay`.
     #[command(next_help_heading = "Relay settings (also the file's [relay] table)")]
     pub struct RelaySettings {
-        /// The x-source header value, at most 255 bytes [default: "outbox:<cluster system
-        /// identifier>:<database>:<schema>", derived from the database, unique per outbox]
+        /// The x-source header value, at most 255 bytes [default: "outbox:CLUSTER-ID:DATABASE:SCHEMA",
+        /// from the cluster's system identifier, so unique per outbox]
         source: String => source,
         /// Relays sharing a lease name take turns, one publishing at a time
         lease_name: String => lease_name,
@@ -357,7 +357,7 @@ pub struct Flags {
     #[arg(long, global = true)]
     pub kafka_bootstrap_servers: Option<String>,
     /// Extra librdkafka producer property, KEY=VALUE (repeatable), e.g. `linger.ms=10`; also
-    /// OUTBOX_KAFKA_<PROPERTY> (dots as underscores) and the file's [kafka] table
+    /// OUTBOX_KAFKA_PROPERTY_NAME (dots as underscores) and the file's `[kafka]` table
     #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
     pub kafka: Vec<String>,
 }

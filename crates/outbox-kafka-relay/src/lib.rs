@@ -72,7 +72,7 @@
 //! Two routes keep a destination that does not answer from holding back others: a keyed
 //! message whose partition has no leader (keys are partitioned as Java's producer does, so the
 //! relay knows the partition) is held at once, as a failed attempt, without being sent; and a
-//! record over its topic's size limit goes alone through a second producer (see `kafka`), so
+//! record over its topic's size limit goes alone through a second producer, so
 //! the broker's refusal never fails the producer that has everything else in flight.
 //!
 //! The one exception is chosen by configuration: under [`PoisonPolicy::DeadLetter`], a message
@@ -81,7 +81,7 @@
 //! Consumers that need exactly-once *effects* deduplicate on (`x-source`, `x-sequence`); see
 //! [`outbox::headers`] for what the sequence does and does not promise.
 //!
-//! **One publisher at a time, fenced.** See [`lease`]: a relay publishes a new batch only while
+//! **One publisher at a time, fenced.** (The lease module.) A relay publishes a new batch only while
 //! its local, conservative lease deadline is ahead, claims and completes only with the fence
 //! (holder, token, unexpired) checked in the same statement, and purges its producer as soon as
 //! it learns the lease is gone. A deposed relay (GC pause, network cut) therefore cannot mark

@@ -73,8 +73,9 @@ pub(crate) fn encode_stored(headers: &[Header]) -> Option<Value> {
 #[error("malformed stored outbox headers: {0}")]
 pub struct MalformedHeaders(String);
 
-/// Reads the headers column as the writers store it (see [`encode_stored`]); a row written
-/// by hand in another shape, or naming a reserved header, is an error, never a panic.
+/// Reads the headers column as the writers store it (`[{"name": n, "text": v}]`, or `"base64"`
+/// for values that are not UTF-8); a row written by hand in another shape, or naming a reserved
+/// header, is an error, never a panic.
 pub fn decode_stored(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders> {
     let Some(value) = value else {
         return Ok(Vec::new());

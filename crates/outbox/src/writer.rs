@@ -50,6 +50,7 @@ impl OutboxConfig {
 pub struct Outbox {
     statements: Arc<Statements>,
     max_message_bytes: usize,
+    #[cfg(feature = "otel")]
     trace_context: bool,
 }
 
@@ -61,6 +62,7 @@ impl Outbox {
             max_message_bytes: config
                 .max_message_bytes
                 .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+            #[cfg(feature = "otel")]
             trace_context: false,
         }
     }
