@@ -251,7 +251,10 @@ const IN_IDS: &str = "id >= lower((SELECT $1::text::int8multirange))
      AND (SELECT $1::text::int8multirange) @> id";
 
 /// A pending message the claim may take, with its age and size, before the test of where it
-/// is found (at or above the floor, or held below it); continues with `AND`.
+/// is found (at or above the floor, or held below it); continues with `AND`. The held-key test
+/// is one `message_held` lookup per candidate: `OFFSET 0` keeps the planner from turning the
+/// EXISTS into a hashed subplan, which reads every held message once per claim (10,000 rows
+/// for a batch of ten while hostile writers held 10,000 keys: claims of 10 ms instead of 1).
 const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
         CASE WHEN isfinite(created_at)
              THEN (least(greatest(date_part('epoch', now() - created_at), 0), 1e9) * 1000000)::bigint
@@ -268,7 +271,8 @@ const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
     AND (m.key IS NULL OR NOT (SELECT yes FROM any_held) OR NOT EXISTS (
            SELECT 1 FROM {schema}.message h
             WHERE h.topic = m.topic AND h.key = m.key
-              AND h.retry_at IS NOT NULL AND h.retry_at > now()))";
+              AND h.retry_at IS NOT NULL AND h.retry_at > now()
+           OFFSET 0))";
 
 const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
      WHERE l.name = $F1 AND l.holder = $F2 AND l.token = $F3 AND l.expires_at > now())";
@@ -525,7 +529,8 @@ impl Statements {
     /// by $13: the claim lowers the floor to it. Held messages (`retry_at` set) may stay
     /// below it: the claim finds those that are due through their own index
     /// (migration 0012), so that ten thousand held keys are not walked over by every
-    /// claim. (A new lease term starts at floor 0, so a hold an operator removes by
+    /// claim (`ORDER BY m.id + 0`: ordered by `id` itself, the planner walks every id below the
+    /// floor instead whenever it expects due ones to be many, as without statistics). (A new lease term starts at floor 0, so a hold an operator removes by
     /// hand with `retry_at = NULL` is found then; `retry_at = now()` is found at once.)
     /// The rise is a compare-and-set on the floor's
     /// generation: statements that lower the floor bump it, so one that is concurrent
@@ -577,7 +582,7 @@ impl Statements {
                       UNION ALL
                       (SELECT {candidate} AND m.id < (SELECT floor FROM horizon)
                           AND m.retry_at IS NOT NULL AND m.retry_at <= now()
-                        ORDER BY id LIMIT $1)) u
+                        ORDER BY m.id + 0 LIMIT $1)) u
                      ORDER BY id
                      LIMIT $1) c) b
      WHERE before < $2
