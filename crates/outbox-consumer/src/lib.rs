@@ -39,18 +39,13 @@
 //! }
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! // The inbox lives in an outbox schema: migrate it with `outbox::Outbox::migrate`.
 //! let pool = sqlx::PgPool::connect("postgres://localhost/things_view").await?;
-//! let config = ConsumerConfig {
-//!     bootstrap_servers: "kafka:9092".into(),
-//!     group_id: "thing-view".into(),
-//!     topics: vec!["thing_topic".into()],
-//!     retry_initial: Duration::from_millis(100),
-//!     properties: vec![],
-//! };
+//! let inbox = Inbox::new(SchemaName::default());
+//! inbox.migrate(&pool).await?;
+//! let mut config = ConsumerConfig::new("kafka:9092", "thing-view", ["thing_topic"]);
+//! config.retry_initial = Duration::from_millis(200);
 //! let stats = Arc::new(ConsumerStats::default());
 //! let cancel = CancellationToken::new(); // cancel it to stop
-//! let inbox = Inbox::new(SchemaName::default());
 //! outbox_consumer::run(config, pool, inbox, stats, cancel, apply).await?;
 //! # Ok(())
 //! # }
