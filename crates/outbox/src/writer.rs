@@ -210,7 +210,8 @@ fn single_statement(sql: &str) -> Result<&str, Error> {
                     "more SQL follows a `;`: pass one statement".into(),
                 ));
             }
-            1
+            // A whole character: the next slice must start on a character boundary.
+            rest.chars().next().map_or(1, char::len_utf8)
         };
         i += skip;
     }
@@ -314,6 +315,14 @@ mod tests {
             (
                 "UPDATE t /* /* ; */ ; */ SET a = 1 RETURNING id",
                 "UPDATE t /* /* ; */ ; */ SET a = 1 RETURNING id",
+            ),
+            (
+                "UPDATE café SET é = 'ü' RETURNING id; -- fin ✓",
+                "UPDATE café SET é = 'ü' RETURNING id",
+            ),
+            (
+                "UPDATE t SET a = $é$;$é$ RETURNING id",
+                "UPDATE t SET a = $é$;$é$ RETURNING id",
             ),
         ] {
             assert_eq!(single_statement(sql).unwrap(), want, "{sql}");
