@@ -772,7 +772,7 @@ impl Statements {
     }
 
     /// Messages of these topics held for a failure become due now; fenced. Found
-    /// through the held messages' index (message_held), whatever the backlog.
+    /// through the held messages' index by retry time (message_due), whatever the backlog.
     const RELEASE_TOPICS: &'static str = "UPDATE {schema}.message SET retry_at = now()
      WHERE topic = ANY($1) AND retry_at IS NOT NULL
        AND retry_at > now() AND {fence}";

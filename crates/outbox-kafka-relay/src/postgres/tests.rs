@@ -776,3 +776,52 @@ async fn the_floor_rises_past_held_messages_and_due_ones_are_still_claimed() {
     drop(conn);
     outbox.drop_schema().await;
 }
+
+/// A writer may use any key up to the message size limit. Holding a message whose key is
+/// larger than a btree entry can be (~2.7 kB, incompressible) failed the whole failure record
+/// ("index row size exceeds btree maximum"), so the relay could neither hold it nor move on.
+#[tokio::test]
+async fn a_message_with_a_key_larger_than_an_index_entry_is_held_like_any_other() {
+    let outbox = TestOutbox::new().await;
+    let sql = Statements::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(&format!(
+        "INSERT INTO {0}.message (topic, key, payload)
+         VALUES ('t', decode((SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 250)), 'hex'), 'big'),
+                ('t', 'small', 'small')
+         RETURNING id",
+        outbox.schema
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let fence = take_lease(&outbox, &mut conn).await;
+    sql.record_failures(
+        &mut conn,
+        &[(ids[0], "refused".to_owned(), Duration::from_secs(3600))],
+        &fence,
+    )
+    .await
+    .expect("the failure of a message with a 4,000-byte key is recorded");
+    let claimed = sql
+        .claim(
+            &mut conn,
+            10,
+            1 << 30,
+            &Default::default(),
+            Default::default(),
+            &fence,
+        )
+        .await
+        .unwrap();
+    let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
+    assert_eq!(claimed, [ids[1]], "the held message waits, the other key flows");
+    let held = Admin::new(&outbox.schema)
+        .held_keys(&mut conn, 10)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].head, ids[0]);
+    drop(conn);
+    outbox.drop_schema().await;
+}

@@ -13,10 +13,13 @@ INSERT INTO {schema}.published (id, topic, key, payload, headers, created_at, pr
 SELECT id, topic, key, payload, headers, created_at, processed_at, attempts FROM moved
 ON CONFLICT (id) DO NOTHING;
 
--- The held messages' indexes named the column in their predicates. They are rebuilt with the
--- same names, keys and rows (every row's processed_at was NULL), so the relay's plans stay as
--- they were; each new index exists before the old one is dropped.
-CREATE INDEX message_held_rebuilt ON {schema}.message (topic, key, id) WHERE retry_at IS NOT NULL;
+-- The held messages' indexes named the column in their predicates. They are rebuilt under the
+-- same names and over the same rows (every row's processed_at was NULL); each new index exists
+-- before the old one is dropped. message_held becomes a hash index on the key: a btree entry
+-- holds at most ~2.7 kB, so holding a message with a larger (incompressible) key failed the
+-- relay's whole failure record, and it could neither hold that message nor move on; a hash
+-- index stores a 4-byte hash whatever the key. The claim looks a key up by equality only.
+CREATE INDEX message_held_rebuilt ON {schema}.message USING hash (key) WHERE retry_at IS NOT NULL;
 DROP INDEX {schema}.message_held;
 ALTER INDEX {schema}.message_held_rebuilt RENAME TO message_held;
 CREATE INDEX message_due_rebuilt ON {schema}.message (retry_at) WHERE retry_at IS NOT NULL;

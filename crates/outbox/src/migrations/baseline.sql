@@ -28,7 +28,7 @@ CREATE TABLE {schema}.message (
 );
 
 -- Held messages by key (0003) and by retry time (0012, 0014).
-CREATE INDEX message_held ON {schema}.message (topic, key, id) WHERE retry_at IS NOT NULL;
+CREATE INDEX message_held ON {schema}.message USING hash (key) WHERE retry_at IS NOT NULL;
 CREATE INDEX message_due ON {schema}.message (retry_at) WHERE retry_at IS NOT NULL;
 
 -- Small, hot, update-heavy table: vacuum it eagerly.
