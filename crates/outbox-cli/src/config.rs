@@ -440,6 +440,9 @@ impl Config {
             let Some(rest) = rest.filter(|rest| !rest.starts_with("DEV_")) else {
                 continue; // not ours, or the dev scripts'
             };
+            if kubernetes_service_link(rest) {
+                continue;
+            }
             let invalid = |reason: &str| ConfigError::invalid(&name, reason);
             let value = value
                 .into_string()
@@ -466,6 +469,26 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `OUTBOX_<rest>` is one of the variables Kubernetes puts in every pod for each Service
+/// of its namespace (`<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT NAME>]`, `<NAME>_PORT`,
+/// `<NAME>_PORT_<N>_<PROTOCOL>[_ADDR|_PORT|_PROTO]`): a Service named `outbox` or `outbox-kafka`
+/// must not make every `outbox` command refuse to start, nor set librdkafka properties.
+fn kubernetes_service_link(rest: &str) -> bool {
+    let tokens: Vec<&str> = rest.split('_').collect();
+    tokens
+        .iter()
+        .enumerate()
+        .any(|(i, token)| match (*token, &tokens[i + 1..]) {
+            ("SERVICE", ["HOST"]) | ("SERVICE", ["PORT", ..]) | ("PORT", []) => true,
+            ("PORT", [number, protocol, field @ ..]) => {
+                number.bytes().all(|b| b.is_ascii_digit())
+                    && matches!(*protocol, "TCP" | "UDP" | "SCTP")
+                    && matches!(field, [] | ["ADDR" | "PORT" | "PROTO"])
+            }
+            _ => false,
+        })
 }
 
 /// The effective configuration.
@@ -842,6 +865,47 @@ mod tests {
             ("OUTBOX_DEV_CACHE".into(), "/x".into()),
         ];
         resolve_with("", ignored, &[]).unwrap();
+    }
+
+    /// Kubernetes gives every pod variables for each Service of its namespace: Services named
+    /// `outbox` and `outbox-kafka` made every command refuse to start (a crash loop), and set
+    /// librdkafka properties such as `service.host`.
+    #[test]
+    fn kubernetes_service_link_variables_are_not_settings() {
+        let links = [
+            "OUTBOX_SERVICE_HOST",
+            "OUTBOX_SERVICE_PORT",
+            "OUTBOX_SERVICE_PORT_METRICS",
+            "OUTBOX_PORT",
+            "OUTBOX_PORT_9090_TCP",
+            "OUTBOX_PORT_9090_TCP_ADDR",
+            "OUTBOX_PORT_9090_TCP_PORT",
+            "OUTBOX_PORT_9090_TCP_PROTO",
+            "OUTBOX_KAFKA_SERVICE_HOST",
+            "OUTBOX_KAFKA_SERVICE_PORT",
+            "OUTBOX_KAFKA_PORT_9092_TCP_ADDR",
+        ];
+        let env = links
+            .iter()
+            .map(|name| (OsString::from(name), OsString::from("10.0.0.1")))
+            .collect();
+        let settings = resolve_with("", env, &[]).unwrap();
+        let properties: Vec<String> = settings.relay.kafka.masked().into_keys().collect();
+        assert!(
+            properties
+                .iter()
+                .all(|p| !p.contains("service") && !p.starts_with("port")),
+            "{properties:?}"
+        );
+        // Not a pattern of theirs: still refused.
+        for name in [
+            "OUTBOX_PORTS",
+            "OUTBOX_PORT_X_TCP",
+            "OUTBOX_SERVICE_HOSTNAME",
+        ] {
+            let env = vec![(OsString::from(name), OsString::from("1"))];
+            assert!(resolve_with("", env, &[]).is_err(), "{name}");
+        }
     }
 
     #[test]

@@ -815,7 +815,11 @@ async fn a_message_with_a_key_larger_than_an_index_entry_is_held_like_any_other(
         .await
         .unwrap();
     let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
-    assert_eq!(claimed, [ids[1]], "the held message waits, the other key flows");
+    assert_eq!(
+        claimed,
+        [ids[1]],
+        "the held message waits, the other key flows"
+    );
     let held = Admin::new(&outbox.schema)
         .held_keys(&mut conn, 10)
         .await
