@@ -54,9 +54,46 @@ pub use writer::{Outbox, OutboxConfig, Sequence, DEFAULT_MAX_PAYLOAD_BYTES};
 pub fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     key.contains("password")
+        || key.contains("passphrase")
+        || key.contains("private")
         || key.contains("secret")
         || key.ends_with(".key.pem")
         || key == "sasl.jaas.config"
         || key == "sasl.oauthbearer.config"
         || key.ends_with("token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_secret_property;
+
+    /// Every secret property of the bundled librdkafka (2.12) is masked, and the common
+    /// settings are not.
+    #[test]
+    fn librdkafka_secret_properties_are_secret() {
+        for key in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.jaas.config",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret_property(key), "{key}");
+        }
+        for key in [
+            "bootstrap.servers",
+            "sasl.username",
+            "sasl.mechanism",
+            "ssl.ca.location",
+            "ssl.certificate.pem",
+            "linger.ms",
+        ] {
+            assert!(!is_secret_property(key), "{key}");
+        }
+    }
 }
