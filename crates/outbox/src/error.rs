@@ -74,6 +74,12 @@ pub enum InvalidMessage {
     /// Header names must be non-empty.
     #[error("a header name is empty")]
     EmptyHeaderName,
+    /// PostgreSQL cannot store a NUL character in the text of a header name.
+    #[error("the header name {name:?} contains a NUL character")]
+    NulInHeaderName {
+        /// The name, escaped.
+        name: String,
+    },
     /// The relay sets these headers itself; a message may not carry its own.
     #[error("the header {name:?} is reserved: the relay sets it")]
     ReservedHeader {

@@ -49,7 +49,8 @@ pub fn decode_sequence(value: &[u8]) -> Result<i64, MalformedSequence> {
 }
 
 /// Headers are stored as `[{"name": n, "text": v}]`, or `"base64"` for values that are not
-/// UTF-8, so that operators can read them with psql and SQL writers can produce them.
+/// UTF-8 or hold a NUL (which PostgreSQL's JSON cannot store), so that operators can read them
+/// with psql and SQL writers can produce them.
 pub(crate) fn encode_stored(headers: &[Header]) -> Option<Value> {
     if headers.is_empty() {
         return None;
@@ -57,8 +58,8 @@ pub(crate) fn encode_stored(headers: &[Header]) -> Option<Value> {
     let encoded = headers
         .iter()
         .map(|h| match std::str::from_utf8(&h.value) {
-            Ok(text) => json!({ "name": h.name, "text": text }),
-            Err(_) => json!({
+            Ok(text) if !text.contains('\0') => json!({ "name": h.name, "text": text }),
+            _ => json!({
                 "name": h.name,
                 "base64": base64::engine::general_purpose::STANDARD.encode(&h.value),
             }),

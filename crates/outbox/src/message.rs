@@ -97,6 +97,11 @@ impl Message {
             if header.name.is_empty() {
                 return Err(InvalidMessage::EmptyHeaderName);
             }
+            if header.name.contains('\0') {
+                return Err(InvalidMessage::NulInHeaderName {
+                    name: header.name.escape_default().to_string(),
+                });
+            }
             if headers::RESERVED.contains(&header.name.as_str()) {
                 return Err(InvalidMessage::ReservedHeader {
                     name: header.name.clone(),
@@ -254,6 +259,14 @@ mod tests {
         );
         let empty = Message::new("t", vec![]).header("", vec![1]);
         assert_eq!(empty.validate(MAX), Err(InvalidMessage::EmptyHeaderName));
+        // PostgreSQL's JSON cannot hold it: it failed the caller's transaction instead.
+        let nul = Message::new("t", vec![]).header("a\0b", vec![1]);
+        assert_eq!(
+            nul.validate(MAX),
+            Err(InvalidMessage::NulInHeaderName {
+                name: "a\\u{0}b".into()
+            })
+        );
     }
 
     #[test]

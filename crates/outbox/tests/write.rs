@@ -408,3 +408,26 @@ async fn an_empty_outbox_has_no_oldest_pending_age() {
     drop(conn);
     outbox.drop_schema().await;
 }
+
+/// A header value that is valid UTF-8 but holds a NUL was stored as JSON text, which PostgreSQL
+/// refuses: the insert failed and aborted the caller's transaction.
+#[tokio::test]
+async fn a_header_value_with_a_nul_character_is_saved_and_read_back() {
+    let outbox = TestOutbox::new().await;
+    let mut tx = outbox.pool.begin().await.unwrap();
+    let message = Message::new("t", b"payload".to_vec()).header("h", b"a\0b".to_vec());
+    outbox
+        .outbox
+        .save_for_publishing(&mut tx, message)
+        .await
+        .expect("saved");
+    tx.commit().await.unwrap();
+    let stored: Option<serde_json::Value> =
+        sqlx::query_scalar(&format!("SELECT headers FROM {}.message", outbox.schema))
+            .fetch_one(&outbox.pool)
+            .await
+            .unwrap();
+    let headers = outbox::headers::decode_stored(stored).unwrap();
+    assert_eq!(headers[0].value, b"a\0b");
+    outbox.drop_schema().await;
+}
