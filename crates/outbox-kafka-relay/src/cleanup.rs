@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::lease::Term;
 use crate::metrics as m;
 
-/// Deletes processed rows older than `retention`, `batch_size` per statement, until none are
-/// left; calls `progress` with the running total after each batch. Returns the total.
+/// Deletes processed rows older than `retention`, `batch_size` per statement (at least one),
+/// until none are left; calls `progress` with the running total after each batch. Returns the
+/// total.
 pub async fn run_once(
     pool: &PgPool,
     admin: &Admin,
@@ -22,6 +23,8 @@ pub async fn run_once(
     batch_size: usize,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, outbox::Error> {
+    // A batch of 0 would delete nothing and never finish.
+    let batch_size = batch_size.clamp(1, i64::MAX as usize);
     let mut total = 0;
     loop {
         let mut conn = pool.acquire().await.map_err(outbox::Error::from)?;

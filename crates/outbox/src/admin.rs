@@ -210,7 +210,10 @@ const BACKLOG: &str = "SELECT count(*),
         (SELECT count(*) FROM {schema}.dead_letter)
    FROM {schema}.message";
 
-const ACTIVITY: &str = "SELECT (extract(epoch FROM now() - (SELECT max(processed_at) FROM {schema}.published)) * 1000000)::bigint,
+// Finite times only, clamped: a row written by hand with `processed_at = 'infinity'` made the
+// subtraction fail, and `outbox status` with it.
+const ACTIVITY: &str = "SELECT (least(extract(epoch FROM now() - (SELECT max(processed_at) FILTER (WHERE isfinite(processed_at))
+                                                        FROM {schema}.published)), 1e9) * 1000000)::bigint,
         (SELECT count(*) FROM {schema}.message WHERE attempts > 0),
         f.id, f.attempts, f.last_error
    FROM (SELECT 1) one

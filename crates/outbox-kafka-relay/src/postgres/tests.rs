@@ -829,3 +829,34 @@ async fn a_message_with_a_key_larger_than_an_index_entry_is_held_like_any_other(
     drop(conn);
     outbox.drop_schema().await;
 }
+
+/// Rows written by hand into `published`: `outbox status` failed on an infinite time, and a
+/// cleanup batch of 0 never finished.
+#[tokio::test]
+async fn operator_statements_survive_rows_written_by_hand() {
+    let outbox = TestOutbox::new().await;
+    let admin = Admin::new(&outbox.schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {}.published (id, topic, payload, created_at, processed_at, attempts)
+         VALUES (1, 't', 'x', now(), 'infinity', 0), (2, 't', 'x', now(), '-infinity', 0)",
+        outbox.schema
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    admin.activity(&mut conn).await.expect("activity");
+    let deleted = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::cleanup::run_once(&outbox.pool, &admin, Duration::ZERO, 0, |_| {}),
+    )
+    .await
+    .expect("a cleanup batch of 0 finishes")
+    .unwrap();
+    assert_eq!(
+        deleted, 1,
+        "the row processed at -infinity is past any retention"
+    );
+    drop(conn);
+    outbox.drop_schema().await;
+}
