@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A consumed record, owned, with its outbox identity parsed.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Record {
     /// Topic.
     pub topic: String,
@@ -102,6 +103,7 @@ impl Record {
 
 /// Why a record lacks an outbox identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum MalformedRecord {
     /// No `x-sequence` header.
     #[error("no x-sequence header")]

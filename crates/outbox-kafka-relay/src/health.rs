@@ -36,6 +36,7 @@ pub struct Health {
 
 /// A snapshot of the relay's health.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HealthReport {
     /// Whether the relay should receive traffic / be left running.
     pub ready: bool,

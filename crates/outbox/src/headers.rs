@@ -77,6 +77,7 @@ pub struct MalformedHeaders(String);
 /// Reads the headers column as the writers store it (`[{"name": n, "text": v}]`, or `"base64"`
 /// for values that are not UTF-8); a row written by hand in another shape, or naming a reserved
 /// header, is an error, never a panic.
+#[doc(hidden)] // the relay's; not part of the API
 pub fn decode_stored(value: Option<Value>) -> Result<Vec<Header>, MalformedHeaders> {
     let Some(value) = value else {
         return Ok(Vec::new());

@@ -69,6 +69,7 @@ macro_rules! migration {
 
 /// The embedded migrations, in order; version `n` is at index `n - 1`. Never edit one that was
 /// released: add a new one (and change the baseline to match).
+#[doc(hidden)] // for upgrade tests; not part of the API
 pub const MIGRATIONS: &[Migration] = &[
     migration!(
         1,
@@ -136,6 +137,7 @@ const CHECKSUMS_SINCE: i32 = 14;
 
 /// What a migration run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrationReport {
     /// The schema migrated.
     pub schema: String,
