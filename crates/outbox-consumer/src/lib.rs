@@ -251,7 +251,20 @@ pub enum ConsumerError {
     /// Kafka client failure.
     #[error("Kafka consumer error: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A property in `ConsumerConfig::properties` would break the at-least-once promise (offsets
+    /// stored before the database commit) or contradicts a field of the config.
+    #[error("the consumer property {0:?} is set by the consumer itself and cannot be overridden")]
+    ReservedProperty(String),
 }
+
+/// Properties the consumer sets itself: the first two keep offsets behind the database commit,
+/// the others are fields of [`ConsumerConfig`].
+const RESERVED_PROPERTIES: [&str; 4] = [
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "group.id",
+    "bootstrap.servers",
+];
 
 /// Runs until `cancel`: consumes `config.topics`, and for each new record runs `handler` inside
 /// the transaction that records it in `inbox`.
@@ -276,8 +289,13 @@ where
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true");
     for (key, value) in &config.properties {
+        if RESERVED_PROPERTIES.contains(&key.trim().to_ascii_lowercase().as_str()) {
+            return Err(ConsumerError::ReservedProperty(key.clone()));
+        }
         client.set(key, value);
     }
+    // A zero delay would retry a failing record in a tight loop.
+    let retry_initial = config.retry_initial.max(Duration::from_millis(1));
     let consumer: StreamConsumer = client.create().map_err(redact_config_error)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -303,7 +321,7 @@ where
                     &cancel,
                     &mut handler,
                     &record,
-                    config.retry_initial,
+                    retry_initial,
                 )
                 .await;
                 if !applied {
@@ -496,6 +514,31 @@ mod tests {
         for shown in [error.to_string(), format!("{error:?}")] {
             assert!(shown.contains("sasl.jaas.config"), "{shown}");
             assert!(!shown.contains("jaas-secret"), "{shown}");
+        }
+    }
+
+    /// `enable.auto.offset.store=true` stored offsets before the database commit: a crash lost
+    /// records silently.
+    #[tokio::test]
+    async fn properties_that_break_at_least_once_are_refused() {
+        for key in ["enable.auto.offset.store", "Enable.Auto.Commit", "group.id"] {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://nobody@127.0.0.1:1/nothing")
+                .unwrap();
+            let error = run(
+                config_with(&[(key, "true")]),
+                pool,
+                Inbox::new(outbox::SchemaName::default_schema()),
+                Arc::default(),
+                CancellationToken::new(),
+                async |_, _| Ok::<(), String>(()),
+            )
+            .await
+            .expect_err("refused");
+            assert!(
+                matches!(&error, ConsumerError::ReservedProperty(k) if k == key),
+                "{error}"
+            );
         }
     }
 

@@ -189,13 +189,18 @@ pub fn record_wire_size(
         bytes
     }
     const MAX_OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
-    MAX_OVERHEAD
-        + key
-        + value
-        + headers
-            .into_iter()
-            .map(|(name, value)| varint(name) + name + varint(value) + value)
-            .sum::<usize>()
+    // Saturating: the lengths are the caller's, and no record is near usize::MAX.
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            (varint(name) + varint(value))
+                .saturating_add(name)
+                .saturating_add(value)
+        })
+        .fold(
+            MAX_OVERHEAD.saturating_add(key).saturating_add(value),
+            usize::saturating_add,
+        )
 }
 
 /// Kafka's own rules for topic names (`org.apache.kafka.common.internals.Topic`).
@@ -246,6 +251,15 @@ mod tests {
                 "{topic:?}"
             );
         }
+    }
+
+    /// A public function: lengths near usize::MAX overflowed (a panic in debug builds).
+    #[test]
+    fn record_wire_size_saturates_instead_of_overflowing() {
+        assert_eq!(
+            record_wire_size(usize::MAX, 1, [(usize::MAX, usize::MAX)]),
+            usize::MAX
+        );
     }
 
     #[test]
