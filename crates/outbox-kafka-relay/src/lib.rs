@@ -81,8 +81,8 @@
 //! Consumers that need exactly-once *effects* deduplicate on (`x-source`, `x-sequence`); see
 //! [`outbox::headers`] for what the sequence does and does not promise.
 //!
-//! **One publisher at a time, fenced.** (The lease module.) A relay publishes a new batch only while
-//! its local, conservative lease deadline is ahead, claims and completes only with the fence
+//! **One publisher at a time, fenced** (the lease module keeps it): a relay publishes a new
+//! batch only while its local, conservative lease deadline is ahead, claims and completes only with the fence
 //! (holder, token, unexpired) checked in the same statement, and purges its producer as soon as
 //! it learns the lease is gone. A deposed relay (GC pause, network cut) therefore cannot mark
 //! anything complete or start another batch; at worst the batch it had in flight lands as

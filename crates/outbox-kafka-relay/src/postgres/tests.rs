@@ -23,6 +23,29 @@ async fn take_lease(outbox: &TestOutbox, conn: &mut PgConnection) -> Fence {
     }
 }
 
+/// The ids a plain claim (nothing to skip, no floor change) of up to `limit` messages and
+/// `max_bytes` returns under `fence`.
+async fn claim_ids(
+    sql: &Statements,
+    conn: &mut PgConnection,
+    limit: i64,
+    max_bytes: i64,
+    fence: &Fence,
+) -> Vec<i64> {
+    let claimed = sql
+        .claim(
+            conn,
+            limit,
+            max_bytes,
+            &Skip::default(),
+            FloorRequest::default(),
+            fence,
+        )
+        .await
+        .unwrap();
+    claimed.messages.iter().map(|m| m.id).collect()
+}
+
 #[test]
 fn a_floor_candidate_settles_only_once_xmin_is_past_the_completion() {
     let horizon = |xmin| ClaimHorizon {
@@ -328,18 +351,7 @@ async fn header_bytes_count_against_the_byte_budget() {
         .commit_each((0..5).map(|_| Message::new("t", vec![]).header("h", vec![b'v'; 10_000])))
         .await;
     let fence = take_lease(&outbox, &mut conn).await;
-    let claimed = sql
-        .claim(
-            &mut conn,
-            100,
-            25_000,
-            &Default::default(),
-            Default::default(),
-            &fence,
-        )
-        .await
-        .unwrap();
-    let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
+    let claimed = claim_ids(&sql, &mut conn, 100, 25_000, &fence).await;
     assert_eq!(claimed, ids[..3]);
     drop(conn);
     outbox.drop_schema().await;
@@ -655,19 +667,9 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     .await;
     retry.commit().await.unwrap();
     rising.await.unwrap();
-    let claimed = sql
-        .claim(
-            &mut conn,
-            100,
-            1 << 20,
-            &Default::default(),
-            Default::default(),
-            &fence,
-        )
-        .await
-        .unwrap();
+    let claimed = claim_ids(&sql, &mut conn, 100, 1 << 20, &fence).await;
     assert_eq!(
-        claimed.messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        claimed,
         [ids[1]],
         "the retried message is above the floor: {claimed:?}"
     );
@@ -675,7 +677,6 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
     outbox.drop_schema().await;
 }
 
-/// Takes the lease "relay" as holder "me" for 30 s; returns its fence.
 /// Held messages do not hold the claim floor back: it rises past them, so a claim does not walk
 /// over thousands of held messages, and the claim still finds them below it once they are due,
 /// in order with the later messages of their key.
@@ -803,18 +804,7 @@ async fn a_message_with_a_key_larger_than_an_index_entry_is_held_like_any_other(
     )
     .await
     .expect("the failure of a message with a 4,000-byte key is recorded");
-    let claimed = sql
-        .claim(
-            &mut conn,
-            10,
-            1 << 30,
-            &Default::default(),
-            Default::default(),
-            &fence,
-        )
-        .await
-        .unwrap();
-    let claimed: Vec<i64> = claimed.messages.iter().map(|m| m.id).collect();
+    let claimed = claim_ids(&sql, &mut conn, 10, 1 << 30, &fence).await;
     assert_eq!(
         claimed,
         [ids[1]],
