@@ -81,10 +81,10 @@
 //! Consumers that need exactly-once *effects* deduplicate on (`x-source`, `x-sequence`); see
 //! [`outbox::headers`] for what the sequence does and does not promise.
 //!
-//! **One publisher at a time, fenced** (the lease module keeps it): a relay publishes a new
-//! batch only while its local, conservative lease deadline is ahead, claims and completes only with the fence
-//! (holder, token, unexpired) checked in the same statement, and purges its producer as soon as
-//! it learns the lease is gone. A deposed relay (GC pause, network cut) therefore cannot mark
+//! **One publisher at a time, fenced** (the lease module keeps it): a relay publishes a new batch
+//! only while its local, conservative lease deadline is ahead, claims and completes only with the
+//! fence (holder, token, unexpired) checked in the same statement, and purges its producer as soon
+//! as it learns the lease is gone. A deposed relay (GC pause, network cut) therefore cannot mark
 //! anything complete or start another batch; at worst the batch it had in flight lands as
 //! duplicates. A standby takes over once the lease expires, or at once after a clean release.
 //!
