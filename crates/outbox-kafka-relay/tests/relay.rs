@@ -657,8 +657,11 @@ async fn a_backlog_without_statistics_is_claimed_without_rereading_it() {
     let before = message_rows_read(&outbox).await;
 
     let mut config = config(&outbox);
-    config.batch_size = 500;
+    config.batch_size = 100;
     config.completion = Completion::Delete;
+    // The monitor's backlog count reads the pending rows too: once, at start.
+    config.monitor_interval = Duration::from_secs(600);
+    config.stall_timeout = Duration::from_secs(1200);
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     // Watched in Kafka: counting what is pending would read the table too.
     wait_until(
@@ -681,10 +684,12 @@ async fn a_backlog_without_statistics_is_claimed_without_rereading_it() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Each row: read by a claim, again by the claims that skip it while it is in flight and
-    // being completed, and by its completion. Whole-backlog claims read ~900,000.
+    // Each row is read by the claim that returns it, by its completion, and by every claim
+    // (and floor check) that walks over it while it is in flight: with up to four batches
+    // publishing and more completing, up to ~15 reads per row (89k-292k measured here). Claims
+    // that reread the backlog read n/2 per row on average: 30000 / (2 * 100) = 150 reads per row.
     assert!(
-        (count..=8 * count).contains(&read),
+        (count..=30 * count).contains(&read),
         "{read} rows read to drain {count}"
     );
     assert_eq!(record_count(&kafka_bootstrap_servers(), &topic), count);
