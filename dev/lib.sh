@@ -10,6 +10,11 @@ KAFKA_CONTROLLER_PORT="${OUTBOX_DEV_KAFKA_CONTROLLER_PORT:-19093}"
 KAFKA_HOME="$CACHE/kafka"
 DATABASE_URL="postgres://outbox:outbox@127.0.0.1:${PG_PORT}/outbox"
 KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT}"
+PGBOUNCER_PORT="${OUTBOX_DEV_PGBOUNCER_PORT:-56432}"
+# Owned by postgres, which PgBouncer runs as (it refuses root).
+PGBOUNCER_DIR="/var/lib/postgresql/outbox-dev-pgbouncer-${PGBOUNCER_PORT}"
+PGBOUNCER_TRANSACTION_URL="postgres://outbox:outbox@127.0.0.1:${PGBOUNCER_PORT}/outbox_transaction"
+PGBOUNCER_SESSION_URL="postgres://outbox:outbox@127.0.0.1:${PGBOUNCER_PORT}/outbox_session"
 
 log() { echo "dev: $*" >&2; }
 die() { echo "dev: error: $*" >&2; exit 1; }

@@ -282,7 +282,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Migrate => {
-            let pool = connect(&settings, None).await?;
+            let pool = connect(&settings).await?;
             let report = writer(&settings)
                 .migrate(&pool)
                 .await
@@ -336,7 +336,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 })?;
                 message = message.header(name, value);
             }
-            let pool = connect(&settings, None).await?;
+            let pool = connect(&settings).await?;
             let mut tx = pool.begin().await.map_err(db_error)?;
             let sequence = writer(&settings)
                 .save_for_publishing(&mut tx, message)
@@ -397,8 +397,18 @@ fn watch_interval(seconds: f64) -> Result<Duration, ConfigError> {
     }
 }
 
+// The command's statements run once per process: sent unnamed, inside transactions, they work
+// the same on a direct connection and through a pooler in transaction mode (docs/operations.md).
 fn writer(settings: &Settings) -> Outbox {
-    Outbox::new(OutboxConfig::default().schema(settings.schema.clone()))
+    Outbox::new(
+        OutboxConfig::default()
+            .schema(settings.schema.clone())
+            .transaction_pooling(true),
+    )
+}
+
+fn admin(settings: &Settings) -> outbox::admin::Admin {
+    outbox::admin::Admin::new(&settings.schema).transaction_pooling(true)
 }
 
 fn db_error(error: impl Into<outbox::Error>) -> CliError {
@@ -408,21 +418,12 @@ fn db_error(error: impl Into<outbox::Error>) -> CliError {
     }
 }
 
-/// A pool on the configured database; with `statement_timeout`, the server cancels any of its
-/// statements that runs longer.
-async fn connect(
-    settings: &Settings,
-    statement_timeout: Option<Duration>,
-) -> Result<PgPool, CliError> {
+/// A pool on the configured database. No startup `options` (PgBouncer refuses them): the relay
+/// bounds its statements on its own sessions.
+async fn connect(settings: &Settings) -> Result<PgPool, CliError> {
     // Validated with the user's names when the settings were resolved.
     let url = &settings.database_url;
-    let mut options = settings.database_url.connect_options("database_url")?;
-    if let Some(timeout) = statement_timeout {
-        options = options.options([(
-            "statement_timeout",
-            format!("{}ms", timeout.as_millis().max(1)),
-        )]);
-    }
+    let options = settings.database_url.connect_options("database_url")?;
     // One direct attempt first: a pool would only report "timed out", not why.
     let attempt = tokio::time::timeout(
         Duration::from_secs(10),
@@ -451,9 +452,11 @@ async fn run_relay(
     mut settings: Settings,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<(), CliError> {
-    // Every relay statement is bounded: one blocked longer than a lease term (a lock held by a
-    // writer) is of no use to a holder that must renew or step down meanwhile.
-    let pool = connect(&settings, Some(settings.relay.lease_ttl)).await?;
+    let pool = connect(&settings).await?;
+    // Fail at start, not in a retry loop, when the relay cannot have sessions of its own.
+    Relay::check_connection(&pool)
+        .await
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
     if settings.derive_source {
         // Two services that both leave `source` unset must not publish the same
         // (x-source, x-sequence) pairs: consumers' inboxes would drop one's events.
@@ -571,13 +574,16 @@ async fn republish(
     yes: bool,
     confirm_above: u64,
 ) -> Result<(), CliError> {
-    let pool = connect(settings, None).await?;
+    let pool = connect(settings).await?;
     let mut conn = pool.acquire().await.map_err(db_error)?;
+    let admin = admin(settings);
+    let mut tx = conn.begin().await.map_err(db_error)?;
     for (key, value) in [("--since", &filter.since), ("--until", &filter.until)] {
         if let Some(value) = value {
             if sqlx::query("SELECT $1::timestamptz")
                 .bind(value)
-                .execute(&mut *conn)
+                .persistent(false)
+                .execute(&mut *tx)
                 .await
                 .is_err()
             {
@@ -589,11 +595,11 @@ async fn republish(
             }
         }
     }
-    let admin = outbox::admin::Admin::new(&settings.schema);
     let total = admin
-        .republish_count(&mut conn, &filter)
+        .republish_count(&mut tx, &filter)
         .await
         .map_err(db_error)? as u64;
+    tx.commit().await.map_err(db_error)?;
     if total == 0 {
         println!("no processed messages match; nothing to republish");
         return Ok(());
@@ -622,10 +628,12 @@ async fn republish(
     let mut after = i64::MIN;
     let mut done = 0;
     loop {
+        let mut tx = conn.begin().await.map_err(db_error)?;
         let (count, last) = admin
-            .republish_batch(&mut conn, &filter, after, 10_000)
+            .republish_batch(&mut tx, &filter, after, 10_000)
             .await
             .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
         done += count;
         bar.set_position(done);
         match last {
@@ -650,8 +658,8 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
             return Ok(());
         }
     };
-    let pool = connect(settings, None).await?;
-    let admin = outbox::admin::Admin::new(&settings.schema);
+    let pool = connect(settings).await?;
+    let admin = admin(settings);
     let bar = indicatif::ProgressBar::new_spinner();
     let deleted = outbox_kafka_relay::cleanup::run_once(
         &pool,
@@ -671,9 +679,9 @@ async fn cleanup(settings: &Settings, retention_hours: Option<f64>) -> Result<()
 }
 
 async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(), CliError> {
-    let pool = connect(settings, None).await?;
-    let admin = outbox::admin::Admin::new(&settings.schema);
-    let mut conn = pool.acquire().await.map_err(db_error)?;
+    let pool = connect(settings).await?;
+    let admin = admin(settings);
+    let mut conn = pool.begin().await.map_err(db_error)?;
     match action {
         DeadLetterAction::List { json, limit } => {
             let letters = admin
@@ -727,6 +735,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
             println!("dropped {dropped} dead letter(s)");
         }
     }
+    conn.commit().await.map_err(db_error)?;
     Ok(())
 }
 
@@ -749,9 +758,10 @@ async fn shutdown_signal() -> &'static str {
 }
 
 async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
-    let pool = connect(settings, None).await?;
-    let admin = outbox::admin::Admin::new(&settings.schema);
-    let mut conn = pool.acquire().await.map_err(db_error)?;
+    let pool = connect(settings).await?;
+    let admin = admin(settings);
+    // One transaction: one snapshot for every figure, and one server connection behind a pooler.
+    let mut conn = pool.begin().await.map_err(db_error)?;
     let backlog = admin.backlog(&mut conn).await.map_err(|e| {
         CliError::Runtime(format!(
             "cannot read the outbox in schema {} (run `outbox migrate`?): {e}",

@@ -27,10 +27,10 @@ pub async fn run_once(
     let batch_size = batch_size.clamp(1, i64::MAX as usize);
     let mut total = 0;
     loop {
-        let mut conn = pool.acquire().await.map_err(outbox::Error::from)?;
-        let deleted = admin
-            .cleanup(&mut conn, retention, batch_size as i64)
-            .await?;
+        // A transaction per batch: the same behind a pooler in transaction mode.
+        let mut tx = pool.begin().await?;
+        let deleted = admin.cleanup(&mut tx, retention, batch_size as i64).await?;
+        tx.commit().await?;
         total += deleted;
         progress(total);
         if deleted < batch_size as u64 {

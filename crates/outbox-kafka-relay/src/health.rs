@@ -25,6 +25,8 @@ struct State {
     /// lease name holds the outbox.
     schema_problem: Option<String>,
     lease_problem: Option<String>,
+    /// The relay's sessions would not be its own (a pooler in transaction mode).
+    session_problem: Option<String>,
 }
 
 /// Shared health state, updated by the relay's tasks.
@@ -69,6 +71,7 @@ impl Health {
                 last_publish: None,
                 schema_problem: None,
                 lease_problem: None,
+                session_problem: None,
             }),
             stall_timeout,
         }
@@ -88,6 +91,10 @@ impl Health {
 
     pub(crate) fn lease_problem(&self, reason: Option<String>) {
         self.update(|s| s.lease_problem = reason);
+    }
+
+    pub(crate) fn session_problem(&self, reason: Option<String>) {
+        self.update(|s| s.session_problem = reason);
     }
 
     pub(crate) fn kafka(&self, ok: bool) {
@@ -126,7 +133,7 @@ impl Health {
     /// The current report.
     pub fn report(&self) -> HealthReport {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reasons: Vec<String> = [&s.schema_problem, &s.lease_problem]
+        let mut reasons: Vec<String> = [&s.schema_problem, &s.lease_problem, &s.session_problem]
             .into_iter()
             .flatten()
             .cloned()

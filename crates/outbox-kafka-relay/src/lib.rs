@@ -137,6 +137,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Completion, InvalidConfig, PoisonPolicy, RelayConfig};
 pub use health::{Health, HealthReport};
 pub use kafka::KafkaConfig;
+pub use sessions::TransactionPooled;
 
 use crate::lease::{LeaseKeeper, Term};
 use crate::pipeline::Pipeline;
@@ -158,6 +159,10 @@ pub enum RelayError {
     /// A relay task panicked (a bug).
     #[error("a relay task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The relay's connections go through a pooler in transaction mode (see
+    /// [`Relay::check_connection`]).
+    #[error(transparent)]
+    TransactionPooled(#[from] sessions::TransactionPooled),
     /// [`Relay::start`] was called outside a Tokio runtime, which its tasks need.
     #[error("the relay must be started within a Tokio runtime")]
     NoRuntime,
@@ -179,11 +184,18 @@ impl Relay {
     /// `enable_bitmapscan = off` (claim plans that stay bounded on a backlog without planner
     /// statistics) and `statement_timeout` set to the lease term; `application_name` is
     /// `outbox-relay` unless the options name one.
+    ///
+    /// Those sessions must be the relay's own from connect to close: connect it directly or
+    /// through a pooler in session mode. Through a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction`) the relay opens no session: its health reports
+    /// [`RelayError::TransactionPooled`] and it checks again on each retry.
+    /// [`Relay::check_connection`] tells before starting.
     pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
         config.validate()?;
         // Everything below spawns tasks (the session pool too), which panics without one.
         tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
-        let pool = sessions::pool(&pool, config.lease_ttl);
+        let health = Arc::new(Health::new(config.stall_timeout));
+        let pool = sessions::pool(&pool, config.lease_ttl, health.clone());
         let statements = Arc::new(Statements::new(&config.schema));
         let admin = Arc::new(Admin::new(&config.schema));
         let publisher = kafka::Publisher::new(&config.kafka, &config.source)
@@ -192,7 +204,6 @@ impl Relay {
         let shutdown_timeout = config.shutdown_timeout;
         let (term_tx, term_rx) = watch::channel::<Option<Term>>(None);
         let wakeups = Arc::new(Wakeups::default());
-        let health = Arc::new(Health::new(config.stall_timeout));
         let cancel = CancellationToken::new();
         // The lease keeper outlives the pipeline so that it can release the lease last.
         let keeper_cancel = CancellationToken::new();
@@ -269,6 +280,18 @@ impl Relay {
             term: term_rx,
             health,
         })
+    }
+}
+
+impl Relay {
+    /// Fails with [`RelayError::TransactionPooled`] when `pool`'s connections go through a
+    /// pooler in transaction mode, where the relay cannot run (see [`Relay::start`]); with
+    /// [`RelayError::Database`] when they fail. Opens two connections of its own for the test.
+    pub async fn check_connection(pool: &PgPool) -> Result<(), RelayError> {
+        if outbox::pooler::transaction_pooled(pool.connect_options().as_ref()).await? {
+            return Err(sessions::TransactionPooled.into());
+        }
+        Ok(())
     }
 }
 

@@ -24,22 +24,39 @@
 //!   per statement. A broken connection shows as the statement's error instead, which the
 //!   relay retries anyway.
 //!
+//! These are session settings, and the relay LISTENs and caches prepared statements: its
+//! sessions must be its own from connect to close. A direct connection or a pooler in session
+//! mode gives that; a pooler in transaction mode (PgBouncer's `pool_mode = transaction`) hands
+//! each transaction to any server connection, where the settings would reach other clients'
+//! transactions and notifications would be lost. So before its first session is set up, the
+//! relay checks ([`outbox::pooler::transaction_pooled`]) and refuses such a pooler with
+//! [`TransactionPooled`], re-checking on each later connect until it is fixed.
+//!
 //! The sessions are named `outbox-relay` (`application_name`, unless the service's options set
 //! one), so `pg_stat_activity` shows which they are. They run the service's connect options, not
 //! its `after_connect` hooks; the relay names its schema in every statement.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Executor as _, PgConnection, PgPool, Postgres};
 
+use crate::health::Health;
+
 /// At most this many: the listener, the lease keeper, the pipeline's claim and decisions, the
 /// completion in flight, the health monitor and cleanup, with room for one being replaced.
 const MAX_CONNECTIONS: u32 = 8;
 
-/// A lazily connecting pool of relay sessions on `pool`'s database.
-pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration) -> PgPool {
+/// The relay's connections go through a pooler in transaction (or statement) mode.
+#[derive(Debug, thiserror::Error)]
+#[error("the relay's connections go through a pooler in transaction mode (PgBouncer pool_mode = transaction): its sessions would not be its own, so its session settings would reach other clients and LISTEN would miss notifications; connect the relay directly or through a pool in session mode (docs/operations.md, \"PgBouncer\")")]
+pub struct TransactionPooled;
+
+/// A lazily connecting pool of relay sessions on `pool`'s database; it connects only where
+/// [`outbox::pooler::transaction_pooled`] finds sessions of its own, and tells `health` otherwise.
+pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration, health: Arc<Health>) -> PgPool {
     let mut options = pool.connect_options().as_ref().clone();
     if options.get_application_name().is_none() {
         options = options.application_name("outbox-relay");
@@ -48,13 +65,28 @@ pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration) -> PgPool {
         "SET jit = off; SET enable_seqscan = off; SET enable_bitmapscan = off; SET statement_timeout = '{}ms'",
         statement_timeout.as_millis().max(1)
     );
+    // Checked once it passes; until then, before every new session.
+    let checked = Arc::new(tokio::sync::Mutex::new(false));
+    let probe_options = options.clone();
     PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
         .test_before_acquire(false)
         .acquire_timeout(statement_timeout)
         .after_connect(move |conn, _| {
             let settings = settings.clone();
+            let (checked, options, health) =
+                (checked.clone(), probe_options.clone(), health.clone());
             Box::pin(async move {
+                let mut checked = checked.lock().await;
+                if !*checked {
+                    if outbox::pooler::transaction_pooled(&options).await? {
+                        health.session_problem(Some(TransactionPooled.to_string()));
+                        return Err(sqlx::Error::Configuration(Box::new(TransactionPooled)));
+                    }
+                    health.session_problem(None);
+                    *checked = true;
+                }
+                drop(checked);
                 // No arguments: one simple-protocol query, all three settings in one round trip.
                 conn.execute(settings.as_str()).await?;
                 Ok(())

@@ -37,6 +37,37 @@ pub fn kafka_bootstrap_servers() -> String {
         .unwrap_or_else(|_| DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_owned())
 }
 
+/// The `dev/up` PgBouncer's database in transaction pooling mode, unless
+/// `PGBOUNCER_TRANSACTION_URL` says otherwise.
+pub fn pgbouncer_transaction_url() -> String {
+    std::env::var("PGBOUNCER_TRANSACTION_URL").unwrap_or_else(|_| {
+        "postgres://outbox:outbox@127.0.0.1:56432/outbox_transaction".to_owned()
+    })
+}
+
+/// The `dev/up` PgBouncer's database in session pooling mode, unless `PGBOUNCER_SESSION_URL`
+/// says otherwise.
+pub fn pgbouncer_session_url() -> String {
+    std::env::var("PGBOUNCER_SESSION_URL")
+        .unwrap_or_else(|_| "postgres://outbox:outbox@127.0.0.1:56432/outbox_session".to_owned())
+}
+
+/// A pool of up to `max_connections` on `url` (one of the PgBouncer URLs above), each
+/// connection a client of its own. Panics with instructions when it is unreachable.
+pub async fn pool_on(url: &str, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot reach {}: {error}\nStart the services (PgBouncer included) with: eval \"$(dev/up)\"",
+                redact(url)
+            )
+        })
+}
+
 /// A pool on the test database. Panics with instructions when PostgreSQL is unreachable: a test
 /// that needs the database fails, it never skips.
 pub async fn pool() -> PgPool {

@@ -36,6 +36,8 @@ use crate::writer::Sequence;
 #[derive(Debug, Clone)]
 pub struct Admin {
     schema: SchemaName,
+    /// See [`Admin::transaction_pooling`].
+    persistent: bool,
     backlog: String,
     activity: String,
     held_keys: String,
@@ -340,6 +342,7 @@ impl Admin {
         };
         Admin {
             schema: schema.clone(),
+            persistent: true,
             backlog: render(BACKLOG),
             activity: render(ACTIVITY),
             held_keys: render(HELD_KEYS),
@@ -351,6 +354,15 @@ impl Admin {
             leases: render(LEASES),
             cleanup: render(CLEANUP),
         }
+    }
+
+    /// For connections through a pooler in transaction mode: the statements are sent unnamed,
+    /// as with [`crate::OutboxConfig::transaction_pooling`]. Run them inside a transaction
+    /// there: outside one, such a pooler may hand the statement's execution to another server
+    /// connection than its preparation.
+    pub fn transaction_pooling(mut self, enabled: bool) -> Self {
+        self.persistent = !enabled;
+        self
     }
 
     /// The schema these statements address.
@@ -372,6 +384,7 @@ impl Admin {
                FROM pg_control_system()",
         )
         .bind(self.schema.as_str())
+        .persistent(self.persistent)
         .fetch_one(conn)
         .await?)
     }
@@ -379,7 +392,10 @@ impl Admin {
     /// Pending, held and dead-lettered counts, and the oldest pending message's age.
     pub async fn backlog(&self, conn: &mut PgConnection) -> Result<Backlog, Error> {
         let (pending, oldest_us, held, dead_letters): (i64, Option<i64>, i64, i64) =
-            sqlx::query_as(&self.backlog).fetch_one(conn).await?;
+            sqlx::query_as(&self.backlog)
+                .persistent(self.persistent)
+                .fetch_one(conn)
+                .await?;
         Ok(Backlog {
             pending,
             oldest_age: oldest_us.map(duration_us),
@@ -391,8 +407,10 @@ impl Admin {
     /// Recent activity: the last publish, failing messages.
     pub async fn activity(&self, conn: &mut PgConnection) -> Result<Activity, Error> {
         type Row = (Option<i64>, i64, Option<i64>, Option<i32>, Option<String>);
-        let (since_us, failing, id, attempts, error): Row =
-            sqlx::query_as(&self.activity).fetch_one(conn).await?;
+        let (since_us, failing, id, attempts, error): Row = sqlx::query_as(&self.activity)
+            .persistent(self.persistent)
+            .fetch_one(conn)
+            .await?;
         Ok(Activity {
             since_last_publish: since_us.map(duration_us),
             failing,
@@ -413,6 +431,7 @@ impl Admin {
         type Row = (String, Option<Vec<u8>>, i64, i32, i64, Option<String>);
         let rows: Vec<Row> = sqlx::query_as(&self.held_keys)
             .bind(limit)
+            .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
         Ok(rows
@@ -439,6 +458,7 @@ impl Admin {
         type Row = (i64, String, Option<Vec<u8>>, i32, String, i64);
         let rows: Vec<Row> = sqlx::query_as(&self.dead_letters)
             .bind(limit)
+            .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
         Ok(rows
@@ -463,6 +483,7 @@ impl Admin {
     ) -> Result<Vec<i64>, Error> {
         Ok(sqlx::query_scalar(&self.requeue_dead_letters)
             .bind(id)
+            .persistent(self.persistent)
             .fetch_all(conn)
             .await?)
     }
@@ -475,6 +496,7 @@ impl Admin {
     ) -> Result<u64, Error> {
         Ok(sqlx::query(&self.drop_dead_letters)
             .bind(id)
+            .persistent(self.persistent)
             .execute(conn)
             .await?
             .rows_affected())
@@ -487,6 +509,7 @@ impl Admin {
         filter: &RepublishFilter,
     ) -> Result<i64, Error> {
         let (count,): (i64,) = bind_filter(sqlx::query_as(&self.republish_count), filter)
+            .persistent(self.persistent)
             .fetch_one(conn)
             .await?;
         Ok(count)
@@ -505,6 +528,7 @@ impl Admin {
         let ids: Vec<(i64,)> = bind_filter(sqlx::query_as(&self.republish_batch), filter)
             .bind(after)
             .bind(limit)
+            .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
         Ok((ids.len() as u64, ids.iter().map(|r| r.0).max()))
@@ -512,8 +536,10 @@ impl Admin {
 
     /// Every lease row.
     pub async fn leases(&self, conn: &mut PgConnection) -> Result<Vec<LeaseRow>, Error> {
-        let rows: Vec<(String, String, i64, i64)> =
-            sqlx::query_as(&self.leases).fetch_all(conn).await?;
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(&self.leases)
+            .persistent(self.persistent)
+            .fetch_all(conn)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|(name, holder, token, expires_in_ms)| LeaseRow {
@@ -536,6 +562,7 @@ impl Admin {
         Ok(sqlx::query(&self.cleanup)
             .bind(micros(retention))
             .bind(limit)
+            .persistent(self.persistent)
             .execute(conn)
             .await?
             .rows_affected())
@@ -547,7 +574,10 @@ impl Admin {
         conn: &mut PgConnection,
     ) -> Result<Option<OldestSnapshot>, Error> {
         let row: Option<(i32, Option<i64>, Option<String>, String)> =
-            sqlx::query_as(OLDEST_SNAPSHOT).fetch_optional(conn).await?;
+            sqlx::query_as(OLDEST_SNAPSHOT)
+                .persistent(self.persistent)
+                .fetch_optional(conn)
+                .await?;
         Ok(
             row.map(|(pid, age_us, state, application_name)| OldestSnapshot {
                 pid,

@@ -17,7 +17,23 @@ pub enum Error {
     InvalidSchemaName(#[from] InvalidSchemaName),
     /// The database rejected or failed a statement.
     #[error("outbox database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+    /// The connection goes through a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction` before 1.21), which hands each transaction to any server
+    /// connection, while this outbox caches its statements on the connection (see
+    /// [`crate::pooler`]). Either a statement failed on it (`statement`: its prepared statement
+    /// was missing from the server connection, taken by another client's of the same name, or
+    /// another statement with other parameters; nothing of it was written), or
+    /// [`crate::Outbox::check_connection`] found the pooler (`statement` is `None`). Set
+    /// [`crate::OutboxConfig::transaction_pooling`] (and
+    /// [`crate::admin::Admin::transaction_pooling`]), make the service's own queries in those
+    /// transactions `.persistent(false)`, or connect through a session-mode pool.
+    #[error("{}the connection goes through a pooler in transaction mode (PgBouncer pool_mode = transaction), which hands each transaction to any server connection, so prepared statements are not kept and may run as another client's; enable transaction_pooling in the outbox's configuration and run the service's own queries with persistent(false), or connect through a session-mode pool", statement.as_ref().map(|e| format!("{e}: ")).unwrap_or_default())]
+    TransactionPooler {
+        /// The statement's error, when a statement failed.
+        #[source]
+        statement: Option<sqlx::Error>,
+    },
     /// The PostgreSQL server is older than 14, the oldest the outbox runs on.
     #[error("PostgreSQL 14 or later is required; the server reports server_version_num {found}")]
     ServerTooOld {
@@ -50,6 +66,31 @@ pub enum Error {
         /// The checksum of this build's copy.
         embedded: String,
     },
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        // A statement cache that the server connection does not have: the name is taken
+        // (42P05 duplicate_prepared_statement), missing (26000 invalid_sql_statement_name), or
+        // another client's statement with other parameters (08P01, "bind message supplies 4
+        // parameters, but prepared statement "sqlx_s_1" requires 1"). Only a pooler that moves
+        // transactions between server connections gives these for the outbox's statements.
+        let pooled = match &error {
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                Some("42P05") | Some("26000") => true,
+                Some("08P01") => db.message().contains("prepared statement"),
+                _ => false,
+            },
+            _ => false,
+        };
+        if pooled {
+            Error::TransactionPooler {
+                statement: Some(error),
+            }
+        } else {
+            Error::Database(error)
+        }
+    }
 }
 
 /// Why a message was rejected at save time.

@@ -26,6 +26,8 @@ use crate::writer::Sequence;
 pub struct Inbox {
     schema: SchemaName,
     record: Arc<str>,
+    /// See [`Inbox::transaction_pooling`].
+    persistent: bool,
 }
 
 // Waits on a concurrent insert of the same key until that transaction ends, so two consumers
@@ -39,7 +41,15 @@ impl Inbox {
         Inbox {
             record: RECORD.replace("{schema}", schema.as_str()).into(),
             schema,
+            persistent: true,
         }
+    }
+
+    /// For consumers that reach PostgreSQL through a pooler in transaction mode: the inbox's
+    /// statement is sent unnamed, as with [`crate::OutboxConfig::transaction_pooling`].
+    pub fn transaction_pooling(mut self, enabled: bool) -> Self {
+        self.persistent = !enabled;
+        self
     }
 
     /// Creates or upgrades the schema that holds the inbox, so that a service that only
@@ -63,6 +73,7 @@ impl Inbox {
         let result = sqlx::query(&self.record)
             .bind(source)
             .bind(sequence)
+            .persistent(self.persistent)
             .execute(&mut **tx)
             .await?;
         Ok(result.rows_affected() == 1)

@@ -34,6 +34,7 @@ pub mod headers;
 pub mod inbox;
 mod message;
 pub mod migrate;
+pub mod pooler;
 mod postgres;
 mod schema;
 #[cfg(feature = "otel")]

@@ -188,15 +188,20 @@ impl std::fmt::Display for MigrationReport {
 const MIN_SERVER_VERSION_NUM: i32 = 140000;
 
 /// Creates or upgrades `schema` (see the module docs).
+///
+/// Every statement runs inside the one transaction and is sent unnamed (`persistent(false)`):
+/// each runs once per process, and so migrations run the same through a pooler in transaction
+/// mode, which keeps a transaction on one server connection but not a cached statement.
 pub(crate) async fn run(schema: &SchemaName, pool: &PgPool) -> Result<MigrationReport, Error> {
+    let mut tx = pool.begin().await?;
     let version: String = sqlx::query_scalar("SHOW server_version_num")
-        .fetch_one(pool)
+        .persistent(false)
+        .fetch_one(&mut *tx)
         .await?;
     let found = version.trim().parse().unwrap_or(0);
     if found < MIN_SERVER_VERSION_NUM {
         return Err(Error::ServerTooOld { found: version });
     }
-    let mut tx = pool.begin().await?;
     let report = migrate(schema, &mut tx).await?;
     tx.commit().await?;
     Ok(report)
@@ -211,9 +216,11 @@ async fn migrate(
     let name = schema.as_str();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate:' || $1))")
         .bind(name)
+        .persistent(false)
         .execute(&mut **tx)
         .await?;
     sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {name}"))
+        .persistent(false)
         .execute(&mut **tx)
         .await?;
     sqlx::query(&format!(
@@ -222,11 +229,13 @@ async fn migrate(
              description text NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now())"
     ))
+    .persistent(false)
     .execute(&mut **tx)
     .await?;
     let previous_version: i32 = sqlx::query_scalar(&format!(
         "SELECT coalesce(max(version), 0) FROM {name}.schema_version"
     ))
+    .persistent(false)
     .fetch_one(&mut **tx)
     .await?;
     if previous_version > SCHEMA_VERSION {
@@ -270,6 +279,7 @@ async fn migrate(
         ))
         .bind(versions)
         .bind(checksums)
+        .persistent(false)
         .execute(&mut **tx)
         .await?;
     }
@@ -299,6 +309,7 @@ async fn record(
     ))
     .bind(version)
     .bind(description)
+    .persistent(false)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -314,6 +325,7 @@ async fn verify_checksums(
         "SELECT version, checksum FROM {}.schema_version ORDER BY version",
         schema.as_str()
     ))
+    .persistent(false)
     .fetch_all(&mut **tx)
     .await?;
     for (version, checksum) in recorded {
@@ -343,12 +355,14 @@ pub(crate) async fn schema_version(
         let table = format!("{}.schema_version", schema.as_str());
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(&table)
+            .persistent(false)
             .fetch_one(&mut *conn)
             .await?;
         if !exists {
             return Ok(0);
         }
         sqlx::query_scalar(&format!("SELECT coalesce(max(version), 0) FROM {table}"))
+            .persistent(false)
             .fetch_one(conn)
             .await
     }

@@ -17,6 +17,9 @@ use crate::schema::SchemaName;
 #[derive(Debug, Clone)]
 pub(crate) struct Statements {
     schema: SchemaName,
+    /// Cached as named prepared statements on each connection (sqlx's default), or sent
+    /// unnamed, prepared anew each time (see [`crate::OutboxConfig::transaction_pooling`]).
+    persistent: bool,
     insert_one: String,
     insert_many: String,
 }
@@ -34,10 +37,11 @@ fn bind_message<'q>(
 }
 
 impl Statements {
-    pub(crate) fn new(schema: &SchemaName) -> Self {
+    pub(crate) fn new(schema: &SchemaName, persistent: bool) -> Self {
         let render = |sql: &str| sql.replace("{schema}", schema.as_str());
         Statements {
             schema: schema.clone(),
+            persistent,
             insert_one: render(Self::INSERT_ONE),
             insert_many: render(Self::INSERT_MANY),
         }
@@ -46,6 +50,11 @@ impl Statements {
     /// The schema these statements address.
     pub(crate) fn schema(&self) -> &SchemaName {
         &self.schema
+    }
+
+    /// Whether the statements are cached on the connection.
+    pub(crate) fn persistent(&self) -> bool {
+        self.persistent
     }
 
     const INSERT_ONE: &'static str = "INSERT INTO {schema}.message (topic, key, payload, headers)
@@ -66,6 +75,7 @@ impl Statements {
         message: &Message,
     ) -> Result<i64, sqlx::Error> {
         bind_message(sqlx::query_scalar(&self.insert_one), message)
+            .persistent(self.persistent)
             .fetch_one(conn)
             .await
     }
@@ -94,6 +104,7 @@ impl Statements {
             schema = self.schema.as_str(),
         );
         bind_message(sqlx::query_scalar_with(&sql, arguments), message)
+            .persistent(self.persistent)
             .fetch_optional(conn)
             .await
     }
@@ -114,6 +125,7 @@ impl Statements {
             .bind(keys)
             .bind(payloads)
             .bind(headers)
+            .persistent(self.persistent)
             .fetch_all(conn)
             .await
     }

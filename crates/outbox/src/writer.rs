@@ -26,6 +26,9 @@ pub struct OutboxConfig {
     /// Largest message accepted, as a Kafka record ([`crate::record_wire_size`]); `None` for
     /// [`DEFAULT_MAX_PAYLOAD_BYTES`]. Keep it at or below the relay's `message.max.bytes`.
     pub max_message_bytes: Option<usize>,
+    /// The service reaches PostgreSQL through a pooler in transaction mode (see
+    /// [`OutboxConfig::transaction_pooling`]).
+    pub transaction_pooling: bool,
 }
 
 impl OutboxConfig {
@@ -39,6 +42,23 @@ impl OutboxConfig {
     /// [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = Some(bytes);
+        self
+    }
+
+    /// For services that reach PostgreSQL through a pooler in transaction mode (PgBouncer's
+    /// `pool_mode = transaction` before 1.21, which does not track prepared statements): the
+    /// outbox's statements are sent unnamed and prepared anew each time, instead of being
+    /// cached on the connection as sqlx does by default. A pooler in that mode hands each
+    /// transaction to any of its server connections, so a cached statement is missing on the
+    /// next one, or meets another client's of the same name (`prepared statement "sqlx_s_1"
+    /// already exists`, [`Error::TransactionPooler`]), or is another client's statement, run with
+    /// this one's parameters (see [`crate::pooler`]). Unnamed statements are safe because the
+    /// outbox only writes inside the caller's transaction, which the pooler keeps on one server
+    /// connection. It costs one more round trip and a parse per statement; leave it off on
+    /// direct connections and session-mode pools. The service's own queries in those
+    /// transactions need `.persistent(false)` for the same reason.
+    pub fn transaction_pooling(mut self, enabled: bool) -> Self {
+        self.transaction_pooling = enabled;
         self
     }
 }
@@ -58,7 +78,7 @@ impl Outbox {
     /// An outbox writing to the configured schema.
     pub fn new(config: OutboxConfig) -> Self {
         Outbox {
-            statements: Arc::new(Statements::new(&config.schema)),
+            statements: Arc::new(Statements::new(&config.schema, !config.transaction_pooling)),
             max_message_bytes: config
                 .max_message_bytes
                 .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
@@ -75,6 +95,20 @@ impl Outbox {
     pub fn saving_trace_context(mut self) -> Self {
         self.trace_context = true;
         self
+    }
+
+    /// Checks that `pool` suits this configuration: fails with [`Error::TransactionPooler`]
+    /// when its connections go through a pooler in transaction mode and
+    /// [`OutboxConfig::transaction_pooling`] is off, where cached statements would fail or run
+    /// as another client's (see [`crate::pooler`]). Call it at startup; it opens two
+    /// connections of its own.
+    pub async fn check_connection(&self, pool: &PgPool) -> Result<(), Error> {
+        if self.statements.persistent()
+            && crate::pooler::transaction_pooled(pool.connect_options().as_ref()).await?
+        {
+            return Err(Error::TransactionPooler { statement: None });
+        }
+        Ok(())
     }
 
     /// The schema this outbox writes to.

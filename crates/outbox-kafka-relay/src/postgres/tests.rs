@@ -369,7 +369,11 @@ async fn the_held_key_test_is_an_index_lookup_whatever_is_held() {
     let outbox = TestOutbox::new().await;
     let sql = Statements::new(&outbox.schema);
     // A relay session: the plans are the relay's (see `sessions`).
-    let relay_sessions = crate::sessions::pool(&outbox.pool, Duration::from_secs(30));
+    let relay_sessions = crate::sessions::pool(
+        &outbox.pool,
+        Duration::from_secs(30),
+        std::sync::Arc::new(crate::health::Health::new(Duration::from_secs(60))),
+    );
     let mut conn = relay_sessions.acquire().await.unwrap();
     sqlx::raw_sql(&format!(
         "INSERT INTO {0}.message (topic, key, payload, retry_at, attempts)

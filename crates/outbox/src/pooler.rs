@@ -1,0 +1,57 @@
+//! Connection poolers between the service and PostgreSQL (PgBouncer).
+//!
+//! A pooler in **session** mode gives each client a server connection from connect to close:
+//! everything works as on a direct connection. A pooler in **transaction** mode (PgBouncer's
+//! `pool_mode = transaction`) hands each transaction to any of its server connections, and a
+//! server connection passes from client to client. Session state does not follow the client:
+//! prepared statements, session settings, LISTEN.
+//!
+//! sqlx caches every statement as a named prepared statement (`sqlx_s_1`, `sqlx_s_2`, ... on
+//! each connection). Through a pooler in transaction mode a client's cached statement is then
+//! missing, or taken by another client's statement of the same name: most writes fail
+//! ([`crate::Error::TransactionPooler`]), and some run **another client's statement** with
+//! the writer's parameters (measured through PgBouncer 1.18: an insert that ran against a
+//! table of another schema). Hence:
+//!
+//! - writers set [`crate::OutboxConfig::transaction_pooling`] (and the service sends its own
+//!   statements unnamed, with sqlx's `.persistent(false)`), and may call
+//!   [`crate::Outbox::check_connection`] at startup, which fails when the pool goes through
+//!   such a pooler and the setting is off;
+//! - the relay needs sessions of its own, so connect it directly or through a pool in session
+//!   mode; it refuses a pooler in transaction mode ([`transaction_pooled`]).
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection as _, Executor as _, PgConnection, Row as _};
+
+/// Whether connections made with `options` share server sessions between transactions: a
+/// pooler in transaction (or statement) mode.
+///
+/// Two connections, A and B: A asks for its backend's pid, B asks for its own inside a
+/// transaction (which pins B's server connection), A asks again. A direct connection or a
+/// session-mode pool keeps each on a backend of its own: A's pid never changes and is never
+/// B's, so `true` is certain. A pooler in transaction mode gives B the server connection A just
+/// released (PgBouncer reuses the most recent one), or moves A; it is missed only if other
+/// clients keep taking that server connection in between, hence three rounds. Only
+/// simple-protocol queries: nothing prepared, nothing left on a server connection.
+pub async fn transaction_pooled(options: &PgConnectOptions) -> Result<bool, sqlx::Error> {
+    async fn pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+        conn.fetch_one("SELECT pg_backend_pid()").await?.try_get(0)
+    }
+    let mut a = PgConnection::connect_with(options).await?;
+    let mut b = PgConnection::connect_with(options).await?;
+    let mut shared = false;
+    for _ in 0..3 {
+        let first = pid(&mut a).await?;
+        b.execute("BEGIN").await?;
+        let other = pid(&mut b).await?;
+        let again = pid(&mut a).await?;
+        b.execute("ROLLBACK").await?;
+        if other == first || again != first {
+            shared = true;
+            break;
+        }
+    }
+    a.close().await?;
+    b.close().await?;
+    Ok(shared)
+}
