@@ -174,6 +174,11 @@ pub(crate) struct RunArgs {
     /// value, rotated within each round); without, the relay's default.
     #[arg(long, value_delimiter = ',')]
     pub(crate) steady_linger_ms: Vec<u64>,
+    /// The relay daemon's `wait_for_standbys` values the steady scenario compares (with each
+    /// linger); with any, a streaming standby of the database (`pg_basebackup`, loopback) runs
+    /// through the whole scenario, whatever the value.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) steady_wait_for_standbys: Vec<u32>,
     /// Seconds per steady rate per round.
     #[arg(long, default_value_t = 10)]
     pub(crate) steady_seconds: u64,

@@ -134,7 +134,7 @@ impl Drop for Daemon {
     }
 }
 
-async fn start_daemon(ctx: &Ctx, linger_ms: u64) -> anyhow::Result<Daemon> {
+async fn start_daemon(ctx: &Ctx, variant: Variant) -> anyhow::Result<Daemon> {
     let exe = std::env::current_exe()?.with_file_name("outbox");
     anyhow::ensure!(
         exe.exists(),
@@ -159,7 +159,11 @@ async fn start_daemon(ctx: &Ctx, linger_ms: u64) -> anyhow::Result<Daemon> {
         .env("OUTBOX_SCHEMA", ctx.schema.as_str())
         .env("OUTBOX_SOURCE", crate::kafka::SOURCE)
         .env("OUTBOX_LOG", "warn")
-        .env("OUTBOX_BATCH_LINGER_MS", linger_ms.to_string())
+        .env("OUTBOX_BATCH_LINGER_MS", variant.linger_ms.to_string())
+        .env(
+            "OUTBOX_WAIT_FOR_STANDBYS",
+            variant.wait_for_standbys.to_string(),
+        )
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -273,12 +277,57 @@ async fn phase(
     })
 }
 
+/// The relay daemon's settings compared.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    linger_ms: u64,
+    wait_for_standbys: u32,
+}
+
+impl Variant {
+    fn name(&self, standby: bool) -> String {
+        match standby {
+            true => format!(
+                "batch_linger {} ms, standby, wait_for_standbys {}",
+                self.linger_ms, self.wait_for_standbys
+            ),
+            false => format!("batch_linger {} ms", self.linger_ms),
+        }
+    }
+}
+
 /// Scenario 8.
 pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let args = &ctx.args;
     let lingers_ms = match args.steady_linger_ms.is_empty() {
         true => vec![ctx.relay_config(1).batch_linger.as_millis() as u64],
         false => args.steady_linger_ms.clone(),
+    };
+    let standby = !args.steady_wait_for_standbys.is_empty();
+    let waits = match standby {
+        true => args.steady_wait_for_standbys.clone(),
+        false => vec![0],
+    };
+    let variants: Vec<Variant> = lingers_ms
+        .iter()
+        .flat_map(|&linger_ms| {
+            waits.iter().map(move |&wait_for_standbys| Variant {
+                linger_ms,
+                wait_for_standbys,
+            })
+        })
+        .collect();
+    // For the whole scenario, so that the variants differ only in the relay's setting.
+    let _standby = match standby {
+        true => {
+            let options = ctx.pool.connect_options();
+            let source = format!("{}:{}", options.get_host(), options.get_port());
+            say(format!("steady: a streaming standby of {source}"));
+            Some(tokio::task::block_in_place(|| {
+                outbox_test_support::PostgresServer::standby_of(&source)
+            }))
+        }
+        false => None,
     };
     ctx.truncate().await?;
     let topic = ctx.topic("bench-steady").await;
@@ -287,12 +336,12 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     // (linger index, rate index, run), rotated within each round.
     let mut phases: Vec<(usize, usize, Phase)> = Vec::new();
     for round in 0..args.rounds {
-        let mut lingers: Vec<usize> = (0..lingers_ms.len()).collect();
-        let shift = round % lingers.len().max(1);
-        lingers.rotate_left(shift);
-        for l in lingers {
-            let linger_ms = lingers_ms[l];
-            let relay = start_daemon(ctx, linger_ms).await?;
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        let shift = round % order.len().max(1);
+        order.rotate_left(shift);
+        for l in order {
+            let variant = variants[l];
+            let relay = start_daemon(ctx, variant).await?;
             // Warm-up, not reported: connections, the producer's metadata, the consumer's
             // fetches.
             phase(ctx, &topic, &relay, &consumer, 200.0, 0, first).await?;
@@ -307,9 +356,10 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 let run = phase(ctx, &topic, &relay, &consumer, rate, id, first).await?;
                 first += 100_000_000;
                 say(format!(
-                    "steady round {}/{}, batch_linger {linger_ms} ms: {rate} msg/s offered, {:.0} achieved, relay {:.1} µs CPU/msg, PostgreSQL {:.1} µs/msg",
+                    "steady round {}/{}, {}: {rate} msg/s offered, {:.0} achieved, relay {:.1} µs CPU/msg, PostgreSQL {:.1} µs/msg",
                     round + 1,
                     args.rounds,
+                    variant.name(standby),
                     run.committed as f64 / run.writer_seconds,
                     1e6 * run.cpu[0] / run.committed as f64,
                     1e6 * run.cpu[1] / run.committed as f64,
@@ -327,7 +377,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
 
     let mut report = ctx.report();
     let mut details = Vec::new();
-    for ((l, &linger_ms), (i, &rate)) in lingers_ms
+    for ((l, variant), (i, &rate)) in variants
         .iter()
         .enumerate()
         .flat_map(|l| args.steady_rates.iter().enumerate().map(move |r| (l, r)))
@@ -375,8 +425,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .iter()
             .map(|r| r.committed as f64 / r.writer_seconds)
             .collect();
+        let name = variant.name(standby);
         let scenario = format!(
-            "8 steady {rate} msg/s, {} writer processes, batch_linger {linger_ms} ms",
+            "8 steady {rate} msg/s, {} writer processes, {name}",
             args.steady_writers
         );
         report.row(&scenario, "writers' achieved rate", "msg/s", &achieved);
@@ -408,7 +459,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let rate_ok = Spread::of(&achieved).median >= 0.98 * rate;
         let wanted_p99 = if rate <= 500.0 { 10.0 } else { 15.0 };
         report.target(
-            &format!("steady {rate} msg/s, batch_linger {linger_ms} ms: commit → consumer p99, writers at the offered rate"),
+            &format!(
+                "steady {rate} msg/s, {name}: commit → consumer p99, writers at the offered rate"
+            ),
             &format!("< {wanted_p99} ms, >= 98% of offered"),
             format!(
                 "p99 {:.1} ms ({:.1}-{:.1}); achieved {:.0} msg/s",
@@ -421,14 +474,15 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         );
         if rate >= 2000.0 {
             report.target(
-                &format!("steady {rate} msg/s, batch_linger {linger_ms} ms: relay CPU per message"),
+                &format!("steady {rate} msg/s, {name}: relay CPU per message"),
                 "<= 20 µs",
                 format!("{:.1} µs ({:.1}-{:.1})", relay.median, relay.min, relay.max),
                 relay.median <= 20.0,
             );
         }
         details.push(json!({
-            "rate": rate, "batch_linger_ms": linger_ms, "rounds": per_round,
+            "rate": rate, "batch_linger_ms": variant.linger_ms,
+            "wait_for_standbys": standby.then_some(variant.wait_for_standbys), "rounds": per_round,
             "relay_cpu_us_per_message": relay.json(&relay_cpu),
             "postgres_cpu_us_per_message": Spread::of(&postgres_cpu).json(&postgres_cpu),
         }));

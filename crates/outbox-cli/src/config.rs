@@ -234,6 +234,9 @@ settings! {
         stall_timeout_ms: u64 => stall_timeout,
         /// How often the backlog and Kafka's reachability are sampled (health, metrics)
         monitor_interval_ms: u64 => monitor_interval,
+        /// Publish a message only once this many streaming standbys flushed its commit: no
+        /// phantom events after a failover (0: publish at once)
+        wait_for_standbys: u32 => wait_for_standbys,
     }
 }
 

@@ -83,7 +83,7 @@ pub enum Command {
         metrics_addr: Option<std::net::SocketAddr>,
         /// Settings that override the file's `[relay]` table and the environment.
         #[command(flatten)]
-        settings: RelaySettings,
+        settings: Box<RelaySettings>,
     },
     /// Publish already processed messages again, keeping their original x-sequence (for a
     /// consumer that lost data). Needs `completion = "keep"` (deleted rows are gone).
@@ -270,7 +270,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let read_elsewhere = [clap_variables(&Cli::command()), vec!["OUTBOX_LOG".into()]].concat();
     let vars = std::env::vars_os().filter(|(name, _)| !read_elsewhere.contains(name));
     let relay_flags = match &cli.command {
-        Command::Relay { settings, .. } => Some(settings),
+        Command::Relay { settings, .. } => Some(&**settings),
         _ => None,
     };
     let settings = Settings::resolve(file, vars, &cli.flags, relay_flags)?;

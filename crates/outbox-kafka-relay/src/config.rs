@@ -78,6 +78,13 @@ pub struct RelayConfig {
     pub stall_timeout: Duration,
     /// How often the backlog and Kafka's reachability are sampled for health and metrics.
     pub monitor_interval: Duration,
+    /// No phantom events after a failover: publish a message only once at least this many
+    /// streaming standbys have flushed the WAL that commits it (0, the default: publish at
+    /// once). With asynchronous replication a commit the standby never received is lost when
+    /// the standby is promoted; published, it would be an event whose data does not exist. Set
+    /// it to the number of standbys a failover may promote; like synchronous replication,
+    /// publishing waits while fewer are streaming. See the crate docs, "Failover".
+    pub wait_for_standbys: u32,
     /// Kafka producer properties, passed to librdkafka verbatim.
     pub kafka: KafkaConfig,
 }
@@ -151,6 +158,7 @@ impl RelayConfig {
             shutdown_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
+            wait_for_standbys: 0,
             kafka: KafkaConfig::new(bootstrap_servers),
         }
     }

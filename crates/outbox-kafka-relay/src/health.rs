@@ -27,6 +27,8 @@ struct State {
     lease_problem: Option<String>,
     /// The relay's sessions would not be its own (a pooler in transaction mode).
     session_problem: Option<String>,
+    /// Publishing waits for standbys (`wait_for_standbys`).
+    standby_problem: Option<String>,
 }
 
 /// Shared health state, updated by the relay's tasks.
@@ -72,6 +74,7 @@ impl Health {
                 schema_problem: None,
                 lease_problem: None,
                 session_problem: None,
+                standby_problem: None,
             }),
             stall_timeout,
         }
@@ -95,6 +98,10 @@ impl Health {
 
     pub(crate) fn session_problem(&self, reason: Option<String>) {
         self.update(|s| s.session_problem = reason);
+    }
+
+    pub(crate) fn standby_problem(&self, reason: Option<String>) {
+        self.update(|s| s.standby_problem = reason);
     }
 
     pub(crate) fn kafka(&self, ok: bool) {
@@ -133,11 +140,16 @@ impl Health {
     /// The current report.
     pub fn report(&self) -> HealthReport {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reasons: Vec<String> = [&s.schema_problem, &s.lease_problem, &s.session_problem]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
+        let mut reasons: Vec<String> = [
+            &s.schema_problem,
+            &s.lease_problem,
+            &s.session_problem,
+            &s.standby_problem,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
         if !s.database_ok {
             reasons.push("PostgreSQL is unreachable".to_owned());
         }

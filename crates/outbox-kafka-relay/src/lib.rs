@@ -97,6 +97,31 @@
 //! `idle` flag on its lease row, sets it and claims once more before it waits, and polls
 //! shortly after going idle to catch a writer that read the flag just before it changed.
 //!
+//! **Failover.** The relay follows the primary through whatever endpoint the service uses to
+//! reach it (a proxy such as HAProxy with Patroni's health check, a floating IP, a cloud DNS
+//! name): its sessions fail when the primary dies, and it reconnects, retakes the lease on the
+//! promoted server and claims what that server holds. sqlx does not parse libpq's multi-host
+//! URLs (`host=a,b target_session_attrs=read-write`), so the endpoint must be one address.
+//! The guarantees above hold against the promoted server's data: what it lost (its WAL never
+//! reached it) is, for the relay, never committed; what it kept and the old primary had
+//! completed is published again (duplicates).
+//!
+//! With asynchronous replication a promoted standby lacks the last commits the old primary
+//! acknowledged. Had the relay published them, consumers would hold **phantom events**, whose
+//! data does not exist; worse, the promoted server hands their sequences out again, to other
+//! messages, which consumers deduplicating on (`x-source`, `x-sequence`) then drop.
+//! [`RelayConfig::wait_for_standbys`] (`n` > 0) closes this: the claim reads the WAL insert
+//! position `L`, which is past the commit record of every message it returns (they committed
+//! before its snapshot, and a commit record is inserted before the commit is visible, even an
+//! asynchronous one); the batch is sent only once `n` physical standbys report a flushed
+//! position of at least `L` (`pg_stat_replication.flush_lsn`), read on the claim's own
+//! session, so on the same server. A standby that flushed `L` has every commit of the batch and
+//! the sequence records before them, and a promotion replays all it flushed. So after a
+//! failover to one of those standbys, every published message exists and no published sequence
+//! is handed out again. A batch that is not confirmed is not sent; it stays pending. PostgreSQL's
+//! synchronous replication is not enough on its own: a commit is visible on the primary before
+//! the standby confirms it, and so can be claimed and published before the standby has it.
+//!
 //! **Shutdown.** [`RelayHandle::shutdown`] (the CLI calls it on SIGTERM/SIGINT) stops claiming,
 //! waits up to `shutdown_timeout` for in-flight deliveries, completes what was acknowledged and
 //! releases the lease so a standby takes over immediately.
@@ -264,6 +289,7 @@ impl Relay {
             floor_raised_at: tokio::time::Instant::now(),
             backlog: false,
             claimed_last_id: None,
+            claimed_wal_lsn: 0,
             in_flight: Default::default(),
             typical_ack: Duration::ZERO,
             next_claim_at: None,

@@ -40,6 +40,8 @@ pub const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
 /// Age of the oldest snapshot another session of the database holds, in seconds (0: none).
 /// While it is held, completed messages leave index entries that every claim walks over.
 pub const OLDEST_SNAPSHOT: &str = "outbox_oldest_snapshot_age_seconds";
+/// Seconds each batch waited for standbys to flush its WAL (`wait_for_standbys`).
+pub const STANDBY_WAIT: &str = "outbox_standby_wait_seconds";
 /// 1 while the relay is ready (see `health`).
 pub const READY: &str = "outbox_ready";
 
@@ -54,6 +56,10 @@ pub(crate) fn published(topic: &str, count: u64) {
 pub(crate) fn failed(topic: &str, retriable: bool) {
     counter!(FAILED, "topic" => topic.to_owned(), "retriable" => retriable.to_string())
         .increment(1);
+}
+
+pub(crate) fn standby_wait(waited: Duration) {
+    histogram!(STANDBY_WAIT).record(waited.as_secs_f64());
 }
 
 pub(crate) fn publish_latency(latency: Duration) {

@@ -53,6 +53,9 @@ pub(crate) struct Pipeline {
     pub(crate) backlog: bool,
     /// The id sequence's last value read by the latest claim that found messages.
     pub(crate) claimed_last_id: Option<i64>,
+    /// The WAL insert position read by the latest claim that found messages (see
+    /// `RelayConfig::wait_for_standbys`).
+    pub(crate) claimed_wal_lsn: i64,
     /// Messages handed to the producer and not yet decided, across batches.
     pub(crate) in_flight: InFlight,
     /// How long a batch usually takes to be acknowledged (a moving average).
@@ -70,6 +73,13 @@ const MIN_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// At most this many batches' worth of messages in flight: beyond it the relay waits for
 /// acknowledgements before it claims more.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Polls of the standbys' positions: first after this, doubling up to `STANDBY_POLL_MAX`
+/// (a standby on the same network flushes within a millisecond or so); health reports a wait
+/// longer than `STANDBY_REPORT_AFTER`.
+const STANDBY_POLL_FIRST: Duration = Duration::from_micros(250);
+const STANDBY_POLL_MAX: Duration = Duration::from_millis(50);
+const STANDBY_REPORT_AFTER: Duration = Duration::from_secs(1);
 
 /// How often the claim floor rises while batches are not full.
 const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
@@ -258,6 +268,11 @@ impl Pipeline {
             // Let the next batch fill for a moment: fewer claims and completions per message.
             self.next_claim_at = Some(started + self.config.batch_linger);
         }
+        if self.config.wait_for_standbys > 0 {
+            if let Some(step) = self.wait_for_standbys(term, cancel).await {
+                return step;
+            }
+        }
         // The claim may have taken long (a slow database); never start publishing on a term
         // that could have ended meanwhile.
         if !self.term_still_valid(term) {
@@ -298,6 +313,53 @@ impl Pipeline {
             }
         }
         self.decide(term).await.unwrap_or(Step::More)
+    }
+
+    /// Waits until `wait_for_standbys` standbys have flushed the WAL up to the position the
+    /// batch just claimed read: then every message of the batch is committed on them, and a
+    /// failover to one of them keeps it (the crate docs, "Failover"). `Some(step)` drops the
+    /// batch instead (the term ended, the database failed, shutdown): it was not sent, so it
+    /// stays pending and is claimed again. The position and the standbys' are compared on the
+    /// claim's own session, so on one server: a failover in between fails the query, never
+    /// compares one server's position with another's.
+    async fn wait_for_standbys(&mut self, term: &Term, cancel: &CancellationToken) -> Option<Step> {
+        let (needed, standbys) = (self.claimed_wal_lsn, self.config.wait_for_standbys);
+        let started = Instant::now();
+        let mut pause = STANDBY_POLL_FIRST;
+        loop {
+            let flushed = match self.session.conn().await {
+                Ok(conn) => self.statements.standbys_flushed(conn, standbys).await,
+                Err(error) => Err(error),
+            };
+            match self.session.checked(flushed) {
+                Ok((Some(flushed), _)) if flushed >= needed => break,
+                Ok((flushed, hidden)) => {
+                    if started.elapsed() >= STANDBY_REPORT_AFTER {
+                        self.health.standby_problem(Some(match (flushed, hidden) {
+                            (Some(_), _) => format!("waiting for {standbys} standby(s) to flush the WAL of the next batch (wait_for_standbys)"),
+                            (None, 0) => format!("waiting for {standbys} streaming standby(s): fewer are connected (wait_for_standbys)"),
+                            (None, hidden) => format!("waiting for {standbys} streaming standby(s): {hidden} hide their position from the relay's role, which needs pg_monitor (wait_for_standbys)"),
+                        }));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the standbys' positions");
+                    self.health.database(false);
+                    return Some(Step::Failed);
+                }
+            }
+            if !self.term_still_valid(term) {
+                return Some(Step::NotLeader);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = cancel.cancelled() => return Some(Step::More),
+            }
+            pause = (pause * 2).min(STANDBY_POLL_MAX);
+        }
+        self.health.standby_problem(None);
+        m::standby_wait(started.elapsed());
+        None
     }
 
     /// A moving average over the last few batches of how long one takes to be acknowledged.
@@ -364,6 +426,7 @@ impl Pipeline {
                 self.floor_raised_at = Instant::now();
             }
             self.claimed_last_id = horizon.last_id;
+            self.claimed_wal_lsn = horizon.wal_lsn;
         }
         let batch = claimed.messages;
         self.backlog = batch.len() >= self.config.batch_size

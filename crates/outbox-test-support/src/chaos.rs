@@ -35,6 +35,9 @@ pub struct Figures {
     pub order_violations: usize,
     /// Redeliveries (at-least-once allows them).
     pub duplicates: usize,
+    /// After a failover: published messages the promoted primary does not have (an event
+    /// whose data does not exist); `None` where no failover happened.
+    pub phantoms: Option<usize>,
 }
 
 impl Ledger {
@@ -69,14 +72,99 @@ impl Ledger {
                 }
             }
         }
-        figures.lost = self.committed.keys().filter(|s| !seen.contains(s)).count();
+        figures.lost = self
+            .committed
+            .len()
+            .saturating_sub(self.received_of(reader));
         figures
+    }
+
+    /// How many committed messages were received, each matched by sequence and payload (after
+    /// a failover, the promoted primary may hand out a sequence again, to another message).
+    fn received_of(&self, reader: &TopicReader) -> usize {
+        let seen: HashSet<(i64, &str)> = reader
+            .received
+            .iter()
+            .map(|r| (r.sequence(), r.payload_str()))
+            .collect();
+        self.committed
+            .iter()
+            .filter(|(sequence, (_, payload))| seen.contains(&(**sequence, payload.as_str())))
+            .count()
+    }
+
+    /// What the database at `pool` holds of this run, as a ledger: its committed messages are
+    /// the rows of `schema`'s `message` and `published` tables (after a failover, the promoted
+    /// primary's), its rolled-back ones this ledger's.
+    pub async fn as_committed_in(&self, pool: &PgPool, schema: &str) -> Ledger {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(&format!(
+            "SELECT id, convert_from(key, 'UTF8'), convert_from(payload, 'UTF8') FROM {schema}.message
+             UNION ALL
+             SELECT id, convert_from(key, 'UTF8'), convert_from(payload, 'UTF8') FROM {schema}.published"
+        ))
+        .fetch_all(pool)
+        .await
+        .expect("read the committed messages");
+        Ledger {
+            committed: rows
+                .into_iter()
+                .map(|(id, key, payload)| (id, (key, payload)))
+                .collect(),
+            rolled_back: self.rolled_back.clone(),
+            uncertain: HashSet::new(),
+        }
+    }
+
+    /// Commits this ledger recorded (the database acknowledged them) that `truth` does not
+    /// hold: lost by the database, as asynchronous replication loses them in a failover.
+    pub fn lost_by_the_database(&self, truth: &Ledger) -> usize {
+        self.committed
+            .iter()
+            .filter(|(id, message)| truth.committed.get(id) != Some(message))
+            .count()
+    }
+
+    /// Records in Kafka that are no committed message of this ledger (by sequence and payload):
+    /// phantom events, when this ledger is what the database holds.
+    pub fn phantoms(&self, reader: &TopicReader) -> usize {
+        reader
+            .received
+            .iter()
+            .filter(|r| {
+                self.committed
+                    .get(&r.sequence())
+                    .map(|(_, payload)| payload.as_str())
+                    != Some(r.payload_str())
+            })
+            .count()
+    }
+
+    /// Of [`Ledger::phantoms`], those whose sequence this ledger has for another message: the
+    /// database handed the sequence out again (after a failover lost it).
+    pub fn phantoms_with_reused_sequences(&self, reader: &TopicReader) -> usize {
+        reader
+            .received
+            .iter()
+            .filter(|r| {
+                self.committed
+                    .get(&r.sequence())
+                    .is_some_and(|(_, payload)| payload != r.payload_str())
+            })
+            .count()
     }
 
     /// Every committed sequence has been received at least once.
     pub fn all_received(&self, reader: &TopicReader) -> bool {
-        let seen: HashSet<i64> = reader.received.iter().map(|r| r.sequence()).collect();
-        self.committed.keys().all(|s| seen.contains(s))
+        self.received_of(reader) == self.committed.len()
+    }
+
+    /// A copy, for checking while writers may still record.
+    pub fn clone_committed(&self) -> Ledger {
+        Ledger {
+            committed: self.committed.clone(),
+            rolled_back: self.rolled_back.clone(),
+            uncertain: self.uncertain.clone(),
+        }
     }
 
     /// Committed messages.
@@ -172,7 +260,7 @@ fn append_report_line(line: &str) {
 pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option<Duration>) {
     println!("{scenario}: faults {faults}, {figures:?}, recovery {recovery:?}");
     append_report_line(&format!(
-        "{{\"scenario\":{:?},\"faults\":{},\"committed\":{},\"rolled_back\":{},\"lost\":{},\"rolled_back_published\":{},\"order_violations\":{},\"duplicates\":{},\"recovery_ms\":{}}}\n",
+        "{{\"scenario\":{:?},\"faults\":{},\"committed\":{},\"rolled_back\":{},\"lost\":{},\"rolled_back_published\":{},\"order_violations\":{},\"duplicates\":{},\"phantoms\":{},\"recovery_ms\":{}}}\n",
         scenario,
         faults,
         figures.committed,
@@ -181,6 +269,9 @@ pub fn report(scenario: &str, faults: usize, figures: &Figures, recovery: Option
         figures.rolled_back_published,
         figures.order_violations,
         figures.duplicates,
+        figures
+            .phantoms
+            .map_or("null".to_owned(), |p| p.to_string()),
         recovery.map_or("null".to_owned(), |d| d.as_millis().to_string()),
     ));
 }

@@ -5,6 +5,7 @@
 mod broker;
 pub mod chaos;
 mod kafka;
+mod postgres_server;
 mod proxy;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ pub use kafka::{
     create_replicated_topic, create_topic, create_topic_on, create_topic_with_config,
     partition_leader, record_count, unique_topic, Received, TopicReader,
 };
+pub use postgres_server::PostgresServer;
 pub use proxy::{Fault, TcpProxy};
 
 /// The `dev/up` PostgreSQL unless `DATABASE_URL` says otherwise.
@@ -339,6 +341,11 @@ async fn drop_schema_of_failed_test(schema: &SchemaName) -> Result<(), BoxError>
             Err(error) => return Err(error.into()),
         }
     }
+}
+
+/// Whether something accepts connections on loopback `port`.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
 /// A short random id for names.

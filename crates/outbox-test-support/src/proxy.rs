@@ -1,5 +1,5 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +23,9 @@ pub enum Fault {
 /// PostgreSQL or Kafka. Lives as long as the runtime it was started on.
 pub struct TcpProxy {
     port: u16,
+    target: Arc<Mutex<String>>,
+    /// Bumped by [`TcpProxy::retarget`]: connections of an older generation close.
+    generation: Arc<AtomicU64>,
     mode: Arc<AtomicU8>,
     delay_ms: Arc<AtomicU64>,
     changed: watch::Sender<()>,
@@ -38,12 +41,15 @@ impl TcpProxy {
         let (changed, _) = watch::channel(());
         let proxy = TcpProxy {
             port,
+            target: Arc::new(Mutex::new(target.to_owned())),
+            generation: Arc::new(AtomicU64::new(0)),
             mode: Arc::new(AtomicU8::new(0)),
             delay_ms: Arc::new(AtomicU64::new(0)),
             changed,
         };
-        let (target, mode, delay, changed) = (
-            target.to_owned(),
+        let (target, generation, mode, delay, changed) = (
+            proxy.target.clone(),
+            proxy.generation.clone(),
             proxy.mode.clone(),
             proxy.delay_ms.clone(),
             proxy.changed.clone(),
@@ -53,31 +59,35 @@ impl TcpProxy {
                 if mode.load(Ordering::SeqCst) == 3 {
                     continue; // Drop: refuse by closing at once
                 }
-                let (target, mode, delay, changed) = (
-                    target.clone(),
-                    mode.clone(),
-                    delay.clone(),
-                    changed.subscribe(),
-                );
+                let target = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let link = Link {
+                    born: generation.load(Ordering::SeqCst),
+                    generation: generation.clone(),
+                    mode: mode.clone(),
+                    delay: delay.clone(),
+                };
+                let changed = changed.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
                     };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    let up = pump(
-                        client_read,
-                        server_write,
-                        mode.clone(),
-                        delay.clone(),
-                        changed.clone(),
-                    );
-                    let down = pump(server_read, client_write, mode, delay, changed);
+                    let up = pump(client_read, server_write, link.clone(), changed.clone());
+                    let down = pump(server_read, client_write, link, changed);
                     tokio::select! { _ = up => {}, _ = down => {} }
                 });
             }
         });
         proxy
+    }
+
+    /// Sends new connections to `target` and closes the open ones, as a load balancer in front
+    /// of a database cluster does when its health check finds a new primary.
+    pub fn retarget(&self, target: &str) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target.to_owned();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.send_replace(());
     }
 
     /// `127.0.0.1:<port>` of the proxy.
@@ -104,16 +114,35 @@ impl TcpProxy {
     }
 }
 
+/// One proxied connection's view of the proxy's state.
+#[derive(Clone)]
+struct Link {
+    born: u64,
+    generation: Arc<AtomicU64>,
+    mode: Arc<AtomicU8>,
+    delay: Arc<AtomicU64>,
+}
+
+impl Link {
+    /// The fault now, with a retargeted proxy's older connections dropped.
+    fn mode(&self) -> u8 {
+        if self.generation.load(Ordering::SeqCst) != self.born {
+            3
+        } else {
+            self.mode.load(Ordering::SeqCst)
+        }
+    }
+}
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mode: Arc<AtomicU8>,
-    delay: Arc<AtomicU64>,
+    link: Link,
     mut changed: watch::Receiver<()>,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        if mode.load(Ordering::SeqCst) == 3 {
+        if link.mode() == 3 {
             return;
         }
         let read = tokio::select! {
@@ -126,13 +155,13 @@ async fn pump(
             return;
         }
         // Blackhole: hold the data until the fault is lifted (or the connection is dropped).
-        while mode.load(Ordering::SeqCst) == 2 {
+        while link.mode() == 2 {
             if changed.changed().await.is_err() {
                 return;
             }
         }
-        match mode.load(Ordering::SeqCst) {
-            1 => tokio::time::sleep(Duration::from_millis(delay.load(Ordering::SeqCst))).await,
+        match link.mode() {
+            1 => tokio::time::sleep(Duration::from_millis(link.delay.load(Ordering::SeqCst))).await,
             3 => return,
             _ => {}
         }

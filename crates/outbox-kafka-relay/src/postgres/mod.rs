@@ -79,6 +79,10 @@ pub(crate) struct ClaimHorizon {
     pub(crate) last_id: Option<i64>,
     /// The claim snapshot's xmin: no transaction with a lower id was still running.
     pub(crate) xmin: u64,
+    /// The WAL insert position during the claim, in bytes: past the commit record of every
+    /// message the claim saw (committed before its snapshot), asynchronous commits included
+    /// (their records are inserted, if not yet written).
+    pub(crate) wal_lsn: i64,
 }
 
 /// A possible rise of the claim floor: every id up to `last_id` was handed out to a transaction
@@ -566,14 +570,15 @@ impl Statements {
                      coalesce($13, 9223372036854775807)) AS floor,
                pg_sequence_last_value(
                    pg_get_serial_sequence('{schema}.message', 'id')::regclass) AS last_id,
-               pg_snapshot_xmin(pg_current_snapshot())::text AS xmin),
+               pg_snapshot_xmin(pg_current_snapshot())::text AS xmin,
+               pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint AS wal_lsn),
          any_held AS MATERIALIZED (
         SELECT EXISTS (SELECT 1 FROM {schema}.message
                         WHERE retry_at IS NOT NULL
                           AND retry_at > now()) AS yes)
     SELECT id, topic, key, payload, headers, attempts, age_us,
            (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
-           (SELECT xmin FROM horizon) AS xmin
+           (SELECT xmin FROM horizon) AS xmin, (SELECT wal_lsn FROM horizon) AS wal_lsn
       FROM (SELECT c.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before
               FROM (SELECT * FROM (
                       (SELECT {candidate} AND m.id >= (SELECT floor FROM horizon)
@@ -623,6 +628,7 @@ impl Statements {
                     floor: row.try_get("floor")?,
                     last_id: row.try_get("last_id")?,
                     xmin: xid("xmin")?,
+                    wal_lsn: row.try_get("wal_lsn")?,
                 })
             }
             None => None,
@@ -649,6 +655,32 @@ impl Statements {
             })
             .collect::<Result<_, sqlx::Error>>()?;
         Ok(Claimed { messages, horizon })
+    }
+
+    /// The WAL position (in bytes) that at least `standbys` physical standbys have flushed:
+    /// the `standbys`-th highest `flush_lsn` among the streaming ones (`None` while fewer
+    /// stream), and how many walsenders hide their state from this role (only superusers and
+    /// members of `pg_read_all_stats`, e.g. through `pg_monitor`, see it). Logical walsenders
+    /// (CDC connectors) have a database and are no failover target.
+    const STANDBYS_FLUSHED: &'static str = "WITH standbys AS (
+        SELECT r.state, r.flush_lsn FROM pg_stat_replication r
+         WHERE r.pid NOT IN (SELECT pid FROM pg_stat_activity
+                              WHERE backend_type = 'walsender' AND datname IS NOT NULL))
+    SELECT (SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::bigint FROM standbys
+             WHERE state = 'streaming' AND flush_lsn IS NOT NULL
+             ORDER BY flush_lsn DESC OFFSET $1 - 1 LIMIT 1),
+           (SELECT count(*) FROM standbys WHERE state IS NULL)";
+
+    /// See [`Statements::STANDBYS_FLUSHED`].
+    pub(crate) async fn standbys_flushed(
+        &self,
+        conn: &mut PgConnection,
+        standbys: u32,
+    ) -> Result<(Option<i64>, i64), sqlx::Error> {
+        sqlx::query_as(Self::STANDBYS_FLUSHED)
+            .bind(i64::from(standbys))
+            .fetch_one(conn)
+            .await
     }
 
     /// The claim's text, for diagnostics.

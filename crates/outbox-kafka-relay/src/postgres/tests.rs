@@ -52,6 +52,7 @@ fn a_floor_candidate_settles_only_once_xmin_is_past_the_completion() {
         floor: 0,
         last_id: Some(99),
         xmin,
+        wal_lsn: 0,
     };
     let mut tracker = FloorTracker::default();
     tracker.completed(None, 100);
