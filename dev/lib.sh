@@ -7,7 +7,12 @@ PG_CLUSTER=outbox
 PG_PORT="${OUTBOX_DEV_PG_PORT:-55432}"
 KAFKA_PORT="${OUTBOX_DEV_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${OUTBOX_DEV_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_SASL_PORT="${OUTBOX_DEV_KAFKA_SASL_PORT:-19094}"
 KAFKA_HOME="$CACHE/kafka"
+# The SASL_SSL listener's CA and broker certificate, made by dev/up; its users' passwords are
+# "$KAFKA_SASL_PREFIX<user>-secret" (dev only, and distinctive, so tests can grep for them).
+KAFKA_TLS="$KAFKA_HOME/tls"
+KAFKA_SASL_PREFIX="dev-only-"
 DATABASE_URL="postgres://outbox:outbox@127.0.0.1:${PG_PORT}/outbox"
 KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:${KAFKA_PORT}"
 PGBOUNCER_PORT="${OUTBOX_DEV_PGBOUNCER_PORT:-56432}"

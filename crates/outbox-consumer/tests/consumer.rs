@@ -331,3 +331,50 @@ async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() 
     );
     outbox.drop_schema().await;
 }
+
+/// The consumer as the `dev/up` broker's SASL_SSL user `outbox-consumer` (SCRAM-SHA-512 over
+/// TLS, reading `secured-*` topics in `secured-*` groups, nothing else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumes_over_sasl_ssl_with_its_users_rights() {
+    use outbox_test_support::{kafka_sasl_ca, kafka_sasl_properties, SASL_CONSUMER};
+    let outbox = TestOutbox::new().await;
+    let topic = format!("secured-{}", short_id());
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    produce(&topic, &[(1, "one"), (2, "two")]).await;
+
+    let stats = Arc::new(ConsumerStats::default());
+    let cancel = CancellationToken::new();
+    let properties =
+        kafka_sasl_properties(&SASL_CONSUMER, SASL_CONSUMER.password, &kafka_sasl_ca());
+    let bootstrap = properties[0].1.clone();
+    let mut config = ConsumerConfig::new(bootstrap, format!("secured-{}", short_id()), [&topic]);
+    for (key, value) in properties.into_iter().skip(1) {
+        config.set(key, value);
+    }
+    assert!(
+        !format!("{config:?}").contains(SASL_CONSUMER.password),
+        "Debug shows the password"
+    );
+    let consumer = outbox_consumer::run(
+        config,
+        outbox.pool.clone(),
+        Inbox::new(outbox.schema.clone()),
+        stats.clone(),
+        cancel.clone(),
+        async |_: &mut sqlx::Transaction<'static, sqlx::Postgres>, _: &Record| {
+            Ok::<(), sqlx::Error>(())
+        },
+    );
+    let check = async {
+        wait_until(
+            Duration::from_secs(60),
+            "both records are applied",
+            || async { stats.applied.load(Ordering::Relaxed) == 2 },
+        )
+        .await;
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(consumer, check);
+    result.unwrap();
+    outbox.drop_schema().await;
+}

@@ -6,6 +6,8 @@
 //! restarts it and a standby takes over. A standby that can reach both services is ready: it is
 //! ready to take over.
 
+use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,6 +17,10 @@ use tokio::time::Instant;
 struct State {
     database_ok: bool,
     kafka_ok: bool,
+    /// Why Kafka did not answer the last probe, as far as librdkafka said.
+    kafka_problem: Option<KafkaProblem>,
+    /// Topics Kafka refused the relay's principal to write, and when it last did.
+    not_authorized: HashMap<String, Instant>,
     leader: bool,
     backlog: Option<i64>,
     oldest_pending_age: Option<Duration>,
@@ -36,6 +42,53 @@ struct State {
 pub struct Health {
     state: Mutex<State>,
     stall_timeout: Duration,
+    /// How long a topic Kafka refused stays reported (see [`Health::not_authorized`]).
+    authorization_memory: Duration,
+}
+
+/// What keeps Kafka from taking the relay's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KafkaProblem {
+    /// No broker answers (down, unreachable, a wrong address); librdkafka's last error.
+    Unreachable(String),
+    /// The brokers refuse the relay's SASL credentials (`sasl.username`, `sasl.password`).
+    Authentication(String),
+    /// The TLS handshake failed: the broker's certificate is not trusted (`ssl.ca.location`),
+    /// expired or for another name, or the broker refused the relay's.
+    Tls(String),
+    /// Kafka refuses the relay's principal to write this topic: an ACL is missing. The topic's
+    /// messages are held (or dead-lettered, by the poison policy); other topics flow.
+    NotAuthorized {
+        /// The topic.
+        topic: String,
+    },
+}
+
+impl fmt::Display for KafkaProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let detail = |detail: &str| match detail {
+            "" => String::new(),
+            detail => format!(": {detail}"),
+        };
+        match self {
+            KafkaProblem::Unreachable(why) => write!(f, "Kafka is unreachable{}", detail(why)),
+            KafkaProblem::Authentication(why) => write!(
+                f,
+                "Kafka refuses the relay's credentials (check sasl.username and sasl.password){}",
+                detail(why)
+            ),
+            KafkaProblem::Tls(why) => write!(
+                f,
+                "the TLS handshake with Kafka fails (check ssl.ca.location and the broker's certificate){}",
+                detail(why)
+            ),
+            KafkaProblem::NotAuthorized { topic } => write!(
+                f,
+                "Kafka refuses the relay's principal to write topic {topic:?} (a missing ACL); its messages are held"
+            ),
+        }
+    }
 }
 
 /// A snapshot of the relay's health.
@@ -52,6 +105,9 @@ pub struct HealthReport {
     pub database_ok: bool,
     /// Kafka answered the last metadata request.
     pub kafka_ok: bool,
+    /// What keeps Kafka from taking the relay's records: why it does not answer, and the
+    /// topics it refuses the relay's principal to write.
+    pub kafka_problems: Vec<KafkaProblem>,
     /// Pending messages at the last sample.
     pub backlog: Option<i64>,
     /// Age of the oldest pending message at the last sample.
@@ -61,11 +117,13 @@ pub struct HealthReport {
 }
 
 impl Health {
-    pub(crate) fn new(stall_timeout: Duration) -> Self {
+    pub(crate) fn new(stall_timeout: Duration, backoff_max: Duration) -> Self {
         Health {
             state: Mutex::new(State {
                 database_ok: false,
                 kafka_ok: false,
+                kafka_problem: None,
+                not_authorized: HashMap::new(),
                 leader: false,
                 backlog: None,
                 oldest_pending_age: None,
@@ -77,6 +135,7 @@ impl Health {
                 standby_problem: None,
             }),
             stall_timeout,
+            authorization_memory: backoff_max * 2 + Duration::from_secs(1),
         }
     }
 
@@ -104,8 +163,21 @@ impl Health {
         self.update(|s| s.standby_problem = reason);
     }
 
-    pub(crate) fn kafka(&self, ok: bool) {
-        self.update(|s| s.kafka_ok = ok);
+    /// The probe's outcome: `None` when Kafka answered.
+    pub(crate) fn kafka(&self, problem: Option<KafkaProblem>) {
+        self.update(|s| {
+            s.kafka_ok = problem.is_none();
+            s.kafka_problem = problem;
+        });
+    }
+
+    /// Kafka refused to let the relay's principal write `topic` (a missing ACL). Reported while
+    /// it keeps happening: a held message is retried at least every `backoff_max`, so a refusal
+    /// older than twice that is one an operator fixed (or whose message was set aside).
+    pub(crate) fn not_authorized(&self, topic: &str) {
+        self.update(|s| {
+            s.not_authorized.insert(topic.to_owned(), Instant::now());
+        });
     }
 
     pub(crate) fn leader(&self, leader: bool) {
@@ -153,9 +225,25 @@ impl Health {
         if !s.database_ok {
             reasons.push("PostgreSQL is unreachable".to_owned());
         }
-        if !s.kafka_ok {
-            reasons.push("Kafka is unreachable".to_owned());
+        let mut kafka_problems: Vec<KafkaProblem> = s.kafka_problem.iter().cloned().collect();
+        if !s.kafka_ok && s.kafka_problem.is_none() {
+            kafka_problems.push(KafkaProblem::Unreachable(String::new()));
         }
+        let mut refused: Vec<&String> = s
+            .not_authorized
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= self.authorization_memory)
+            .map(|(topic, _)| topic)
+            .collect();
+        refused.sort();
+        kafka_problems.extend(
+            refused
+                .into_iter()
+                .map(|topic| KafkaProblem::NotAuthorized {
+                    topic: topic.clone(),
+                }),
+        );
+        reasons.extend(kafka_problems.iter().map(ToString::to_string));
         let stalled_for = s.last_progress.elapsed();
         if s.leader && s.backlog.unwrap_or(0) > 0 && stalled_for > self.stall_timeout {
             reasons.push(format!(
@@ -170,6 +258,7 @@ impl Health {
             leader: s.leader,
             database_ok: s.database_ok,
             kafka_ok: s.kafka_ok,
+            kafka_problems,
             backlog: s.backlog,
             oldest_pending_age: s.oldest_pending_age,
             since_last_publish: s.last_publish.map(|t| t.elapsed()),
@@ -183,9 +272,9 @@ mod tests {
 
     #[test]
     fn a_leader_with_a_backlog_and_no_progress_is_stalled() {
-        let health = Health::new(Duration::ZERO);
+        let health = Health::new(Duration::ZERO, Duration::from_secs(1));
         health.database(true);
-        health.kafka(true);
+        health.kafka(None);
         assert!(
             health.report().ready,
             "a standby that reaches both services is ready"
@@ -206,7 +295,7 @@ mod tests {
 
     #[test]
     fn unreachable_services_make_it_not_ready() {
-        let health = Health::new(Duration::from_secs(60));
+        let health = Health::new(Duration::from_secs(60), Duration::from_secs(30));
         health.database(true);
         let report = health.report();
         assert!(!report.ready);

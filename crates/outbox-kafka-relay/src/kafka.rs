@@ -228,6 +228,17 @@ pub(crate) enum DeliveryError {
 }
 
 impl DeliveryError {
+    /// Kafka refused the relay's principal the record's topic (or the cluster): an ACL.
+    pub(crate) fn not_authorized(&self) -> bool {
+        matches!(
+            self,
+            DeliveryError::Kafka(error) if matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)
+            )
+        )
+    }
+
     pub(crate) fn class(&self) -> ErrorClass {
         match self {
             DeliveryError::Kafka(error) => classify(error),

@@ -160,7 +160,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Completion, InvalidConfig, PoisonPolicy, RelayConfig};
-pub use health::{Health, HealthReport};
+pub use health::{Health, HealthReport, KafkaProblem};
 pub use kafka::KafkaConfig;
 pub use sessions::TransactionPooled;
 
@@ -219,7 +219,7 @@ impl Relay {
         config.validate()?;
         // Everything below spawns tasks (the session pool too), which panics without one.
         tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
-        let health = Arc::new(Health::new(config.stall_timeout));
+        let health = Arc::new(Health::new(config.stall_timeout, config.backoff_max));
         let pool = sessions::pool(&pool, config.lease_ttl, health.clone());
         let statements = Arc::new(Statements::new(&config.schema));
         let admin = Arc::new(Admin::new(&config.schema));
@@ -504,7 +504,10 @@ mod tests {
             })),
             keeper_task: tokio::spawn(async {}),
             term,
-            health: Arc::new(Health::new(Duration::from_secs(60))),
+            health: Arc::new(Health::new(
+                Duration::from_secs(60),
+                Duration::from_secs(30),
+            )),
         }
     }
 

@@ -603,6 +603,9 @@ impl Pipeline {
             let id = &message.id;
             let class = error.class();
             m::failed(&message.topic, class == ErrorClass::Retriable);
+            if error.not_authorized() {
+                self.health.not_authorized(&message.topic);
+            }
             let key = message.key.as_deref().map(String::from_utf8_lossy);
             if class == ErrorClass::Permanent
                 && self.config.poison_policy == PoisonPolicy::DeadLetter

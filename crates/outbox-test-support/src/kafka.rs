@@ -183,13 +183,24 @@ impl TopicReader {
 
     /// Reads `topic` on `bootstrap`.
     pub fn on(bootstrap: &str, topic: &str) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        Self::with(
+            &[("bootstrap.servers".to_owned(), bootstrap.to_owned())],
+            topic,
+        )
+    }
+
+    /// Reads `topic` with these librdkafka properties (`bootstrap.servers`, security), as a
+    /// reader that is assigned every partition and commits nothing.
+    pub fn with(properties: &[(String, String)], topic: &str) -> Self {
+        let mut config = ClientConfig::new();
+        config
             .set("group.id", format!("reader-{}", short_id()))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .expect("consumer");
+            .set("enable.partition.eof", "false");
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer = config.create().expect("consumer");
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap_or_else(|error| panic!("cannot read metadata of {topic}: {error}"));

@@ -39,6 +39,64 @@ pub fn kafka_bootstrap_servers() -> String {
         .unwrap_or_else(|_| DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_owned())
 }
 
+/// The `dev/up` Kafka's SASL_SSL listener unless `KAFKA_SASL_BOOTSTRAP_SERVERS` says otherwise.
+pub fn kafka_sasl_bootstrap_servers() -> String {
+    std::env::var("KAFKA_SASL_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:19094".to_owned())
+}
+
+/// The CA that signed the SASL_SSL listener's certificate (`KAFKA_SASL_CA`, or where `dev/up`
+/// makes it); panics with instructions when it is missing.
+pub fn kafka_sasl_ca() -> String {
+    let path = std::env::var("KAFKA_SASL_CA").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/outbox-dev/kafka/tls/ca.pem",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "the SASL_SSL listener's CA {path} is missing: run eval \"$(dev/up)\""
+    );
+    path
+}
+
+/// A user of the SASL_SSL listener (`dev/up` creates them, SCRAM-SHA-512): `outbox-relay` may
+/// write and describe topics named `secured-*`; `outbox-consumer` may read them, in groups named
+/// `secured-*`.
+pub struct SaslUser {
+    /// The user name.
+    pub name: &'static str,
+    /// Its password: dev only, and distinctive, so that tests can look for it in output.
+    pub password: &'static str,
+}
+
+/// The relay's user of the SASL_SSL listener.
+pub const SASL_RELAY: SaslUser = SaslUser {
+    name: "outbox-relay",
+    password: "dev-only-relay-secret",
+};
+
+/// The consumer's user of the SASL_SSL listener.
+pub const SASL_CONSUMER: SaslUser = SaslUser {
+    name: "outbox-consumer",
+    password: "dev-only-consumer-secret",
+};
+
+/// librdkafka properties for `user` on the SASL_SSL listener, trusting `ca`.
+pub fn kafka_sasl_properties(user: &SaslUser, password: &str, ca: &str) -> Vec<(String, String)> {
+    [
+        ("bootstrap.servers", kafka_sasl_bootstrap_servers()),
+        ("security.protocol", "SASL_SSL".to_owned()),
+        ("sasl.mechanisms", "SCRAM-SHA-512".to_owned()),
+        ("sasl.username", user.name.to_owned()),
+        ("sasl.password", password.to_owned()),
+        ("ssl.ca.location", ca.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// The `dev/up` PgBouncer's database in transaction pooling mode, unless
 /// `PGBOUNCER_TRANSACTION_URL` says otherwise.
 pub fn pgbouncer_transaction_url() -> String {

@@ -52,6 +52,50 @@ pub fn kafka_bootstrap_servers() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
 }
 
+/// Where the relay and the consumer reach Kafka: `THINGS_KAFKA_BOOTSTRAP_SERVERS` (a secured
+/// listener, say), else [`kafka_bootstrap_servers`], which topic creation always uses.
+pub fn kafka_client_bootstrap() -> String {
+    std::env::var("THINGS_KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| kafka_bootstrap_servers())
+}
+
+/// librdkafka properties for the relay and the consumer from `THINGS_KAFKA_<PROPERTY>`
+/// variables, dots written as underscores (`THINGS_KAFKA_SECURITY_PROTOCOL=SASL_SSL`,
+/// `THINGS_KAFKA_SASL_PASSWORD=...`); `bootstrap.servers` is [`kafka_client_bootstrap`].
+pub fn kafka_properties() -> Vec<(String, String)> {
+    let mut properties: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(name, value)| {
+            let property = name.strip_prefix("THINGS_KAFKA_")?.to_ascii_lowercase();
+            (property != "bootstrap_servers").then(|| (property.replace('_', "."), value))
+        })
+        .collect();
+    properties.sort();
+    properties
+}
+
+/// Where and how the relay or the consumer reaches Kafka, for the logs (no secret).
+pub fn kafka_endpoint() -> String {
+    let properties = kafka_properties();
+    let find = |key: &str| {
+        properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, v)| v.as_str())
+            .to_owned()
+    };
+    format!(
+        "{} ({}{})",
+        kafka_client_bootstrap(),
+        match find("security.protocol").as_str() {
+            "" => "PLAINTEXT".to_owned(),
+            protocol => protocol.to_owned(),
+        },
+        match find("sasl.username").as_str() {
+            "" => String::new(),
+            user => format!(" as {user}"),
+        }
+    )
+}
+
 /// Connects, with a clear error when PostgreSQL is not running.
 pub async fn connect() -> anyhow::Result<PgPool> {
     PgPoolOptions::new()

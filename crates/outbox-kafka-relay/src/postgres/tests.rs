@@ -373,7 +373,10 @@ async fn the_held_key_test_is_an_index_lookup_whatever_is_held() {
     let relay_sessions = crate::sessions::pool(
         &outbox.pool,
         Duration::from_secs(30),
-        std::sync::Arc::new(crate::health::Health::new(Duration::from_secs(60))),
+        std::sync::Arc::new(crate::health::Health::new(
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        )),
     );
     let mut conn = relay_sessions.acquire().await.unwrap();
     sqlx::raw_sql(&format!(

@@ -102,12 +102,12 @@ async fn main() -> anyhow::Result<()> {
         }
         signal_cancel.cancel();
     });
-    tracing::info!(%addr, "things-consumer running");
-    let config = ConsumerConfig::new(
-        things::kafka_bootstrap_servers(),
-        "things-consumer",
-        [TOPIC],
-    );
+    tracing::info!(%addr, kafka = %things::kafka_endpoint(), "things-consumer running");
+    let mut config =
+        ConsumerConfig::new(things::kafka_client_bootstrap(), "things-consumer", [TOPIC]);
+    for (key, value) in things::kafka_properties() {
+        config.set(key, value);
+    }
     outbox_consumer::run(config, pool, inbox, stats, cancel, apply).await?;
     Ok(())
 }

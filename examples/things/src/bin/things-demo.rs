@@ -1,8 +1,10 @@
 //! Runs the whole scenario and checks the outcome: exits 0 only when the consumer's read model
 //! equals the service's table.
 //!
-//! Usage: `things-demo [--commands N] [--concurrency C]` (after `eval "$(dev/up)"`; `dev/demo`
-//! does both).
+//! Usage: `things-demo [--commands N] [--concurrency C] [--secured]` (after `eval "$(dev/up)"`;
+//! `dev/demo` does both). With `--secured`, the service's relay and the consumer reach Kafka
+//! through `dev/up`'s SASL_SSL listener, each as its own user with only the rights its ACLs
+//! grant (SCRAM-SHA-512, TLS with the CA `dev/up` made).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -26,12 +28,14 @@ const CONSUMER_ADDR: &str = "127.0.0.1:18081";
 struct Options {
     commands: usize,
     concurrency: usize,
+    secured: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
     let mut options = Options {
         commands: 1500,
         concurrency: 16,
+        secured: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -44,8 +48,9 @@ fn options() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--commands" => options.commands = value("--commands")?,
             "--concurrency" => options.concurrency = value("--concurrency")?.max(1),
+            "--secured" => options.secured = true,
             other => bail!(
-                "unknown argument {other:?}; usage: things-demo [--commands N] [--concurrency C]"
+                "unknown argument {other:?}; usage: things-demo [--commands N] [--concurrency C] [--secured]"
             ),
         }
     }
@@ -117,14 +122,47 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn spawn(name: &str, log: &PathBuf) -> anyhow::Result<Child> {
+/// With `--secured`: how `name` reaches `dev/up`'s SASL_SSL listener, as its own user (the
+/// passwords are `dev/up`'s, for development only).
+fn secured_kafka(name: &str) -> Vec<(String, String)> {
+    let user = match name {
+        "things-service" => "relay",
+        _ => "consumer",
+    };
+    let ca = std::env::var("KAFKA_SASL_CA").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/outbox-dev/kafka/tls/ca.pem",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let bootstrap = std::env::var("KAFKA_SASL_BOOTSTRAP_SERVERS")
+        .unwrap_or_else(|_| "127.0.0.1:19094".to_owned());
+    [
+        ("BOOTSTRAP_SERVERS", bootstrap),
+        ("SECURITY_PROTOCOL", "SASL_SSL".to_owned()),
+        ("SASL_MECHANISMS", "SCRAM-SHA-512".to_owned()),
+        ("SASL_USERNAME", format!("outbox-{user}")),
+        ("SASL_PASSWORD", format!("dev-only-{user}-secret")),
+        ("SSL_CA_LOCATION", ca),
+    ]
+    .into_iter()
+    .map(|(name, value)| (format!("THINGS_KAFKA_{name}"), value))
+    .collect()
+}
+
+fn spawn(name: &str, log: &PathBuf, secured: bool) -> anyhow::Result<Child> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)?;
+    let kafka = match secured {
+        true => secured_kafka(name),
+        false => Vec::new(),
+    };
     Ok(Command::new(sibling(name)?)
         .env("THINGS_ADDR", SERVICE_ADDR)
         .env("THINGS_CONSUMER_ADDR", CONSUMER_ADDR)
+        .envs(kafka)
         .stdout(Stdio::null())
         .stderr(file)
         .kill_on_drop(true)
@@ -189,14 +227,20 @@ async fn main() -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     println!(
-        "things demo: {} commands, {} concurrent; logs in {}",
+        "things demo: {} commands, {} concurrent{}; logs in {}",
         options.commands,
         options.concurrency,
+        if options.secured {
+            ", Kafka over SASL_SSL"
+        } else {
+            ""
+        },
         logs.display()
     );
+    let secured = options.secured;
 
     let consumer_log = logs.join("things-consumer.log");
-    let mut consumer = spawn("things-consumer", &consumer_log)?;
+    let mut consumer = spawn("things-consumer", &consumer_log, options.secured)?;
     wait_ready(
         &client,
         &format!("http://{CONSUMER_ADDR}/stats"),
@@ -210,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
         log: logs.join("things-service.log"),
     });
     {
-        let mut child = spawn("things-service", &service.log)?;
+        let mut child = spawn("things-service", &service.log, secured)?;
         wait_ready(
             &client,
             &format!("http://{SERVICE_ADDR}/health/live"),
@@ -245,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
                 let _ = child.kill().await;
             }
             bar.set_message("service and relay SIGKILLed; restarting");
-            let mut child = spawn("things-service", &service.log)?;
+            let mut child = spawn("things-service", &service.log, secured)?;
             wait_ready(
                 &client,
                 &format!("http://{SERVICE_ADDR}/health/live"),

@@ -162,11 +162,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     things::ensure_topic().await?;
 
-    let mut relay_config = RelayConfig::new(things::kafka_bootstrap_servers(), SOURCE);
+    let mut relay_config = RelayConfig::new(things::kafka_client_bootstrap(), SOURCE);
+    for (key, value) in things::kafka_properties() {
+        relay_config.kafka.set(key, value);
+    }
     relay_config.schema = schema;
     // Short lease so a restarted instance takes over soon after a crash of the previous one.
     relay_config.lease_ttl = Duration::from_secs(3);
     relay_config.lease_renew_interval = Duration::from_secs(1);
+    tracing::info!(kafka = %things::kafka_endpoint(), "starting the relay");
     let relay = Relay::start(pool.clone(), relay_config)?;
 
     let app = Router::new()
