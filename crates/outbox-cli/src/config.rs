@@ -237,6 +237,9 @@ settings! {
         /// Publish a message only once this many streaming standbys flushed its commit: no
         /// phantom events after a failover (0: publish at once)
         wait_for_standbys: u32 => wait_for_standbys,
+        /// The standbys that count for wait_for_standbys, by application_name, comma-separated
+        /// [default: every physical walsender but backups' and WAL archivers']
+        standby_names: String => standby_names,
     }
 }
 
@@ -300,6 +303,21 @@ impl Field<PoisonPolicy> for String {
             PoisonPolicy::Block => "block",
             PoisonPolicy::DeadLetter => "dead-letter",
         }))
+    }
+}
+
+/// A comma-separated list (`standby_names`).
+impl Field<Vec<String>> for String {
+    fn set(self, field: &mut Vec<String>) -> Result<(), String> {
+        *field = self
+            .split(',')
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect();
+        Ok(())
+    }
+    fn show(field: &Vec<String>) -> Option<String> {
+        Some(toml_string(&field.join(",")))
     }
 }
 

@@ -85,6 +85,11 @@ pub struct RelayConfig {
     /// it to the number of standbys a failover may promote; like synchronous replication,
     /// publishing waits while fewer are streaming. See the crate docs, "Failover".
     pub wait_for_standbys: u32,
+    /// Which walsenders count for `wait_for_standbys`, by `application_name` (as in
+    /// `synchronous_standby_names`; give each standby its own, `cluster_name` or
+    /// `application_name` in its `primary_conninfo`). Empty (the default): every physical
+    /// walsender but `pg_basebackup`, `pg_receivewal` and Barman's `barman_receive_wal`.
+    pub standby_names: Vec<String>,
     /// Kafka producer properties, passed to librdkafka verbatim.
     pub kafka: KafkaConfig,
 }
@@ -159,6 +164,7 @@ impl RelayConfig {
             stall_timeout: Duration::from_secs(60),
             monitor_interval: Duration::from_secs(5),
             wait_for_standbys: 0,
+            standby_names: Vec::new(),
             kafka: KafkaConfig::new(bootstrap_servers),
         }
     }
@@ -216,6 +222,21 @@ impl RelayConfig {
                     "lease_renew_interval ({:?}) must be positive and at most a third of lease_ttl ({:?}), so that a renewal can fail twice before the lease expires",
                     self.lease_renew_interval, self.lease_ttl
                 ),
+            ));
+        }
+        if self.wait_for_standbys > MAX_STANDBYS {
+            return Err(InvalidConfig::new(
+                "wait_for_standbys",
+                format!(
+                    "must be at most {MAX_STANDBYS} (found {})",
+                    self.wait_for_standbys
+                ),
+            ));
+        }
+        if let Some(name) = self.standby_names.iter().find(|n| n.trim().is_empty()) {
+            return Err(InvalidConfig::new(
+                "standby_names",
+                format!("names must not be empty (found {name:?})"),
             ));
         }
         if self.batch_size == 0 || self.batch_size > 100_000 {
@@ -306,6 +327,9 @@ pub const MAX_RETENTION: Duration = Duration::from_secs(MAX_RETENTION_YEARS * 36
 /// The most rows one cleanup statement deletes (it holds their locks until it ends).
 pub const MAX_CLEANUP_BATCH_SIZE: usize = 1_000_000;
 
+/// The most standbys `wait_for_standbys` may ask for (`max_wal_senders` defaults to 10).
+pub const MAX_STANDBYS: u32 = 100;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,8 +354,10 @@ mod tests {
     #[test]
     fn absurd_values_are_rejected_before_anything_overflows() {
         type Change = fn(&mut RelayConfig);
-        let cases: [(&str, Change); 5] = [
+        let cases: [(&str, Change); 7] = [
             ("lease_ttl", |c| c.lease_ttl = Duration::MAX),
+            ("wait_for_standbys", |c| c.wait_for_standbys = u32::MAX),
+            ("standby_names", |c| c.standby_names = vec![" ".into()]),
             ("shutdown_timeout", |c| {
                 c.shutdown_timeout = Duration::from_millis(u64::MAX)
             }),

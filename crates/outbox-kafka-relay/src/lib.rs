@@ -118,9 +118,14 @@
 //! session, so on the same server. A standby that flushed `L` has every commit of the batch and
 //! the sequence records before them, and a promotion replays all it flushed. So after a
 //! failover to one of those standbys, every published message exists and no published sequence
-//! is handed out again. A batch that is not confirmed is not sent; it stays pending. PostgreSQL's
-//! synchronous replication is not enough on its own: a commit is visible on the primary before
-//! the standby confirms it, and so can be claimed and published before the standby has it.
+//! is handed out again, provided the standby promoted is one of those `n` (give the others
+//! other names, [`RelayConfig::standby_names`]; a cascaded standby is not seen by the primary
+//! and never counts). A batch that is not confirmed is not sent; it stays pending.
+//! PostgreSQL's synchronous replication does the same for writers that commit with it (the
+//! commit becomes visible only once the standby confirmed it), but not for a commit whose wait
+//! was cancelled (a cancelled query, a terminated backend: visible without the standby) or a
+//! writer that sets `synchronous_commit` to `local` or `off`, and it makes every writer wait for
+//! the standby; this setting holds for every message and delays only publishing.
 //!
 //! **Shutdown.** [`RelayHandle::shutdown`] (the CLI calls it on SIGTERM/SIGINT) stops claiming,
 //! waits up to `shutdown_timeout` for in-flight deliveries, completes what was acknowledged and
@@ -290,6 +295,7 @@ impl Relay {
             backlog: false,
             claimed_last_id: None,
             claimed_wal_lsn: 0,
+            claimed_session: None,
             in_flight: Default::default(),
             typical_ack: Duration::ZERO,
             next_claim_at: None,

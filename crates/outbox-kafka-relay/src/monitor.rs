@@ -46,7 +46,7 @@ impl Probe {
     /// Why the request that failed with `error` failed, by librdkafka's error codes. The last
     /// error is kept until a request succeeds: librdkafka reports a repeated failure (the same
     /// refused password on every reconnect) only now and then.
-    fn problem(&self, error: &KafkaError) -> KafkaProblem {
+    fn problem(&self, error: &KafkaError, kafka: &KafkaConfig) -> KafkaProblem {
         let last = self
             .last_error
             .lock()
@@ -54,6 +54,7 @@ impl Probe {
             .clone();
         let (code, reason) =
             last.unwrap_or_else(|| (error.rdkafka_error_code(), error.to_string()));
+        let reason = kafka.without_secrets(&reason);
         match code {
             Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
                 KafkaProblem::Authentication(reason)
@@ -125,7 +126,7 @@ pub(crate) async fn run(
         }
         let kafka_problem = match &probe {
             Some(probe) => {
-                let probe = probe.clone();
+                let (probe, kafka) = (probe.clone(), kafka.clone());
                 let timeout = interval.min(Duration::from_secs(5));
                 tokio::task::spawn_blocking(move || {
                     match probe.client().fetch_metadata(None, timeout) {
@@ -137,7 +138,7 @@ pub(crate) async fn run(
                             // Serves the error callbacks queued meanwhile (all of them:
                             // a poll serves one event per turn until its time is up).
                             probe.poll(Duration::from_millis(100));
-                            Some(probe.context().problem(&error))
+                            Some(probe.context().problem(&error, &kafka))
                         }
                     }
                 })

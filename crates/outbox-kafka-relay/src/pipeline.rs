@@ -53,9 +53,10 @@ pub(crate) struct Pipeline {
     pub(crate) backlog: bool,
     /// The id sequence's last value read by the latest claim that found messages.
     pub(crate) claimed_last_id: Option<i64>,
-    /// The WAL insert position read by the latest claim that found messages (see
-    /// `RelayConfig::wait_for_standbys`).
+    /// The WAL position the latest claim that found messages read, and the session it ran on
+    /// (see `RelayConfig::wait_for_standbys`).
     pub(crate) claimed_wal_lsn: i64,
+    pub(crate) claimed_session: Option<u64>,
     /// Messages handed to the producer and not yet decided, across batches.
     pub(crate) in_flight: InFlight,
     /// How long a batch usually takes to be acknowledged (a moving average).
@@ -320,26 +321,55 @@ impl Pipeline {
     /// failover to one of them keeps it (the crate docs, "Failover"). `Some(step)` drops the
     /// batch instead (the term ended, the database failed, shutdown): it was not sent, so it
     /// stays pending and is claimed again. The position and the standbys' are compared on the
-    /// claim's own session, so on one server: a failover in between fails the query, never
-    /// compares one server's position with another's.
+    /// claim's own session, so on one server: when that session is gone (an error since, a
+    /// failover), the batch is dropped, never checked against another server's standbys.
     async fn wait_for_standbys(&mut self, term: &Term, cancel: &CancellationToken) -> Option<Step> {
-        let (needed, standbys) = (self.claimed_wal_lsn, self.config.wait_for_standbys);
         let started = Instant::now();
+        let step = self.standbys_confirm(term, cancel, started).await;
+        // Whatever ended the wait, it is no longer what the relay waits for.
+        self.health.standby_problem(None);
+        if step.is_none() {
+            m::standby_wait(started.elapsed());
+        }
+        step
+    }
+
+    async fn standbys_confirm(
+        &mut self,
+        term: &Term,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Option<Step> {
+        let (needed, standbys) = (self.claimed_wal_lsn, self.config.wait_for_standbys);
         let mut pause = STANDBY_POLL_FIRST;
+        let mut reported = false;
         loop {
+            if self.session.session().is_none() || self.session.session() != self.claimed_session {
+                tracing::debug!("the claim's session is gone; claiming the batch again");
+                return Some(Step::Failed);
+            }
             let flushed = match self.session.conn().await {
-                Ok(conn) => self.statements.standbys_flushed(conn, standbys).await,
+                Ok(conn) => {
+                    self.statements
+                        .standbys_flushed(conn, standbys, &self.config.standby_names)
+                        .await
+                }
                 Err(error) => Err(error),
             };
             match self.session.checked(flushed) {
-                Ok((Some(flushed), _)) if flushed >= needed => break,
+                Ok((Some(flushed), _)) if flushed >= needed => return None,
                 Ok((flushed, hidden)) => {
                     if started.elapsed() >= STANDBY_REPORT_AFTER {
-                        self.health.standby_problem(Some(match (flushed, hidden) {
+                        let reason = match (flushed, hidden) {
                             (Some(_), _) => format!("waiting for {standbys} standby(s) to flush the WAL of the next batch (wait_for_standbys)"),
                             (None, 0) => format!("waiting for {standbys} streaming standby(s): fewer are connected (wait_for_standbys)"),
                             (None, hidden) => format!("waiting for {standbys} streaming standby(s): {hidden} hide their position from the relay's role, which needs pg_monitor (wait_for_standbys)"),
-                        }));
+                        };
+                        if !reported {
+                            tracing::warn!("{reason}");
+                            reported = true;
+                        }
+                        self.health.standby_problem(Some(reason));
                     }
                 }
                 Err(error) => {
@@ -357,9 +387,6 @@ impl Pipeline {
             }
             pause = (pause * 2).min(STANDBY_POLL_MAX);
         }
-        self.health.standby_problem(None);
-        m::standby_wait(started.elapsed());
-        None
     }
 
     /// A moving average over the last few batches of how long one takes to be acknowledged.
@@ -427,6 +454,7 @@ impl Pipeline {
             }
             self.claimed_last_id = horizon.last_id;
             self.claimed_wal_lsn = horizon.wal_lsn;
+            self.claimed_session = self.session.session();
         }
         let batch = claimed.messages;
         self.backlog = batch.len() >= self.config.batch_size

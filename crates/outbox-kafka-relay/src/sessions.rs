@@ -49,7 +49,7 @@ use crate::health::Health;
 /// completion in flight, the health monitor and cleanup, with room for one being replaced.
 const MAX_CONNECTIONS: u32 = 8;
 
-/// The relay's connections go through a pooler in transaction (or statement) mode.
+/// The relay's connections go through a pooler in transaction mode.
 #[derive(Debug, thiserror::Error)]
 #[error("the relay's connections go through a pooler in transaction mode (PgBouncer pool_mode = transaction): its sessions would not be its own, so its session settings would reach other clients and LISTEN would miss notifications; connect the relay directly or through a pool in session mode (docs/operations.md, \"PgBouncer\")")]
 pub struct TransactionPooled;
@@ -102,20 +102,33 @@ pub(crate) fn pool(pool: &PgPool, statement_timeout: Duration, health: Arc<Healt
 pub(crate) struct Kept {
     pool: PgPool,
     conn: Option<PoolConnection<Postgres>>,
+    /// Counts the connections taken: tells whether two statements ran on the same one.
+    generation: u64,
 }
 
 impl Kept {
     pub(crate) fn new(pool: PgPool) -> Kept {
-        Kept { pool, conn: None }
+        Kept {
+            pool,
+            conn: None,
+            generation: 0,
+        }
     }
 
     /// The kept connection, taking one from the pool if there is none.
     pub(crate) async fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         if self.conn.is_none() {
             let conn = self.pool.acquire().await?;
+            self.generation += 1;
             return Ok(&mut **self.conn.insert(conn));
         }
         self.conn.as_deref_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Which connection is kept: the same value later means the same session, so the same
+    /// server (a failover in between breaks the session).
+    pub(crate) fn session(&self) -> Option<u64> {
+        self.conn.as_ref().map(|_| self.generation)
     }
 
     /// Passes `result` on; after an error the connection is not kept.

@@ -16,6 +16,9 @@ use crate::TopicReader;
 #[derive(Default)]
 pub struct Ledger {
     committed: BTreeMap<i64, (String, String)>,
+    /// Every commit the database acknowledged, in order: after a failover the promoted primary
+    /// may hand a sequence out again, which `committed` then holds for the later message only.
+    acknowledged: Vec<(i64, String)>,
     rolled_back: HashSet<String>,
     uncertain: HashSet<String>,
 }
@@ -61,6 +64,11 @@ impl Ledger {
                 figures.rolled_back_published += 1;
             }
             let sequence = record.sequence();
+            // Order and duplicates among committed messages; anything else (rolled back,
+            // phantoms after a failover) is counted on its own.
+            if self.committed.get(&sequence).map(|(_, p)| p) != Some(&payload) {
+                continue;
+            }
             if !seen.insert(sequence) {
                 figures.duplicates += 1;
                 continue;
@@ -110,6 +118,7 @@ impl Ledger {
                 .into_iter()
                 .map(|(id, key, payload)| (id, (key, payload)))
                 .collect(),
+            acknowledged: Vec::new(),
             rolled_back: self.rolled_back.clone(),
             uncertain: HashSet::new(),
         }
@@ -118,9 +127,9 @@ impl Ledger {
     /// Commits this ledger recorded (the database acknowledged them) that `truth` does not
     /// hold: lost by the database, as asynchronous replication loses them in a failover.
     pub fn lost_by_the_database(&self, truth: &Ledger) -> usize {
-        self.committed
+        self.acknowledged
             .iter()
-            .filter(|(id, message)| truth.committed.get(id) != Some(message))
+            .filter(|(id, payload)| truth.committed.get(id).map(|(_, p)| p) != Some(payload))
             .count()
     }
 
@@ -162,6 +171,7 @@ impl Ledger {
     pub fn clone_committed(&self) -> Ledger {
         Ledger {
             committed: self.committed.clone(),
+            acknowledged: self.acknowledged.clone(),
             rolled_back: self.rolled_back.clone(),
             uncertain: self.uncertain.clone(),
         }
@@ -218,11 +228,11 @@ pub async fn write_messages(
             } else {
                 match tx.commit().await {
                     Ok(()) => {
+                        let mut ledger = ledger.lock().unwrap();
                         ledger
-                            .lock()
-                            .unwrap()
                             .committed
                             .insert(sequence, (key.clone(), payload.clone()));
+                        ledger.acknowledged.push((sequence, payload.clone()));
                     }
                     Err(_) => {
                         ledger.lock().unwrap().uncertain.insert(payload.clone());

@@ -212,12 +212,13 @@ impl PostgresServer {
 impl Drop for PostgresServer {
     fn drop(&mut self) {
         if let Some(pid) = self.postmaster_pid() {
+            // The backends first: once the postmaster is gone they belong to init.
+            let _ = Command::new("pkill")
+                .args(["-9", "-P", &pid.to_string()])
+                .status();
             let _ = Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .stderr(Stdio::null())
-                .status();
-            let _ = Command::new("pkill")
-                .args(["-9", "-P", &pid.to_string()])
                 .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);

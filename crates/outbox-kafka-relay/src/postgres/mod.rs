@@ -245,6 +245,20 @@ impl<T> Fenced<T> {
     }
 }
 
+/// The end of the last WAL record before `insert_lsn`, as `pg_current_wal_insert_lsn()` reports
+/// it: at the start of a page it points past the page's header (24 bytes, 40 at a segment's
+/// start), where no record ends and where a standby's flush position, which stops at the end of
+/// the last record, would never reach until more WAL is written. (No record is that short:
+/// 24 or 40 bytes into a page is a header's end, never a record's.)
+fn record_end(insert_lsn: i64) -> i64 {
+    const PAGE: i64 = 8192;
+    match insert_lsn % PAGE {
+        24 => insert_lsn - 24,
+        40 => insert_lsn - 40,
+        _ => insert_lsn,
+    }
+}
+
 /// `id` is in the multirange `$1` (see [`id_ranges`]): one index range scan with a binary
 /// search per row, where `id = ANY(array)` descends the index once per id (3x slower for 5,000).
 /// The casts sit in sub-selects, evaluated once: a multirange's input function is not immutable,
@@ -628,7 +642,7 @@ impl Statements {
                     floor: row.try_get("floor")?,
                     last_id: row.try_get("last_id")?,
                     xmin: xid("xmin")?,
-                    wal_lsn: row.try_get("wal_lsn")?,
+                    wal_lsn: record_end(row.try_get("wal_lsn")?),
                 })
             }
             None => None,
@@ -657,28 +671,41 @@ impl Statements {
         Ok(Claimed { messages, horizon })
     }
 
-    /// The WAL position (in bytes) that at least `standbys` physical standbys have flushed:
-    /// the `standbys`-th highest `flush_lsn` among the streaming ones (`None` while fewer
-    /// stream), and how many walsenders hide their state from this role (only superusers and
-    /// members of `pg_read_all_stats`, e.g. through `pg_monitor`, see it). Logical walsenders
-    /// (CDC connectors) have a database and are no failover target.
-    const STANDBYS_FLUSHED: &'static str = "WITH standbys AS (
-        SELECT r.state, r.flush_lsn FROM pg_stat_replication r
+    /// The WAL position (in bytes) that at least `standbys` standbys have flushed: the
+    /// `standbys`-th highest `flush_lsn` among the streaming ones (`None` while fewer stream),
+    /// and how many walsenders hide their state from this role (only superusers and members of
+    /// `pg_read_all_stats`, e.g. through `pg_monitor`, see it). What counts as a standby: a
+    /// physical walsender (logical ones, CDC connectors, have a database) whose
+    /// `application_name` is in `$2`, or with `$2` empty any but WAL archivers' and backups'
+    /// (`pg_basebackup`, `pg_receivewal`, Barman's `barman_receive_wal`), which stream without
+    /// ever being promoted; counted once per name and address, so the stale walsender a
+    /// reconnected standby leaves behind until `wal_sender_timeout` is not a second standby.
+    const STANDBYS_FLUSHED: &'static str = "WITH senders AS (
+        SELECT r.application_name, r.client_addr, r.state, r.flush_lsn
+          FROM pg_stat_replication r
          WHERE r.pid NOT IN (SELECT pid FROM pg_stat_activity
-                              WHERE backend_type = 'walsender' AND datname IS NOT NULL))
+                              WHERE backend_type = 'walsender' AND datname IS NOT NULL)),
+         standbys AS (
+        SELECT max(flush_lsn) AS flush_lsn FROM senders
+         WHERE state = 'streaming' AND flush_lsn IS NOT NULL
+           AND CASE WHEN cardinality($2::text[]) > 0 THEN application_name = ANY($2::text[])
+                    ELSE application_name NOT IN ('pg_basebackup', 'pg_receivewal',
+                                                  'barman_receive_wal') END
+         GROUP BY application_name, client_addr)
     SELECT (SELECT pg_wal_lsn_diff(flush_lsn, '0/0')::bigint FROM standbys
-             WHERE state = 'streaming' AND flush_lsn IS NOT NULL
              ORDER BY flush_lsn DESC OFFSET $1 - 1 LIMIT 1),
-           (SELECT count(*) FROM standbys WHERE state IS NULL)";
+           (SELECT count(*) FROM senders WHERE state IS NULL)";
 
     /// See [`Statements::STANDBYS_FLUSHED`].
     pub(crate) async fn standbys_flushed(
         &self,
         conn: &mut PgConnection,
         standbys: u32,
+        names: &[String],
     ) -> Result<(Option<i64>, i64), sqlx::Error> {
         sqlx::query_as(Self::STANDBYS_FLUSHED)
             .bind(i64::from(standbys))
+            .bind(names)
             .fetch_one(conn)
             .await
     }
