@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outbox::{Message, Outbox, OutboxConfig};
-use outbox_kafka_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Relay, RelayConfig, RelayHandle};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, wait_until, Fault, PostgresServer,
     TcpProxy, TopicReader,
@@ -27,6 +27,32 @@ async fn streaming_standbys(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// Connects to `primary`, waits until `standbys` stream from it, migrates the outbox and makes a
+/// topic.
+async fn outbox_on(primary: &PostgresServer, standbys: i64) -> (PgPool, Outbox, String) {
+    let pool = connect(&primary.url()).await;
+    wait_until(Duration::from_secs(30), "the standbys stream", || async {
+        streaming_standbys(&pool).await == standbys
+    })
+    .await;
+    let outbox = Outbox::new(OutboxConfig::default());
+    outbox.migrate(&pool).await.unwrap();
+    let topic = unique_topic("standby");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    (pool, outbox, topic)
+}
+
+/// Waits until the relay's health gives a reason containing `what` (with `given` false: until
+/// it no longer does).
+async fn wait_for_reason(relay: &RelayHandle, what: &str, given: bool) {
+    let health = relay.health();
+    wait_until(Duration::from_secs(30), what, || {
+        let report = health.report();
+        async move { report.reasons.iter().any(|r| r.contains(what)) == given }
+    })
+    .await;
+}
+
 async fn commit(pool: &PgPool, outbox: &Outbox, topic: &str, payload: &str) {
     let mut tx = pool.begin().await.unwrap();
     outbox
@@ -41,16 +67,7 @@ async fn a_message_is_published_only_once_the_standby_flushed_its_commit() {
     let primary = PostgresServer::primary();
     let replication = TcpProxy::start(&primary.addr()).await;
     let _standby = PostgresServer::standby_of(&replication.addr());
-    let pool = connect(&primary.url()).await;
-    wait_until(Duration::from_secs(30), "the standby streams", || async {
-        streaming_standbys(&pool).await == 1
-    })
-    .await;
-    let outbox = Outbox::new(OutboxConfig::default());
-    outbox.migrate(&pool).await.unwrap();
-    let topic = unique_topic("standby");
-    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
-
+    let (pool, outbox, topic) = outbox_on(&primary, 1).await;
     let mut config = RelayConfig::new(kafka_bootstrap_servers(), "failover-test");
     config.lease_ttl = Duration::from_secs(2);
     config.lease_renew_interval = Duration::from_millis(500);
@@ -63,21 +80,7 @@ async fn a_message_is_published_only_once_the_standby_flushed_its_commit() {
     // The standby receives nothing more: the next message waits, and health says why.
     replication.set(Fault::Blackhole);
     commit(&pool, &outbox, &topic, "not yet on the standby").await;
-    let health = relay.health();
-    wait_until(
-        Duration::from_secs(30),
-        "health reports the wait for the standby",
-        || {
-            let report = health.report();
-            async move {
-                report
-                    .reasons
-                    .iter()
-                    .any(|r| r.contains("wait_for_standbys"))
-            }
-        },
-    )
-    .await;
+    wait_for_reason(&relay, "wait_for_standbys", true).await;
     assert_eq!(
         reader.read_for(Duration::from_secs(1)).await.len(),
         1,
@@ -87,16 +90,7 @@ async fn a_message_is_published_only_once_the_standby_flushed_its_commit() {
     replication.set(Fault::Pass);
     let received = reader.read_at_least(2, Duration::from_secs(30)).await;
     assert_eq!(received[1].payload_str(), "not yet on the standby");
-    wait_until(Duration::from_secs(30), "health clears", || {
-        let report = health.report();
-        async move {
-            !report
-                .reasons
-                .iter()
-                .any(|r| r.contains("wait_for_standbys"))
-        }
-    })
-    .await;
+    wait_for_reason(&relay, "wait_for_standbys", false).await;
     relay.shutdown().await.unwrap();
 }
 
@@ -104,30 +98,12 @@ async fn a_message_is_published_only_once_the_standby_flushed_its_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_fewer_standbys_streaming_than_required_nothing_is_published() {
     let primary = PostgresServer::primary();
-    let pool = connect(&primary.url()).await;
-    let outbox = Outbox::new(OutboxConfig::default());
-    outbox.migrate(&pool).await.unwrap();
-    let topic = unique_topic("standby");
-    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let (pool, outbox, topic) = outbox_on(&primary, 0).await;
     let mut config = RelayConfig::new(kafka_bootstrap_servers(), "failover-test");
     config.wait_for_standbys = 1;
     let relay = Relay::start(pool.clone(), config).unwrap();
     commit(&pool, &outbox, &topic, "no standby").await;
-    let health = relay.health();
-    wait_until(
-        Duration::from_secs(30),
-        "health reports the missing standby",
-        || {
-            let report = health.report();
-            async move {
-                report
-                    .reasons
-                    .iter()
-                    .any(|r| r.contains("fewer are connected"))
-            }
-        },
-    )
-    .await;
+    wait_for_reason(&relay, "fewer are connected", true).await;
     let mut reader = TopicReader::new(&topic);
     assert!(reader.read_for(Duration::from_secs(1)).await.is_empty());
     relay.shutdown().await.unwrap();
@@ -139,13 +115,7 @@ async fn with_fewer_standbys_streaming_than_required_nothing_is_published() {
 async fn a_role_that_cannot_read_the_standbys_positions_is_told_to_get_pg_monitor() {
     let primary = PostgresServer::primary();
     let _standby = PostgresServer::standby_of(&primary.addr());
-    let pool = connect(&primary.url()).await;
-    wait_until(Duration::from_secs(30), "the standby streams", || async {
-        streaming_standbys(&pool).await == 1
-    })
-    .await;
-    let outbox = Outbox::new(OutboxConfig::default());
-    outbox.migrate(&pool).await.unwrap();
+    let (pool, outbox, topic) = outbox_on(&primary, 1).await;
     sqlx::raw_sql(
         "CREATE ROLE relay LOGIN PASSWORD 'relay';
          GRANT USAGE ON SCHEMA outbox TO relay;
@@ -155,19 +125,12 @@ async fn a_role_that_cannot_read_the_standbys_positions_is_told_to_get_pg_monito
     .execute(&pool)
     .await
     .unwrap();
-    let topic = unique_topic("standby");
-    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     let relay_pool = connect(&primary.url().replace("outbox:outbox@", "relay:relay@")).await;
     let mut config = RelayConfig::new(kafka_bootstrap_servers(), "failover-test");
     config.wait_for_standbys = 1;
     let relay = Relay::start(relay_pool, config).unwrap();
     commit(&pool, &outbox, &topic, "waits for pg_monitor").await;
-    let health = relay.health();
-    wait_until(Duration::from_secs(30), "health names pg_monitor", || {
-        let report = health.report();
-        async move { report.reasons.iter().any(|r| r.contains("pg_monitor")) }
-    })
-    .await;
+    wait_for_reason(&relay, "pg_monitor", true).await;
     let mut reader = TopicReader::new(&topic);
     assert!(reader.read_for(Duration::from_millis(500)).await.is_empty());
     sqlx::query("GRANT pg_monitor TO relay")

@@ -39,26 +39,11 @@ fn run_as_postgres(program: &str, args: &[&str]) {
     );
 }
 
-fn new_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("outbox-pg-{}", crate::short_id()));
-    std::fs::create_dir_all(&dir).expect("create the data directory");
-    let status = Command::new("chown")
-        .args(["postgres:postgres"])
-        .arg(&dir)
-        .status()
-        .expect("chown the data directory");
-    assert!(status.success(), "chown {}", dir.display());
-    dir
-}
-
 impl PostgresServer {
     /// A new primary: `initdb`, started, with the role and database `outbox` (password
     /// `outbox`, as in `dev/up`).
     pub fn primary() -> Self {
-        let server = PostgresServer {
-            dir: new_dir(),
-            port: crate::free_port(),
-        };
+        let server = Self::unstarted();
         let data = server.data();
         run_as_postgres(
             "initdb",
@@ -94,10 +79,7 @@ impl PostgresServer {
     /// answers read-only queries.
     pub fn standby_of(source: &str) -> Self {
         let (host, port) = source.rsplit_once(':').expect("host:port");
-        let server = PostgresServer {
-            dir: new_dir(),
-            port: crate::free_port(),
-        };
+        let server = Self::unstarted();
         let data = server.data();
         run_as_postgres(
             "pg_basebackup",
@@ -121,6 +103,22 @@ impl PostgresServer {
         server.configure();
         server.start();
         server
+    }
+
+    /// A data directory of its own (empty) and a port.
+    fn unstarted() -> Self {
+        let dir = std::env::temp_dir().join(format!("outbox-pg-{}", crate::short_id()));
+        std::fs::create_dir_all(&dir).expect("create the data directory");
+        let status = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown the data directory");
+        assert!(status.success(), "chown {}", dir.display());
+        PostgresServer {
+            dir,
+            port: crate::free_port(),
+        }
     }
 
     fn data(&self) -> String {

@@ -18,6 +18,24 @@ fn pooled(outbox: &TestOutbox) -> Outbox {
     )
 }
 
+/// The service's own statement in the transaction: unnamed too.
+async fn insert_thing(
+    tx: &mut sqlx::PgConnection,
+    schema: &str,
+    service: usize,
+    n: usize,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.things (service, n) VALUES ($1, $2)"
+    ))
+    .bind(service as i32)
+    .bind(n as i32)
+    .persistent(false)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// One service's transaction: a business row and its event, by one of the three ways to save.
 async fn business_transaction(
     pool: &PgPool,
@@ -31,15 +49,7 @@ async fn business_transaction(
     let event = |payload: String| Message::new("things", payload.into_bytes()).key(key.clone());
     match n % 3 {
         0 => {
-            // The service's own statement in the transaction is unnamed too.
-            sqlx::query(&format!(
-                "INSERT INTO {schema}.things (service, n) VALUES ($1, $2)"
-            ))
-            .bind(service as i32)
-            .bind(n as i32)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
+            insert_thing(&mut tx, schema, service, n).await?;
             writer
                 .save_for_publishing(&mut tx, event(format!("{n}")))
                 .await?;
@@ -54,14 +64,7 @@ async fn business_transaction(
             assert!(saved.is_some());
         }
         _ => {
-            sqlx::query(&format!(
-                "INSERT INTO {schema}.things (service, n) VALUES ($1, $2)"
-            ))
-            .bind(service as i32)
-            .bind(n as i32)
-            .persistent(false)
-            .execute(&mut *tx)
-            .await?;
+            insert_thing(&mut tx, schema, service, n).await?;
             let ids = writer
                 .save_all_for_publishing(
                     &mut tx,
