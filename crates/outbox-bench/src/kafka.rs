@@ -1,5 +1,5 @@
 //! Kafka without the outbox: the raw producer baseline (same records, same producer settings as
-//! the relay), the consumer that timestamps receipts, and topic cleanup.
+//! the relay), the consumers that timestamp receipts, topic creation and cleanup.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use indicatif::ProgressBar;
 use outbox_kafka_relay::KafkaConfig;
-use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 
 use crate::util::{key, now_micros, payload};
 
@@ -283,6 +284,73 @@ impl ConsumerThread {
             .unwrap_or_default();
         (receipts, self.duplicates.load(Ordering::Relaxed))
     }
+}
+
+/// A consumer on its own thread that hands every receipt, duplicates included, to a channel as
+/// it is polled: for runs too long to keep every receipt.
+pub(crate) struct ReceiptStream {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ReceiptStream {
+    pub(crate) fn start(
+        bootstrap: &str,
+        topic: &str,
+    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Receipt>)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let handle = consume(bootstrap, topic, stop.clone(), (), move |(), receipt| {
+            // The receiver is gone only when the run is over.
+            let _ = sender.send(receipt);
+        })?;
+        Ok((
+            ReceiptStream {
+                stop,
+                handle: Some(handle),
+            },
+            receiver,
+        ))
+    }
+}
+
+impl Drop for ReceiptStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1, the `dev/up` broker).
+pub(crate) async fn create_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("create a Kafka admin client")?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &options,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {bootstrap} (start the services with: eval \"$(dev/up)\")"
+            )
+        })?;
+    for result in results {
+        if let Err((name, code)) = result {
+            bail!("cannot create topic {name}: {code}");
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the benchmark's topics (best effort).

@@ -7,12 +7,16 @@
 //! effect of a transaction holding an old snapshot, and the CPU per row of each way of enqueueing
 //! against a plain INSERT. It prints a table and writes it as JSON.
 //! See `docs/performance.md`.
+//!
+//! `outbox-bench soak` (issue 16) runs steady traffic for a long time and fails if a message is
+//! lost or anything grows without bound: see the `soak` module and `docs/reliability.md`.
 
 mod children;
 mod enqueue;
 mod kafka;
 mod live;
 mod report;
+mod soak;
 mod steady;
 mod throughput;
 mod util;
@@ -49,6 +53,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Steady traffic for a long time; fails on a lost message or unbounded growth.
+    ///
+    /// Writers at a fixed rate (default 2,000 msg/s for 30 minutes) through the relay daemon,
+    /// with retention cleanup running, and a consumer. Fails if a message is lost or the relay's
+    /// memory or file descriptors, the tables' size or dead tuples, the backlog or the latency
+    /// grow without bound. Writes JSON, CSV and a PNG plot.
+    Soak(soak::SoakArgs),
     /// Internal: drains a pre-filled schema with a relay and reports time and peak RSS.
     #[command(hide = true)]
     DrainChild(throughput::DrainChildArgs),
@@ -314,6 +325,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::DrainChild(args)) => runtime.block_on(throughput::drain_child(args)),
         Some(Command::WriterChild(args)) => runtime.block_on(children::writer_child(args)),
+        Some(Command::Soak(args)) => runtime.block_on(soak::soak(args)),
         None => runtime.block_on(run(cli.run)),
     };
     match result {
