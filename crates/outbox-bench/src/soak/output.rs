@@ -336,17 +336,22 @@ pub(crate) fn summary(soak: &Soak) -> String {
     text
 }
 
+/// Text as a gnuplot string (single-quoted: nothing is special but the quote, doubled).
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// A path as a gnuplot string.
-fn quoted(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "''"))
+fn quoted_path(path: &Path) -> String {
+    quoted(&path.display().to_string())
 }
 
 /// Draws `soak.png`: six panels against minutes, the warm-up shaded, each judged series with
 /// its fitted line after the warm-up and its verdict in the key.
 fn plot(soak: &Soak, png: &Path) -> anyhow::Result<()> {
     let dir = &soak.args.out;
-    let samples = quoted(&dir.join("soak.csv"));
-    let latency = quoted(&dir.join("soak-latency.csv"));
+    let samples = quoted_path(&dir.join("soak.csv"));
+    let latency = quoted_path(&dir.join("soak-latency.csv"));
     let warm_up = soak.warm_up.as_secs_f64() / 60.0;
     let judged = |source: Source| soak.judged.iter().find(|j| j.source == source);
     let mut script = format!(
@@ -362,10 +367,10 @@ set yrange [0:*]
 set offsets 0, 0, graph 0.25, 0
 set samples 400
 set object 1 rect from 0, graph 0 to {warm_up}, graph 1 behind fillcolor rgb '#e8e8e8' fillstyle solid noborder
-set label 1 'warm-up' at {warm_label}, graph 0.05 center textcolor rgb '#777777'
+set label 1 'warm-up' at {warm_label}, graph 1.03 center textcolor rgb '#777777'
 ",
-        output = quoted(png),
-        title = quoted(Path::new(&format!("outbox soak {}", headline(soak)))),
+        output = quoted_path(png),
+        title = quoted(&format!("outbox soak {}", headline(soak))),
         minutes = soak.args.duration.as_secs_f64() / 60.0,
         warm_label = warm_up / 2.0,
     );
@@ -404,7 +409,9 @@ set label 1 'warm-up' at {warm_label}, graph 0.05 center textcolor rgb '#777777'
         };
         format!("{line}, f{fit}(x) with lines dt 2 lw 2 lc rgb 'black' {title}")
     };
-    let mut panels: Vec<(String, String, String)> = Vec::new();
+    // (title, y axis label, logarithmic, plot items). A y axis starts at 0, so that a flat series
+    // looks flat; the latency's is logarithmic, so that p50 and p99 both show beside spikes.
+    let mut panels: Vec<(String, &str, bool, String)> = Vec::new();
     for (title, ylabel, parts) in [
         (
             "relay RSS (VmRSS)",
@@ -441,7 +448,7 @@ set label 1 'warm-up' at {warm_label}, graph 0.05 center textcolor rgb '#777777'
                     .map(|j| items(j, &samples, "$1", color, label, i == 0))
             })
             .collect();
-        panels.push((title.to_owned(), ylabel.to_owned(), plots.join(", ")));
+        panels.push((title.to_owned(), ylabel, false, plots.join(", ")));
     }
     if let Some(j) = judged(Source::P99) {
         let half = soak.args.latency_window.as_secs_f64() / 2.0;
@@ -451,7 +458,8 @@ set label 1 'warm-up' at {warm_label}, graph 0.05 center textcolor rgb '#777777'
                 "commit → consumer latency per {} s window",
                 soak.args.latency_window.as_secs()
             ),
-            "ms".to_owned(),
+            "ms (log scale)",
+            true,
             format!(
                 "{p99}, {latency} every ::1 using (($1+{half})/60):3 with lines lw 2 lc rgb '#17becf' title 'p50'"
             ),
@@ -460,15 +468,21 @@ set label 1 'warm-up' at {warm_label}, graph 0.05 center textcolor rgb '#777777'
     if let Some(j) = judged(Source::Column(Column::Backlog)) {
         panels.push((
             "backlog (pending messages)".to_owned(),
-            "messages".to_owned(),
+            "messages",
+            false,
             items(j, &samples, "$1", "#ff7f0e", "backlog", true),
         ));
     }
-    for (title, ylabel, plots) in panels {
+    for (title, ylabel, log, plots) in panels {
+        let axis = match log {
+            true => "set logscale y\nset yrange [1:*]",
+            false => "unset logscale y\nset yrange [0:*]",
+        };
         let _ = writeln!(
             script,
-            "set title {}\nset ylabel '{ylabel}'\nplot {plots}",
-            quoted(Path::new(&title))
+            "set title {}\nset ylabel {}\n{axis}\nplot {plots}",
+            quoted(&title),
+            quoted(ylabel),
         );
     }
     script.push_str("unset multiplot\n");
