@@ -1,5 +1,5 @@
 //! Kafka without the outbox: the raw producer baseline (same records, same producer settings as
-//! the relay), the consumer that timestamps receipts, and topic cleanup.
+//! the relay), the consumers that timestamp receipts, topic creation and cleanup.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use indicatif::ProgressBar;
 use outbox_kafka_relay::KafkaConfig;
-use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 
 use crate::util::{key, now_micros, payload};
 
@@ -144,82 +145,109 @@ pub(crate) struct Receipt {
     pub(crate) sent_us: u64,
 }
 
-/// A consumer on its own thread, reading every partition of a topic from the beginning and
-/// timestamping each record as it is polled.
+/// A consumer of every partition of `topic` from the beginning, polled on a thread of its own
+/// until `stop`: each record carrying an `x-sequence` and a bench payload is timestamped as it
+/// is polled and handed to `on_receipt` with `state`, which the thread returns.
+fn consume<S: Send + 'static>(
+    bootstrap: &str,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    mut state: S,
+    mut on_receipt: impl FnMut(&mut S, Receipt) + Send + 'static,
+) -> anyhow::Result<JoinHandle<S>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("bench-{}", outbox_test_support::short_id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        // Return fetches as soon as any data is there (the defaults already do; explicit).
+        .set("fetch.min.bytes", "1")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .context("create the consumer")?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("read the metadata of {topic}"))?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in metadata
+        .topics()
+        .first()
+        .with_context(|| format!("no metadata for {topic}"))?
+        .partitions()
+    {
+        assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(std::thread::Builder::new()
+        .name("bench-consumer".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let received_us = now_micros();
+                let Ok(message) = result else { continue };
+                let sequence = message
+                    .headers()
+                    .and_then(|headers| {
+                        headers
+                            .iter()
+                            .find(|h| h.key == outbox::headers::SEQUENCE)
+                            .and_then(|h| h.value)
+                    })
+                    .and_then(|v| outbox::headers::decode_sequence(v).ok());
+                let (Some(sequence), Some((sent_us, _phase))) = (
+                    sequence,
+                    message.payload().and_then(crate::util::decode_payload),
+                ) else {
+                    continue;
+                };
+                on_receipt(
+                    &mut state,
+                    Receipt {
+                        sequence,
+                        received_us,
+                        sent_us,
+                    },
+                );
+            }
+            state
+        })?)
+}
+
+/// A consumer on its own thread that keeps the first receipt of every sequence and counts
+/// duplicates.
 pub(crate) struct ConsumerThread {
     stop: Arc<AtomicBool>,
     distinct: Arc<AtomicU64>,
     duplicates: Arc<AtomicU64>,
-    handle: JoinHandle<Vec<Receipt>>,
+    handle: JoinHandle<(HashSet<i64>, Vec<Receipt>)>,
 }
 
 impl ConsumerThread {
     pub(crate) fn start(bootstrap: &str, topic: &str) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set(
-                "group.id",
-                format!("bench-{}", outbox_test_support::short_id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            // Return fetches as soon as any data is there (the defaults already do; explicit).
-            .set("fetch.min.bytes", "1")
-            .set("fetch.wait.max.ms", "100")
-            .create()
-            .context("create the consumer")?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .with_context(|| format!("read the metadata of {topic}"))?;
-        let mut assignment = TopicPartitionList::new();
-        for partition in metadata.topics()[0].partitions() {
-            assignment.add_partition_offset(topic, partition.id(), Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
         let stop = Arc::new(AtomicBool::new(false));
         let distinct = Arc::new(AtomicU64::new(0));
         let duplicates = Arc::new(AtomicU64::new(0));
         let handle = {
-            let (stop, distinct, duplicates) = (stop.clone(), distinct.clone(), duplicates.clone());
-            std::thread::Builder::new()
-                .name("bench-consumer".into())
-                .spawn(move || {
-                    let mut seen = HashSet::new();
-                    let mut receipts = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
-                            continue;
-                        };
-                        let received_us = now_micros();
-                        let Ok(message) = result else { continue };
-                        let sequence = message
-                            .headers()
-                            .and_then(|headers| {
-                                headers
-                                    .iter()
-                                    .find(|h| h.key == outbox::headers::SEQUENCE)
-                                    .and_then(|h| h.value)
-                            })
-                            .and_then(|v| outbox::headers::decode_sequence(v).ok());
-                        let (Some(sequence), Some((sent_us, _phase))) = (
-                            sequence,
-                            message.payload().and_then(crate::util::decode_payload),
-                        ) else {
-                            continue;
-                        };
-                        if seen.insert(sequence) {
-                            distinct.fetch_add(1, Ordering::Relaxed);
-                            receipts.push(Receipt {
-                                sequence,
-                                received_us,
-                                sent_us,
-                            });
-                        } else {
-                            duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
+            let (distinct, duplicates) = (distinct.clone(), duplicates.clone());
+            consume(
+                bootstrap,
+                topic,
+                stop.clone(),
+                (HashSet::new(), Vec::new()),
+                move |(seen, receipts), receipt| {
+                    if seen.insert(receipt.sequence) {
+                        distinct.fetch_add(1, Ordering::Relaxed);
+                        receipts.push(receipt);
+                    } else {
+                        duplicates.fetch_add(1, Ordering::Relaxed);
                     }
-                    receipts
-                })?
+                },
+            )?
         };
         Ok(ConsumerThread {
             stop,
@@ -249,9 +277,80 @@ impl ConsumerThread {
     /// Stops the thread; returns the first receipt of every sequence and the duplicate count.
     pub(crate) fn stop(self) -> (Vec<Receipt>, u64) {
         self.stop.store(true, Ordering::Relaxed);
-        let receipts = self.handle.join().unwrap_or_default();
+        let receipts = self
+            .handle
+            .join()
+            .map(|(_, receipts)| receipts)
+            .unwrap_or_default();
         (receipts, self.duplicates.load(Ordering::Relaxed))
     }
+}
+
+/// A consumer on its own thread that hands every receipt, duplicates included, to a channel as
+/// it is polled: for runs too long to keep every receipt.
+pub(crate) struct ReceiptStream {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ReceiptStream {
+    pub(crate) fn start(
+        bootstrap: &str,
+        topic: &str,
+    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Receipt>)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let handle = consume(bootstrap, topic, stop.clone(), (), move |(), receipt| {
+            // The receiver is gone only when the run is over.
+            let _ = sender.send(receipt);
+        })?;
+        Ok((
+            ReceiptStream {
+                stop,
+                handle: Some(handle),
+            },
+            receiver,
+        ))
+    }
+}
+
+impl Drop for ReceiptStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1, the `dev/up` broker).
+pub(crate) async fn create_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("create a Kafka admin client")?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &options,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {bootstrap} (start the services with: eval \"$(dev/up)\")"
+            )
+        })?;
+    for result in results {
+        if let Err((name, code)) = result {
+            bail!("cannot create topic {name}: {code}");
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the benchmark's topics (best effort).

@@ -7,11 +7,16 @@
 //! effect of a transaction holding an old snapshot, and the CPU per row of each way of enqueueing
 //! against a plain INSERT. It prints a table and writes it as JSON.
 //! See `docs/performance.md`.
+//!
+//! `outbox-bench soak` (issue 16) runs steady traffic for a long time and fails if a message is
+//! lost or anything grows without bound: see the `soak` module and `docs/reliability.md`.
 
+mod children;
 mod enqueue;
 mod kafka;
 mod live;
 mod report;
+mod soak;
 mod steady;
 mod throughput;
 mod util;
@@ -48,12 +53,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Steady traffic for a long time; fails on a lost message or unbounded growth.
+    ///
+    /// Writers at a fixed rate (default 2,000 msg/s for 30 minutes) through the relay daemon,
+    /// with retention cleanup running, and a consumer. Fails if a message is lost or the relay's
+    /// memory or file descriptors, the tables' size or dead tuples, the backlog or the latency
+    /// grow without bound. Writes JSON, CSV and a PNG plot.
+    Soak(soak::SoakArgs),
     /// Internal: drains a pre-filled schema with a relay and reports time and peak RSS.
     #[command(hide = true)]
     DrainChild(throughput::DrainChildArgs),
     /// Internal: one writer process of the steady scenario.
     #[command(hide = true)]
-    WriterChild(steady::WriterChildArgs),
+    WriterChild(children::WriterChildArgs),
 }
 
 /// The scenarios of issue 5 (the drain and the relay's memory are measured together).
@@ -312,7 +324,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::DrainChild(args)) => runtime.block_on(throughput::drain_child(args)),
-        Some(Command::WriterChild(args)) => runtime.block_on(steady::writer_child(args)),
+        Some(Command::WriterChild(args)) => runtime.block_on(children::writer_child(args)),
+        Some(Command::Soak(args)) => runtime.block_on(soak::soak(args)),
         None => runtime.block_on(run(cli.run)),
     };
     match result {
@@ -342,16 +355,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .copied()
         .max()
         .unwrap_or(32);
-    let pool = PgPoolOptions::new()
-        .max_connections(max_writers as u32 + 4)
-        .test_before_acquire(false)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(&outbox_test_support::database_url())
-        .await
-        .context("connect to PostgreSQL (start the services with: eval \"$(dev/up)\")")?;
-    let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
-    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
-    outbox.migrate(&pool).await?;
+    let pool = connect(max_writers as u32 + 4).await?;
+    let (schema, outbox) = create_schema(&pool).await?;
     sqlx::raw_sql(&format!(
         "CREATE TABLE {schema}.business (
              id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -378,15 +383,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
 
     // Clean up whatever happened.
-    if let Err(error) = sqlx::query(&format!("DROP SCHEMA {} CASCADE", ctx.schema))
-        .execute(&ctx.pool)
-        .await
-    {
-        say(format!(
-            "warning: cannot drop schema {}: {error}",
-            ctx.schema
-        ));
-    }
+    drop_schema(&ctx.pool, &ctx.schema).await;
     let topics = ctx.topics.lock().expect("topics").clone();
     kafka::delete_topics(&ctx.bootstrap, &topics).await;
 
@@ -425,8 +422,37 @@ async fn run_scenarios(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The command, the machine and the services, for the report.
-async fn run_header(ctx: &Ctx) -> serde_json::Value {
+/// A pool on the `dev/up` database (or `DATABASE_URL`).
+pub(crate) async fn connect(max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&outbox_test_support::database_url())
+        .await
+        .context("connect to PostgreSQL (start the services with: eval \"$(dev/up)\")")
+}
+
+/// A new schema of the run's own, with the outbox migrated in it.
+pub(crate) async fn create_schema(pool: &PgPool) -> anyhow::Result<(SchemaName, Outbox)> {
+    let schema = SchemaName::new(format!("bench_{}", outbox_test_support::short_id()))?;
+    let outbox = Outbox::new(OutboxConfig::default().schema(schema.clone()));
+    outbox.migrate(pool).await?;
+    Ok((schema, outbox))
+}
+
+/// Drops a schema made by [`create_schema`]; a failure is only worth a warning.
+pub(crate) async fn drop_schema(pool: &PgPool, schema: &SchemaName) {
+    if let Err(error) = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(pool)
+        .await
+    {
+        say(format!("warning: cannot drop schema {schema}: {error}"));
+    }
+}
+
+/// The command, the machine and PostgreSQL, for a report.
+pub(crate) async fn machine_json(pool: &PgPool) -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -442,7 +468,7 @@ async fn run_header(ctx: &Ctx) -> serde_json::Value {
             .and_then(|v| v.parse::<u64>().ok())
     });
     let setting = |name: &'static str| {
-        let pool = ctx.pool.clone();
+        let pool = pool.clone();
         async move {
             sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
                 .fetch_one(&pool)
@@ -460,12 +486,20 @@ async fn run_header(ctx: &Ctx) -> serde_json::Value {
             "server_version": setting("server_version").await,
             "synchronous_commit": setting("synchronous_commit").await,
             "shared_buffers": setting("shared_buffers").await,
+            "autovacuum_naptime": setting("autovacuum_naptime").await,
         },
-        "kafka_bootstrap": ctx.bootstrap,
-        "producer_settings": outbox_kafka_relay::KafkaConfig::new(ctx.bootstrap.clone()).masked(),
-        "args": format!("{:?}", ctx.args),
         "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
     })
+}
+
+/// The command, the machine and the services, for the report.
+async fn run_header(ctx: &Ctx) -> serde_json::Value {
+    let mut header = machine_json(&ctx.pool).await;
+    header["kafka_bootstrap"] = json!(ctx.bootstrap);
+    header["producer_settings"] =
+        json!(outbox_kafka_relay::KafkaConfig::new(ctx.bootstrap.clone()).masked());
+    header["args"] = json!(format!("{:?}", ctx.args));
+    header
 }
 
 /// A relay running on a runtime of its own (see [`Ctx::start_relay`]).

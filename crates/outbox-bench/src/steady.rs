@@ -1,5 +1,5 @@
 //! Scenario 8: steady traffic as a service in another language produces it. Writer processes
-//! (this binary, `writer-child`) each hold one connection and call `outbox.enqueue` in a
+//! (this binary, `writer-child`, see `children.rs`) each hold one connection and call `outbox.enqueue` in a
 //! transaction of its own per message, at a fixed offered rate; the relay is the `outbox relay`
 //! daemon with its defaults, in its own process; a consumer thread in the bench process reads
 //! the topic. Every process's CPU is read from `/proc` (PostgreSQL's as the sum over its
@@ -9,85 +9,15 @@
 //! sequence, and the consumer when it polled the record.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::Args;
-use outbox::SchemaName;
-use serde_json::{json, Value};
-use sqlx::Connection as _;
-use tokio::io::AsyncWriteExt as _;
-use tokio::time::Instant;
+use serde_json::json;
 
+use crate::children::{daemon_beside_bench, kafka_override_env, Daemon, WriterLine, WriterSpec};
 use crate::kafka::ConsumerThread;
-use crate::util::{
-    cpu_seconds, histogram, histogram_json, key, now_micros, payload, quantile_ms, say, CpuSample,
-    Spread,
-};
+use crate::util::{histogram, histogram_json, quantile_ms, say, CpuSample, Spread};
 use crate::Ctx;
-
-/// Arguments of the hidden `writer-child` subcommand.
-#[derive(Debug, Clone, Args)]
-pub(crate) struct WriterChildArgs {
-    #[arg(long)]
-    schema: String,
-    #[arg(long)]
-    topic: String,
-    /// Messages per second this writer offers.
-    #[arg(long)]
-    rate: f64,
-    #[arg(long)]
-    seconds: f64,
-    #[arg(long)]
-    payload_bytes: usize,
-    #[arg(long)]
-    keys: usize,
-    /// First message number (keys and payloads differ between writers).
-    #[arg(long)]
-    first: u64,
-    /// The phase carried in the payload.
-    #[arg(long)]
-    phase: u16,
-    /// Where to write one "sequence commit_us" line per committed message.
-    #[arg(long)]
-    out: PathBuf,
-}
-
-/// Runs in a writer process: open loop (message n is due at start + n / rate; a late writer
-/// sends at once, so a slow database shows as a lower achieved rate, not as hidden waits).
-pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
-    let schema = SchemaName::new(args.schema)?;
-    let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
-    let sql = format!("SELECT {schema}.enqueue($1, $2, $3)");
-    let count = (args.rate * args.seconds).round() as u64;
-    let mut lines = String::with_capacity(count as usize * 24);
-    let started = Instant::now();
-    for i in 0..count {
-        let due = started + Duration::from_secs_f64(i as f64 / args.rate);
-        tokio::time::sleep_until(due).await;
-        let n = args.first + i;
-        let sequence: i64 = sqlx::query_scalar(&sql)
-            .bind(&args.topic)
-            .bind(key(n, args.keys))
-            .bind(payload(args.payload_bytes, now_micros(), args.phase, n))
-            .fetch_one(&mut conn)
-            .await?;
-        lines.push_str(&format!("{sequence} {}\n", now_micros()));
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    tokio::fs::File::create(&args.out)
-        .await?
-        .write_all(lines.as_bytes())
-        .await?;
-    let cpu = cpu_seconds(std::process::id());
-    println!(
-        "{}",
-        json!({"sent": count, "seconds": seconds, "cpu_seconds": cpu})
-    );
-    Ok(())
-}
 
 /// One rate in one round.
 #[derive(Debug)]
@@ -100,91 +30,24 @@ struct Phase {
     commits: Vec<(i64, u64)>,
 }
 
-/// The `outbox relay` daemon, stopped with SIGTERM when dropped.
-struct Daemon(tokio::process::Child);
-
-impl Daemon {
-    fn pid(&self) -> u32 {
-        self.0.id().unwrap_or(0)
-    }
-
-    /// SIGTERM, then waits until it has exited (and released its lease).
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.0.id() {
-            std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()?;
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.0.wait())
-            .await
-            .context("the relay daemon did not exit within 30 s of SIGTERM")??;
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
 async fn start_daemon(ctx: &Ctx, variant: Variant) -> anyhow::Result<Daemon> {
-    let exe = std::env::current_exe()?.with_file_name("outbox");
-    anyhow::ensure!(
-        exe.exists(),
-        "{} is missing: build it beside the bench (cargo build --release -p outbox-cli -p outbox-bench)",
-        exe.display()
-    );
-    let mut command = tokio::process::Command::new(&exe);
-    // `--relay-kafka KEY=VALUE` reaches the daemon as OUTBOX_KAFKA_<KEY> (dots as underscores).
-    for item in &ctx.args.relay_kafka {
-        if let Some((key, value)) = item.split_once('=') {
-            let name = format!(
-                "OUTBOX_KAFKA_{}",
-                key.trim().replace('.', "_").to_uppercase()
-            );
-            command.env(name, value.trim());
-        }
-    }
-    let child = command
-        .arg("relay")
-        .env("DATABASE_URL", outbox_test_support::database_url())
-        .env("KAFKA_BOOTSTRAP_SERVERS", &ctx.bootstrap)
-        .env("OUTBOX_SCHEMA", ctx.schema.as_str())
-        .env("OUTBOX_SOURCE", crate::kafka::SOURCE)
-        .env("OUTBOX_LOG", "warn")
-        .env("OUTBOX_BATCH_LINGER_MS", variant.linger_ms.to_string())
-        .env(
-            "OUTBOX_WAIT_FOR_STANDBYS",
-            variant.wait_for_standbys.to_string(),
-        )
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("start {}", exe.display()))?;
-    let daemon = Daemon(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let held = format!(
-        "SELECT count(*) FROM {}.relay_lease WHERE expires_at > now()",
-        ctx.schema
-    );
-    while sqlx::query_scalar::<_, i64>(&held)
-        .fetch_one(&ctx.pool)
-        .await?
-        == 0
-    {
-        if Instant::now() > deadline {
-            bail!("the relay daemon did not take the lease within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(daemon)
+    let mut env = kafka_override_env(&ctx.args.relay_kafka);
+    env.push((
+        "OUTBOX_BATCH_LINGER_MS".to_owned(),
+        variant.linger_ms.to_string(),
+    ));
+    env.push((
+        "OUTBOX_WAIT_FOR_STANDBYS".to_owned(),
+        variant.wait_for_standbys.to_string(),
+    ));
+    Daemon::start(
+        &daemon_beside_bench()?,
+        &ctx.pool,
+        &ctx.bootstrap,
+        &ctx.schema,
+        &env,
+    )
+    .await
 }
 
 /// Runs `writers` writer processes offering `rate` in total for `seconds`.
@@ -200,59 +63,42 @@ async fn phase(
     let args = &ctx.args;
     let writers = args.steady_writers.max(1);
     let seconds = args.steady_seconds as f64;
-    let exe = std::env::current_exe()?;
-    let dir = std::env::temp_dir();
     let expected = consumer.distinct();
     let before = CpuSample::now(relay.pid());
     let mut children = Vec::new();
     for w in 0..writers {
-        let out = dir.join(format!(
-            "outbox-bench-writer-{}-{id}-{w}",
-            std::process::id()
-        ));
-        let child = tokio::process::Command::new(&exe)
-            .arg("writer-child")
-            .args(["--schema", ctx.schema.as_str(), "--topic", topic])
-            .args(["--rate", &(rate / writers as f64).to_string()])
-            .args(["--seconds", &seconds.to_string()])
-            .args(["--payload-bytes", &args.payload_bytes.to_string()])
-            .args(["--keys", &args.keys.to_string()])
-            .args(["--first", &(first + w as u64 * 10_000_000).to_string()])
-            .args(["--phase", &id.to_string()])
-            .arg("--out")
-            .arg(&out)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start a writer process")?;
-        children.push((child, out));
+        let spec = WriterSpec {
+            schema: &ctx.schema,
+            topic,
+            rate: rate / writers as f64,
+            seconds,
+            payload_bytes: args.payload_bytes,
+            keys: args.keys,
+            first: first + w as u64 * 10_000_000,
+            phase: id,
+        };
+        children.push(spec.spawn()?);
     }
     let mut commits = Vec::new();
     let mut writer_seconds: f64 = 0.0;
     let mut writers_cpu = 0.0;
-    for (child, out) in children {
+    for child in children {
         let output = child.wait_with_output().await?;
         anyhow::ensure!(
             output.status.success(),
             "a writer failed: {}",
             output.status
         );
-        let result: Value = serde_json::from_slice(
-            output
-                .stdout
-                .split(|b| *b == b'\n')
-                .find(|l| l.starts_with(b"{"))
-                .context("a writer printed no result")?,
-        )?;
-        writer_seconds = writer_seconds.max(result["seconds"].as_f64().unwrap_or(f64::NAN));
-        let text = tokio::fs::read_to_string(&out).await?;
-        let _ = tokio::fs::remove_file(&out).await;
-        for line in text.lines() {
-            if let Some((sequence, at)) = line.split_once(' ') {
-                commits.push((sequence.parse()?, at.parse()?));
+        let mut totals = None;
+        for line in String::from_utf8(output.stdout)?.lines() {
+            match WriterLine::parse(line)? {
+                WriterLine::Commit(sequence, at) => commits.push((sequence, at)),
+                WriterLine::Totals(t) => totals = Some(t),
             }
         }
-        writers_cpu += result["cpu_seconds"].as_f64().unwrap_or(0.0);
+        let totals = totals.context("a writer printed no totals")?;
+        writer_seconds = writer_seconds.max(totals.seconds);
+        writers_cpu += totals.cpu_seconds;
     }
     let committed = commits.len() as u64;
     if !consumer
