@@ -31,13 +31,13 @@ use sqlx::{Connection as _, Executor as _, PgConnection, Row as _};
 /// Whether connections made with `options` share server sessions between transactions: a
 /// pooler in transaction mode. (In statement mode a transaction fails: that is an error here.)
 ///
-/// Per round, two new connections, A and B: A asks for its backend's pid, B asks for its own
-/// inside a transaction (which pins B's server connection), A asks again. A direct connection
+/// Two connections, A and B: A asks for its backend's pid, B asks for its own inside a
+/// transaction (which pins B's server connection), A asks again. A direct connection
 /// or a session-mode pool keeps each on a backend of its own: A's pid never changes and is
 /// never B's, so `true` is certain. A pooler in transaction mode gives B the server connection
 /// A just released (PgBouncer reuses the most recent one), or moves A; it is missed when other
-/// clients keep taking that server connection in between, or when A and B land on different
-/// poolers behind a load balancer, hence three rounds, each with new connections. Only
+/// clients keep taking that server connection in between, hence three rounds, or when A and B
+/// land on different poolers behind a load balancer (then too, the check can miss). Only
 /// simple-protocol queries: nothing prepared, nothing left on a server connection. Gives up
 /// after ten seconds (a pooler whose pool is exhausted queues the connections).
 pub async fn transaction_pooled(options: &PgConnectOptions) -> Result<bool, sqlx::Error> {
@@ -55,19 +55,23 @@ async fn probe(options: &PgConnectOptions) -> Result<bool, sqlx::Error> {
     async fn pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
         conn.fetch_one("SELECT pg_backend_pid()").await?.try_get(0)
     }
+    // Two connections for all rounds: each new one costs an authentication (SCRAM's key
+    // derivation), and the relay checks before its first session while messages wait.
+    let mut a = PgConnection::connect_with(options).await?;
+    let mut b = PgConnection::connect_with(options).await?;
+    let mut shared = false;
     for _ in 0..3 {
-        let mut a = PgConnection::connect_with(options).await?;
-        let mut b = PgConnection::connect_with(options).await?;
         let first = pid(&mut a).await?;
         b.execute("BEGIN").await?;
         let other = pid(&mut b).await?;
         let again = pid(&mut a).await?;
         b.execute("ROLLBACK").await?;
-        a.close().await?;
-        b.close().await?;
         if other == first || again != first {
-            return Ok(true);
+            shared = true;
+            break;
         }
     }
-    Ok(false)
+    a.close().await?;
+    b.close().await?;
+    Ok(shared)
 }
