@@ -179,16 +179,7 @@ impl PostgresServer {
     /// SIGKILLs the server and its backends at once, as a crashed machine would leave it: no
     /// shutdown checkpoint, nothing more sent to standbys.
     pub fn kill(&self) {
-        let Some(pid) = self.postmaster_pid() else {
-            return;
-        };
-        let _ = Command::new("pkill")
-            .args(["-9", "-P", &pid.to_string()])
-            .status();
-        let _ = Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
+        self.sigkill();
         let deadline = Instant::now() + Duration::from_secs(30);
         while crate::port_open(self.port) {
             assert!(Instant::now() < deadline, "the killed server still listens");
@@ -201,6 +192,20 @@ impl PostgresServer {
         run_as_postgres("pg_ctl", &["-D", &self.data(), "-w", "-t", "60", "promote"]);
     }
 
+    /// SIGKILLs the backends, then the postmaster (once it is gone they belong to init).
+    fn sigkill(&self) {
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
+        let _ = Command::new("pkill")
+            .args(["-9", "-P", &pid.to_string()])
+            .status();
+        let _ = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+
     fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
@@ -209,16 +214,7 @@ impl PostgresServer {
 
 impl Drop for PostgresServer {
     fn drop(&mut self) {
-        if let Some(pid) = self.postmaster_pid() {
-            // The backends first: once the postmaster is gone they belong to init.
-            let _ = Command::new("pkill")
-                .args(["-9", "-P", &pid.to_string()])
-                .status();
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.sigkill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
