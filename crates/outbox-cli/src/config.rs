@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use outbox::SchemaName;
 use outbox_kafka_relay::config::MAX_RETENTION;
-use outbox_kafka_relay::{Completion, PoisonPolicy, RelayConfig};
+use outbox_kafka_relay::{Completion, Delivery, PoisonPolicy, RelayConfig};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 
@@ -240,6 +240,12 @@ settings! {
         /// The standbys that count for wait_for_standbys, by application_name, comma-separated
         /// [default: every physical walsender but backups' and WAL archivers']
         standby_names: String => standby_names,
+        /// "at-least-once", or "exactly-once": each batch one Kafka transaction, no duplicates
+        /// for consumers reading with isolation.level=read_committed
+        delivery: String => delivery,
+        /// With exactly-once: the topic recording each transaction's outbox ids (created if
+        /// missing; one per outbox)
+        progress_topic: String => progress_topic,
     }
 }
 
@@ -302,6 +308,27 @@ impl Field<PoisonPolicy> for String {
         Some(toml_string(match field {
             PoisonPolicy::Block => "block",
             PoisonPolicy::DeadLetter => "dead-letter",
+        }))
+    }
+}
+
+impl Field<Delivery> for String {
+    fn set(self, field: &mut Delivery) -> Result<(), String> {
+        *field = match self.as_str() {
+            "at-least-once" => Delivery::AtLeastOnce,
+            "exactly-once" => Delivery::ExactlyOnce,
+            _ => {
+                return Err(format!(
+                    "must be \"at-least-once\" or \"exactly-once\", not {self:?}"
+                ))
+            }
+        };
+        Ok(())
+    }
+    fn show(field: &Delivery) -> Option<String> {
+        Some(toml_string(match field {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
         }))
     }
 }

@@ -30,6 +30,23 @@ pub enum PoisonPolicy {
     DeadLetter,
 }
 
+/// What a consumer reading with `isolation.level=read_committed` sees of each committed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// At least once: a relay killed after Kafka acknowledged a batch and before the database
+    /// marked it complete publishes that batch again. Consumers deduplicate (the inbox). The
+    /// default.
+    AtLeastOnce,
+    /// Exactly once, through relay crashes, lease handovers and broker restarts: each batch is
+    /// one Kafka transaction that also records its outbox ids in the progress topic, and a
+    /// holder completes what Kafka already has before it claims (see the `exactly_once`
+    /// module). Consumers must read with `isolation.level=read_committed` (librdkafka's
+    /// default; Java's is `read_uncommitted`). The broker must support transactions, and the
+    /// relay's principal needs `Write` and `Describe` on its transactional id
+    /// ([`RelayConfig::transactional_id`]) and on the progress topic.
+    ExactlyOnce,
+}
+
 /// Relay settings. [`RelayConfig::new`] gives production defaults; [`RelayConfig::validate`]
 /// names the setting at fault.
 #[derive(Debug, Clone)]
@@ -90,6 +107,12 @@ pub struct RelayConfig {
     /// `application_name` in its `primary_conninfo`). Empty (the default): every physical
     /// walsender but `pg_basebackup`, `pg_receivewal` and Barman's `barman_receive_wal`.
     pub standby_names: Vec<String>,
+    /// At-least-once (the default) or exactly-once publication.
+    pub delivery: Delivery,
+    /// With [`Delivery::ExactlyOnce`]: the compacted one-partition topic where each batch's
+    /// transaction records the outbox ids it published, keyed by the transactional id. The
+    /// relay creates it if it is missing. Give each outbox relay group its own.
+    pub progress_topic: String,
     /// Kafka producer properties, passed to librdkafka verbatim.
     pub kafka: KafkaConfig,
 }
@@ -165,8 +188,17 @@ impl RelayConfig {
             monitor_interval: Duration::from_secs(5),
             wait_for_standbys: 0,
             standby_names: Vec::new(),
+            delivery: Delivery::AtLeastOnce,
+            progress_topic: "outbox-progress".to_owned(),
             kafka: KafkaConfig::new(bootstrap_servers),
         }
+    }
+
+    /// The Kafka transactional id with [`Delivery::ExactlyOnce`]: `outbox:` followed by the
+    /// lease name and the source. Stable across holders, so that a new holder's producer fences
+    /// the previous one; unique per outbox, as `source` is.
+    pub fn transactional_id(&self) -> String {
+        format!("outbox:{}:{}", self.lease_name, self.source)
     }
 
     /// Checks every setting; the error names the first one at fault (for a rule between two,
@@ -308,6 +340,21 @@ impl RelayConfig {
                     self.stall_timeout, self.monitor_interval
                 ),
             ));
+        }
+        if self.delivery == Delivery::ExactlyOnce {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            let topic = &self.progress_topic;
+            if topic.is_empty()
+                || topic.len() > 249
+                || topic == "."
+                || topic == ".."
+                || !topic.chars().all(legal)
+            {
+                return Err(InvalidConfig::new(
+                    "progress_topic",
+                    format!("must be a Kafka topic name: 1 to 249 of a-z A-Z 0-9 . _ - (found {topic:?})"),
+                ));
+            }
         }
         self.kafka.validate()
     }

@@ -35,6 +35,9 @@ struct State {
     session_problem: Option<String>,
     /// Publishing waits for standbys (`wait_for_standbys`).
     standby_problem: Option<String>,
+    /// Exactly-once delivery cannot start its transactions (no transactional id ACL, a broker
+    /// without transactions, the progress topic).
+    transaction_problem: Option<String>,
 }
 
 /// Shared health state, updated by the relay's tasks.
@@ -133,6 +136,7 @@ impl Health {
                 lease_problem: None,
                 session_problem: None,
                 standby_problem: None,
+                transaction_problem: None,
             }),
             stall_timeout,
             authorization_memory: backoff_max * 2 + Duration::from_secs(1),
@@ -157,6 +161,10 @@ impl Health {
 
     pub(crate) fn session_problem(&self, reason: Option<String>) {
         self.update(|s| s.session_problem = reason);
+    }
+
+    pub(crate) fn transaction_problem(&self, reason: Option<String>) {
+        self.update(|s| s.transaction_problem = reason);
     }
 
     pub(crate) fn standby_problem(&self, reason: Option<String>) {
@@ -217,6 +225,7 @@ impl Health {
             &s.lease_problem,
             &s.session_problem,
             &s.standby_problem,
+            &s.transaction_problem,
         ]
         .into_iter()
         .flatten()

@@ -212,8 +212,52 @@ impl InFlight {
         let Some(index) = number.checked_sub(self.first) else {
             return;
         };
+        // A result given before the delivery settled stands (see `fail_unsettled`).
         if let Some(Some(entry)) = self.entries.get_mut(index as usize) {
-            entry.result = Some(result);
+            entry.result.get_or_insert(result);
+        }
+    }
+
+    /// The ids of the messages whose delivery is awaited: with exactly-once delivery, right
+    /// after a batch was sent, the ids in its transaction.
+    pub(crate) fn awaited_ids(&self) -> Vec<i64> {
+        self.entries
+            .iter()
+            .flatten()
+            .filter(|e| e.result.is_none())
+            .map(|e| e.message.id)
+            .collect()
+    }
+
+    /// Waits until every delivery has settled, or until `deadline`; whether they all did.
+    pub(crate) async fn settle_all(&mut self, deadline: Instant) -> bool {
+        while self.unsettled() {
+            if tokio::time::timeout_at(deadline, self.next_settled())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fails every message whose delivery has not settled yet with `error()`, whatever its
+    /// delivery reports later: with exactly-once delivery, the records that held up a
+    /// transaction's commit until its deadline, which is then aborted.
+    pub(crate) fn fail_unsettled(&mut self, error: impl Fn() -> DeliveryError) {
+        self.record_ready();
+        for entry in self.entries.iter_mut().flatten() {
+            if entry.result.is_none() {
+                entry.result = Some(Err(error()));
+            }
+        }
+    }
+
+    /// Marks every message as sent alone: a refusal is its own (a transaction of one record).
+    pub(crate) fn all_alone(&mut self) {
+        for entry in self.entries.iter_mut().flatten() {
+            entry.alone = true;
         }
     }
 

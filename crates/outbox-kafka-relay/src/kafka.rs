@@ -135,7 +135,7 @@ impl KafkaConfig {
         if self.get("transactional.id").is_some() {
             return Err(InvalidConfig::new(
                 "kafka.transactional.id",
-                "Kafka transactions are not supported by this relay yet",
+                "is set by the relay itself with delivery = \"exactly-once\" (from lease_name and source); remove it",
             ));
         }
         Ok(())
@@ -170,6 +170,25 @@ impl KafkaConfig {
         for (key, value) in &self.properties {
             config.set(key, value);
         }
+        config
+    }
+
+    /// The exactly-once producer: transactional, as `id`. A record's delivery may time out
+    /// (librdkafka requires it within the transaction's timeout): that aborts its transaction, so
+    /// it leaves no gap. The gapless guarantee is for non-transactional producers.
+    fn transactional_client_config(&self, id: &str) -> ClientConfig {
+        let mut config = self.client_config();
+        config.remove("enable.gapless.guarantee");
+        let timeout = self
+            .get("transaction.timeout.ms")
+            .unwrap_or(DEFAULT_TRANSACTION_TIMEOUT_MS)
+            .to_owned();
+        if self.get("message.timeout.ms").is_none_or(|t| t == "0") {
+            config.set("message.timeout.ms", &timeout);
+        }
+        config
+            .set("transaction.timeout.ms", timeout)
+            .set("transactional.id", id);
         config
     }
 
@@ -331,6 +350,9 @@ impl ClientContext for StatsContext {
     }
 }
 
+/// librdkafka's default, stated so that `message.timeout.ms` can follow it.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "60000";
+
 /// How long the first batch waits for the cluster's topics to be listed.
 const FIRST_LISTING_WAIT: Duration = Duration::from_millis(500);
 /// Topics the relay probes at once (see [`Publisher::send`]).
@@ -348,6 +370,9 @@ const MAX_PROBES: usize = 16;
 /// flight, and the next ones are sent after it was acknowledged.
 pub(crate) struct Publisher {
     config: KafkaConfig,
+    /// With exactly-once delivery: the transactional id. Then the producer is transactional,
+    /// there is no lane and no probe (see the `exactly_once` module).
+    transactional_id: Option<String>,
     producer: FutureProducer<StatsContext>,
     lane: Option<FutureProducer<StatsContext>>,
     source: Vec<u8>,
@@ -355,24 +380,73 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(config: &KafkaConfig, source: &str) -> Result<Self, KafkaError> {
+    pub(crate) fn new(
+        config: &KafkaConfig,
+        source: &str,
+        transactional_id: Option<String>,
+    ) -> Result<Self, KafkaError> {
+        let producer = producer(config, transactional_id.as_deref())?;
         Ok(Publisher {
             config: config.clone(),
-            producer: config.client_config().create_with_context(StatsContext)?,
+            transactional_id,
+            producer,
             lane: None,
             source: source.as_bytes().to_vec(),
             topics: Topics::start(config)?,
         })
     }
 
-    /// Replaces the producer (after a fatal error); what the relay learned of the cluster
-    /// stays.
+    /// Replaces the producer (after a fatal error; a transactional one for each term); what the
+    /// relay learned of the cluster stays.
     pub(crate) fn renew(&mut self) -> Result<(), KafkaError> {
-        self.producer = self
-            .config
-            .client_config()
-            .create_with_context(StatsContext)?;
+        self.producer = producer(&self.config, self.transactional_id.as_deref())?;
         Ok(())
+    }
+
+    /// Runs a blocking transaction call of the producer off the runtime's threads.
+    async fn transaction_call(
+        &self,
+        call: impl FnOnce(&FutureProducer<StatsContext>) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), KafkaError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || call(&producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+    }
+
+    /// Registers the transactional id with its coordinator: aborts the transaction a previous
+    /// holder left open and fences its producer.
+    pub(crate) async fn init_transactions(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.transaction_call(move |p| p.init_transactions(timeout))
+            .await
+    }
+
+    pub(crate) fn begin_transaction(&self) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()
+    }
+
+    /// Commits the open transaction, after every record in it was acknowledged.
+    pub(crate) async fn commit_transaction(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.transaction_call(move |p| p.commit_transaction(timeout))
+            .await
+    }
+
+    /// Aborts the open transaction; what it had queued or in flight fails as purged.
+    pub(crate) async fn abort_transaction(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.transaction_call(move |p| p.abort_transaction(timeout))
+            .await
+    }
+
+    /// Adds the progress record to the open transaction.
+    pub(crate) fn send_progress(
+        &self,
+        topic: &str,
+        progress: &[u8],
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let key = self.transactional_id.as_deref().unwrap_or_default();
+        let record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(topic).key(key).payload(progress);
+        self.producer.send_result(record).map_err(|(error, _)| error)
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.
@@ -411,11 +485,15 @@ impl Publisher {
             }
             let topic = self.topics.get(&message.topic, message.key.as_deref());
             let unlisted = topic.unlisted;
-            let probe =
-                unlisted && probing.len() < MAX_PROBES && probing.insert(message.topic.clone());
-            if topic
-                .limit
-                .is_some_and(|limit| self.may_be_too_large(&message, limit))
+            // A probe cannot be part of a transaction: it may wait for its topic for long.
+            let probe = unlisted
+                && self.transactional_id.is_none()
+                && probing.len() < MAX_PROBES
+                && probing.insert(message.topic.clone());
+            if self.transactional_id.is_none()
+                && topic
+                    .limit
+                    .is_some_and(|limit| self.may_be_too_large(&message, limit))
             {
                 // Through the lane it could overtake an earlier message of its key still in
                 // flight: then it (and the rest of its key) waits for a later claim, which
@@ -545,6 +623,17 @@ impl Publisher {
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
     }
+}
+
+fn producer(
+    config: &KafkaConfig,
+    transactional_id: Option<&str>,
+) -> Result<FutureProducer<StatsContext>, KafkaError> {
+    match transactional_id {
+        Some(id) => config.transactional_client_config(id),
+        None => config.client_config(),
+    }
+    .create_with_context(StatsContext)
 }
 
 /// Hands `message` to `producer` (waiting while its queue is full), to `partition` if given,

@@ -140,6 +140,7 @@ mod backoff;
 pub mod cleanup;
 pub mod config;
 pub mod diagnostics;
+mod exactly_once;
 pub mod health;
 mod in_flight;
 mod kafka;
@@ -164,7 +165,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Completion, InvalidConfig, PoisonPolicy, RelayConfig};
+pub use config::{Completion, Delivery, InvalidConfig, PoisonPolicy, RelayConfig};
 pub use health::{Health, HealthReport, KafkaProblem};
 pub use kafka::KafkaConfig;
 pub use sessions::TransactionPooled;
@@ -228,7 +229,9 @@ impl Relay {
         let pool = sessions::pool(&pool, config.lease_ttl, health.clone());
         let statements = Arc::new(Statements::new(&config.schema));
         let admin = Arc::new(Admin::new(&config.schema));
-        let publisher = kafka::Publisher::new(&config.kafka, &config.source)
+        let transactional_id =
+            (config.delivery == Delivery::ExactlyOnce).then(|| config.transactional_id());
+        let publisher = kafka::Publisher::new(&config.kafka, &config.source, transactional_id)
             .map_err(|e| RelayError::Kafka(kafka::redact_config_error(e)))?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
         let shutdown_timeout = config.shutdown_timeout;
@@ -297,6 +300,7 @@ impl Relay {
             claimed_wal_lsn: 0,
             claimed_session: None,
             in_flight: Default::default(),
+            transactions: Default::default(),
             typical_ack: Duration::ZERO,
             next_claim_at: None,
         };

@@ -42,6 +42,8 @@ pub const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
 pub const OLDEST_SNAPSHOT: &str = "outbox_oldest_snapshot_age_seconds";
 /// Seconds each batch waited for standbys to flush its WAL (`wait_for_standbys`).
 pub const STANDBY_WAIT: &str = "outbox_standby_wait_seconds";
+/// Kafka transactions of exactly-once delivery, by outcome: `committed`, `aborted`.
+pub const TRANSACTIONS: &str = "outbox_transactions_total";
 /// 1 while the relay is ready (see `health`).
 pub const READY: &str = "outbox_ready";
 
@@ -56,6 +58,11 @@ pub(crate) fn published(topic: &str, count: u64) {
 pub(crate) fn failed(topic: &str, retriable: bool) {
     counter!(FAILED, "topic" => topic.to_owned(), "retriable" => retriable.to_string())
         .increment(1);
+}
+
+pub(crate) fn transaction(committed: bool) {
+    let outcome = if committed { "committed" } else { "aborted" };
+    counter!(TRANSACTIONS, "outcome" => outcome).increment(1);
 }
 
 pub(crate) fn standby_wait(waited: Duration) {

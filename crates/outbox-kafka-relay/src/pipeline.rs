@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::PoisonPolicy;
-use crate::config::{Completion, RelayConfig};
+use crate::config::{Completion, Delivery, RelayConfig};
+use crate::exactly_once::Transactions;
 use crate::health::Health;
 use crate::in_flight::{message_bytes, BatchWait, InFlight, Settled};
 use crate::kafka::{DeliveryError, ErrorClass, Publisher};
@@ -59,6 +60,8 @@ pub(crate) struct Pipeline {
     pub(crate) claimed_session: Option<u64>,
     /// Messages handed to the producer and not yet decided, across batches.
     pub(crate) in_flight: InFlight,
+    /// Exactly-once delivery's state (see the `exactly_once` module).
+    pub(crate) transactions: Transactions,
     /// How long a batch usually takes to be acknowledged (a moving average).
     pub(crate) typical_ack: Duration,
     /// After a batch that was not full: the next claim waits until then (`batch_linger`).
@@ -96,7 +99,7 @@ pub(crate) struct Completing {
     task: tokio::task::JoinHandle<(Kept, Result<Fenced<Completed>, sqlx::Error>)>,
 }
 
-enum Step {
+pub(crate) enum Step {
     /// Claim again at once (work was found, or the idle flag was just set).
     More,
     /// Idle and nothing found: wait for a wake-up or a poll.
@@ -198,11 +201,19 @@ impl Pipeline {
         if let Some(reason) = self.publisher.fatal_error() {
             tracing::error!(%reason, "the Kafka producer failed fatally; creating a new one");
             self.publisher.renew().map_err(RelayError::Kafka)?;
+            // A transactional one must be initialised (and the progress read) again.
+            self.transactions.reinitialize();
         }
         Ok(())
     }
 
     async fn step(&mut self, term: &Term, cancel: &CancellationToken) -> Step {
+        let exactly_once = self.config.delivery == Delivery::ExactlyOnce;
+        if exactly_once {
+            if let Some(step) = self.ready_for_transactions(term).await {
+                return step;
+            }
+        }
         // Messages of earlier batches acknowledged (or failed) since: decide them first, so
         // that the claim sees their completion in flight and their failures held.
         if let Some(step) = self.decide(term).await {
@@ -278,6 +289,9 @@ impl Pipeline {
         // that could have ended meanwhile.
         if !self.term_still_valid(term) {
             return Step::NotLeader;
+        }
+        if exactly_once {
+            return self.publish_exactly_once(term, batch, claimed_at).await;
         }
         self.publisher
             .send(batch, claimed_at, &mut self.in_flight)
@@ -478,7 +492,7 @@ impl Pipeline {
             let mut result = Err(sqlx::Error::PoolClosed);
             for _ in 0..2 {
                 result = match kept.conn().await {
-                    Ok(conn) => statements.complete(conn, &delivered, delete, &fence).await,
+                    Ok(conn) => statements.complete(conn, &delivered, delete, None, &fence).await,
                     Err(error) => Err(error),
                 };
                 result = kept.checked(result);
@@ -538,7 +552,7 @@ impl Pipeline {
         }
     }
 
-    fn term_still_valid(&self, term: &Term) -> bool {
+    pub(crate) fn term_still_valid(&self, term: &Term) -> bool {
         still_valid(&self.term, term)
     }
 
@@ -620,7 +634,7 @@ impl Pipeline {
 
     /// Holds each failed message for its backoff, or dead-letters it (permanent errors under
     /// the dead-letter policy).
-    async fn handle_failures(
+    pub(crate) async fn handle_failures(
         &self,
         term: &Term,
         failed: &[(PendingMessage, DeliveryError)],
@@ -708,7 +722,7 @@ async fn lease_lost(mut watch: watch::Receiver<Option<Term>>, term: Term) {
 }
 
 /// Counts published messages per topic and records their latency from insert to ack.
-fn record_published(delivered: &[(PendingMessage, Duration)]) {
+pub(crate) fn record_published(delivered: &[(PendingMessage, Duration)]) {
     let mut run: Option<(&str, u64)> = None;
     for (message, since_claim) in delivered {
         m::publish_latency(message.age + *since_claim);

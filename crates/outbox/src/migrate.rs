@@ -121,6 +121,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "0014_no_processed_at.sql",
         "message.processed_at dropped, migration checksums"
     ),
+    migration!(
+        15,
+        "0015_relay_progress.sql",
+        "exactly-once delivery's completed batch per lease"
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -128,7 +133,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The version a new schema is created at: `migrations/baseline.sql` builds what migrations 1 to
 /// this one build.
-pub const BASELINE_VERSION: i32 = 14;
+pub const BASELINE_VERSION: i32 = 15;
 
 const BASELINE: &str = include_str!("migrations/baseline.sql");
 

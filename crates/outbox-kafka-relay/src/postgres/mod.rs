@@ -306,6 +306,15 @@ const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
 /// claim's in the WAL, and the claim commits synchronously, flushing both.
 const ASYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
 
+/// With exactly-once delivery the completion also stores its batch's number ($5, NULL
+/// otherwise), and commits synchronously: recovery trusts a stored number (see the
+/// `exactly_once` module).
+const PROGRESS: &str = "progress AS (
+        INSERT INTO {schema}.relay_progress AS p (lease, batch)
+        SELECT $F1, $5::bigint WHERE $5::bigint IS NOT NULL AND (SELECT held FROM fence)
+        ON CONFLICT (lease) DO UPDATE SET batch = greatest(p.batch, excluded.batch))";
+const SYNC_COMMIT: &str = "(SELECT 1) AS sync_commit";
+
 /// The relay's statements on one outbox schema, rendered once.
 #[derive(Debug)]
 pub(crate) struct Statements {
@@ -317,9 +326,10 @@ pub(crate) struct Statements {
     lease_set_idle: String,
     lease_release: String,
     claim: String,
-    complete_keep: String,
-    complete_keep_replacing: String,
-    complete_delete: String,
+    /// Committed asynchronously (at-least-once), and synchronously (exactly-once).
+    complete: Completions,
+    complete_durable: Completions,
+    progress_batch: String,
     record_failures: String,
     release_topics: String,
     dead_letter: String,
@@ -330,6 +340,7 @@ impl Statements {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let render = |sql: &str| {
             sql.replace("{candidate}", CANDIDATE)
+                .replace("{progress}", PROGRESS)
                 .replace("{fence}", FENCE)
                 .replace("{in_ids}", IN_IDS)
                 .replace("{async_commit}", ASYNC_COMMIT)
@@ -351,9 +362,11 @@ impl Statements {
             lease_set_idle: render(Self::LEASE_SET_IDLE),
             lease_release: render(Self::LEASE_RELEASE),
             claim: fenced(Self::CLAIM, 4),
-            complete_keep: fenced(&complete_keep(""), 2),
-            complete_keep_replacing: fenced(&complete_keep(Self::COMPLETE_KEEP_REPLACING), 2),
-            complete_delete: fenced(Self::COMPLETE_DELETE, 2),
+            complete: Completions::render(&|sql| fenced(sql, 2)),
+            complete_durable: Completions::render(&|sql| {
+                fenced(&sql.replace("{async_commit}", SYNC_COMMIT), 2)
+            }),
+            progress_batch: render(Self::PROGRESS_BATCH),
             record_failures: fenced(Self::RECORD_FAILURES, 4),
             release_topics: fenced(Self::RELEASE_TOPICS, 2),
             dead_letter: fenced(Self::DEAD_LETTER, 3),
@@ -748,25 +761,30 @@ impl Statements {
     const COMPLETE_DELETE: &'static str = "WITH fence AS (SELECT {fence} AS held),
          done AS (DELETE FROM {schema}.message
                    WHERE {in_ids} AND (SELECT held FROM fence)
-               RETURNING 1)
+               RETURNING 1),
+         {progress}
     SELECT (SELECT held FROM fence), (SELECT count(*) FROM done),
            pg_current_xact_id()::text
       FROM {async_commit}";
 
     /// Completes delivered messages: moves them to `published` (kept for retention) or deletes
-    /// them, fenced. Returns how many rows changed and the completing transaction's id (for
-    /// [`FloorTracker::completed`]). Runs as a transaction of its own: call it outside one.
+    /// them, fenced. With exactly-once delivery, `batch` is their transaction's number, stored
+    /// with them, and the transaction commits synchronously. Returns how many rows changed and
+    /// the completing transaction's id (for [`FloorTracker::completed`]). Runs as a transaction
+    /// of its own: call it outside one.
     pub(crate) async fn complete(
         &self,
         conn: &mut PgConnection,
         ids: &[i64],
         delete: bool,
+        batch: Option<i64>,
         fence: &Fence,
     ) -> Result<Fenced<Completed>, sqlx::Error> {
         async fn run(
             sql: &str,
             conn: &mut PgConnection,
             ids: &[i64],
+            batch: Option<i64>,
             fence: &Fence,
         ) -> Result<(bool, i64, String), sqlx::Error> {
             sqlx::query_as(sql)
@@ -774,16 +792,21 @@ impl Statements {
                 .bind(&fence.lease)
                 .bind(&fence.holder)
                 .bind(fence.token)
+                .bind(batch)
                 .fetch_one(conn)
                 .await
         }
+        let statements = match batch {
+            Some(_) => &self.complete_durable,
+            None => &self.complete,
+        };
         let (held, count, xid) = if delete {
-            run(&self.complete_delete, conn, ids, fence).await?
+            run(&statements.delete, conn, ids, batch, fence).await?
         } else {
-            match run(&self.complete_keep, &mut *conn, ids, fence).await {
+            match run(&statements.keep, &mut *conn, ids, batch, fence).await {
                 // A copy already in `published`: the statement changed nothing; replace it.
                 Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {
-                    run(&self.complete_keep_replacing, conn, ids, fence).await?
+                    run(&statements.keep_replacing, conn, ids, batch, fence).await?
                 }
                 other => other?,
             }
@@ -799,6 +822,23 @@ impl Statements {
         } else {
             Fenced::LeaseLost
         })
+    }
+
+    const PROGRESS_BATCH: &'static str =
+        "SELECT coalesce((SELECT batch FROM {schema}.relay_progress WHERE lease = $1), 0)";
+
+    /// With exactly-once delivery: the number of the last batch whose completion committed
+    /// (0 before the first).
+    pub(crate) async fn progress_batch(
+        &self,
+        conn: &mut PgConnection,
+        lease: &str,
+    ) -> Result<i64, sqlx::Error> {
+        let (batch,): (i64,) = sqlx::query_as(&self.progress_batch)
+            .bind(lease)
+            .fetch_one(conn)
+            .await?;
+        Ok(batch)
     }
 
     const RECORD_FAILURES: &'static str = "UPDATE {schema}.message m
@@ -897,6 +937,24 @@ impl Statements {
 }
 
 /// The keep-mode completion, with `on_conflict` as the insert's conflict clause.
+/// The three completion statements, rendered by `render`.
+#[derive(Debug)]
+struct Completions {
+    keep: String,
+    keep_replacing: String,
+    delete: String,
+}
+
+impl Completions {
+    fn render(render: &dyn Fn(&str) -> String) -> Self {
+        Completions {
+            keep: render(&complete_keep("")),
+            keep_replacing: render(&complete_keep(Statements::COMPLETE_KEEP_REPLACING)),
+            delete: render(Statements::COMPLETE_DELETE),
+        }
+    }
+}
+
 fn complete_keep(on_conflict: &str) -> String {
     format!(
         "WITH fence AS (SELECT {{fence}} AS held),
@@ -908,7 +966,8 @@ fn complete_keep(on_conflict: &str) -> String {
                        SELECT id, topic, key, payload, headers, created_at, now(), attempts
                          FROM moved
                        {on_conflict}
-                       RETURNING 1)
+                       RETURNING 1),
+              {{progress}}
          SELECT (SELECT held FROM fence), (SELECT count(*) FROM done), pg_current_xact_id()::text
            FROM {{async_commit}}"
     )

@@ -163,7 +163,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
     assert_eq!(new_token, token + 1);
 
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, &old).await.unwrap(),
+        sql.complete(&mut conn, &ids, false, None, &old).await.unwrap(),
         Fenced::LeaseLost
     );
     assert!(sql
@@ -210,7 +210,7 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
         1
     );
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, &new)
+        sql.complete(&mut conn, &ids, false, None, &new)
             .await
             .unwrap()
             .map(|done| done.count),
@@ -459,7 +459,7 @@ async fn completion_replaces_a_copy_already_in_published() {
     .unwrap();
     let fence = take_lease(&outbox, &mut conn).await;
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, &fence)
+        sql.complete(&mut conn, &ids, false, None, &fence)
             .await
             .unwrap()
             .map(|done| done.count),
@@ -530,7 +530,7 @@ async fn claim_floor_waits_for_open_transactions_and_republish_lowers_it() {
     let first = claim(&mut tracker).await;
     assert_eq!(ids_of(&first), early);
     let Fenced::Done(done) = sql
-        .complete(&mut conn, &early, false, &fence)
+        .complete(&mut conn, &early, false, None, &fence)
         .await
         .unwrap()
     else {
@@ -606,7 +606,7 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
         )
         .await
         .unwrap();
-    let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, &fence).await.unwrap() else {
+    let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, None, &fence).await.unwrap() else {
         panic!("lease lost")
     };
     let mut tracker = FloorTracker::default();
@@ -723,7 +723,7 @@ async fn the_floor_rises_past_held_messages_and_due_ones_are_still_claimed() {
         other
     );
     let Fenced::Done(done) = sql
-        .complete(&mut conn, &other, false, &fence)
+        .complete(&mut conn, &other, false, None, &fence)
         .await
         .unwrap()
     else {

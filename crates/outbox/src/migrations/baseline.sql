@@ -1,5 +1,5 @@
--- The schema of migrations 0001 to 0014 in one script: a new schema is created by this file alone
--- and recorded at version 14, while schemas made by earlier versions apply the migrations after
+-- The schema of migrations 0001 to 0015 in one script: a new schema is created by this file alone
+-- and recorded at version 15, while schemas made by earlier versions apply the migrations after
 -- theirs. The why of each object is in the migration that made it what it is (named below).
 -- The test `the_baseline_builds_the_schema_the_migrations_build` keeps the two paths equal:
 -- a new migration changes this file too, or runs after it.
@@ -47,6 +47,12 @@ CREATE TABLE {schema}.relay_lease (
     idle             boolean     NOT NULL DEFAULT true,
     floor            bigint      NOT NULL DEFAULT 0,
     floor_generation bigint      NOT NULL DEFAULT 0
+);
+
+-- Exactly-once delivery's last completed batch per lease (0015).
+CREATE TABLE {schema}.relay_progress (
+    lease text   PRIMARY KEY,
+    batch bigint NOT NULL
 );
 
 -- The inbox (0002): messages a consumer in this database has processed, keyed by their origin.

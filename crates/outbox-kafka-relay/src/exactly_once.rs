@@ -1,0 +1,573 @@
+//! Exactly-once publication ([`Delivery::ExactlyOnce`](crate::config::Delivery)): a consumer
+//! reading with `isolation.level=read_committed` sees every committed outbox message once, in
+//! per-key order, through relay crashes, lease handovers and broker restarts.
+//!
+//! # How
+//! - **One transactional producer per term**, with a `transactional.id` derived from the lease
+//!   name and the source ([`RelayConfig::transactional_id`](crate::RelayConfig::transactional_id)),
+//!   so the same for every holder. A holder that takes the lease creates its producer and calls
+//!   `init_transactions`, which aborts any transaction the previous holder left open and fences
+//!   its producer: from then on, nothing the deposed holder sends can ever commit.
+//! - **One Kafka transaction per batch**, which carries the batch's records and one *progress
+//!   record*, in the progress topic (one partition, compacted, keyed by the transactional id),
+//!   naming exactly the outbox ids of the records in the transaction (as ranges: claims are not
+//!   contiguous) and the batch's number.
+//! - **The database completion follows the Kafka commit**, and stores the batch's number with
+//!   the completed rows, in the same database transaction (`relay_progress`, migration 0015),
+//!   committed synchronously. A holder that starts (or reconnects to the database) reads the
+//!   last committed progress record (read_committed) and, if its number is above the stored
+//!   one, completes its ids before it claims anything.
+//!
+//! # Why it holds: each crash point
+//! - **Before the Kafka commit** (claimed, some records sent): the transaction is open. The next
+//!   holder's `init_transactions` aborts it (or the broker does, after `transaction.timeout.ms`),
+//!   so read_committed consumers never see its records. The rows are still pending in the
+//!   database and go out in a later transaction: once.
+//! - **Between the Kafka commit and the database completion**: Kafka has the records and the
+//!   progress record, the rows are pending. The next holder runs `init_transactions` first, so
+//!   any commit of the previous holder has happened before it reads the progress topic to its
+//!   end, finds that batch's number above the stored one, and completes those ids; only then
+//!   does it claim. They are never claimed again.
+//! - **During the completion**: the completion is one database transaction, fenced by the lease
+//!   token. If it committed, the stored number equals the progress record's and recovery does
+//!   nothing; if not, recovery completes the ids. A completion the deposed holder tries after
+//!   the lease moved on changes nothing (the fence).
+//! - **Only the last batch can be in doubt**: a holder completes each batch (synchronously)
+//!   before it claims the next, and retries a failed completion before anything else, so at
+//!   most one committed batch is uncompleted at any time, the one the last progress record
+//!   names.
+//! - **Republish and dead-letter retry** put rows back with their old ids. The stored number is
+//!   what keeps an old progress record from completing them unpublished: recovery applies only
+//!   a record newer than the last completion.
+//!
+//! # Isolation
+//! A Kafka transaction commits all its records or none, so one refused record aborts the batch.
+//! After an abort, the records that failed for themselves (too large, not authorized, a topic
+//! that does not exist) are held or dead-lettered as in at-least-once mode, and the rest of the
+//! batch is claimed again at once, without them and their keys. A refusal shared by a produce
+//! request (a record over the topic's size limit fails its whole request) is sorted out by
+//! sending each of its records in a transaction of its own. Records that are not acknowledged
+//! before the commit's deadline (a partition without a leader) are held with backoff as failed
+//! attempts, and the batch goes again without them.
+//!
+//! # What it costs and does not cover
+//! - No probing of unknown topics: a message for a topic the cluster does not list is held
+//!   (retried with backoff) until the topic exists; a broker's auto-creation is not triggered.
+//! - A database failover that loses commits (asynchronous replication, `wait_for_standbys = 0`)
+//!   can hand the ids of lost messages out again; a progress record naming such an id would then
+//!   complete the new message unpublished. Set `wait_for_standbys` with replicas.
+//! - `outbox republish` publishes again on purpose: its messages are new transactions, so
+//!   read_committed consumers see them again.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Completion;
+use crate::kafka::{DeliveryError, KafkaConfig};
+use crate::lease::Term;
+use crate::metrics as m;
+use crate::pipeline::{record_published, Pipeline, Step};
+use crate::postgres::{Completed, Fenced, PendingMessage};
+use tokio::time::Instant;
+
+/// One transaction's progress record: its batch number and the outbox ids it published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Progress {
+    pub(crate) batch: i64,
+    /// Inclusive ranges, ascending.
+    ranges: Vec<(i64, i64)>,
+}
+
+impl Progress {
+    /// `ids` in any order.
+    pub(crate) fn new(batch: i64, ids: &[i64]) -> Self {
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        let mut ranges: Vec<(i64, i64)> = Vec::new();
+        for id in sorted {
+            match ranges.last_mut() {
+                Some((_, end)) if id <= end.saturating_add(1) => *end = (*end).max(id),
+                _ => ranges.push((id, id)),
+            }
+        }
+        Progress { batch, ranges }
+    }
+
+    pub(crate) fn ids(&self) -> Vec<i64> {
+        self.ranges
+            .iter()
+            .flat_map(|&(start, end)| start..=end)
+            .collect()
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("plain numbers serialize")
+    }
+
+    /// `None` for anything but a record this relay writes: ranges must be ascending, disjoint
+    /// and name at most `MAX_IDS` ids (a batch holds at most 100,000).
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let progress: Progress = serde_json::from_slice(bytes).ok()?;
+        let mut count: i64 = 0;
+        let mut previous_end: Option<i64> = None;
+        for &(start, end) in &progress.ranges {
+            if end < start || previous_end.is_some_and(|p| start <= p) {
+                return None;
+            }
+            count = count.checked_add(end.checked_sub(start)?.checked_add(1)?)?;
+            previous_end = Some(end);
+        }
+        (count <= MAX_IDS).then_some(progress)
+    }
+}
+
+const MAX_IDS: i64 = 1_000_000;
+
+/// How long reading the progress topic may take before recovery is retried.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Offsets read back from the end of the progress topic before reading all of it: with one
+/// writer per topic, the last record is two offsets from the end (its commit marker after it).
+const TAIL: i64 = 64;
+
+/// Creates the progress topic if it is missing: one partition (the records of a transactional
+/// id must stay in order), compacted (only the last record per key matters), the broker's
+/// replication factor.
+pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
+        .set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(READ_TIMEOUT));
+    for result in admin.create_topics([&new], &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
+/// The last committed progress record of `key` (the transactional id) in `topic`. Call it after
+/// `init_transactions`, so that no transaction of `key` is still open.
+pub(crate) fn read_last(
+    config: &KafkaConfig,
+    topic: &str,
+    key: &str,
+) -> Result<Option<Progress>, KafkaError> {
+    let mut client = config.metadata_client_config();
+    for producer_only in [
+        "linger.ms",
+        "compression.type",
+        "partitioner",
+        "message.timeout.ms",
+        "message.max.bytes",
+    ] {
+        client.remove(producer_only);
+    }
+    let consumer: BaseConsumer = client
+        .set("group.id", "outbox-progress-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, READ_TIMEOUT)?;
+    let mut last = None;
+    let mut from = low.max(high - TAIL);
+    loop {
+        if high <= from {
+            return Ok(last);
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, 0, Offset::Offset(from))?;
+        consumer.assign(&assignment)?;
+        let deadline = std::time::Instant::now() + READ_TIMEOUT;
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(record)) => {
+                    if record.key() == Some(key.as_bytes()) {
+                        if let Some(progress) = record.payload().and_then(Progress::decode) {
+                            last = Some(progress);
+                        }
+                    }
+                }
+                // The end as a read_committed consumer sees it: the last stable offset. Since
+                // our own transactions are closed, everything of ours below `high` is before it,
+                // unless another producer's open transaction holds it back: then read on.
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    let position = consumer
+                        .position()?
+                        .find_partition(topic, 0)
+                        .and_then(|p| p.offset().to_raw());
+                    if position.is_some_and(|p| p >= high) {
+                        break;
+                    }
+                }
+                Some(Err(error)) => return Err(error),
+                None => {}
+            }
+        }
+        if last.is_some() || from == low {
+            return Ok(last);
+        }
+        // Another writer's records filled the tail: read the whole partition.
+        from = low;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_ranges() {
+        let progress = Progress::new(7, &[5, 3, 4, 10, 12, 11, 20]);
+        assert_eq!(progress.ranges, vec![(3, 5), (10, 12), (20, 20)]);
+        assert_eq!(progress.ids(), vec![3, 4, 5, 10, 11, 12, 20]);
+        assert_eq!(Progress::decode(&progress.encode()), Some(progress));
+        for hostile in [
+            r#"{"batch":1,"ranges":[[1,9223372036854775807]]}"#,
+            r#"{"batch":1,"ranges":[[-9223372036854775808,9223372036854775807]]}"#,
+            r#"{"batch":1,"ranges":[[5,3]]}"#,
+            r#"{"batch":1,"ranges":[[1,5],[3,8]]}"#,
+            "not json",
+        ] {
+            assert_eq!(Progress::decode(hostile.as_bytes()), None, "{hostile}");
+        }
+        assert_eq!(Progress::new(1, &[]).ids(), Vec::<i64>::new());
+    }
+}
+
+/// Exactly-once delivery's state in the pipeline.
+#[derive(Debug, Default)]
+pub(crate) struct Transactions {
+    /// The term (its token) whose producer ran `init_transactions`.
+    initialized: Option<i64>,
+    topic_ready: bool,
+    /// The term and database session the last progress was read for: a new session (a
+    /// reconnect, a failover) reads it again, in case the database lost a completion.
+    recovered: Option<(i64, Option<u64>)>,
+    /// The next transaction's batch number.
+    next_batch: i64,
+    /// Committed in Kafka, not completed in the database: completed before anything else.
+    uncompleted: Option<Progress>,
+}
+
+impl Transactions {
+    /// The producer must be created and initialised again before the next transaction.
+    pub(crate) fn reinitialize(&mut self) {
+        self.initialized = None;
+    }
+}
+
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a commit (which waits for every record's acknowledgement) may take within a
+/// term; then the transaction is aborted and what held it up is held back as failed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long delivery reports may trail the end of their transaction.
+const REPORTS_WAIT: Duration = Duration::from_secs(5);
+
+/// How one transaction ended.
+enum Ended {
+    Committed,
+    /// Aborted because of `error` (`None`: nothing in it to commit).
+    Aborted(Option<KafkaError>),
+    /// The term ended before the commit.
+    TermEnded,
+}
+
+impl Pipeline {
+    /// Before a claim: a producer initialised for this term, the last committed batch completed.
+    pub(crate) async fn ready_for_transactions(&mut self, term: &Term) -> Option<Step> {
+        let token = term.fence.token;
+        if self.transactions.initialized != Some(token) {
+            if let Err(reason) = self.initialize_transactions().await {
+                tracing::warn!(%reason, "cannot start Kafka transactions");
+                self.health.transaction_problem(Some(reason));
+                return Some(Step::Failed);
+            }
+            self.health.transaction_problem(None);
+            self.transactions.initialized = Some(token);
+            self.transactions.recovered = None;
+        }
+        if let Err(error) = self.session.conn().await {
+            tracing::warn!(%error, "cannot connect to the database");
+            self.health.database(false);
+            return Some(Step::Failed);
+        }
+        let session = self.session.session();
+        if self.transactions.recovered != Some((token, session)) {
+            if let Err(reason) = self.read_progress().await {
+                tracing::warn!(%reason, "cannot read the last committed batch");
+                return Some(Step::Failed);
+            }
+            self.transactions.recovered = Some((token, session));
+        }
+        let progress = self.transactions.uncompleted.take()?;
+        match self.complete_batch(term, &progress).await {
+            Ok(Fenced::Done(done)) => {
+                tracing::info!(
+                    batch = progress.batch,
+                    completed = done.count,
+                    "completed a batch that Kafka had committed before the relay could"
+                );
+                None
+            }
+            Ok(Fenced::LeaseLost) => Some(Step::NotLeader),
+            Err(error) => {
+                tracing::warn!(%error, "cannot complete a batch Kafka committed");
+                self.health.database(false);
+                self.transactions.uncompleted = Some(progress);
+                Some(Step::Failed)
+            }
+        }
+    }
+
+    /// A new producer (the previous one may be fenced, or hold a transaction in an unknown
+    /// state), registered with the transaction coordinator: that aborts whatever transaction the
+    /// previous holder of the transactional id left open, and fences it.
+    async fn initialize_transactions(&mut self) -> Result<(), String> {
+        let kafka = &self.config.kafka;
+        let topic = &self.config.progress_topic;
+        if !self.transactions.topic_ready {
+            ensure_topic(kafka, topic).await.map_err(|error| {
+                kafka.without_secrets(&format!(
+                    "cannot create the progress topic {topic:?} (or it has another problem): {error}"
+                ))
+            })?;
+            self.transactions.topic_ready = true;
+        }
+        self.publisher
+            .renew()
+            .map_err(|error| kafka.without_secrets(&error.to_string()))?;
+        self.publisher
+            .init_transactions(INIT_TIMEOUT)
+            .await
+            .map_err(|error| {
+                kafka.without_secrets(&format!(
+                    "cannot initialise Kafka transactions as {:?} (the brokers must support transactions, and the relay's principal needs Write and Describe on that transactional id): {error}",
+                    self.config.transactional_id()
+                ))
+            })
+    }
+
+    /// Reads the last committed progress record and the last completed batch's number: the
+    /// record's batch is uncompleted if it is newer.
+    async fn read_progress(&mut self) -> Result<(), String> {
+        let conn = self.session.conn().await.map_err(|e| e.to_string())?;
+        let stored = self
+            .statements
+            .progress_batch(conn, &self.config.lease_name)
+            .await;
+        let stored = self.session.checked(stored).map_err(|e| e.to_string())?;
+        let (kafka, topic, key) = (
+            self.config.kafka.clone(),
+            self.config.progress_topic.clone(),
+            self.config.transactional_id(),
+        );
+        let last = tokio::task::spawn_blocking(move || read_last(&kafka, &topic, &key))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| self.config.kafka.without_secrets(&e.to_string()))?;
+        let committed = last.as_ref().map_or(0, |p| p.batch);
+        self.transactions.next_batch = stored.max(committed) + 1;
+        self.transactions.uncompleted = last.filter(|p| p.batch > stored);
+        Ok(())
+    }
+
+    /// Completes `progress`'s ids and stores its batch number, on the claims' session.
+    async fn complete_batch(
+        &mut self,
+        term: &Term,
+        progress: &Progress,
+    ) -> Result<Fenced<Completed>, sqlx::Error> {
+        let delete = matches!(self.config.completion, Completion::Delete);
+        let result = match self.session.conn().await {
+            Ok(conn) => {
+                self.statements
+                    .complete(conn, &progress.ids(), delete, Some(progress.batch), &term.fence)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        self.session.checked(result)
+    }
+
+    /// Publishes `batch` in one transaction, then completes it; a refusal shared by a produce
+    /// request is sorted out by a transaction per suspect.
+    pub(crate) async fn publish_exactly_once(
+        &mut self,
+        term: &Term,
+        batch: Vec<PendingMessage>,
+        claimed_at: Instant,
+    ) -> Step {
+        let (step, suspects) = self.transact(term, batch, claimed_at, false).await;
+        if !matches!(step, Step::More) || suspects.is_empty() {
+            return step;
+        }
+        tracing::info!(
+            count = suspects.len(),
+            "a produce request was refused as a whole; publishing its messages one per transaction"
+        );
+        for suspect in suspects {
+            let (step, _) = self.transact(term, vec![suspect], Instant::now(), true).await;
+            if !matches!(step, Step::More) {
+                return step;
+            }
+        }
+        Step::More
+    }
+
+    /// One transaction: `batch`'s records and the progress record, committed, then completed.
+    /// Returns the messages to publish again one per transaction (`alone`: this is one).
+    async fn transact(
+        &mut self,
+        term: &Term,
+        batch: Vec<PendingMessage>,
+        claimed_at: Instant,
+        alone: bool,
+    ) -> (Step, Vec<PendingMessage>) {
+        if let Err(error) = self.publisher.begin_transaction() {
+            tracing::warn!(%error, "cannot begin a Kafka transaction");
+            self.transactions.reinitialize();
+            return (Step::Failed, Vec::new());
+        }
+        self.publisher
+            .send(batch, claimed_at, &mut self.in_flight)
+            .await;
+        if alone {
+            self.in_flight.all_alone();
+        }
+        let progress = Progress::new(self.transactions.next_batch, &self.in_flight.awaited_ids());
+        let ended = self.commit(term, &progress).await;
+        let reports = self
+            .in_flight
+            .settle_all(Instant::now() + REPORTS_WAIT)
+            .await;
+        if !reports {
+            // Nothing can be decided about records whose fate was not reported: they stay
+            // pending (a committed transaction's are completed below, from its progress record).
+            tracing::warn!("delivery reports missing after the transaction ended");
+            self.in_flight.forget();
+        }
+        let settled = self.in_flight.take_settled();
+        self.floor.uncovered(settled.dropped);
+        let mut failed = settled.failed;
+        let step = match ended {
+            Ended::Committed => {
+                m::transaction(true);
+                self.transactions.next_batch += 1;
+                record_published(&settled.delivered);
+                match self.complete_batch(term, &progress).await {
+                    Ok(Fenced::Done(done)) => {
+                        self.floor.completed(self.claimed_last_id, done.xid);
+                        self.health.progress(true);
+                        Step::More
+                    }
+                    Ok(Fenced::LeaseLost) => {
+                        tracing::warn!("lost the lease before completing a committed batch; the next holder completes it");
+                        return (Step::NotLeader, Vec::new());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot complete a committed batch; completing it before anything else");
+                        self.health.database(false);
+                        self.transactions.uncompleted = Some(progress);
+                        return (Step::Failed, Vec::new());
+                    }
+                }
+            }
+            Ended::Aborted(error) => {
+                if error.is_some() {
+                    m::transaction(false);
+                }
+                // Acknowledged, but in an aborted transaction: never visible, still pending.
+                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
+                self.floor.uncovered(aborted);
+                if let Some(error) = &error {
+                    tracing::info!(%error, failed = failed.len(), "a Kafka transaction was aborted; publishing the rest of its batch again");
+                }
+                Step::More
+            }
+            Ended::TermEnded => {
+                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
+                self.floor.uncovered(aborted.chain(failed.drain(..).map(|(m, _)| m.id)));
+                return (Step::NotLeader, Vec::new());
+            }
+        };
+        if failed.is_empty() {
+            return (step, settled.suspects);
+        }
+        let step = match self.handle_failures(term, &failed).await {
+            Ok(Fenced::Done(())) => step,
+            Ok(Fenced::LeaseLost) => Step::NotLeader,
+            Err(error) => {
+                tracing::warn!(%error, "cannot record delivery failures");
+                self.health.database(false);
+                self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
+                Step::Failed
+            }
+        };
+        (step, settled.suspects)
+    }
+
+    /// Adds the progress record and commits, or aborts. Records that held the commit up until
+    /// its deadline are failed (retriable), so that they and their keys are held back while the
+    /// rest goes again.
+    async fn commit(&mut self, term: &Term, progress: &Progress) -> Ended {
+        let error = if progress.ids().is_empty() {
+            None
+        } else if !self.term_still_valid(term) {
+            self.abort().await;
+            return Ended::TermEnded;
+        } else {
+            let sent = self
+                .publisher
+                .send_progress(&self.config.progress_topic, &progress.encode());
+            let timeout =
+                COMMIT_TIMEOUT.min(term.deadline.saturating_duration_since(Instant::now()));
+            match sent {
+                Ok(_delivery) => match self.publisher.commit_transaction(timeout).await {
+                    Ok(()) => return Ended::Committed,
+                    Err(error) => Some(error),
+                },
+                Err(error) => Some(error),
+            }
+        };
+        if error.as_ref().is_some_and(timed_out) {
+            self.in_flight.fail_unsettled(|| {
+                DeliveryError::Kafka(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ))
+            });
+        }
+        self.abort().await;
+        if !self.term_still_valid(term) {
+            return Ended::TermEnded;
+        }
+        Ended::Aborted(error)
+    }
+
+    async fn abort(&mut self) {
+        if let Err(error) = self.publisher.abort_transaction(ABORT_TIMEOUT).await {
+            // The next holder's (or this relay's next) init_transactions aborts it.
+            tracing::warn!(%error, "cannot abort a Kafka transaction; creating a new producer");
+            self.publisher.purge();
+            self.transactions.reinitialize();
+        }
+    }
+}
+
+fn timed_out(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::MessageTimedOut)
+    )
+}

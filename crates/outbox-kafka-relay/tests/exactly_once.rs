@@ -1,0 +1,239 @@
+//! Exactly-once delivery (`Delivery::ExactlyOnce`) against the real PostgreSQL and Kafka: each
+//! batch one Kafka transaction with a progress record, completed after the commit; a holder
+//! completes what Kafka committed before it claims. Consumers read with read_committed.
+//! The chaos suite (outbox-cli's `chaos` test) kills the relay process and the broker.
+
+use std::time::Duration;
+
+use outbox::Message;
+use outbox_kafka_relay::{Delivery, PoisonPolicy, Relay, RelayConfig};
+use outbox_test_support::{
+    create_topic, create_topic_with_config, kafka_bootstrap_servers, unique_topic, wait_until,
+    TestOutbox, TopicReader,
+};
+
+const READ: Duration = Duration::from_secs(60);
+
+fn config(outbox: &TestOutbox, delivery: Delivery, progress_topic: &str) -> RelayConfig {
+    let mut config = RelayConfig::new(kafka_bootstrap_servers(), "exactly-once-tests");
+    config.schema = outbox.schema.clone();
+    config.delivery = delivery;
+    config.progress_topic = progress_topic.to_owned();
+    // A unique transactional id per test (it is derived from the lease name and the source).
+    config.lease_name = format!("lease-{}", outbox.schema);
+    config.lease_ttl = Duration::from_secs(1);
+    config.lease_renew_interval = Duration::from_millis(300);
+    config.poll_interval = Duration::from_millis(100);
+    config.backoff_initial = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(300);
+    config
+}
+
+fn read_committed(topic: &str) -> TopicReader {
+    TopicReader::with(
+        &[
+            ("bootstrap.servers".to_owned(), kafka_bootstrap_servers()),
+            ("isolation.level".to_owned(), "read_committed".to_owned()),
+        ],
+        topic,
+    )
+}
+
+fn duplicates(reader: &TopicReader) -> usize {
+    reader.received.len() - reader.distinct_sequences().len()
+}
+
+async fn batch_number(outbox: &TestOutbox, lease: &str) -> Option<i64> {
+    sqlx::query_scalar(&format!(
+        "SELECT batch FROM {}.relay_progress WHERE lease = $1",
+        outbox.schema
+    ))
+    .bind(lease)
+    .fetch_optional(&outbox.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_published_in_transactions_once_and_in_order() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("eos-basic");
+    let progress = unique_topic("eos-progress");
+    create_topic(&kafka_bootstrap_servers(), &topic, 3).await;
+    let config = config(&outbox, Delivery::ExactlyOnce, &progress);
+    let lease = config.lease_name.clone();
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let messages: Vec<Message> = (0..300)
+        .map(|i| Message::new(&topic, format!("m{i}")).key(format!("k{}", i % 7)))
+        .collect();
+    outbox.commit_all(messages).await;
+    let mut reader = read_committed(&topic);
+    reader.read_at_least(300, READ).await;
+    for i in 0..50 {
+        outbox
+            .commit_each([Message::new(&topic, format!("late{i}")).key("late")])
+            .await;
+    }
+    reader.read_at_least(350, READ).await;
+    wait_until(READ, "every message completed", || async {
+        outbox.pending().await == 0
+    })
+    .await;
+    reader.read_for(Duration::from_millis(500)).await;
+    assert_eq!(reader.received.len(), 350);
+    assert_eq!(duplicates(&reader), 0);
+    assert_eq!(reader.assert_per_key_order(), 0, "duplicates");
+    let batch = batch_number(&outbox, &lease).await;
+    assert!(batch.is_some_and(|b| b >= 2), "stored batch: {batch:?}");
+    // The progress topic holds the transactions' records, keyed by the transactional id.
+    let mut progress_reader = read_committed(&progress);
+    progress_reader.read_at_least(1, READ).await;
+    assert_eq!(
+        progress_reader.received[0].key_str(),
+        format!("outbox:{lease}:exactly-once-tests")
+    );
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+/// The crash point exactly-once exists for: Kafka committed the batch, the database never
+/// completed it (here its completion is refused, then the relay is killed). At-least-once
+/// publishes the batch again; exactly-once completes it from the progress record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_committed_in_kafka_but_not_completed_is_not_published_again() {
+    for (delivery, expect_duplicates) in [
+        (Delivery::AtLeastOnce, true),
+        (Delivery::ExactlyOnce, false),
+    ] {
+        let outbox = TestOutbox::new().await;
+        let topic = unique_topic("eos-crash");
+        let progress = unique_topic("eos-progress");
+        create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+        let schema = outbox.schema.as_str();
+        sqlx::raw_sql(&format!(
+            "CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN RAISE EXCEPTION 'completion refused by the test'; END$$;
+             CREATE TRIGGER refuse BEFORE DELETE ON {schema}.message
+               FOR EACH ROW EXECUTE FUNCTION {schema}.refuse();"
+        ))
+        .execute(&outbox.pool)
+        .await
+        .unwrap();
+        let first = Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
+        let messages: Vec<Message> = (0..20)
+            .map(|i| Message::new(&topic, format!("m{i}")).key(format!("k{}", i % 3)))
+            .collect();
+        outbox.commit_all(messages).await;
+        let mut reader = read_committed(&topic);
+        reader.read_at_least(20, READ).await;
+        // Published, and still pending: the completion fails.
+        reader.read_for(Duration::from_millis(500)).await;
+        assert_eq!(outbox.pending().await, 20, "{delivery:?}");
+        first.abort();
+        sqlx::raw_sql(&format!("DROP TRIGGER refuse ON {schema}.message"))
+            .execute(&outbox.pool)
+            .await
+            .unwrap();
+
+        let second = Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
+        wait_until(READ, "the batch completed", || async {
+            outbox.pending().await == 0
+        })
+        .await;
+        outbox
+            .commit_each([Message::new(&topic, "after").key("k0")])
+            .await;
+        reader.read_until(READ, |r| r.iter().any(|r| r.payload_str() == "after")).await;
+        reader.read_for(Duration::from_millis(500)).await;
+        assert_eq!(reader.distinct_sequences().len(), 21, "{delivery:?}");
+        let duplicates = duplicates(&reader);
+        if expect_duplicates {
+            // Without transactions the first relay republished the batch after every failed
+            // completion, and the second once more.
+            assert!(duplicates >= 20, "{delivery:?}: {duplicates} duplicates");
+        } else {
+            assert_eq!(duplicates, 0, "{delivery:?}");
+        }
+        second.shutdown().await.unwrap();
+        outbox.drop_schema().await;
+    }
+}
+
+/// One record the broker refuses aborts its transaction; only that record (and its key) is
+/// held back, every other message is published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_aborts_its_transaction_and_the_others_go_once() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("eos-oversized");
+    let progress = unique_topic("eos-progress");
+    create_topic_with_config(
+        &kafka_bootstrap_servers(),
+        &topic,
+        1,
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await;
+    let mut messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
+        .collect();
+    // Incompressible, as the producer compresses (lz4) before the broker checks the size.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..60_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    messages.insert(10, Message::new(&topic, noise).key("k2"));
+    let sequences = outbox.commit_all(messages).await;
+    let oversized = sequences[10];
+    let mut config = config(&outbox, Delivery::ExactlyOnce, &progress);
+    config.poison_policy = PoisonPolicy::DeadLetter;
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+
+    let mut reader = read_committed(&topic);
+    reader.read_at_least(20, READ).await;
+    wait_until(READ, "the rest completed", || async {
+        outbox.pending().await == 0
+    })
+    .await;
+    reader.read_for(Duration::from_millis(500)).await;
+    assert_eq!(duplicates(&reader), 0);
+    let mut published: Vec<i64> = reader.received.iter().map(|r| r.sequence()).collect();
+    published.sort_unstable();
+    let expected: Vec<i64> = sequences
+        .iter()
+        .copied()
+        .filter(|s| *s != oversized)
+        .collect();
+    assert_eq!(published, expected);
+    let dead: Vec<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT id, error FROM {}.dead_letter",
+        outbox.schema
+    ))
+    .fetch_all(&outbox.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, oversized);
+    assert!(dead[0].1.contains("too large"), "{dead:?}");
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[test]
+fn a_transactional_id_set_by_hand_is_refused() {
+    let mut config = RelayConfig::new("localhost:9092", "svc");
+    config.delivery = Delivery::ExactlyOnce;
+    config.kafka.set("transactional.id", "mine");
+    assert_eq!(config.validate().unwrap_err().key, "kafka.transactional.id");
+    let mut config = RelayConfig::new("localhost:9092", "svc");
+    config.delivery = Delivery::ExactlyOnce;
+    config.progress_topic = "no spaces".to_owned();
+    let error = config.validate().unwrap_err();
+    assert_eq!(error.key, "progress_topic");
+    assert!(error.to_string().contains("no spaces"), "{error}");
+}
