@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::Message;
-use outbox_kafka_relay::{Relay, RelayConfig};
+use outbox_kafka_relay::{Delivery, Relay, RelayConfig};
 use outbox_test_support::chaos::{report, report_note, write_messages, Ledger};
 use outbox_test_support::{
     create_replicated_topic, create_topic, create_topic_on, create_topic_with_config, database_url,
@@ -34,9 +34,13 @@ fn scale(n: usize) -> usize {
         .unwrap_or(1)
 }
 
-fn relay_config(outbox: &TestOutbox, bootstrap: &str) -> RelayConfig {
+fn relay_config(outbox: &TestOutbox, bootstrap: &str, delivery: Delivery) -> RelayConfig {
     let mut config = RelayConfig::new(bootstrap, "chaos");
     config.schema = outbox.schema.clone();
+    config.delivery = delivery;
+    // Its own transactional id and progress topic.
+    config.lease_name = format!("chaos-{}", outbox.schema);
+    config.progress_topic = format!("chaos-progress-{}", outbox.schema);
     config.lease_ttl = Duration::from_secs(2);
     config.lease_renew_interval = Duration::from_millis(500);
     config.poll_interval = Duration::from_millis(200);
@@ -50,6 +54,7 @@ fn relay_config(outbox: &TestOutbox, bootstrap: &str) -> RelayConfig {
 /// reports the figures.
 async fn settle_and_check(
     outbox: &TestOutbox,
+    delivery: Delivery,
     scenario: &str,
     faults: usize,
     ledger: &Arc<Mutex<Ledger>>,
@@ -76,7 +81,14 @@ async fn settle_and_check(
     let recovery = started.elapsed();
     reader.read_for(Duration::from_millis(500)).await; // late duplicates, rolled-back strays
     let figures = ledger.lock().unwrap().verify(reader);
-    report(scenario, faults, &figures, Some(recovery));
+    let scenario = match delivery {
+        Delivery::AtLeastOnce => scenario.to_owned(),
+        _ => format!("{scenario} (exactly-once)"),
+    };
+    report(&scenario, faults, &figures, Some(recovery));
+    if delivery == Delivery::ExactlyOnce {
+        assert_eq!(figures.duplicates, 0, "{scenario}: duplicates: {figures:?}");
+    }
     assert_eq!(figures.lost, 0, "{scenario}: lost messages: {figures:?}");
     assert_eq!(
         figures.rolled_back_published, 0,
@@ -109,8 +121,15 @@ fn spawn_writer(
     ))
 }
 
-fn relay_process(schema: &str) -> Child {
+fn relay_process(schema: &str, delivery: Delivery) -> Child {
+    let delivery = match delivery {
+        Delivery::AtLeastOnce => "at-least-once",
+        _ => "exactly-once",
+    };
     Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .env("OUTBOX_DELIVERY", delivery)
+        .env("OUTBOX_LEASE_NAME", format!("chaos-{schema}"))
+        .env("OUTBOX_PROGRESS_TOPIC", format!("chaos-progress-{schema}"))
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap_servers())
         .env("OUTBOX_SCHEMA", schema)
@@ -128,8 +147,7 @@ fn relay_process(schema: &str) -> Child {
         .expect("start outbox relay")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_process_sigkilled_twenty_times_mid_stream() {
+async fn relay_process_sigkilled_twenty_times_mid_stream(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-kill");
@@ -145,7 +163,7 @@ async fn relay_process_sigkilled_twenty_times_mid_stream() {
 
     let kills = scale(20);
     for _ in 0..kills {
-        let mut relay = relay_process(outbox.schema.as_str());
+        let mut relay = relay_process(outbox.schema.as_str(), delivery);
         let lifetime = rand::rng().random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(lifetime)).await;
         if let Some(status) = relay.try_wait().unwrap() {
@@ -155,10 +173,11 @@ async fn relay_process_sigkilled_twenty_times_mid_stream() {
         relay.wait().unwrap();
     }
     writer.await.unwrap();
-    let mut survivor = relay_process(outbox.schema.as_str());
+    let mut survivor = relay_process(outbox.schema.as_str(), delivery);
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
         &outbox,
+        delivery,
         "1. relay process SIGKILLed at random points",
         kills,
         &ledger,
@@ -170,8 +189,7 @@ async fn relay_process_sigkilled_twenty_times_mid_stream() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_broker_killed_and_restarted_mid_stream() {
+async fn kafka_broker_killed_and_restarted_mid_stream(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let mut broker = KafkaBroker::new();
@@ -180,7 +198,7 @@ async fn kafka_broker_killed_and_restarted_mid_stream() {
     create_topic(&broker.bootstrap_servers(), &topic, 3).await;
     let relay = Relay::start(
         outbox.pool.clone(),
-        relay_config(&outbox, &broker.bootstrap_servers()),
+        relay_config(&outbox, &broker.bootstrap_servers(), delivery),
     )
     .unwrap();
     let ledger = Ledger::shared();
@@ -200,6 +218,7 @@ async fn kafka_broker_killed_and_restarted_mid_stream() {
     let mut reader = TopicReader::on(&broker.bootstrap_servers(), &topic);
     settle_and_check(
         &outbox,
+        delivery,
         "2. Kafka broker SIGKILLed and restarted",
         1,
         &ledger,
@@ -210,8 +229,7 @@ async fn kafka_broker_killed_and_restarted_mid_stream() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_database_connections_terminated_repeatedly() {
+async fn relay_database_connections_terminated_repeatedly(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-pgkill");
@@ -222,7 +240,7 @@ async fn relay_database_connections_terminated_repeatedly() {
         .unwrap();
     let relay = Relay::start(
         relay_pool,
-        relay_config(&outbox, &kafka_bootstrap_servers()),
+        relay_config(&outbox, &kafka_bootstrap_servers(), delivery),
     )
     .unwrap();
     let ledger = Ledger::shared();
@@ -255,6 +273,7 @@ async fn relay_database_connections_terminated_repeatedly() {
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
         &outbox,
+        delivery,
         "4a. relay's PostgreSQL connections terminated (pg_terminate_backend)",
         terminated,
         &ledger,
@@ -265,15 +284,14 @@ async fn relay_database_connections_terminated_repeatedly() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgresql_restarted_mid_stream() {
+async fn postgresql_restarted_mid_stream(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-pgrestart");
     create_topic(&kafka_bootstrap_servers(), &topic, 3).await;
     let relay = Relay::start(
         outbox.pool.clone(),
-        relay_config(&outbox, &kafka_bootstrap_servers()),
+        relay_config(&outbox, &kafka_bootstrap_servers(), delivery),
     )
     .unwrap();
     let ledger = Ledger::shared();
@@ -295,13 +313,20 @@ async fn postgresql_restarted_mid_stream() {
     assert!(status.success(), "restarting PostgreSQL failed");
     writer.await.unwrap();
     let mut reader = TopicReader::new(&topic);
-    settle_and_check(&outbox, "4b. PostgreSQL restarted", 1, &ledger, &mut reader).await;
+    settle_and_check(
+        &outbox,
+        delivery,
+        "4b. PostgreSQL restarted",
+        1,
+        &ledger,
+        &mut reader,
+    )
+    .await;
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_to_postgresql_delayed_and_blackholed() {
+async fn network_to_postgresql_delayed_and_blackholed(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-pgnet");
@@ -322,7 +347,7 @@ async fn network_to_postgresql_delayed_and_blackholed() {
         .unwrap();
     let relay = Relay::start(
         relay_pool,
-        relay_config(&outbox, &kafka_bootstrap_servers()),
+        relay_config(&outbox, &kafka_bootstrap_servers(), delivery),
     )
     .unwrap();
     let ledger = Ledger::shared();
@@ -346,6 +371,7 @@ async fn network_to_postgresql_delayed_and_blackholed() {
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
         &outbox,
+        delivery,
         "5a. network relay→PostgreSQL: delay, blackhole, drop",
         3,
         &ledger,
@@ -356,8 +382,7 @@ async fn network_to_postgresql_delayed_and_blackholed() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_to_kafka_delayed_blackholed_and_dropped() {
+async fn network_to_kafka_delayed_blackholed_and_dropped(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let mut broker = KafkaBroker::new();
@@ -368,7 +393,7 @@ async fn network_to_kafka_delayed_blackholed_and_dropped() {
     create_topic(&broker.bootstrap_servers(), &topic, 3).await;
     let relay = Relay::start(
         outbox.pool.clone(),
-        relay_config(&outbox, &broker.bootstrap_servers()),
+        relay_config(&outbox, &broker.bootstrap_servers(), delivery),
     )
     .unwrap();
     let ledger = Ledger::shared();
@@ -392,6 +417,7 @@ async fn network_to_kafka_delayed_blackholed_and_dropped() {
     let mut reader = TopicReader::on(&broker.bootstrap_servers(), &topic);
     settle_and_check(
         &outbox,
+        delivery,
         "5b. network relay→Kafka: delay, blackhole, drop",
         3,
         &ledger,
@@ -402,8 +428,7 @@ async fn network_to_kafka_delayed_blackholed_and_dropped() {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once() {
+async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-fence");
@@ -422,7 +447,7 @@ async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once() 
         .connect(proxied.as_str())
         .await
         .unwrap();
-    let mut config = relay_config(&outbox, &kafka_bootstrap_servers());
+    let mut config = relay_config(&outbox, &kafka_bootstrap_servers(), delivery);
     config.lease_ttl = Duration::from_secs(1);
     config.lease_renew_interval = Duration::from_millis(300);
     let first = Relay::start(stalled_pool, config.clone()).unwrap();
@@ -474,6 +499,7 @@ async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once() 
     let mut reader = TopicReader::new(&topic);
     settle_and_check(
         &outbox,
+        delivery,
         "6. two relays, lease (1 s) shorter than a 3 s+ stall",
         1,
         &ledger,
@@ -497,8 +523,7 @@ async fn two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once() 
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partition_leader_killed_in_a_three_broker_cluster() {
+async fn partition_leader_killed_in_a_three_broker_cluster(delivery: Delivery) {
     let _serial = serial().await;
     let outbox = TestOutbox::new().await;
     let mut cluster = KafkaBroker::cluster(3);
@@ -512,7 +537,11 @@ async fn partition_leader_killed_in_a_three_broker_cluster() {
     let topic = unique_topic("chaos-cluster");
     // Replication 3 and min.insync.replicas 2 (the cluster's default).
     create_replicated_topic(&bootstrap, &topic, 3, 3).await;
-    let relay = Relay::start(outbox.pool.clone(), relay_config(&outbox, &bootstrap)).unwrap();
+    let relay = Relay::start(
+        outbox.pool.clone(),
+        relay_config(&outbox, &bootstrap, delivery),
+    )
+    .unwrap();
     let ledger = Ledger::shared();
     let writer = spawn_writer(
         &outbox,
@@ -539,6 +568,7 @@ async fn partition_leader_killed_in_a_three_broker_cluster() {
     let mut reader = TopicReader::on(&survivors, &topic);
     settle_and_check(
         &outbox,
+        delivery,
         "3. partition leader SIGKILLed, 3 brokers, RF 3, min.insync 2",
         1,
         &ledger,
@@ -747,6 +777,7 @@ async fn steady_load(hostile: bool) -> (f64, f64) {
     };
     settle_and_check(
         &outbox,
+        Delivery::AtLeastOnce,
         scenario,
         bad.as_ref().map_or(0, |b| b.0.len()),
         &ledger,
@@ -882,7 +913,7 @@ async fn a_partition_without_a_leader_delays_only_its_own_messages() {
     create_topic_on(&bootstrap, &healthy, &[&[1, 2], &[2, 1], &[1, 2]]).await;
     let orphaned = unique_topic("chaos-leaderless");
     create_topic_on(&bootstrap, &orphaned, &[&[3], &[1], &[2]]).await;
-    let mut config = relay_config(&outbox, &bootstrap);
+    let mut config = relay_config(&outbox, &bootstrap, Delivery::AtLeastOnce);
     config.batch_size = 5000;
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     // A running relay: its producer has its id and both topics' metadata before the fault.
@@ -934,8 +965,7 @@ async fn a_partition_without_a_leader_delays_only_its_own_messages() {
     let mut reader = TopicReader::on(&survivors, &healthy);
     reader.read_at_least(1, Duration::from_secs(30)).await;
     reader.received.retain(|r| r.sequence() != warm_up[0]);
-    settle_and_check(
-        &outbox,
+    settle_and_check(&outbox, Delivery::AtLeastOnce,
         "9. a partition without a leader (its only broker SIGKILLed), written with new keys all along",
         1,
         &ledger,
@@ -1114,3 +1144,37 @@ async fn primary_killed_and_standby_promoted_without_wait_for_standbys() {
     .await;
     assert!(phantoms > 0, "the scenario could not tell a phantom event");
 }
+
+/// Each scenario at least once (duplicates allowed, and counted) and exactly once (none allowed,
+/// read with `isolation.level=read_committed`).
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod at_least_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::AtLeastOnce).await
+                }
+            )*
+        }
+        mod exactly_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::ExactlyOnce).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    relay_process_sigkilled_twenty_times_mid_stream,
+    kafka_broker_killed_and_restarted_mid_stream,
+    relay_database_connections_terminated_repeatedly,
+    postgresql_restarted_mid_stream,
+    network_to_postgresql_delayed_and_blackholed,
+    network_to_kafka_delayed_blackholed_and_dropped,
+    two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once,
+    partition_leader_killed_in_a_three_broker_cluster,
+);

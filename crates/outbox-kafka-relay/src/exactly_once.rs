@@ -140,8 +140,7 @@ const TAIL: i64 = 64;
 /// replication factor.
 pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
-        .set("cleanup.policy", "compact");
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(READ_TIMEOUT));
     for result in admin.create_topics([&new], &options).await? {
         match result {
@@ -188,7 +187,9 @@ pub(crate) fn read_last(
         let deadline = std::time::Instant::now() + READ_TIMEOUT;
         loop {
             if std::time::Instant::now() > deadline {
-                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ));
             }
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(record)) => {
@@ -393,7 +394,13 @@ impl Pipeline {
         let result = match self.session.conn().await {
             Ok(conn) => {
                 self.statements
-                    .complete(conn, &progress.ids(), delete, Some(progress.batch), &term.fence)
+                    .complete(
+                        conn,
+                        &progress.ids(),
+                        delete,
+                        Some(progress.batch),
+                        &term.fence,
+                    )
                     .await
             }
             Err(error) => Err(error),
@@ -418,7 +425,9 @@ impl Pipeline {
             "a produce request was refused as a whole; publishing its messages one per transaction"
         );
         for suspect in suspects {
-            let (step, _) = self.transact(term, vec![suspect], Instant::now(), true).await;
+            let (step, _) = self
+                .transact(term, vec![suspect], Instant::now(), true)
+                .await;
             if !matches!(step, Step::More) {
                 return step;
             }
@@ -498,7 +507,8 @@ impl Pipeline {
             }
             Ended::TermEnded => {
                 let aborted = settled.delivered.iter().map(|(m, _)| m.id);
-                self.floor.uncovered(aborted.chain(failed.drain(..).map(|(m, _)| m.id)));
+                self.floor
+                    .uncovered(aborted.chain(failed.drain(..).map(|(m, _)| m.id)));
                 return (Step::NotLeader, Vec::new());
             }
         };

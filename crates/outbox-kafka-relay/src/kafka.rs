@@ -446,7 +446,9 @@ impl Publisher {
         let key = self.transactional_id.as_deref().unwrap_or_default();
         let record: FutureRecord<'_, str, [u8]> =
             FutureRecord::to(topic).key(key).payload(progress);
-        self.producer.send_result(record).map_err(|(error, _)| error)
+        self.producer
+            .send_result(record)
+            .map_err(|(error, _)| error)
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.

@@ -492,7 +492,11 @@ impl Pipeline {
             let mut result = Err(sqlx::Error::PoolClosed);
             for _ in 0..2 {
                 result = match kept.conn().await {
-                    Ok(conn) => statements.complete(conn, &delivered, delete, None, &fence).await,
+                    Ok(conn) => {
+                        statements
+                            .complete(conn, &delivered, delete, None, &fence)
+                            .await
+                    }
                     Err(error) => Err(error),
                 };
                 result = kept.checked(result);

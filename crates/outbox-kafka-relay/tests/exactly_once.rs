@@ -119,7 +119,8 @@ async fn a_batch_committed_in_kafka_but_not_completed_is_not_published_again() {
         .execute(&outbox.pool)
         .await
         .unwrap();
-        let first = Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
+        let first =
+            Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
         let messages: Vec<Message> = (0..20)
             .map(|i| Message::new(&topic, format!("m{i}")).key(format!("k{}", i % 3)))
             .collect();
@@ -135,7 +136,8 @@ async fn a_batch_committed_in_kafka_but_not_completed_is_not_published_again() {
             .await
             .unwrap();
 
-        let second = Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
+        let second =
+            Relay::start(outbox.pool.clone(), config(&outbox, delivery, &progress)).unwrap();
         wait_until(READ, "the batch completed", || async {
             outbox.pending().await == 0
         })
@@ -143,7 +145,9 @@ async fn a_batch_committed_in_kafka_but_not_completed_is_not_published_again() {
         outbox
             .commit_each([Message::new(&topic, "after").key("k0")])
             .await;
-        reader.read_until(READ, |r| r.iter().any(|r| r.payload_str() == "after")).await;
+        reader
+            .read_until(READ, |r| r.iter().any(|r| r.payload_str() == "after"))
+            .await;
         reader.read_for(Duration::from_millis(500)).await;
         assert_eq!(reader.distinct_sequences().len(), 21, "{delivery:?}");
         let duplicates = duplicates(&reader);

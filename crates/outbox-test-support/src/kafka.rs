@@ -196,7 +196,9 @@ impl TopicReader {
         config
             .set("group.id", format!("reader-{}", short_id()))
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // librdkafka's default, stated: records of aborted transactions are never read.
+            .set("isolation.level", "read_committed");
         for (key, value) in properties {
             config.set(key, value);
         }

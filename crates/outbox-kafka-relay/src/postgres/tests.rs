@@ -163,7 +163,9 @@ async fn fenced_statements_do_nothing_for_a_deposed_holder() {
     assert_eq!(new_token, token + 1);
 
     assert_eq!(
-        sql.complete(&mut conn, &ids, false, None, &old).await.unwrap(),
+        sql.complete(&mut conn, &ids, false, None, &old)
+            .await
+            .unwrap(),
         Fenced::LeaseLost
     );
     assert!(sql
@@ -606,7 +608,11 @@ async fn retry_concurrent_with_a_floor_rise_cancels_the_rise() {
         )
         .await
         .unwrap();
-    let Fenced::Done(done) = sql.complete(&mut conn, &ids, false, None, &fence).await.unwrap() else {
+    let Fenced::Done(done) = sql
+        .complete(&mut conn, &ids, false, None, &fence)
+        .await
+        .unwrap()
+    else {
         panic!("lease lost")
     };
     let mut tracker = FloorTracker::default();
