@@ -59,6 +59,7 @@
 //! - `outbox republish` publishes again on purpose: its messages are new transactions, so
 //!   read_committed consumers see them again.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -269,12 +270,21 @@ impl Transactions {
 }
 
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest a commit (which waits for every record's acknowledgement) may take within a
-/// term; then the transaction is aborted and what held it up is held back as failed.
+/// The longest a commit (which waits for every record's acknowledgement) may take; then the
+/// transaction is aborted and what held it up is held back as failed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long delivery reports may trail the end of their transaction.
 const REPORTS_WAIT: Duration = Duration::from_secs(5);
+
+/// What one transaction left to do.
+struct Transacted {
+    step: Step,
+    /// Refused with their whole produce request: to go one per transaction.
+    suspects: Vec<PendingMessage>,
+    /// Some message failed for itself (or the transaction could not run).
+    failed: bool,
+}
 
 /// How one transaction ended.
 enum Ended {
@@ -409,45 +419,65 @@ impl Pipeline {
     }
 
     /// Publishes `batch` in one transaction, then completes it; a refusal shared by a produce
-    /// request is sorted out by a transaction per suspect.
+    /// request is sorted out by a transaction per suspect, in order, none behind a failed one of
+    /// its key (that one is held, or dead-lettered; what is behind it stays pending).
     pub(crate) async fn publish_exactly_once(
         &mut self,
         term: &Term,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
     ) -> Step {
-        let (step, suspects) = self.transact(term, batch, claimed_at, false).await;
-        if !matches!(step, Step::More) || suspects.is_empty() {
-            return step;
+        let transaction = self.transact(term, batch, claimed_at, false).await;
+        if !matches!(transaction.step, Step::More) || transaction.suspects.is_empty() {
+            return transaction.step;
         }
         tracing::info!(
-            count = suspects.len(),
+            count = transaction.suspects.len(),
             "a produce request was refused as a whole; publishing its messages one per transaction"
         );
-        for suspect in suspects {
-            let (step, _) = self
+        let mut failed_keys: HashSet<(String, Vec<u8>)> = HashSet::new();
+        for suspect in transaction.suspects {
+            let key = suspect.key.clone().map(|k| (suspect.topic.clone(), k));
+            if key.as_ref().is_some_and(|k| failed_keys.contains(k)) {
+                self.floor.uncovered([suspect.id]);
+                continue;
+            }
+            // After the abort, a new producer (see `commit`).
+            if let Some(step) = self.ready_for_transactions(term).await {
+                self.floor.uncovered([suspect.id]);
+                return step;
+            }
+            let alone = self
                 .transact(term, vec![suspect], Instant::now(), true)
                 .await;
-            if !matches!(step, Step::More) {
-                return step;
+            if !matches!(alone.step, Step::More) {
+                return alone.step;
+            }
+            if alone.failed {
+                failed_keys.extend(key);
             }
         }
         Step::More
     }
 
     /// One transaction: `batch`'s records and the progress record, committed, then completed.
-    /// Returns the messages to publish again one per transaction (`alone`: this is one).
+    /// `alone`: `batch` is one message, whose refusal is its own.
     async fn transact(
         &mut self,
         term: &Term,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
         alone: bool,
-    ) -> (Step, Vec<PendingMessage>) {
+    ) -> Transacted {
+        let ended = |step| Transacted {
+            step,
+            suspects: Vec::new(),
+            failed: true,
+        };
         if let Err(error) = self.publisher.begin_transaction() {
             tracing::warn!(%error, "cannot begin a Kafka transaction");
             self.transactions.reinitialize();
-            return (Step::Failed, Vec::new());
+            return ended(Step::Failed);
         }
         self.publisher
             .send(batch, claimed_at, &mut self.in_flight)
@@ -456,7 +486,7 @@ impl Pipeline {
             self.in_flight.all_alone();
         }
         let progress = Progress::new(self.transactions.next_batch, &self.in_flight.awaited_ids());
-        let ended = self.commit(term, &progress).await;
+        let end = self.commit(term, &progress).await;
         let reports = self
             .in_flight
             .settle_all(Instant::now() + REPORTS_WAIT)
@@ -469,8 +499,8 @@ impl Pipeline {
         }
         let settled = self.in_flight.take_settled();
         self.floor.uncovered(settled.dropped);
-        let mut failed = settled.failed;
-        let step = match ended {
+        let failed = settled.failed;
+        let step = match end {
             Ended::Committed => {
                 m::transaction(true);
                 self.transactions.next_batch += 1;
@@ -483,13 +513,13 @@ impl Pipeline {
                     }
                     Ok(Fenced::LeaseLost) => {
                         tracing::warn!("lost the lease before completing a committed batch; the next holder completes it");
-                        return (Step::NotLeader, Vec::new());
+                        return ended(Step::NotLeader);
                     }
                     Err(error) => {
                         tracing::warn!(%error, "cannot complete a committed batch; completing it before anything else");
                         self.health.database(false);
                         self.transactions.uncompleted = Some(progress);
-                        return (Step::Failed, Vec::new());
+                        return ended(Step::Failed);
                     }
                 }
             }
@@ -508,24 +538,29 @@ impl Pipeline {
             Ended::TermEnded => {
                 let aborted = settled.delivered.iter().map(|(m, _)| m.id);
                 self.floor
-                    .uncovered(aborted.chain(failed.drain(..).map(|(m, _)| m.id)));
-                return (Step::NotLeader, Vec::new());
+                    .uncovered(aborted.chain(failed.iter().map(|(m, _)| m.id)));
+                return ended(Step::NotLeader);
             }
         };
-        if failed.is_empty() {
-            return (step, settled.suspects);
+        let step = if failed.is_empty() {
+            step
+        } else {
+            match self.handle_failures(term, &failed).await {
+                Ok(Fenced::Done(())) => step,
+                Ok(Fenced::LeaseLost) => Step::NotLeader,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot record delivery failures");
+                    self.health.database(false);
+                    self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
+                    Step::Failed
+                }
+            }
+        };
+        Transacted {
+            step,
+            suspects: settled.suspects,
+            failed: !failed.is_empty(),
         }
-        let step = match self.handle_failures(term, &failed).await {
-            Ok(Fenced::Done(())) => step,
-            Ok(Fenced::LeaseLost) => Step::NotLeader,
-            Err(error) => {
-                tracing::warn!(%error, "cannot record delivery failures");
-                self.health.database(false);
-                self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
-                Step::Failed
-            }
-        };
-        (step, settled.suspects)
     }
 
     /// Adds the progress record and commits, or aborts. Records that held the commit up until
@@ -541,10 +576,11 @@ impl Pipeline {
             let sent = self
                 .publisher
                 .send_progress(&self.config.progress_topic, &progress.encode());
-            let timeout =
-                COMMIT_TIMEOUT.min(term.deadline.saturating_duration_since(Instant::now()));
+            // Not bounded by the term: a commit that lands after the lease moved on is either
+            // before the next holder's init_transactions (which then reads its progress) or
+            // fenced by it.
             match sent {
-                Ok(_delivery) => match self.publisher.commit_transaction(timeout).await {
+                Ok(_delivery) => match self.publisher.commit_transaction(COMMIT_TIMEOUT).await {
                     Ok(()) => return Ended::Committed,
                     Err(error) => Some(error),
                 },
@@ -559,6 +595,12 @@ impl Pipeline {
             });
         }
         self.abort().await;
+        if error.is_some() {
+            // A transaction aborted for a failed record leaves librdkafka's idempotence
+            // sequence of its partition behind (the next transaction failed with "skipped
+            // sequence numbers"): the next one runs on a new producer, with a new epoch.
+            self.transactions.reinitialize();
+        }
         if !self.term_still_valid(term) {
             return Ended::TermEnded;
         }

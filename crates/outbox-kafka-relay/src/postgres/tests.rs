@@ -101,7 +101,8 @@ fn fenced_statements_number_their_fence_parameters() {
         .claim
         .contains("l.name = $4 AND l.holder = $5 AND l.token = $6"));
     assert!(sql
-        .complete_keep
+        .complete
+        .keep
         .contains("l.name = $2 AND l.holder = $3 AND l.token = $4"));
     assert!(sql
         .record_failures
@@ -109,13 +110,18 @@ fn fenced_statements_number_their_fence_parameters() {
     assert!(sql
         .dead_letter
         .contains("l.name = $3 AND l.holder = $4 AND l.token = $5"));
-    for statement in [
-        &sql.complete_keep,
-        &sql.complete_keep_replacing,
-        &sql.complete_delete,
-    ] {
-        assert!(!statement.contains("$F") && !statement.contains("{in_ids}"));
+    for completions in [&sql.complete, &sql.complete_durable] {
+        for statement in [
+            &completions.keep,
+            &completions.keep_replacing,
+            &completions.delete,
+        ] {
+            assert!(!statement.contains("$F") && !statement.contains('{'));
+            assert!(statement.contains("relay_progress"));
+        }
     }
+    assert!(sql.complete.delete.contains("'synchronous_commit', 'off'"));
+    assert!(!sql.complete_durable.delete.contains("synchronous_commit"));
 }
 
 #[tokio::test]
