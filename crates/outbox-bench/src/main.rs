@@ -191,6 +191,14 @@ pub(crate) struct RunArgs {
     /// through the whole scenario, whatever the value.
     #[arg(long, value_delimiter = ',')]
     pub(crate) steady_wait_for_standbys: Vec<u32>,
+    /// The relay daemon's delivery modes the steady scenario compares ("at-least-once",
+    /// "exactly-once"; with each linger); without, the default.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) steady_delivery: Vec<String>,
+    /// Also drain each round's vacuumed backlog with exactly-once delivery (at the first batch
+    /// size), beside the at-least-once drain.
+    #[arg(long)]
+    pub(crate) drain_exactly_once: bool,
     /// Seconds per steady rate per round.
     #[arg(long, default_value_t = 10)]
     pub(crate) steady_seconds: u64,

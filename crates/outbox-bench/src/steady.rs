@@ -40,6 +40,13 @@ async fn start_daemon(ctx: &Ctx, variant: Variant) -> anyhow::Result<Daemon> {
         "OUTBOX_WAIT_FOR_STANDBYS".to_owned(),
         variant.wait_for_standbys.to_string(),
     ));
+    if let Some(delivery) = variant.delivery {
+        env.push(("OUTBOX_DELIVERY".to_owned(), delivery.to_owned()));
+        env.push((
+            "OUTBOX_PROGRESS_TOPIC".to_owned(),
+            format!("bench-progress-{}", ctx.schema),
+        ));
+    }
     Daemon::start(
         &daemon_beside_bench()?,
         &ctx.pool,
@@ -128,17 +135,23 @@ async fn phase(
 struct Variant {
     linger_ms: u64,
     wait_for_standbys: u32,
+    /// `delivery`, when compared.
+    delivery: Option<&'static str>,
 }
 
 impl Variant {
     fn name(&self, standby: bool) -> String {
-        match standby {
-            true => format!(
-                "batch_linger {} ms, standby, wait_for_standbys {}",
-                self.linger_ms, self.wait_for_standbys
-            ),
-            false => format!("batch_linger {} ms", self.linger_ms),
+        let mut name = format!("batch_linger {} ms", self.linger_ms);
+        if standby {
+            name.push_str(&format!(
+                ", standby, wait_for_standbys {}",
+                self.wait_for_standbys
+            ));
         }
+        if let Some(delivery) = self.delivery {
+            name.push_str(&format!(", {delivery}"));
+        }
+        name
     }
 }
 
@@ -154,15 +167,31 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         true => args.steady_wait_for_standbys.clone(),
         false => vec![0],
     };
-    let variants: Vec<Variant> = lingers_ms
-        .iter()
-        .flat_map(|&linger_ms| {
-            waits.iter().map(move |&wait_for_standbys| Variant {
-                linger_ms,
-                wait_for_standbys,
-            })
-        })
-        .collect();
+    let mut deliveries: Vec<Option<&'static str>> = Vec::new();
+    for delivery in &args.steady_delivery {
+        deliveries.push(Some(match delivery.as_str() {
+            "at-least-once" => "at-least-once",
+            "exactly-once" => "exactly-once",
+            other => {
+                bail!("--steady-delivery: \"at-least-once\" or \"exactly-once\", not {other:?}")
+            }
+        }));
+    }
+    if deliveries.is_empty() {
+        deliveries.push(None);
+    }
+    let mut variants = Vec::new();
+    for &linger_ms in &lingers_ms {
+        for &wait_for_standbys in &waits {
+            for &delivery in &deliveries {
+                variants.push(Variant {
+                    linger_ms,
+                    wait_for_standbys,
+                    delivery,
+                });
+            }
+        }
+    }
     // For the whole scenario, so that the variants differ only in the relay's setting.
     let _standby = match standby {
         true => {
@@ -303,7 +332,11 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let p99s = Spread::of(&p99);
         let relay = Spread::of(&relay_cpu);
         let rate_ok = Spread::of(&achieved).median >= 0.98 * rate;
-        let wanted_p99 = if rate <= 500.0 { 10.0 } else { 15.0 };
+        let wanted_p99 = match (variant.delivery, rate <= 500.0) {
+            (Some("exactly-once"), _) => 25.0,
+            (_, true) => 10.0,
+            (_, false) => 15.0,
+        };
         report.target(
             &format!(
                 "steady {rate} msg/s, {name}: commit → consumer p99, writers at the offered rate"
@@ -328,7 +361,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         }
         details.push(json!({
             "rate": rate, "batch_linger_ms": variant.linger_ms,
-            "wait_for_standbys": standby.then_some(variant.wait_for_standbys), "rounds": per_round,
+            "wait_for_standbys": standby.then_some(variant.wait_for_standbys),
+            "delivery": variant.delivery, "rounds": per_round,
             "relay_cpu_us_per_message": relay.json(&relay_cpu),
             "postgres_cpu_us_per_message": Spread::of(&postgres_cpu).json(&postgres_cpu),
         }));

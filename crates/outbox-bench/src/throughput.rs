@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use outbox::{Message, Outbox, OutboxConfig, SchemaName};
 use outbox_kafka_relay::diagnostics;
-use outbox_kafka_relay::{Completion, Relay, RelayConfig};
+use outbox_kafka_relay::{Completion, Delivery, Relay, RelayConfig};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Connection as _;
@@ -38,6 +38,9 @@ pub(crate) struct DrainChildArgs {
     /// Give up after this long.
     #[arg(long, default_value_t = 900)]
     timeout_seconds: u64,
+    /// Exactly-once delivery (each batch a Kafka transaction).
+    #[arg(long)]
+    exactly_once: bool,
 }
 
 /// A drain run once after the alternating rounds, with `pg_stat_activity` sampled to show where
@@ -92,6 +95,10 @@ pub(crate) async fn drain_child(args: DrainChildArgs) -> anyhow::Result<()> {
     );
     config.schema = schema.clone();
     config.batch_size = args.batch_size;
+    if args.exactly_once {
+        config.delivery = Delivery::ExactlyOnce;
+        config.progress_topic = format!("bench-progress-{schema}");
+    }
     if args.diagnostic == Some(Diagnostic::Delete) {
         config.completion = Completion::Delete;
     }
@@ -201,6 +208,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let mut raw = Vec::new();
     let mut drains: Vec<Vec<Drain>> = vec![Vec::new(); args.batch_sizes.len()];
     let mut fresh: Vec<Vec<Drain>> = vec![Vec::new(); args.fresh_messages.len()];
+    let mut exactly_once: Vec<Drain> = Vec::new();
     let mut prefill_rates = Vec::new();
     let mut explains = json!({});
     for round in 0..args.rounds {
@@ -226,16 +234,59 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             if round == 0 && i == 0 {
                 explains = explain_backlog(ctx, &ctx.schema, batch_size).await?;
             }
-            let drain =
-                drain_in_child(ctx, &ctx.schema, batch_size, count, None, None, &label).await?;
+            let drain = drain_in_child(
+                ctx,
+                &ctx.schema,
+                batch_size,
+                count,
+                None,
+                None,
+                false,
+                &label,
+            )
+            .await?;
             drains[i].push(drain);
+            if args.drain_exactly_once && i == 0 {
+                prefill(
+                    ctx,
+                    &ctx.schema,
+                    Backlog::Vacuumed,
+                    &drain_topic,
+                    count,
+                    &label,
+                )
+                .await?;
+                let label = format!("exactly-once, {label}");
+                let drain = drain_in_child(
+                    ctx,
+                    &ctx.schema,
+                    batch_size,
+                    count,
+                    None,
+                    None,
+                    true,
+                    &label,
+                )
+                .await?;
+                exactly_once.push(drain);
+            }
         }
         for (i, &size) in args.fresh_messages.iter().enumerate() {
             let schema = fresh_schema(ctx).await?;
             let label = format!("fresh {size}, {label}");
             let drain = async {
                 prefill(ctx, &schema, Backlog::Fresh, &drain_topic, size, &label).await?;
-                drain_in_child(ctx, &schema, ctx.batch_size(), size, None, None, &label).await
+                drain_in_child(
+                    ctx,
+                    &schema,
+                    ctx.batch_size(),
+                    size,
+                    None,
+                    None,
+                    false,
+                    &label,
+                )
+                .await
             }
             .await;
             drop_schema(ctx, &schema).await?;
@@ -263,6 +314,13 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 d.rate(),
                 100.0 * d.rate() / raw[round],
                 d.hwm_mb
+            ));
+        }
+        if let Some(d) = exactly_once.get(round) {
+            line.push_str(&format!(
+                ", exactly-once {:.0} msg/s = {:.0}% of at-least-once",
+                d.rate(),
+                100.0 * d.rate() / drains[0][round].rate(),
             ));
         }
         for (i, size) in args.fresh_messages.iter().enumerate() {
@@ -301,6 +359,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             count,
             Some(samples.clone()),
             Some(diagnostic),
+            false,
             diagnostic.label(),
         )
         .await;
@@ -395,6 +454,55 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "rss_before_start_mb": Spread::of(&before).json(&before),
             "seconds": drains[i].iter().map(|d| d.seconds).collect::<Vec<_>>(),
         }));
+    }
+    let mut details_exactly_once = json!(null);
+    if !exactly_once.is_empty() {
+        let rates: Vec<f64> = exactly_once.iter().map(Drain::rate).collect();
+        let at_least_once: Vec<f64> = drains[0].iter().map(Drain::rate).collect();
+        let ratios: Vec<f64> = rates
+            .iter()
+            .zip(&at_least_once)
+            .map(|(e, a)| 100.0 * e / a)
+            .collect();
+        let to_raw: Vec<f64> = rates.iter().zip(&raw).map(|(d, r)| 100.0 * d / r).collect();
+        let scenario = format!(
+            "2 drain, batch {}, exactly-once (a Kafka transaction per batch)",
+            args.batch_sizes[0]
+        );
+        report.row(&scenario, "throughput", "msg/s", &rates);
+        report.row(
+            &scenario,
+            "ratio to the at-least-once drain (same round)",
+            "%",
+            &ratios,
+        );
+        report.row(
+            &scenario,
+            "ratio to the best raw producer (same round)",
+            "%",
+            &to_raw,
+        );
+        cpu_rows(&mut report, &scenario, &exactly_once);
+        let ratio = Spread::of(&ratios);
+        report.target(
+            "exactly-once drain >= 0.8x the at-least-once drain",
+            ">= 80%",
+            format!(
+                "{:.0}% (median of per-round ratios; {:.0}-{:.0}%); {:.0} msg/s",
+                ratio.median,
+                ratio.min,
+                ratio.max,
+                Spread::of(&rates).median
+            ),
+            ratio.median >= 80.0,
+        );
+        details_exactly_once = json!({
+            "batch_size": args.batch_sizes[0],
+            "rate": Spread::of(&rates).json(&rates),
+            "ratio_to_at_least_once_percent": ratio.json(&ratios),
+            "ratio_to_raw_percent": Spread::of(&to_raw).json(&to_raw),
+            "seconds": exactly_once.iter().map(|d| d.seconds).collect::<Vec<_>>(),
+        });
     }
     let mut details_fresh = Vec::new();
     for (i, &size) in args.fresh_messages.iter().enumerate() {
@@ -528,6 +636,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "stop_and_wait_batch": stop_and_wait,
             "drains": details_drains,
             "fresh_drains": details_fresh,
+            "exactly_once_drains": details_exactly_once,
             "prefill_rate": Spread::of(&prefill_rates).json(&prefill_rates),
             "explain_on_full_backlog": explains,
             "diagnostic_drains": diagnostics,
@@ -688,6 +797,7 @@ async fn drain_in_child(
     count: u64,
     profile: Option<Arc<ProfileSamples>>,
     diagnostic: Option<Diagnostic>,
+    exactly_once: bool,
     label: &str,
 ) -> anyhow::Result<Drain> {
     let exe = std::env::current_exe().context("locate the bench binary")?;
@@ -705,6 +815,9 @@ async fn drain_in_child(
         .arg(batch_size.to_string());
     for item in &ctx.args.relay_kafka {
         command.arg("--relay-kafka").arg(item);
+    }
+    if exactly_once {
+        command.arg("--exactly-once");
     }
     if let Some(diagnostic) = diagnostic {
         command.arg("--diagnostic").arg(

@@ -100,6 +100,10 @@ impl Progress {
         Progress { batch, ranges }
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
     pub(crate) fn ids(&self) -> Vec<i64> {
         self.ranges
             .iter()
@@ -267,6 +271,11 @@ impl Transactions {
     pub(crate) fn reinitialize(&mut self) {
         self.initialized = None;
     }
+
+    /// `progress` was committed in Kafka and its completion failed.
+    pub(crate) fn uncompleted(&mut self, progress: Progress) {
+        self.uncompleted = Some(progress);
+    }
 }
 
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -293,6 +302,9 @@ enum Ended {
     Aborted(Option<KafkaError>),
     /// The term ended before the commit.
     TermEnded,
+    /// Aborted because the previous batch's completion did not take effect: this one must not
+    /// commit before it is (see `Transactions::uncompleted`).
+    PreviousNotCompleted(Step),
 }
 
 impl Pipeline {
@@ -316,6 +328,10 @@ impl Pipeline {
         }
         let session = self.session.session();
         if self.transactions.recovered != Some((token, session)) {
+            // The completion in flight first: what it stores is what the progress is read against.
+            if let Some(step) = self.settle_completion().await {
+                return Some(step);
+            }
             if let Err(reason) = self.read_progress().await {
                 tracing::warn!(%reason, "cannot read the last committed batch");
                 return Some(Step::Failed);
@@ -505,23 +521,17 @@ impl Pipeline {
                 m::transaction(true);
                 self.transactions.next_batch += 1;
                 record_published(&settled.delivered);
-                match self.complete_batch(term, &progress).await {
-                    Ok(Fenced::Done(done)) => {
-                        self.floor.completed(self.claimed_last_id, done.xid);
-                        self.health.progress(true);
-                        Step::More
-                    }
-                    Ok(Fenced::LeaseLost) => {
-                        tracing::warn!("lost the lease before completing a committed batch; the next holder completes it");
-                        return ended(Step::NotLeader);
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot complete a committed batch; completing it before anything else");
-                        self.health.database(false);
-                        self.transactions.uncompleted = Some(progress);
-                        return ended(Step::Failed);
-                    }
-                }
+                // In the background, while the next batch is claimed and sent; it lands before
+                // that batch commits (see `commit`), so at most one committed batch is ever
+                // uncompleted: the last progress record's.
+                self.start_completion(term, progress.ids(), Some(progress.batch));
+                Step::More
+            }
+            Ended::PreviousNotCompleted(step) => {
+                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
+                self.floor
+                    .uncovered(aborted.chain(failed.iter().map(|(m, _)| m.id)));
+                return ended(step);
             }
             Ended::Aborted(error) => {
                 if error.is_some() {
@@ -567,7 +577,7 @@ impl Pipeline {
     /// its deadline are failed (retriable), so that they and their keys are held back while the
     /// rest goes again.
     async fn commit(&mut self, term: &Term, progress: &Progress) -> Ended {
-        let error = if progress.ids().is_empty() {
+        let error = if progress.is_empty() {
             None
         } else if !self.term_still_valid(term) {
             self.abort().await;
@@ -576,14 +586,30 @@ impl Pipeline {
             let sent = self
                 .publisher
                 .send_progress(&self.config.progress_topic, &progress.encode());
-            // Not bounded by the term: a commit that lands after the lease moved on is either
-            // before the next holder's init_transactions (which then reads its progress) or
-            // fenced by it.
+            // Every record's acknowledgement first: the commit would wait for them too, but
+            // rust-rdkafka's flush before it then took 100 ms per transaction, whatever the
+            // batch. A record that fails makes the commit fail at once.
+            let deadline = Instant::now() + COMMIT_TIMEOUT;
             match sent {
-                Ok(_delivery) => match self.publisher.commit_transaction(COMMIT_TIMEOUT).await {
-                    Ok(()) => return Ended::Committed,
-                    Err(error) => Some(error),
-                },
+                Ok(delivery) => {
+                    let acknowledged = self.in_flight.settle_all(deadline).await
+                        && tokio::time::timeout_at(deadline, delivery).await.is_ok();
+                    if let Some(step) = self.settle_completion().await {
+                        self.abort().await;
+                        return Ended::PreviousNotCompleted(step);
+                    }
+                    if acknowledged {
+                        // Not bounded by the term: a commit that lands after the lease moved on
+                        // is either before the next holder's init_transactions (which then
+                        // reads its progress) or fenced by it.
+                        match self.publisher.commit_transaction(COMMIT_TIMEOUT).await {
+                            Ok(()) => return Ended::Committed,
+                            Err(error) => Some(error),
+                        }
+                    } else {
+                        Some(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                    }
+                }
                 Err(error) => Some(error),
             }
         };

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::PoisonPolicy;
 use crate::config::{Completion, Delivery, RelayConfig};
-use crate::exactly_once::Transactions;
+use crate::exactly_once::{Progress, Transactions};
 use crate::health::Health;
 use crate::in_flight::{message_bytes, BatchWait, InFlight, Settled};
 use crate::kafka::{DeliveryError, ErrorClass, Publisher};
@@ -94,6 +94,8 @@ const FLOOR_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Completing {
     /// In sequence order.
     ids: Vec<i64>,
+    /// With exactly-once delivery, their transaction's batch number.
+    batch: Option<i64>,
     /// The id sequence's last value read by the claim of this batch, for the floor candidate.
     claimed_last_id: Option<i64>,
     task: tokio::task::JoinHandle<(Kept, Result<Fenced<Completed>, sqlx::Error>)>,
@@ -476,8 +478,14 @@ impl Pipeline {
         Ok(batch)
     }
 
-    /// Completes acknowledged messages in the background, after the previous completion.
-    fn start_completion(&mut self, term: &Term, delivered: Vec<i64>) {
+    /// Completes acknowledged messages in the background, after the previous completion (with
+    /// exactly-once delivery, those of transaction `batch`).
+    pub(crate) fn start_completion(
+        &mut self,
+        term: &Term,
+        delivered: Vec<i64>,
+        batch: Option<i64>,
+    ) {
         let delete = matches!(self.config.completion, Completion::Delete);
         let (statements, fence) = (self.statements.clone(), term.fence.clone());
         let mut kept = self
@@ -494,7 +502,7 @@ impl Pipeline {
                 result = match kept.conn().await {
                     Ok(conn) => {
                         statements
-                            .complete(conn, &delivered, delete, None, &fence)
+                            .complete(conn, &delivered, delete, batch, &fence)
                             .await
                     }
                     Err(error) => Err(error),
@@ -510,6 +518,7 @@ impl Pipeline {
         // the completion's transaction id; a later claim's would not.
         self.completing = Some(Completing {
             ids,
+            batch,
             claimed_last_id: self.claimed_last_id,
             task,
         });
@@ -517,9 +526,10 @@ impl Pipeline {
 
     /// Waits for the completion in flight, if any. `Some(step)` when it did not take effect:
     /// its messages stay pending and are published again (duplicates, never a loss).
-    async fn settle_completion(&mut self) -> Option<Step> {
+    pub(crate) async fn settle_completion(&mut self) -> Option<Step> {
         let Completing {
             ids,
+            batch,
             claimed_last_id,
             task,
         } = self.completing.take()?;
@@ -545,14 +555,23 @@ impl Pipeline {
             Ok(Err(error)) => {
                 self.health.database(false);
                 tracing::warn!(%error, count, "cannot mark delivered messages complete");
-                self.floor.uncovered(ids);
+                self.completion_failed(ids, batch);
                 Some(Step::Failed)
             }
             Err(error) => {
                 tracing::error!(%error, count, "the completion task failed");
-                self.floor.uncovered(ids);
+                self.completion_failed(ids, batch);
                 Some(Step::Failed)
             }
+        }
+    }
+
+    /// A completion did not take effect: its messages are published again (at least once), or
+    /// (exactly once: Kafka committed them) completed before anything else.
+    fn completion_failed(&mut self, ids: Vec<i64>, batch: Option<i64>) {
+        match batch {
+            Some(batch) => self.transactions.uncompleted(Progress::new(batch, &ids)),
+            None => self.floor.uncovered(ids),
         }
     }
 
@@ -618,7 +637,7 @@ impl Pipeline {
                 return Some(step);
             }
             record_published(&delivered);
-            self.start_completion(term, delivered.iter().map(|(m, _)| m.id).collect());
+            self.start_completion(term, delivered.iter().map(|(m, _)| m.id).collect(), None);
         }
         if failed.is_empty() {
             return None;
