@@ -73,7 +73,7 @@ use crate::config::Completion;
 use crate::kafka::{DeliveryError, KafkaConfig};
 use crate::lease::Term;
 use crate::metrics as m;
-use crate::pipeline::{record_published, Pipeline, Step};
+use crate::pipeline::{record_published, Pipeline, Step, MAX_BATCHES_IN_FLIGHT};
 use crate::postgres::{Completed, Fenced, PendingMessage};
 use tokio::time::Instant;
 
@@ -500,6 +500,8 @@ impl Pipeline {
             .await;
         if alone {
             self.in_flight.all_alone();
+        } else {
+            self.claim_into_transaction(term).await;
         }
         let progress = Progress::new(self.transactions.next_batch, &self.in_flight.awaited_ids());
         let end = self.commit(term, &progress).await;
@@ -570,6 +572,34 @@ impl Pipeline {
             step,
             suspects: settled.suspects,
             failed: !failed.is_empty(),
+        }
+    }
+
+    /// While there is a backlog, claims and sends more batches into the open transaction (up to
+    /// `MAX_BATCHES_IN_FLIGHT`), so that claims overlap the acknowledgements of what was sent
+    /// and one commit carries several batches. Not with `wait_for_standbys`, whose wait comes
+    /// between a claim and its send.
+    async fn claim_into_transaction(&mut self, term: &Term) {
+        let max_messages = MAX_BATCHES_IN_FLIGHT * self.config.batch_size;
+        let max_bytes = MAX_BATCHES_IN_FLIGHT * self.config.max_batch_bytes;
+        while self.backlog
+            && self.config.wait_for_standbys == 0
+            && self.in_flight.len() < max_messages
+            && self.in_flight.bytes() < max_bytes
+            && self.term_still_valid(term)
+        {
+            let batch = match self.claim(term, false).await {
+                Ok(batch) if !batch.is_empty() => batch,
+                Ok(_) => break,
+                Err(error) => {
+                    // What was sent commits; the next step claims again.
+                    tracing::warn!(%error, "cannot claim messages");
+                    break;
+                }
+            };
+            self.publisher
+                .send(batch, Instant::now(), &mut self.in_flight)
+                .await;
         }
     }
 

@@ -65,6 +65,7 @@ struct Entry {
 const STALLED_TOPIC: usize = 100;
 
 /// What a claim holds back while messages are unacknowledged (see [`InFlight::waiting`]).
+#[derive(Default)]
 pub(crate) struct Waiting<'a> {
     pub(crate) topics: Vec<&'a str>,
     pub(crate) keys: Vec<&'a [u8]>,

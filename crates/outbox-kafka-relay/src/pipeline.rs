@@ -14,7 +14,7 @@ use crate::config::PoisonPolicy;
 use crate::config::{Completion, Delivery, RelayConfig};
 use crate::exactly_once::{Progress, Transactions};
 use crate::health::Health;
-use crate::in_flight::{message_bytes, BatchWait, InFlight, Settled};
+use crate::in_flight::{message_bytes, BatchWait, InFlight, Settled, Waiting};
 use crate::kafka::{DeliveryError, ErrorClass, Publisher};
 use crate::lease::Term;
 use crate::metrics as m;
@@ -76,7 +76,7 @@ const BATCH_WAIT_FACTOR: u32 = 4;
 const MIN_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// At most this many batches' worth of messages in flight: beyond it the relay waits for
 /// acknowledgements before it claims more.
-const MAX_BATCHES_IN_FLIGHT: usize = 4;
+pub(crate) const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Polls of the standbys' positions: first after this, doubling up to `STANDBY_POLL_MAX`
 /// (a standby on the same network flushes within a millisecond or so); health reports a wait
@@ -237,7 +237,7 @@ impl Pipeline {
             }
         }
         let started = Instant::now();
-        let batch = match self.claim(term).await {
+        let batch = match self.claim(term, true).await {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim messages");
@@ -434,13 +434,22 @@ impl Pipeline {
 
     /// The next batch: the lowest pending sequences, skipping the previous batch's messages
     /// while their completion is in flight; a prefix, in sequence order, of what is pending and
-    /// not yet acknowledged.
-    async fn claim(&mut self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
+    /// not yet acknowledged. `hold_keys_in_flight`: also skipping the keys (and stalled topics)
+    /// of unacknowledged messages; a claim that adds to an open Kafka transaction does not,
+    /// as the transaction commits all of its records or none.
+    pub(crate) async fn claim(
+        &mut self,
+        term: &Term,
+        hold_keys_in_flight: bool,
+    ) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let mut skip: Vec<i64> = self.in_flight.ids().collect();
         if let Some(completing) = &self.completing {
             skip.extend_from_slice(&completing.ids);
         }
-        let waiting = self.in_flight.waiting();
+        let waiting = match hold_keys_in_flight {
+            true => self.in_flight.waiting(),
+            false => Waiting::default(),
+        };
         let request = self
             .floor
             .request(self.backlog || self.floor_raised_at.elapsed() >= FLOOR_INTERVAL);
