@@ -165,7 +165,12 @@ fn consume<S: Send + 'static>(
         .set("enable.partition.eof", "false")
         // Return fetches as soon as any data is there (the defaults already do; explicit).
         .set("fetch.min.bytes", "1")
-        .set("fetch.wait.max.ms", "100")
+        // Read committed (librdkafka's default, stated), and a short long-poll: the broker
+        // answers a waiting fetch when the high watermark moves, not when a transaction's
+        // commit moves the last stable offset, so each exactly-once transaction reached this
+        // consumer up to fetch.wait.max.ms late (p99 108-117 ms at 100 ms).
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
         .create()
         .context("create the consumer")?;
     let metadata = consumer

@@ -426,7 +426,16 @@ impl Publisher {
     }
 
     /// Commits the open transaction, after every record in it was acknowledged.
+    ///
+    /// rust-rdkafka flushes before it commits: while librdkafka still counts a delivery report
+    /// (the polling thread is finishing it), that flush polls the queue itself for up to 100 ms,
+    /// and the report goes to the polling thread, so the commit took 100 ms in most
+    /// transactions. Waiting here for the count to reach zero takes microseconds.
     pub(crate) async fn commit_transaction(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
         self.transaction_call(move |p| p.commit_transaction(timeout))
             .await
     }
