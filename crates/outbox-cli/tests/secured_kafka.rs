@@ -57,9 +57,19 @@ fn relay_command(outbox: &TestOutbox, properties: &[(String, String)]) -> Comman
 }
 
 fn start(outbox: &TestOutbox, properties: &[(String, String)]) -> Daemon {
+    start_with(outbox, properties, &[])
+}
+
+/// [`start`], with more `OUTBOX_*` settings.
+fn start_with(
+    outbox: &TestOutbox,
+    properties: &[(String, String)],
+    env: &[(&str, &str)],
+) -> Daemon {
     let log = std::env::temp_dir().join(format!("outbox-secured-{}.log", short_id()));
     let metrics = format!("127.0.0.1:{}", free_port());
     let child = relay_command(outbox, properties)
+        .envs(env.iter().copied())
         .args(["relay", "--metrics-addr", &metrics])
         .stdout(Stdio::null())
         .stderr(File::create(&log).unwrap())
@@ -229,6 +239,73 @@ async fn a_missing_acl_holds_only_its_topic_and_is_named() {
     .unwrap();
     let error = error.unwrap_or_default();
     assert!(error.contains("TopicAuthorizationFailed"), "{error}");
+    drop(daemon);
+    outbox.drop_schema().await;
+}
+
+/// Exactly-once delivery over SASL_SSL: the relay's principal may use transactional ids
+/// `outbox:secured-*` (dev/up's ACLs), so a lease named `secured-*` publishes in transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_publishes_in_transactions_with_its_transactional_id_acl() {
+    let outbox = TestOutbox::new().await;
+    let topic = format!("secured-{}", short_id());
+    let progress = format!("secured-progress-{}", short_id());
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    // The relay's principal may not create topics: the operator creates the progress topic.
+    create_topic(&kafka_bootstrap_servers(), &progress, 1).await;
+    let properties = kafka_sasl_properties(&SASL_RELAY, SASL_RELAY.password, &kafka_sasl_ca());
+    let lease = format!("secured-{}", short_id());
+    let daemon = start_with(
+        &outbox,
+        &properties,
+        &[
+            ("OUTBOX_DELIVERY", "exactly-once"),
+            ("OUTBOX_PROGRESS_TOPIC", &progress),
+            ("OUTBOX_LEASE_NAME", &lease),
+        ],
+    );
+    commit(&outbox, &topic, &["one", "two", "three"]).await;
+    let consumer = kafka_sasl_properties(&SASL_CONSUMER, SASL_CONSUMER.password, &kafka_sasl_ca());
+    let mut reader = TopicReader::with(&consumer, &topic);
+    let received = reader.read_at_least(3, Duration::from_secs(60)).await;
+    let payloads: Vec<&str> = received.iter().map(|r| r.payload_str()).collect();
+    assert_eq!(payloads, ["one", "two", "three"]);
+    outbox.wait_until_drained(Duration::from_secs(30)).await;
+    let metrics = get(&daemon, "/metrics").await;
+    assert!(
+        metrics.contains("outbox_transactions_total{outcome=\"committed\"}"),
+        "{metrics}"
+    );
+    assert_secret_kept(&daemon, &outbox, &properties, SASL_RELAY.password).await;
+    drop(daemon);
+    outbox.drop_schema().await;
+}
+
+/// Without an ACL for its transactional id, an exactly-once relay publishes nothing, completes
+/// nothing, and its health names the transactional id and what the principal needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_without_a_transactional_id_acl_is_named_and_nothing_is_completed() {
+    let outbox = TestOutbox::new().await;
+    let topic = format!("secured-{}", short_id());
+    let progress = format!("secured-progress-{}", short_id());
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    create_topic(&kafka_bootstrap_servers(), &progress, 1).await;
+    commit(&outbox, &topic, &["waits"]).await;
+    let properties = kafka_sasl_properties(&SASL_RELAY, SASL_RELAY.password, &kafka_sasl_ca());
+    // Lease "relay": transactional id "outbox:relay:secured", which no ACL grants.
+    let daemon = start_with(
+        &outbox,
+        &properties,
+        &[
+            ("OUTBOX_DELIVERY", "exactly-once"),
+            ("OUTBOX_PROGRESS_TOPIC", &progress),
+        ],
+    );
+    let report = wait_for_reason(&daemon, "cannot initialise Kafka transactions").await;
+    assert!(report.contains("outbox:relay:secured"), "{report}");
+    assert!(report.contains("Write and Describe"), "{report}");
+    assert_eq!(outbox.pending().await, 1, "nothing was completed");
+    assert_secret_kept(&daemon, &outbox, &properties, SASL_RELAY.password).await;
     drop(daemon);
     outbox.drop_schema().await;
 }

@@ -143,8 +143,27 @@ const TAIL: i64 = 64;
 /// Creates the progress topic if it is missing: one partition (the records of a transactional
 /// id must stay in order), compacted (only the last record per key matters), the broker's
 /// replication factor.
+/// A topic that exists is left as it is: a principal without the `Create` ACL is refused even
+/// a creation that would find the topic there.
 pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
+    // Every topic's metadata, not the one's: asking for one by name may create it (with the
+    // broker's defaults) where the broker creates topics on first use.
+    let (client, name) = (reader_config(config), topic.to_owned());
+    let exists = tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = client.create()?;
+        let metadata = client.fetch_metadata(None, READ_TIMEOUT)?;
+        let exists = metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none());
+        Ok::<bool, KafkaError>(exists)
+    })
+    .await
+    .map_err(|_| KafkaError::Canceled)??;
+    if exists {
+        return Ok(());
+    }
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(READ_TIMEOUT));
     for result in admin.create_topics([&new], &options).await? {
@@ -156,13 +175,9 @@ pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<()
     Ok(())
 }
 
-/// The last committed progress record of `key` (the transactional id) in `topic`. Call it after
-/// `init_transactions`, so that no transaction of `key` is still open.
-pub(crate) fn read_last(
-    config: &KafkaConfig,
-    topic: &str,
-    key: &str,
-) -> Result<Option<Progress>, KafkaError> {
+/// The connection and security settings, for a consumer (producer properties would be
+/// reported as ignored).
+fn reader_config(config: &KafkaConfig) -> rdkafka::ClientConfig {
     let mut client = config.metadata_client_config();
     for producer_only in [
         "linger.ms",
@@ -173,7 +188,17 @@ pub(crate) fn read_last(
     ] {
         client.remove(producer_only);
     }
-    let consumer: BaseConsumer = client
+    client
+}
+
+/// The last committed progress record of `key` (the transactional id) in `topic`. Call it after
+/// `init_transactions`, so that no transaction of `key` is still open.
+pub(crate) fn read_last(
+    config: &KafkaConfig,
+    topic: &str,
+    key: &str,
+) -> Result<Option<Progress>, KafkaError> {
+    let consumer: BaseConsumer = reader_config(config)
         .set("group.id", "outbox-progress-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
