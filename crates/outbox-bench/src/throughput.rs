@@ -240,8 +240,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 batch_size,
                 count,
                 None,
-                None,
-                false,
+                DrainVariant::default(),
                 &label,
             )
             .await?;
@@ -263,8 +262,10 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                     batch_size,
                     count,
                     None,
-                    None,
-                    true,
+                    DrainVariant {
+                        exactly_once: true,
+                        ..DrainVariant::default()
+                    },
                     &label,
                 )
                 .await?;
@@ -282,8 +283,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                     ctx.batch_size(),
                     size,
                     None,
-                    None,
-                    false,
+                    DrainVariant::default(),
                     &label,
                 )
                 .await
@@ -358,8 +358,10 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             ctx.batch_size(),
             count,
             Some(samples.clone()),
-            Some(diagnostic),
-            false,
+            DrainVariant {
+                diagnostic: Some(diagnostic),
+                exactly_once: false,
+            },
             diagnostic.label(),
         )
         .await;
@@ -789,6 +791,13 @@ async fn drop_schema(ctx: &Ctx, schema: &SchemaName) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a drain's relay differs from the default.
+#[derive(Debug, Clone, Copy, Default)]
+struct DrainVariant {
+    diagnostic: Option<Diagnostic>,
+    exactly_once: bool,
+}
+
 /// Runs the drain in a child process (this binary, `drain-child`) and reads its result.
 async fn drain_in_child(
     ctx: &Ctx,
@@ -796,10 +805,13 @@ async fn drain_in_child(
     batch_size: usize,
     count: u64,
     profile: Option<Arc<ProfileSamples>>,
-    diagnostic: Option<Diagnostic>,
-    exactly_once: bool,
+    variant: DrainVariant,
     label: &str,
 ) -> anyhow::Result<Drain> {
+    let DrainVariant {
+        diagnostic,
+        exactly_once,
+    } = variant;
     let exe = std::env::current_exe().context("locate the bench binary")?;
     let updated_sql = "SELECT coalesce(sum(n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'message'";
     let updated_before: i64 = sqlx::query_scalar(updated_sql)

@@ -222,13 +222,12 @@ pub(crate) fn read_last(
                 ));
             }
             match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(record)) => {
-                    if record.key() == Some(key.as_bytes()) {
-                        if let Some(progress) = record.payload().and_then(Progress::decode) {
-                            last = Some(progress);
-                        }
+                Some(Ok(record)) if record.key() == Some(key.as_bytes()) => {
+                    if let Some(progress) = record.payload().and_then(Progress::decode) {
+                        last = Some(progress);
                     }
                 }
+                Some(Ok(_)) => {}
                 // The end as a read_committed consumer sees it: the last stable offset. Since
                 // our own transactions are closed, everything of ours below `high` is before it,
                 // unless another producer's open transaction holds it back: then read on.
@@ -326,7 +325,7 @@ enum Ended {
     /// Aborted because of `error` (`None`: nothing in it to commit).
     Aborted(Option<KafkaError>),
     /// The term ended before the commit.
-    TermEnded,
+    TermOver,
     /// Aborted because the previous batch's completion did not take effect: this one must not
     /// commit before it is (see `Transactions::uncompleted`).
     PreviousNotCompleted(Step),
@@ -572,7 +571,7 @@ impl Pipeline {
                 }
                 Step::More
             }
-            Ended::TermEnded => {
+            Ended::TermOver => {
                 let aborted = settled.delivered.iter().map(|(m, _)| m.id);
                 self.floor
                     .uncovered(aborted.chain(failed.iter().map(|(m, _)| m.id)));
@@ -636,7 +635,7 @@ impl Pipeline {
             None
         } else if !self.term_still_valid(term) {
             self.abort().await;
-            return Ended::TermEnded;
+            return Ended::TermOver;
         } else {
             let sent = self
                 .publisher
@@ -683,7 +682,7 @@ impl Pipeline {
             self.transactions.reinitialize();
         }
         if !self.term_still_valid(term) {
-            return Ended::TermEnded;
+            return Ended::TermOver;
         }
         Ended::Aborted(error)
     }
