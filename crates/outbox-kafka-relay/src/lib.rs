@@ -27,6 +27,13 @@
 //! by the same or the next holder, so a crash at any point yields at most duplicates, never a
 //! loss.
 //!
+//! **Exactly-once, by choice.** With [`Delivery::ExactlyOnce`] each batch is one Kafka
+//! transaction that also records its outbox ids in a progress topic; the database completion
+//! follows the commit, and a holder completes what Kafka committed before it claims. Consumers
+//! reading with `isolation.level=read_committed` then see each committed message once. The
+//! argument, crash point by crash point, is in the `exactly_once` module
+//! (`src/exactly_once.rs`).
+//!
 //! **Only committed messages, and every one of them.** The relay reads with ordinary snapshots,
 //! so it never sees an uncommitted row. It claims *all* pending rows in sequence order, never
 //! "rows above the last sequence seen": a transaction that took sequence 10 but commits after 11
