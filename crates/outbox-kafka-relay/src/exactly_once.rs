@@ -64,9 +64,9 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Completion;
@@ -191,6 +191,20 @@ fn reader_config(config: &KafkaConfig) -> rdkafka::ClientConfig {
     client
 }
 
+/// The progress reader's librdkafka context: the end of the partition, which librdkafka also
+/// reports as a client error, is what the reader waits for, not something to log.
+struct Reader;
+
+impl ClientContext for Reader {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "Kafka error while reading the progress topic");
+        }
+    }
+}
+
+impl ConsumerContext for Reader {}
+
 /// The last committed progress record of `key` (the transactional id) in `topic`. Call it after
 /// `init_transactions`, so that no transaction of `key` is still open.
 pub(crate) fn read_last(
@@ -198,12 +212,12 @@ pub(crate) fn read_last(
     topic: &str,
     key: &str,
 ) -> Result<Option<Progress>, KafkaError> {
-    let consumer: BaseConsumer = reader_config(config)
+    let consumer: BaseConsumer<Reader> = reader_config(config)
         .set("group.id", "outbox-progress-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create_with_context(Reader)?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, READ_TIMEOUT)?;
     let mut last = None;
     let mut from = low.max(high - TAIL);
