@@ -1071,6 +1071,7 @@ mod documented_keys {
         match (key, value) {
             ("completion", _) => "delete".into(),
             ("poison_policy", _) => "dead-letter".into(),
+            ("delivery", _) => "exactly-once".into(),
             (_, toml::Value::String(s)) => format!("{s}x").into(),
             (_, toml::Value::Integer(i)) => (i + 1).into(),
             (_, toml::Value::Float(f)) => (f + 1.0).into(),

@@ -302,7 +302,12 @@ where
         // Never a record of an aborted transaction (an exactly-once relay's, or any producer's).
         .set("isolation.level", "read_committed");
     for (key, value) in &config.properties {
-        if RESERVED_PROPERTIES.contains(&key.trim().to_ascii_lowercase().as_str()) {
+        let key_lower = key.trim().to_ascii_lowercase();
+        // Stating the consumer's own value is harmless.
+        if key_lower == "isolation.level" && value.trim() == "read_committed" {
+            continue;
+        }
+        if RESERVED_PROPERTIES.contains(&key_lower.as_str()) {
             return Err(ConsumerError::ReservedProperty(key.clone()));
         }
         client.set(key, value);

@@ -46,9 +46,15 @@
 //! that does not exist) are held or dead-lettered as in at-least-once mode, and the rest of the
 //! batch is claimed again at once, without them and their keys. A refusal shared by a produce
 //! request (a record over the topic's size limit fails its whole request) is sorted out by
-//! sending each of its records in a transaction of its own. Records that are not acknowledged
-//! before the commit's deadline (a partition without a leader) are held with backoff as failed
-//! attempts, and the batch goes again without them.
+//! sending the messages of the keys concerned one per transaction, in order, each key up to its
+//! first failure, so the culprit fails alone and nothing overtakes an earlier message of its
+//! key. A message refused before it is sent ends the claims into its transaction: it is held
+//! only when the transaction ends, and a claim before that would take its key's next message.
+//! Records that are not acknowledged before the commit's deadline (a partition without a
+//! leader) are held with backoff as failed attempts, and the batch goes again without them.
+//! But a transaction that includes a partition which then loses every replica cannot be
+//! aborted either (its markers cannot be written), and every later transaction waits until the
+//! partition is back: Kafka's transactions assume replicated partitions.
 //!
 //! # What it costs and does not cover
 //! - No probing of unknown topics: a message for a topic the cluster does not list is held
@@ -116,7 +122,8 @@ impl Progress {
     }
 
     /// `None` for anything but a record this relay writes: ranges must be ascending, disjoint
-    /// and name at most `MAX_IDS` ids (a batch holds at most 100,000).
+    /// and name at most `MAX_IDS` ids (a batch holds at most 100,000); the batch number is
+    /// positive and below `MAX_BATCH`.
     fn decode(bytes: &[u8]) -> Option<Self> {
         let progress: Progress = serde_json::from_slice(bytes).ok()?;
         let mut count: i64 = 0;
@@ -128,17 +135,21 @@ impl Progress {
             count = count.checked_add(end.checked_sub(start)?.checked_add(1)?)?;
             previous_end = Some(end);
         }
-        (count <= MAX_IDS).then_some(progress)
+        (count <= MAX_IDS && (1..MAX_BATCH).contains(&progress.batch)).then_some(progress)
     }
 }
 
 const MAX_IDS: i64 = 1_000_000;
+/// Batch numbers count transactions: a record beyond this is not the relay's (and would
+/// overflow the count).
+const MAX_BATCH: i64 = 1 << 62;
 
 /// How long reading the progress topic may take before recovery is retried.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Offsets read back from the end of the progress topic before reading all of it: with one
-/// writer per topic, the last record is two offsets from the end (its commit marker after it).
-const TAIL: i64 = 64;
+/// writer per topic, the last record is two offsets from the end (its commit marker after it);
+/// aborted transactions and other relay groups' records add to that.
+const TAIL: i64 = 10_000;
 
 /// Creates the progress topic if it is missing: one partition (the records of a transactional
 /// id must stay in order), compacted (only the last record per key matters), the broker's
@@ -146,7 +157,6 @@ const TAIL: i64 = 64;
 /// A topic that exists is left as it is: a principal without the `Create` ACL is refused even
 /// a creation that would find the topic there.
 pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
     // Every topic's metadata, not the one's: asking for one by name may create it (with the
     // broker's defaults) where the broker creates topics on first use.
     let (client, name) = (reader_config(config), topic.to_owned());
@@ -164,6 +174,7 @@ pub(crate) async fn ensure_topic(config: &KafkaConfig, topic: &str) -> Result<()
     if exists {
         return Ok(());
     }
+    let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
     let options = AdminOptions::new().operation_timeout(Some(READ_TIMEOUT));
     for result in admin.create_topics([&new], &options).await? {
@@ -228,7 +239,9 @@ pub(crate) fn read_last(
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, 0, Offset::Offset(from))?;
         consumer.assign(&assignment)?;
-        let deadline = std::time::Instant::now() + READ_TIMEOUT;
+        // Time to read what there is, at a (slow) 50,000 records a second, on top.
+        let span = u64::try_from(high - from).unwrap_or(0);
+        let deadline = std::time::Instant::now() + READ_TIMEOUT + Duration::from_millis(span / 50);
         loop {
             if std::time::Instant::now() > deadline {
                 return Err(KafkaError::MessageConsumption(
@@ -281,6 +294,8 @@ mod tests {
             r#"{"batch":1,"ranges":[[-9223372036854775808,9223372036854775807]]}"#,
             r#"{"batch":1,"ranges":[[5,3]]}"#,
             r#"{"batch":1,"ranges":[[1,5],[3,8]]}"#,
+            r#"{"batch":9223372036854775807,"ranges":[[1,5]]}"#,
+            r#"{"batch":0,"ranges":[[1,5]]}"#,
             "not json",
         ] {
             assert_eq!(Progress::decode(hostile.as_bytes()), None, "{hostile}");
@@ -327,10 +342,20 @@ const REPORTS_WAIT: Duration = Duration::from_secs(5);
 /// What one transaction left to do.
 struct Transacted {
     step: Step,
-    /// Refused with their whole produce request: to go one per transaction.
-    suspects: Vec<PendingMessage>,
-    /// Some message failed for itself (or the transaction could not run).
-    failed: bool,
+    /// After an abort, messages to publish one per transaction (see
+    /// [`InFlight::take_aborted`](crate::in_flight::InFlight::take_aborted)).
+    alone: Vec<PendingMessage>,
+    committed: bool,
+}
+
+impl Transacted {
+    fn not_committed(step: Step) -> Self {
+        Transacted {
+            step,
+            alone: Vec::new(),
+            committed: false,
+        }
+    }
 }
 
 /// How one transaction ended.
@@ -338,11 +363,10 @@ enum Ended {
     Committed,
     /// Aborted because of `error` (`None`: nothing in it to commit).
     Aborted(Option<KafkaError>),
-    /// The term ended before the commit.
-    TermOver,
-    /// Aborted because the previous batch's completion did not take effect: this one must not
-    /// commit before it is (see `Transactions::uncompleted`).
-    PreviousNotCompleted(Step),
+    /// Aborted, and the relay cannot go on at once: the term ended before the commit
+    /// (`NotLeader`), or the previous batch's completion did not take effect, so this one must
+    /// not commit before it is (see `Transactions::uncompleted`).
+    Stopped(Step),
 }
 
 impl Pipeline {
@@ -372,8 +396,13 @@ impl Pipeline {
             }
             if let Err(reason) = self.read_progress().await {
                 tracing::warn!(%reason, "cannot read the last committed batch");
+                self.health.transaction_problem(Some(format!(
+                    "cannot read the progress topic {:?}: {reason}",
+                    self.config.progress_topic
+                )));
                 return Some(Step::Failed);
             }
+            self.health.transaction_problem(None);
             self.transactions.recovered = Some((token, session));
         }
         let progress = self.transactions.uncompleted.take()?;
@@ -443,7 +472,7 @@ impl Pipeline {
             .map_err(|e| e.to_string())?
             .map_err(|e| self.config.kafka.without_secrets(&e.to_string()))?;
         let committed = last.as_ref().map_or(0, |p| p.batch);
-        self.transactions.next_batch = stored.max(committed) + 1;
+        self.transactions.next_batch = stored.max(committed).saturating_add(1);
         self.transactions.uncompleted = last.filter(|p| p.batch > stored);
         Ok(())
     }
@@ -472,9 +501,10 @@ impl Pipeline {
         self.session.checked(result)
     }
 
-    /// Publishes `batch` in one transaction, then completes it; a refusal shared by a produce
-    /// request is sorted out by a transaction per suspect, in order, none behind a failed one of
-    /// its key (that one is held, or dead-lettered; what is behind it stays pending).
+    /// Publishes `batch` in one transaction, then completes it. After a refusal shared by a
+    /// produce request (a record over its topic's size limit fails the whole request), the
+    /// messages of the keys concerned go one per transaction, in order, each key up to its
+    /// first failure (that one is held, or dead-lettered); the rest stays pending.
     pub(crate) async fn publish_exactly_once(
         &mut self,
         term: &Term,
@@ -482,40 +512,47 @@ impl Pipeline {
         claimed_at: Instant,
     ) -> Step {
         let transaction = self.transact(term, batch, claimed_at, false).await;
-        if !matches!(transaction.step, Step::More) || transaction.suspects.is_empty() {
+        if !matches!(transaction.step, Step::More) || transaction.alone.is_empty() {
             return transaction.step;
         }
         tracing::info!(
-            count = transaction.suspects.len(),
-            "a produce request was refused as a whole; publishing its messages one per transaction"
+            count = transaction.alone.len(),
+            "a produce request was refused as a whole; publishing its keys' messages one per transaction"
         );
-        let mut failed_keys: HashSet<(String, Vec<u8>)> = HashSet::new();
-        for suspect in transaction.suspects {
-            let key = suspect.key.clone().map(|k| (suspect.topic.clone(), k));
-            if key.as_ref().is_some_and(|k| failed_keys.contains(k)) {
-                self.floor.uncovered([suspect.id]);
+        let mut stopped: HashSet<(String, Vec<u8>)> = HashSet::new();
+        let mut messages = transaction.alone.into_iter();
+        while let Some(message) = messages.next() {
+            let key = message.key.clone().map(|k| (message.topic.clone(), k));
+            if key.as_ref().is_some_and(|k| stopped.contains(k)) {
+                self.floor.uncovered([message.id]);
                 continue;
             }
             // After the abort, a new producer (see `commit`).
-            if let Some(step) = self.ready_for_transactions(term).await {
-                self.floor.uncovered([suspect.id]);
+            let step = match self.ready_for_transactions(term).await {
+                Some(step) => step,
+                None => {
+                    let alone = self
+                        .transact(term, vec![message], Instant::now(), true)
+                        .await;
+                    if !alone.committed {
+                        // Held, or not published for another reason: the key's later messages
+                        // must not overtake it.
+                        stopped.extend(key);
+                    }
+                    alone.step
+                }
+            };
+            if !matches!(step, Step::More) {
+                self.floor.uncovered(messages.map(|m| m.id));
                 return step;
-            }
-            let alone = self
-                .transact(term, vec![suspect], Instant::now(), true)
-                .await;
-            if !matches!(alone.step, Step::More) {
-                return alone.step;
-            }
-            if alone.failed {
-                failed_keys.extend(key);
             }
         }
         Step::More
     }
 
-    /// One transaction: `batch`'s records and the progress record, committed, then completed.
-    /// `alone`: `batch` is one message, whose refusal is its own.
+    /// One transaction: `batch`'s records (and, while there is a backlog, more claims) and the
+    /// progress record, committed, then completed. `alone`: `batch` is one message, whose
+    /// refusal is its own.
     async fn transact(
         &mut self,
         term: &Term,
@@ -523,15 +560,12 @@ impl Pipeline {
         claimed_at: Instant,
         alone: bool,
     ) -> Transacted {
-        let ended = |step| Transacted {
-            step,
-            suspects: Vec::new(),
-            failed: true,
-        };
         if let Err(error) = self.publisher.begin_transaction() {
+            let error = self.config.kafka.without_secrets(&error.to_string());
             tracing::warn!(%error, "cannot begin a Kafka transaction");
+            self.floor.uncovered(batch.iter().map(|m| m.id));
             self.transactions.reinitialize();
-            return ended(Step::Failed);
+            return Transacted::not_committed(Step::Failed);
         }
         self.publisher
             .send(batch, claimed_at, &mut self.in_flight)
@@ -543,73 +577,85 @@ impl Pipeline {
         }
         let progress = Progress::new(self.transactions.next_batch, &self.in_flight.awaited_ids());
         let end = self.commit(term, &progress).await;
-        let reports = self
+        if !self
             .in_flight
             .settle_all(Instant::now() + REPORTS_WAIT)
-            .await;
-        if !reports {
-            // Nothing can be decided about records whose fate was not reported: they stay
-            // pending (a committed transaction's are completed below, from its progress record).
+            .await
+        {
+            // Whatever was not reported is decided as not published: it stays pending (a
+            // committed transaction's messages are completed from its progress record).
             tracing::warn!("delivery reports missing after the transaction ended");
-            self.in_flight.forget();
         }
-        let settled = self.in_flight.take_settled();
-        self.floor.uncovered(settled.dropped);
-        let failed = settled.failed;
-        let step = match end {
+        match end {
             Ended::Committed => {
                 m::transaction(true);
                 self.transactions.next_batch += 1;
+                let settled = self.in_flight.take_settled();
+                self.floor.uncovered(settled.dropped);
                 record_published(&settled.delivered);
                 // In the background, while the next batch is claimed and sent; it lands before
                 // that batch commits (see `commit`), so at most one committed batch is ever
                 // uncompleted: the last progress record's.
                 self.start_completion(term, progress.ids(), Some(progress.batch));
-                Step::More
-            }
-            Ended::PreviousNotCompleted(step) => {
-                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
-                self.floor
-                    .uncovered(aborted.chain(failed.iter().map(|(m, _)| m.id)));
-                return ended(step);
+                let step = self.hold(term, &settled.failed).await;
+                Transacted {
+                    step,
+                    alone: Vec::new(),
+                    committed: true,
+                }
             }
             Ended::Aborted(error) => {
-                if error.is_some() {
-                    m::transaction(false);
-                }
-                // Acknowledged, but in an aborted transaction: never visible, still pending.
-                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
-                self.floor.uncovered(aborted);
-                if let Some(error) = &error {
-                    tracing::info!(%error, failed = failed.len(), "a Kafka transaction was aborted; publishing the rest of its batch again");
-                }
-                Step::More
-            }
-            Ended::TermOver => {
-                let aborted = settled.delivered.iter().map(|(m, _)| m.id);
-                self.floor
-                    .uncovered(aborted.chain(failed.iter().map(|(m, _)| m.id)));
-                return ended(Step::NotLeader);
-            }
-        };
-        let step = if failed.is_empty() {
-            step
-        } else {
-            match self.handle_failures(term, &failed).await {
-                Ok(Fenced::Done(())) => step,
-                Ok(Fenced::LeaseLost) => Step::NotLeader,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot record delivery failures");
-                    self.health.database(false);
-                    self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
-                    Step::Failed
+                let aborted = self.in_flight.take_aborted();
+                self.floor.uncovered(aborted.pending);
+                let step = self.hold(term, &aborted.failed).await;
+                let step = match error {
+                    Some(error) => {
+                        m::transaction(false);
+                        let error = self.config.kafka.without_secrets(&error.to_string());
+                        tracing::info!(%error, failed = aborted.failed.len(), "a Kafka transaction was aborted; publishing the rest of its batch again");
+                        // Aborted for nothing the batch's records did (the progress record
+                        // refused, the coordinator unreachable): back off before the next.
+                        match aborted.failed.is_empty() && aborted.alone.is_empty() {
+                            true => Step::Failed,
+                            false => step,
+                        }
+                    }
+                    None => step,
+                };
+                Transacted {
+                    step,
+                    alone: aborted.alone,
+                    committed: false,
                 }
             }
-        };
-        Transacted {
-            step,
-            suspects: settled.suspects,
-            failed: !failed.is_empty(),
+            Ended::Stopped(step) => {
+                let aborted = self.in_flight.take_aborted();
+                self.floor.uncovered(
+                    aborted
+                        .pending
+                        .into_iter()
+                        .chain(aborted.failed.iter().map(|(m, _)| m.id))
+                        .chain(aborted.alone.iter().map(|m| m.id)),
+                );
+                Transacted::not_committed(step)
+            }
+        }
+    }
+
+    /// Holds each of `failed` for its backoff, or dead-letters it: the step after that.
+    async fn hold(&mut self, term: &Term, failed: &[(PendingMessage, DeliveryError)]) -> Step {
+        if failed.is_empty() {
+            return Step::More;
+        }
+        match self.handle_failures(term, failed).await {
+            Ok(Fenced::Done(())) => Step::More,
+            Ok(Fenced::LeaseLost) => Step::NotLeader,
+            Err(error) => {
+                tracing::warn!(%error, "cannot record delivery failures");
+                self.health.database(false);
+                self.floor.uncovered(failed.iter().map(|(m, _)| m.id));
+                Step::Failed
+            }
         }
     }
 
@@ -620,7 +666,10 @@ impl Pipeline {
     async fn claim_into_transaction(&mut self, term: &Term) {
         let max_messages = MAX_BATCHES_IN_FLIGHT * self.config.batch_size;
         let max_bytes = MAX_BATCHES_IN_FLIGHT * self.config.max_batch_bytes;
+        // A message refused before it was sent (an invalid row, a topic not listed) is held
+        // only once the transaction ends: a claim before that would take its key's next ones.
         while self.backlog
+            && !self.in_flight.any_failed()
             && self.config.wait_for_standbys == 0
             && self.in_flight.len() < max_messages
             && self.in_flight.bytes() < max_bytes
@@ -649,11 +698,12 @@ impl Pipeline {
             None
         } else if !self.term_still_valid(term) {
             self.abort().await;
-            return Ended::TermOver;
+            return Ended::Stopped(Step::NotLeader);
         } else {
             let sent = self
                 .publisher
-                .send_progress(&self.config.progress_topic, &progress.encode());
+                .send_progress(&self.config.progress_topic, &progress.encode())
+                .await;
             // Every record's acknowledgement first: the commit would wait for them too, but
             // rust-rdkafka's flush before it then took 100 ms per transaction, whatever the
             // batch. A record that fails makes the commit fail at once.
@@ -664,7 +714,7 @@ impl Pipeline {
                         && tokio::time::timeout_at(deadline, delivery).await.is_ok();
                     if let Some(step) = self.settle_completion().await {
                         self.abort().await;
-                        return Ended::PreviousNotCompleted(step);
+                        return Ended::Stopped(step);
                     }
                     if acknowledged {
                         // Not bounded by the term: a commit that lands after the lease moved on
@@ -696,7 +746,7 @@ impl Pipeline {
             self.transactions.reinitialize();
         }
         if !self.term_still_valid(term) {
-            return Ended::TermOver;
+            return Ended::Stopped(Step::NotLeader);
         }
         Ended::Aborted(error)
     }
@@ -704,6 +754,7 @@ impl Pipeline {
     async fn abort(&mut self) {
         if let Err(error) = self.publisher.abort_transaction(ABORT_TIMEOUT).await {
             // The next holder's (or this relay's next) init_transactions aborts it.
+            let error = self.config.kafka.without_secrets(&error.to_string());
             tracing::warn!(%error, "cannot abort a Kafka transaction; creating a new producer");
             self.publisher.purge();
             self.transactions.reinitialize();

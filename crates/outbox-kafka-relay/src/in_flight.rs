@@ -36,6 +36,14 @@ pub(crate) struct Settled {
     pub(crate) dropped: Vec<i64>,
 }
 
+/// What an aborted transaction leaves (see [`InFlight::take_aborted`]).
+#[derive(Debug, Default)]
+pub(crate) struct Aborted {
+    pub(crate) failed: Vec<(PendingMessage, DeliveryError)>,
+    pub(crate) alone: Vec<PendingMessage>,
+    pub(crate) pending: Vec<i64>,
+}
+
 /// How waiting for a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchWait {
@@ -253,6 +261,60 @@ impl InFlight {
                 entry.result = Some(Err(error()));
             }
         }
+    }
+
+    /// Whether a message was refused before it was sent (with exactly-once delivery, a claim
+    /// that adds to the transaction would not hold back the later messages of its key).
+    pub(crate) fn any_failed(&self) -> bool {
+        self.entries
+            .iter()
+            .flatten()
+            .any(|e| matches!(e.result, Some(Err(_))))
+    }
+
+    /// With exactly-once delivery, after the transaction of everything in flight aborted:
+    /// nothing of it was published. Takes every message out and returns those that failed for
+    /// themselves (to be held; the first of each key), those to publish one per transaction (in
+    /// send order, every message of a key with a record refused with its whole produce request,
+    /// up to a failure of that key), and the ids of the rest, which stay pending.
+    pub(crate) fn take_aborted(&mut self) -> Aborted {
+        self.record_ready();
+        let entries: Vec<Entry> = self.entries.iter_mut().filter_map(Option::take).collect();
+        self.forget();
+        // A keyless message is its own key: it orders nothing else.
+        let key = |e: &Entry| {
+            let m = &e.message;
+            (
+                m.topic.clone(),
+                m.key.clone(),
+                m.key.is_none().then_some(m.id),
+            )
+        };
+        let own = |e: &Entry| match &e.result {
+            Some(Err(error)) => !error.not_attempted() && (!error.shared_by_request() || e.alone),
+            _ => false,
+        };
+        let suspect = |e: &Entry| matches!(&e.result, Some(Err(error)) if error.shared_by_request() && !e.alone);
+        let suspect_keys: HashSet<_> = entries.iter().filter(|e| suspect(e)).map(key).collect();
+        let mut failed_keys = HashSet::new();
+        let mut aborted = Aborted::default();
+        for entry in entries {
+            let k = key(&entry);
+            if failed_keys.contains(&k) {
+                aborted.pending.push(entry.message.id);
+                continue;
+            }
+            let is_own = own(&entry);
+            match entry.result {
+                Some(Err(error)) if is_own => {
+                    failed_keys.insert(k);
+                    aborted.failed.push((entry.message, error));
+                }
+                _ if suspect_keys.contains(&k) => aborted.alone.push(entry.message),
+                _ => aborted.pending.push(entry.message.id),
+            }
+        }
+        aborted
     }
 
     /// Marks every message as sent alone: a refusal is its own (a transaction of one record).

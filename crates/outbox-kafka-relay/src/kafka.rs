@@ -446,18 +446,28 @@ impl Publisher {
             .await
     }
 
-    /// Adds the progress record to the open transaction.
-    pub(crate) fn send_progress(
+    /// Adds the progress record to the open transaction: to partition 0, the one recovery
+    /// reads, whatever the topic's partition count.
+    pub(crate) async fn send_progress(
         &self,
         topic: &str,
         progress: &[u8],
     ) -> Result<DeliveryFuture, KafkaError> {
         let key = self.transactional_id.as_deref().unwrap_or_default();
-        let record: FutureRecord<'_, str, [u8]> =
-            FutureRecord::to(topic).key(key).payload(progress);
-        self.producer
-            .send_result(record)
-            .map_err(|(error, _)| error)
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            .key(key)
+            .payload(progress)
+            .partition(0);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.

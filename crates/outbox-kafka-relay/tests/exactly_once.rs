@@ -163,8 +163,8 @@ async fn a_batch_committed_in_kafka_but_not_completed_is_not_published_again() {
     }
 }
 
-/// One record the broker refuses aborts its transaction; only that record (and its key) is
-/// held back, every other message is published once.
+/// One record the broker refuses aborts its transaction; only that record is held back (here
+/// dead-lettered), every other message is published once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_record_aborts_its_transaction_and_the_others_go_once() {
     let outbox = TestOutbox::new().await;
@@ -240,4 +240,67 @@ fn a_transactional_id_set_by_hand_is_refused() {
     let error = config.validate().unwrap_err();
     assert_eq!(error.key, "progress_topic");
     assert!(error.to_string().contains("no spaces"), "{error}");
+}
+
+/// Under the block policy the refused record holds its key: the key's earlier messages are
+/// published once and in order, its later ones wait, other keys flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_holds_its_key_and_nothing_overtakes_it() {
+    let outbox = TestOutbox::new().await;
+    let topic = unique_topic("eos-oversized-block");
+    let progress = unique_topic("eos-progress");
+    create_topic_with_config(
+        &kafka_bootstrap_servers(),
+        &topic,
+        1,
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await;
+    let mut messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
+        .collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<u8> = (0..60_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    messages.insert(10, Message::new(&topic, noise).key("k2"));
+    let sequences = outbox.commit_all(messages).await;
+    let oversized = sequences[10];
+    let relay = Relay::start(
+        outbox.pool.clone(),
+        config(&outbox, Delivery::ExactlyOnce, &progress),
+    )
+    .unwrap();
+    // Small message i (key k{i % 4}) sits at index i, or i + 1 after the oversized one.
+    let expected: Vec<i64> = (0..20)
+        .filter(|i| !(*i >= 10 && i % 4 == 2))
+        .map(|i| sequences[if i >= 10 { i + 1 } else { i }])
+        .collect();
+    let mut reader = read_committed(&topic);
+    reader.read_at_least(expected.len(), READ).await;
+    wait_until(READ, "the oversized message held", || async {
+        sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT count(*) FROM {}.message WHERE retry_at IS NOT NULL AND id = $1",
+            outbox.schema
+        ))
+        .bind(oversized)
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    reader.read_for(Duration::from_millis(1000)).await;
+    assert_eq!(reader.assert_per_key_order(), 0, "duplicates");
+    let mut published: Vec<i64> = reader.received.iter().map(|r| r.sequence()).collect();
+    published.sort_unstable();
+    assert_eq!(published, expected);
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
 }

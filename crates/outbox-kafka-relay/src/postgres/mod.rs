@@ -306,14 +306,16 @@ const FENCE: &str = "EXISTS (SELECT 1 FROM {schema}.relay_lease l
 /// claim's in the WAL, and the claim commits synchronously, flushing both.
 const ASYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit";
 
-/// With exactly-once delivery the completion also stores its batch's number ($5, NULL
-/// otherwise), and commits synchronously: recovery trusts a stored number (see the
-/// `exactly_once` module).
+/// With exactly-once delivery the completion also stores its batch's number ($5), and commits
+/// synchronously: recovery trusts a stored number (see the `exactly_once` module). At least
+/// once, the CTE only types $5 (NULL) and, unreferenced, never runs.
 const PROGRESS: &str = "progress AS (
         INSERT INTO {schema}.relay_progress AS p (lease, batch)
         SELECT $F1, $5::bigint WHERE $5::bigint IS NOT NULL AND (SELECT held FROM fence)
         ON CONFLICT (lease) DO UPDATE SET batch = greatest(p.batch, excluded.batch))";
-const SYNC_COMMIT: &str = "(SELECT 1) AS sync_commit";
+const NO_PROGRESS: &str = "progress AS (SELECT $5::bigint)";
+/// Whatever the server's or the role's default: a completion that recovery trusts is durable.
+const SYNC_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'on', true)) AS sync_commit";
 
 /// The relay's statements on one outbox schema, rendered once.
 #[derive(Debug)]
@@ -340,7 +342,6 @@ impl Statements {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let render = |sql: &str| {
             sql.replace("{candidate}", CANDIDATE)
-                .replace("{progress}", PROGRESS)
                 .replace("{fence}", FENCE)
                 .replace("{in_ids}", IN_IDS)
                 .replace("{async_commit}", ASYNC_COMMIT)
@@ -362,8 +363,11 @@ impl Statements {
             lease_set_idle: render(Self::LEASE_SET_IDLE),
             lease_release: render(Self::LEASE_RELEASE),
             claim: fenced(Self::CLAIM, 4),
-            complete: Completions::render(&|sql| fenced(sql, 2)),
+            complete: Completions::render(&|sql| {
+                fenced(&sql.replace("{progress}", NO_PROGRESS), 2)
+            }),
             complete_durable: Completions::render(&|sql| {
+                let sql = sql.replace("{progress}", PROGRESS);
                 fenced(&sql.replace("{async_commit}", SYNC_COMMIT), 2)
             }),
             progress_batch: render(Self::PROGRESS_BATCH),

@@ -117,11 +117,15 @@ fn fenced_statements_number_their_fence_parameters() {
             &completions.delete,
         ] {
             assert!(!statement.contains("$F") && !statement.contains('{'));
-            assert!(statement.contains("relay_progress"));
         }
     }
+    assert!(sql.complete_durable.keep.contains("relay_progress"));
+    assert!(!sql.complete.keep.contains("relay_progress"));
     assert!(sql.complete.delete.contains("'synchronous_commit', 'off'"));
-    assert!(!sql.complete_durable.delete.contains("synchronous_commit"));
+    assert!(sql
+        .complete_durable
+        .delete
+        .contains("'synchronous_commit', 'on'"));
 }
 
 #[tokio::test]
