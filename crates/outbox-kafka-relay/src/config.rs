@@ -201,6 +201,14 @@ impl RelayConfig {
         format!("outbox:{}:{}", self.lease_name, self.source)
     }
 
+    /// The two transactional ids transactions alternate between: [`Self::transactional_id`]
+    /// and the same with `.1` appended (a prefixed ACL on the first covers both).
+    pub(crate) fn transactional_ids(&self) -> [String; 2] {
+        let id = self.transactional_id();
+        let second = format!("{id}.1");
+        [id, second]
+    }
+
     /// Checks every setting; the error names the first one at fault (for a rule between two,
     /// one of them, the other in [`InvalidConfig::counterpart`]).
     pub fn validate(&self) -> Result<(), InvalidConfig> {

@@ -219,12 +219,12 @@ impl ClientContext for Reader {
 
 impl ConsumerContext for Reader {}
 
-/// The last committed progress record of `key` (the transactional id) in `topic`. Call it after
-/// `init_transactions`, so that no transaction of `key` is still open.
+/// The newest of the last committed progress records of `keys` (the transactional ids) in
+/// `topic`. Call it after `init_transactions`, so that no transaction of theirs is still open.
 pub(crate) fn read_last(
     config: &KafkaConfig,
     topic: &str,
-    key: &str,
+    keys: &[String],
 ) -> Result<Option<Progress>, KafkaError> {
     let consumer: BaseConsumer<Reader> = reader_config(config)
         .set("group.id", "outbox-progress-reader")
@@ -252,9 +252,14 @@ pub(crate) fn read_last(
                 ));
             }
             match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(record)) if record.key() == Some(key.as_bytes()) => {
+                Some(Ok(record)) if keys.iter().any(|k| record.key() == Some(k.as_bytes())) => {
                     if let Some(progress) = record.payload().and_then(Progress::decode) {
-                        last = Some(progress);
+                        if last
+                            .as_ref()
+                            .is_none_or(|l: &Progress| progress.batch > l.batch)
+                        {
+                            last = Some(progress);
+                        }
                     }
                 }
                 Some(Ok(_)) => {}
@@ -465,12 +470,12 @@ impl Pipeline {
             .progress_batch(conn, &self.config.lease_name)
             .await;
         let stored = self.session.checked(stored).map_err(|e| e.to_string())?;
-        let (kafka, topic, key) = (
+        let (kafka, topic, keys) = (
             self.config.kafka.clone(),
             self.config.progress_topic.clone(),
-            self.config.transactional_id(),
+            self.config.transactional_ids(),
         );
-        let last = tokio::task::spawn_blocking(move || read_last(&kafka, &topic, &key))
+        let last = tokio::task::spawn_blocking(move || read_last(&kafka, &topic, &keys))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| self.config.kafka.without_secrets(&e.to_string()))?;
@@ -724,7 +729,10 @@ impl Pipeline {
                         // is either before the next holder's init_transactions (which then
                         // reads its progress) or fenced by it.
                         match self.publisher.commit_transaction(COMMIT_TIMEOUT).await {
-                            Ok(()) => return Ended::Committed,
+                            Ok(()) => {
+                                self.publisher.alternate();
+                                return Ended::Committed;
+                            }
                             Err(error) => Some(error),
                         }
                     } else {
@@ -755,12 +763,15 @@ impl Pipeline {
     }
 
     async fn abort(&mut self) {
-        if let Err(error) = self.publisher.abort_transaction(ABORT_TIMEOUT).await {
-            // The next holder's (or this relay's next) init_transactions aborts it.
-            let error = self.config.kafka.without_secrets(&error.to_string());
-            tracing::warn!(%error, "cannot abort a Kafka transaction; creating a new producer");
-            self.publisher.purge();
-            self.transactions.reinitialize();
+        match self.publisher.abort_transaction(ABORT_TIMEOUT).await {
+            Ok(()) => self.publisher.alternate(),
+            Err(error) => {
+                // The next holder's (or this relay's next) init_transactions aborts it.
+                let error = self.config.kafka.without_secrets(&error.to_string());
+                tracing::warn!(%error, "cannot abort a Kafka transaction; creating new producers");
+                self.publisher.purge();
+                self.transactions.reinitialize();
+            }
         }
     }
 }

@@ -370,10 +370,13 @@ const MAX_PROBES: usize = 16;
 /// flight, and the next ones are sent after it was acknowledged.
 pub(crate) struct Publisher {
     config: KafkaConfig,
-    /// With exactly-once delivery: the transactional id. Then the producer is transactional,
-    /// there is no lane and no probe (see the `exactly_once` module).
-    transactional_id: Option<String>,
+    /// With exactly-once delivery: the two transactional ids, the active producer's first.
+    /// Then the producers are transactional, there is no lane and no probe (see the
+    /// `exactly_once` module).
+    transactional_ids: Option<[String; 2]>,
     producer: FutureProducer<StatsContext>,
+    /// With exactly-once delivery, the other transactional producer: transactions alternate.
+    alternate: Option<FutureProducer<StatsContext>>,
     lane: Option<FutureProducer<StatsContext>>,
     source: Vec<u8>,
     topics: Topics,
@@ -383,24 +386,34 @@ impl Publisher {
     pub(crate) fn new(
         config: &KafkaConfig,
         source: &str,
-        transactional_id: Option<String>,
+        transactional_ids: Option<[String; 2]>,
     ) -> Result<Self, KafkaError> {
-        let producer = producer(config, transactional_id.as_deref())?;
+        let (producer, alternate) = producers(config, transactional_ids.as_ref())?;
         Ok(Publisher {
             config: config.clone(),
-            transactional_id,
+            transactional_ids,
             producer,
+            alternate,
             lane: None,
             source: source.as_bytes().to_vec(),
             topics: Topics::start(config)?,
         })
     }
 
-    /// Replaces the producer (after a fatal error; a transactional one for each term); what the
-    /// relay learned of the cluster stays.
+    /// Replaces the producers (after a fatal error; transactional ones for each term); what
+    /// the relay learned of the cluster stays.
     pub(crate) fn renew(&mut self) -> Result<(), KafkaError> {
-        self.producer = producer(&self.config, self.transactional_id.as_deref())?;
+        (self.producer, self.alternate) = producers(&self.config, self.transactional_ids.as_ref())?;
         Ok(())
+    }
+
+    /// The next transaction goes through the other transactional producer: while the
+    /// coordinator still writes this one's commit markers, the other's are long written.
+    pub(crate) fn alternate(&mut self) {
+        if let (Some(alternate), Some(ids)) = (&mut self.alternate, &mut self.transactional_ids) {
+            std::mem::swap(&mut self.producer, alternate);
+            ids.swap(0, 1);
+        }
     }
 
     /// Runs a blocking transaction call of the producer off the runtime's threads.
@@ -414,11 +427,16 @@ impl Publisher {
             .unwrap_or(Err(KafkaError::Canceled))
     }
 
-    /// Registers the transactional id with its coordinator: aborts the transaction a previous
-    /// holder left open and fences its producer.
+    /// Registers both transactional ids with their coordinator: aborts the transactions a
+    /// previous holder left open and fences its producers.
     pub(crate) async fn init_transactions(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.transaction_call(move |p| p.init_transactions(timeout))
-            .await
+        let producers = [Some(self.producer.clone()), self.alternate.clone()];
+        for producer in producers.into_iter().flatten() {
+            tokio::task::spawn_blocking(move || producer.init_transactions(timeout))
+                .await
+                .unwrap_or(Err(KafkaError::Canceled))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn begin_transaction(&self) -> Result<(), KafkaError> {
@@ -453,7 +471,10 @@ impl Publisher {
         topic: &str,
         progress: &[u8],
     ) -> Result<DeliveryFuture, KafkaError> {
-        let key = self.transactional_id.as_deref().unwrap_or_default();
+        let key = self
+            .transactional_ids
+            .as_ref()
+            .map_or("", |ids| ids[0].as_str());
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
             .key(key)
             .payload(progress)
@@ -472,9 +493,10 @@ impl Publisher {
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.
     pub(crate) fn fatal_error(&self) -> Option<String> {
-        self.producer
-            .client()
-            .fatal_error()
+        [Some(&self.producer), self.alternate.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|p| p.client().fatal_error())
             .map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 
@@ -508,10 +530,10 @@ impl Publisher {
             let unlisted = topic.unlisted;
             // A probe cannot be part of a transaction: it may wait for its topic for long.
             let probe = unlisted
-                && self.transactional_id.is_none()
+                && self.transactional_ids.is_none()
                 && probing.len() < MAX_PROBES
                 && probing.insert(message.topic.clone());
-            if self.transactional_id.is_none()
+            if self.transactional_ids.is_none()
                 && topic
                     .limit
                     .is_some_and(|limit| self.may_be_too_large(&message, limit))
@@ -641,20 +663,34 @@ impl Publisher {
     /// Drops everything queued or in flight: used when the lease is lost, so a deposed relay
     /// stops publishing as soon as it knows.
     pub(crate) fn purge(&self) {
-        self.producer
-            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        for producer in [Some(&self.producer), self.alternate.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        }
     }
 }
 
-fn producer(
+/// The producer, and with exactly-once delivery the alternate one, for `ids` in order.
+fn producers(
     config: &KafkaConfig,
-    transactional_id: Option<&str>,
-) -> Result<FutureProducer<StatsContext>, KafkaError> {
-    match transactional_id {
-        Some(id) => config.transactional_client_config(id),
-        None => config.client_config(),
-    }
-    .create_with_context(StatsContext)
+    ids: Option<&[String; 2]>,
+) -> Result<
+    (
+        FutureProducer<StatsContext>,
+        Option<FutureProducer<StatsContext>>,
+    ),
+    KafkaError,
+> {
+    let create = |config: ClientConfig| config.create_with_context(StatsContext);
+    Ok(match ids {
+        Some([first, second]) => (
+            create(config.transactional_client_config(first))?,
+            Some(create(config.transactional_client_config(second))?),
+        ),
+        None => (create(config.client_config())?, None),
+    })
 }
 
 /// Hands `message` to `producer` (waiting while its queue is full), to `partition` if given,

@@ -236,9 +236,9 @@ impl Relay {
         let pool = sessions::pool(&pool, config.lease_ttl, health.clone());
         let statements = Arc::new(Statements::new(&config.schema));
         let admin = Arc::new(Admin::new(&config.schema));
-        let transactional_id =
-            (config.delivery == Delivery::ExactlyOnce).then(|| config.transactional_id());
-        let publisher = kafka::Publisher::new(&config.kafka, &config.source, transactional_id)
+        let transactional_ids =
+            (config.delivery == Delivery::ExactlyOnce).then(|| config.transactional_ids());
+        let publisher = kafka::Publisher::new(&config.kafka, &config.source, transactional_ids)
             .map_err(|e| RelayError::Kafka(kafka::redact_config_error(e)))?;
         let holder = format!("{}-{}", hostname(), uuid::Uuid::new_v4());
         let shutdown_timeout = config.shutdown_timeout;
