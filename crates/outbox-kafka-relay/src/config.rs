@@ -42,8 +42,8 @@ pub enum Delivery {
     /// holder completes what Kafka already has before it claims (see the `exactly_once`
     /// module). Consumers must read with `isolation.level=read_committed` (librdkafka's
     /// default; Java's is `read_uncommitted`). The broker must support transactions, and the
-    /// relay's principal needs `Write` and `Describe` on its transactional id
-    /// ([`RelayConfig::transactional_id`]) and on the progress topic.
+    /// relay's principal needs `Write` and `Describe` on its transactional ids
+    /// ([`RelayConfig::transactional_id`] and the same with `.1`) and on the progress topic.
     ExactlyOnce,
 }
 

@@ -3,11 +3,15 @@
 //! per-key order, through relay crashes, lease handovers and broker restarts.
 //!
 //! # How
-//! - **One transactional producer per term**, with a `transactional.id` derived from the lease
-//!   name and the source ([`RelayConfig::transactional_id`](crate::RelayConfig::transactional_id)),
-//!   so the same for every holder. A holder that takes the lease creates its producer and calls
-//!   `init_transactions`, which aborts any transaction the previous holder left open and fences
-//!   its producer: from then on, nothing the deposed holder sends can ever commit.
+//! - **Two transactional producers per term**, whose `transactional.id`s are derived from the
+//!   lease name and the source ([`RelayConfig::transactional_id`](crate::RelayConfig::transactional_id)
+//!   and the same with `.1`), so the same for every holder. A holder that takes the lease creates
+//!   its producers and calls `init_transactions` on both, which aborts any transaction the
+//!   previous holder left open and fences its producers: from then on, nothing the deposed
+//!   holder sends can ever commit. Transactions alternate between the two: a transaction that
+//!   starts right after the previous commit on the same id finds the coordinator still writing
+//!   that commit's markers, and librdkafka retries its AddPartitionsToTxn only after 20 ms.
+//!   Order holds across the two: a transaction is sent only after the previous one committed.
 //! - **One Kafka transaction per batch**, which carries the batch's records and one *progress
 //!   record*, in the progress topic (one partition, compacted, keyed by the transactional id),
 //!   naming exactly the outbox ids of the records in the transaction (as ranges: claims are not
@@ -15,8 +19,8 @@
 //! - **The database completion follows the Kafka commit**, and stores the batch's number with
 //!   the completed rows, in the same database transaction (`relay_progress`, migration 0015),
 //!   committed synchronously. A holder that starts (or reconnects to the database) reads the
-//!   last committed progress record (read_committed) and, if its number is above the stored
-//!   one, completes its ids before it claims anything.
+//!   last committed progress record of each id (read_committed) and, if the newer one's number
+//!   is above the stored one, completes its ids before it claims anything.
 //!
 //! # Why it holds: each crash point
 //! - **Before the Kafka commit** (claimed, some records sent): the transaction is open. The next
