@@ -587,7 +587,8 @@ impl Pipeline {
         } else {
             self.claim_into_transaction(term).await;
         }
-        let progress = Progress::new(self.transactions.next_batch, &self.in_flight.awaited_ids());
+        let ids = self.in_flight.awaited_ids();
+        let progress = Progress::new(self.transactions.next_batch, &ids);
         let end = self.commit(term, &progress).await;
         if !self
             .in_flight
@@ -608,7 +609,7 @@ impl Pipeline {
                 // In the background, while the next batch is claimed and sent; it lands before
                 // that batch commits (see `commit`), so at most one committed batch is ever
                 // uncompleted: the last progress record's.
-                self.start_completion(term, progress.ids(), Some(progress.batch));
+                self.start_completion(term, ids, Some(progress.batch));
                 let step = self.hold(term, &settled.failed).await;
                 Transacted {
                     step,

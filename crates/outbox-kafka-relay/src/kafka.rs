@@ -23,7 +23,7 @@ use crate::postgres::PendingMessage;
 use outbox::headers;
 use outbox::headers::MalformedHeaders;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders, ToBytes};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext};
@@ -475,20 +475,11 @@ impl Publisher {
             .transactional_ids
             .as_ref()
             .map_or("", |ids| ids[0].as_str());
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
             .key(key)
             .payload(progress)
             .partition(0);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((error, _)) => return Err(error),
-            }
-        }
+        enqueue(&self.producer, record).await
     }
 
     /// A fatal producer error (e.g. a broken gapless guarantee) makes the producer unusable.
@@ -731,15 +722,29 @@ async fn send_with(
     if let Some(partition) = partition {
         record = record.partition(partition);
     }
+    enqueue(producer, record)
+        .await
+        .map_err(DeliveryError::Kafka)
+}
+
+/// Hands `record` to `producer`, waiting while its queue is full: the queue drains as
+/// deliveries are reported, whether or not they are awaited.
+async fn enqueue<K, P>(
+    producer: &FutureProducer<StatsContext>,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
     loop {
         match producer.send_result(record) {
             Ok(delivery) => return Ok(delivery),
-            // The queue drains as deliveries are reported, whether or not they are awaited.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            Err((error, _)) => return Err(DeliveryError::Kafka(error)),
+            Err((error, _)) => return Err(error),
         }
     }
 }

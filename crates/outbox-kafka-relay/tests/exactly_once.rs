@@ -8,8 +8,8 @@ use std::time::Duration;
 use outbox::Message;
 use outbox_kafka_relay::{Delivery, PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::{
-    create_topic, create_topic_with_config, kafka_bootstrap_servers, unique_topic, wait_until,
-    TestOutbox, TopicReader,
+    create_topic, create_topic_with_config, incompressible, kafka_bootstrap_servers, unique_topic,
+    wait_until, TestOutbox, TopicReader,
 };
 
 const READ: Duration = Duration::from_secs(60);
@@ -41,6 +41,28 @@ fn read_committed(topic: &str) -> TopicReader {
 
 fn duplicates(reader: &TopicReader) -> usize {
     reader.received.len() - reader.distinct_sequences().len()
+}
+
+/// A topic of one partition limited to 20,000-byte records, and a backlog for it: `small:0..20`
+/// over keys `k{i % 4}`, with a 60,000-byte incompressible message of key k2 after the tenth
+/// (the producer compresses, lz4, before the broker checks the size). Returns the sequences in
+/// that order and the oversized one's.
+async fn oversized_backlog(outbox: &TestOutbox, topic: &str) -> (Vec<i64>, i64) {
+    create_topic_with_config(
+        &kafka_bootstrap_servers(),
+        topic,
+        1,
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await;
+    let mut messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(topic, format!("small:{i}")).key(format!("k{}", i % 4)))
+        .collect();
+    messages.insert(10, Message::new(topic, incompressible(60_000)).key("k2"));
+    let sequences = outbox.commit_all(messages).await;
+    let oversized = sequences[10];
+    (sequences, oversized)
 }
 
 async fn batch_number(outbox: &TestOutbox, lease: &str) -> Option<i64> {
@@ -170,30 +192,7 @@ async fn a_refused_record_aborts_its_transaction_and_the_others_go_once() {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("eos-oversized");
     let progress = unique_topic("eos-progress");
-    create_topic_with_config(
-        &kafka_bootstrap_servers(),
-        &topic,
-        1,
-        1,
-        &[("max.message.bytes", "20000")],
-    )
-    .await;
-    let mut messages: Vec<Message> = (0..20)
-        .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
-        .collect();
-    // Incompressible, as the producer compresses (lz4) before the broker checks the size.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let noise: Vec<u8> = (0..60_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    messages.insert(10, Message::new(&topic, noise).key("k2"));
-    let sequences = outbox.commit_all(messages).await;
-    let oversized = sequences[10];
+    let (sequences, oversized) = oversized_backlog(&outbox, &topic).await;
     let mut config = config(&outbox, Delivery::ExactlyOnce, &progress);
     config.poison_policy = PoisonPolicy::DeadLetter;
     let relay = Relay::start(outbox.pool.clone(), config).unwrap();
@@ -249,29 +248,7 @@ async fn a_refused_record_holds_its_key_and_nothing_overtakes_it() {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("eos-oversized-block");
     let progress = unique_topic("eos-progress");
-    create_topic_with_config(
-        &kafka_bootstrap_servers(),
-        &topic,
-        1,
-        1,
-        &[("max.message.bytes", "20000")],
-    )
-    .await;
-    let mut messages: Vec<Message> = (0..20)
-        .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
-        .collect();
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let noise: Vec<u8> = (0..60_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    messages.insert(10, Message::new(&topic, noise).key("k2"));
-    let sequences = outbox.commit_all(messages).await;
-    let oversized = sequences[10];
+    let (sequences, oversized) = oversized_backlog(&outbox, &topic).await;
     let relay = Relay::start(
         outbox.pool.clone(),
         config(&outbox, Delivery::ExactlyOnce, &progress),

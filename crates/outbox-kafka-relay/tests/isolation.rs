@@ -7,8 +7,8 @@ use outbox::admin::{Admin, HeldKey};
 use outbox::Message;
 use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::{
-    create_topic, create_topic_with_config, kafka_bootstrap_servers, unique_topic, wait_until,
-    TestOutbox, TopicReader,
+    create_topic, create_topic_with_config, incompressible, kafka_bootstrap_servers, unique_topic,
+    wait_until, TestOutbox, TopicReader,
 };
 
 const READ: Duration = Duration::from_secs(30);
@@ -227,16 +227,7 @@ async fn a_record_the_broker_refuses_fails_alone_not_its_whole_request() {
         .map(|i| Message::new(&topic, format!("small:{i}")).key(format!("k{}", i % 4)))
         .collect();
     // Incompressible, as the producer compresses (lz4) before the broker checks the size.
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let noise: Vec<u8> = (0..60_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    messages.insert(10, Message::new(&topic, noise).key("k2"));
+    messages.insert(10, Message::new(&topic, incompressible(60_000)).key("k2"));
     let sequences = outbox.commit_all(messages).await;
     let oversized = sequences[10];
     let relay = Relay::start(outbox.pool.clone(), config(&outbox, PoisonPolicy::Block)).unwrap();

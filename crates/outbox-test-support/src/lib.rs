@@ -423,6 +423,20 @@ pub fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
 }
 
+/// `len` bytes that lz4 cannot shrink (xorshift): a payload that stays over a size limit after
+/// the producer compresses it.
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// A short random id for names.
 pub fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
