@@ -338,7 +338,9 @@ impl Writer {
             }
             Way::Save => {
                 for i in 0..n {
-                    self.outbox.save_for_publishing(tx, message(i)).await?;
+                    self.outbox
+                        .save_for_publishing(&mut *tx, message(i))
+                        .await?;
                 }
             }
             Way::SaveAll => {

@@ -12,6 +12,7 @@
 //! lost or anything grows without bound: see the `soak` module and `docs/reliability.md`.
 
 mod children;
+mod clients;
 mod enqueue;
 mod kafka;
 mod live;
@@ -86,6 +87,9 @@ pub(crate) enum Scenario {
     Steady,
     /// 9: CPU per saved row of each way of enqueueing, against a plain INSERT.
     Enqueue,
+    /// 10: each client library's write path (sqlx, tokio-postgres) against the floor of a plain
+    /// second INSERT.
+    Clients,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -98,7 +102,7 @@ pub(crate) struct RunArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "drain,steady,write-path,notify,live,snapshot,enqueue"
+        default_value = "drain,steady,write-path,notify,live,snapshot,enqueue,clients"
     )]
     pub(crate) scenarios: Vec<Scenario>,
     /// Rounds of the alternating comparisons (raw vs drain, write path, NOTIFY, enqueue cost).
@@ -424,6 +428,7 @@ async fn run_scenarios(ctx: &Ctx) -> anyhow::Result<()> {
             Scenario::Snapshot => live::snapshot(ctx).await?,
             Scenario::Steady => steady::run(ctx).await?,
             Scenario::Enqueue => enqueue::enqueue(ctx).await?,
+            Scenario::Clients => clients::clients(ctx).await?,
         }
         ctx.truncate().await?;
     }

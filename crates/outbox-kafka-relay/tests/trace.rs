@@ -48,11 +48,35 @@ async fn one_trace_runs_from_the_request_through_the_outbox_to_the_kafka_record(
             .await
             .unwrap();
         tx.commit().await.unwrap();
+
+        // Every client library saves it the same way (see tests/clients.rs).
+        let (mut client, connection) =
+            tokio_postgres::connect(&outbox_test_support::database_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let tx = client.transaction().await.unwrap();
+        outbox
+            .outbox
+            .clone()
+            .saving_trace_context()
+            .save_for_publishing(
+                &tx,
+                Message::new(&topic, b"tokio-postgres".to_vec()).key("k"),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
     }
     cx.span().end();
 
     let mut reader = TopicReader::new(&topic);
-    let records = reader.read_at_least(2, Duration::from_secs(60)).await;
+    let records = reader.read_at_least(3, Duration::from_secs(60)).await;
+    assert_eq!(
+        records[2].header("traceparent"),
+        records[1].header("traceparent"),
+        "tokio-postgres saves the trace context as sqlx does"
+    );
     assert_eq!(records[0].payload_str(), "plain");
     assert!(
         records[0].header("traceparent").is_none(),

@@ -18,6 +18,14 @@ pub enum Error {
     /// The database rejected or failed a statement.
     #[error("outbox database error: {0}")]
     Database(sqlx::Error),
+    /// The database rejected or failed a statement run through tokio-postgres.
+    #[cfg(feature = "tokio-postgres")]
+    #[error("outbox database error: {0}")]
+    TokioPostgres(#[from] tokio_postgres::Error),
+    /// The database returned no row for a message it was asked to save: something (a trigger
+    /// on the outbox table) suppressed the insert. The caller's transaction should not commit.
+    #[error("outbox database error: the insert of a message returned no row (does a trigger on the outbox table suppress it?)")]
+    NotSaved,
     /// The connection goes through a pooler in transaction mode (PgBouncer's
     /// `pool_mode = transaction` before 1.21), which hands each transaction to any server
     /// connection, while this outbox caches its statements on the connection (see

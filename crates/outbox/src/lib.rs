@@ -29,19 +29,20 @@
 //! headers)` inside their own transaction and run only the standalone relay.
 
 pub mod admin;
+mod client;
 mod error;
 pub mod headers;
 pub mod inbox;
 mod message;
 pub mod migrate;
 pub mod pooler;
-mod postgres;
 mod schema;
 #[cfg(feature = "otel")]
 pub mod trace;
 pub mod typed;
 mod writer;
 
+pub use client::ClientTransaction;
 pub use error::{Error, InvalidMessage};
 pub use inbox::Inbox;
 pub use message::{record_wire_size, Header, Message, MAX_SOURCE_BYTES};

@@ -2,10 +2,10 @@ use std::sync::Arc;
 
 use sqlx::{Execute, PgPool, Postgres, Transaction};
 
+use crate::client::{ClientTransaction, Statements};
 use crate::error::Error;
 use crate::message::Message;
 use crate::migrate::MigrationReport;
-use crate::postgres::Statements;
 use crate::schema::SchemaName;
 
 /// A message's outbox sequence: its row id, sent to Kafka as the `x-sequence` header.
@@ -123,18 +123,36 @@ impl Outbox {
     }
 
     /// Saves `message` for publishing as part of `tx`: it is published if and only if `tx`
-    /// commits. Returns the message's sequence (`x-sequence`).
+    /// commits. Returns the message's sequence (`x-sequence`). `tx` is the transaction of any
+    /// supported client library ([`ClientTransaction`]): `&mut tx` for sqlx, `&tx` for
+    /// tokio-postgres.
     ///
     /// An invalid message is rejected with [`Error::InvalidMessage`] before anything is written;
     /// the transaction stays usable and is the caller's to roll back or continue.
+    ///
+    /// With tokio-postgres, the save and the service's own statement share one round trip when
+    /// they are awaited together (tokio-postgres pipelines them on the connection):
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tokio-postgres")]
+    /// # async fn f(outbox: outbox::Outbox, client: &mut tokio_postgres::Client) -> Result<(), outbox::Error> {
+    /// let tx = client.transaction().await?;
+    /// let event = outbox::Message::new("things", br#"{"id":42}"#.to_vec()).key("42");
+    /// let (_, sequence) = tokio::try_join!(
+    ///     async { tx.execute("INSERT INTO thing (id) VALUES ($1)", &[&42_i64]).await.map_err(outbox::Error::from) },
+    ///     outbox.save_for_publishing(&tx, event),
+    /// )?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn save_for_publishing(
         &self,
-        tx: &mut Transaction<'_, Postgres>,
+        tx: impl ClientTransaction,
         message: Message,
     ) -> Result<Sequence, Error> {
         let message = self.with_current_trace(message);
         message.validate(self.max_message_bytes)?;
-        Ok(self.statements.insert_one(tx, &message).await?)
+        tx.insert_one(&self.statements, &message).await
     }
 
     /// Runs `statement` and saves `message` for publishing in one statement, as part of `tx`:
@@ -187,7 +205,7 @@ impl Outbox {
     /// message is invalid.
     pub async fn save_all_for_publishing(
         &self,
-        tx: &mut Transaction<'_, Postgres>,
+        tx: impl ClientTransaction,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
         let messages: Vec<Message> = messages
@@ -200,7 +218,7 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(self.statements.insert_many(tx, &messages).await?)
+        tx.insert_many(&self.statements, &messages).await
     }
 }
 

@@ -1,0 +1,341 @@
+//! One conformance suite, run against every PostgreSQL client library the writer supports
+//! (`outbox::ClientTransaction`): each saves in the caller's transaction, and the relay publishes
+//! what it saved, through the real PostgreSQL and Kafka started by `dev/up`.
+//!
+//! Each client runs the same cases: a committed business row and its message, saved together
+//! (pipelined in one round trip where the client can); a rolled-back transaction; a batch whose
+//! order is kept; an invalid message refused before anything is written, leaving the
+//! transaction usable. Then what reached Kafka is checked record by record, and every client's
+//! rows are compared byte for byte with sqlx's.
+
+use std::time::Duration;
+
+use outbox::{Error, InvalidMessage, Message, Outbox};
+use outbox_kafka_relay::{Relay, RelayConfig};
+use outbox_test_support::{
+    create_topic, database_url, kafka_bootstrap_servers, unique_topic, TestOutbox, TopicReader,
+};
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One of the client libraries, driven the same way for every case.
+trait Client: Sized {
+    const NAME: &'static str;
+
+    async fn connect() -> Self;
+
+    /// In one transaction: inserts business row `thing`, saves `save` (one message through
+    /// `save_for_publishing`, several through `save_all_for_publishing`), then saves each of
+    /// `more` on its own, keeping going after a refusal; commits if `commit`. Returns the result
+    /// of the first save and of each of `more`.
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>);
+}
+
+struct Sqlx(sqlx::PgConnection);
+
+impl Client for Sqlx {
+    const NAME: &'static str = "sqlx";
+
+    async fn connect() -> Self {
+        use sqlx::Connection as _;
+        Sqlx(sqlx::PgConnection::connect(&database_url()).await.unwrap())
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        use sqlx::Connection as _;
+        let mut tx = self.0.begin().await.unwrap();
+        let first = if let [message] = &save[..] {
+            // sqlx's one-round-trip form: the business statement and the message together.
+            let insert = format!("INSERT INTO {schema}.thing (id) VALUES ($1) RETURNING id");
+            outbox
+                .execute_and_save(&mut tx, sqlx::query(&insert).bind(thing), message.clone())
+                .await
+                .map(|sequence| sequence.into_iter().collect())
+        } else {
+            sqlx::query(&format!("INSERT INTO {schema}.thing (id) VALUES ($1)"))
+                .bind(thing)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            outbox.save_all_for_publishing(&mut tx, save).await
+        };
+        let mut results = Vec::new();
+        for message in more {
+            results.push(outbox.save_for_publishing(&mut tx, message).await);
+        }
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        (first, results)
+    }
+}
+
+struct TokioPostgres(tokio_postgres::Client);
+
+impl Client for TokioPostgres {
+    const NAME: &'static str = "tokio-postgres";
+
+    async fn connect() -> Self {
+        let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        TokioPostgres(client)
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        let tx = self.0.transaction().await.unwrap();
+        let insert = format!("INSERT INTO {schema}.thing (id) VALUES ($1)");
+        // Awaited together: tokio-postgres pipelines the two statements in one round trip.
+        let business = async { tx.execute(&insert, &[&thing]).await.unwrap() };
+        let first = if let [message] = &save[..] {
+            let (_, saved) =
+                tokio::join!(business, outbox.save_for_publishing(&tx, message.clone()));
+            saved.map(|sequence| vec![sequence])
+        } else {
+            let (_, saved) = tokio::join!(business, outbox.save_all_for_publishing(&tx, save));
+            saved
+        };
+        let mut results = Vec::new();
+        for message in more {
+            results.push(outbox.save_for_publishing(&tx, message).await);
+        }
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        (first, results)
+    }
+}
+
+/// The cases every client passes; returns the rows it saved, as the relay's input.
+async fn conformance<C: Client>() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str().to_owned();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.thing (id bigint PRIMARY KEY)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let topic = unique_topic("clients");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
+    let mut config = RelayConfig::new(kafka_bootstrap_servers(), "clients-tests");
+    config.schema = outbox.schema.clone();
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
+    let mut client = C::connect().await;
+    let name = C::NAME;
+    let things = |sql: String| {
+        let pool = outbox.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // A business row and its message, committed together.
+    let created = Message::new(&topic, br#"{"id":1}"#.to_vec())
+        .key("thing-1")
+        .header("x-value-type", "ThingCreated")
+        .header("binary", vec![0u8, 255, 1]);
+    let (saved, _) = client
+        .transact(&outbox.outbox, &schema, 1, vec![created], vec![], true)
+        .await;
+    let created = saved.unwrap()[0];
+
+    // Rolled back: neither the row nor the message.
+    let (saved, _) = client
+        .transact(
+            &outbox.outbox,
+            &schema,
+            2,
+            vec![Message::new(&topic, b"rolled back".to_vec()).key("thing-2")],
+            vec![],
+            false,
+        )
+        .await;
+    saved.unwrap();
+
+    // A batch on one key keeps its order, and ids follow it.
+    let batch: Vec<Message> = (0..50)
+        .map(|n| Message::new(&topic, format!("batch {n}")).key("thing-3"))
+        .collect();
+    let (saved, _) = client
+        .transact(&outbox.outbox, &schema, 3, batch, vec![], true)
+        .await;
+    let batch = saved.unwrap();
+    assert_eq!(batch.len(), 50, "{name}");
+    assert!(batch.windows(2).all(|w| w[0] < w[1]), "{name}: {batch:?}");
+
+    // An invalid message is refused before anything is written, and the transaction goes on.
+    let (saved, more) = client
+        .transact(
+            &outbox.outbox,
+            &schema,
+            4,
+            vec![
+                Message::new(&topic, b"valid".to_vec()).key("thing-4"),
+                Message::new(&topic, vec![0; 2_000_000]).key("thing-4"),
+            ],
+            vec![
+                Message::new("bad topic!", b"x".to_vec()),
+                Message::new(&topic, b"after the refusals".to_vec()).key("thing-4"),
+            ],
+            true,
+        )
+        .await;
+    assert!(
+        matches!(
+            saved,
+            Err(Error::InvalidMessage(InvalidMessage::TooLarge { .. }))
+        ),
+        "{name}: {saved:?}"
+    );
+    assert!(
+        matches!(
+            more[0],
+            Err(Error::InvalidMessage(InvalidMessage::IllegalTopic { .. }))
+        ),
+        "{name}: {:?}",
+        more[0]
+    );
+    let after = *more[1].as_ref().unwrap();
+
+    assert_eq!(
+        things(format!("SELECT count(*) FROM {schema}.thing")).await,
+        3,
+        "{name}: things 1, 3 and 4, not the rolled-back 2"
+    );
+
+    // What reached Kafka: exactly the committed messages, in order, with their headers.
+    let mut reader = TopicReader::new(&topic);
+    let expected = 1 + 50 + 1;
+    reader.read_at_least(expected, READ_TIMEOUT).await;
+    // A record after the last one would have been published in the same batches.
+    outbox.wait_until_drained(Duration::from_secs(10)).await;
+    let received = reader.read_for(Duration::from_millis(300)).await;
+    let sequences: Vec<i64> = received.iter().map(|r| r.sequence()).collect();
+    let mut want = vec![created];
+    want.extend(&batch);
+    want.push(after);
+    assert_eq!(sequences, want, "{name}");
+    let first = &received[0];
+    assert_eq!(first.key_str(), "thing-1", "{name}");
+    assert_eq!(first.payload_str(), r#"{"id":1}"#, "{name}");
+    assert_eq!(
+        first.header("x-value-type"),
+        Some(&b"ThingCreated"[..]),
+        "{name}"
+    );
+    assert_eq!(first.header("binary"), Some(&[0u8, 255, 1][..]), "{name}");
+    let payloads: Vec<&str> = received[1..=50].iter().map(|r| r.payload_str()).collect();
+    let want: Vec<String> = (0..50).map(|n| format!("batch {n}")).collect();
+    assert_eq!(payloads, want, "{name}");
+    assert_eq!(received[51].payload_str(), "after the refusals", "{name}");
+
+    relay.shutdown().await.unwrap();
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_conforms() {
+    conformance::<Sqlx>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_conforms() {
+    conformance::<TokioPostgres>().await;
+}
+
+/// The same messages saved through each client are the same rows, byte for byte: the relay
+/// cannot tell which library wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_writes_byte_identical_rows() {
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str().to_owned();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.thing (id bigint PRIMARY KEY)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let messages = || {
+        vec![
+            Message::new("identical", vec![0u8, 1, 2, 255]).key(vec![0u8, 200]),
+            Message::new("identical", Vec::new())
+                .header("h", "v")
+                .header("bin", vec![0u8, 10, 255])
+                .header("h", "second"),
+            Message::tombstone("identical", "gone"),
+        ]
+    };
+    let rows = |from: i64| {
+        let sql = format!(
+            "SELECT topic, key, payload, headers::text, attempts FROM {schema}.message
+              WHERE id >= $1 ORDER BY id"
+        );
+        let pool = outbox.pool.clone();
+        async move {
+            sqlx::query_as::<
+                _,
+                (
+                    String,
+                    Option<Vec<u8>>,
+                    Option<Vec<u8>>,
+                    Option<String>,
+                    i32,
+                ),
+            >(&sql)
+            .bind(from)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut sqlx = Sqlx::connect().await;
+    let (saved, singles) = sqlx
+        .transact(&outbox.outbox, &schema, 1, messages(), messages(), true)
+        .await;
+    let from = saved.unwrap()[0];
+    let by_sqlx = rows(from).await;
+    assert_eq!(by_sqlx.len(), 6);
+    assert!(singles.iter().all(Result::is_ok));
+
+    let mut tokio_postgres = TokioPostgres::connect().await;
+    let (saved, singles) = tokio_postgres
+        .transact(&outbox.outbox, &schema, 2, messages(), messages(), true)
+        .await;
+    let from = saved.unwrap()[0];
+    assert!(singles.iter().all(Result::is_ok));
+    assert_eq!(rows(from).await, by_sqlx, "tokio-postgres against sqlx");
+    outbox.drop_schema().await;
+}
