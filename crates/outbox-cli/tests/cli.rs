@@ -777,3 +777,103 @@ async fn schema_named_after_a_keyword_is_refused_by_name() {
         );
     }
 }
+
+/// The alerting rules under `deploy/prometheus`.
+fn alert_rules() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus")
+}
+
+/// Runs Debian's `promtool` (package `prometheus`, installed by `dev/up`); fails loudly without it.
+fn promtool(args: &[&str]) -> String {
+    let output = Command::new("promtool")
+        .args(args)
+        .current_dir(alert_rules())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("promtool is required (Debian package `prometheus`, installed by dev/up): {e}")
+        });
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert!(output.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+/// The alerting rules are valid, and their unit tests (each alert fires when it should, after
+/// its `for`, and not on a healthy pair of relays) pass.
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let checked = promtool(&["check", "rules", "outbox-alerts.yml"]);
+    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    let tested = promtool(&["test", "rules", "outbox-alerts.test.yml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+/// Every metric the alerting rules query is one the daemon exports, seen in its `/metrics`
+/// (a message to a missing topic makes the failure and held-message series appear), and is
+/// documented in docs/operations.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alert_rules_query_is_exported_and_documented() {
+    let rules = std::fs::read_to_string(alert_rules().join("outbox-alerts.yml")).unwrap();
+    let mut queried: Vec<&str> = rules
+        .match_indices("outbox_")
+        .map(|(at, _)| {
+            let name = &rules[at..];
+            let end = name
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(name.len());
+            &name[..end]
+        })
+        .filter(|name| !name.ends_with('_') && *name != "outbox_alerts")
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() >= 6, "{queried:?}");
+    let operations = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations.md"),
+    )
+    .unwrap();
+    for name in &queried {
+        assert!(
+            operations.contains(&format!("`{name}")),
+            "{name} is not documented in docs/operations.md"
+        );
+    }
+
+    let outbox = TestOutbox::new().await;
+    let addr = free_addr();
+    let _relay = RelayProcess::start(
+        outbox_cmd(outbox.schema.as_str())
+            .env("OUTBOX_MONITOR_INTERVAL_MS", "200")
+            .env("OUTBOX_POLL_INTERVAL_MS", "200"),
+        &["--metrics-addr", &addr],
+    );
+    // No such topic (the dev broker creates none): the delivery fails and the message is held.
+    outbox
+        .commit_each([Message::new(unique_topic("missing"), b"x".to_vec()).key("k")])
+        .await;
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = match client.get(format!("http://{addr}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let exported: std::collections::HashSet<String> = parse_metrics(&text)
+            .into_keys()
+            .map(|series| series.split('{').next().unwrap_or("").to_owned())
+            .collect();
+        let missing: Vec<&str> = queried
+            .iter()
+            .copied()
+            .filter(|name| !exported.contains(*name))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon's /metrics lacks {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    outbox.drop_schema().await;
+}
