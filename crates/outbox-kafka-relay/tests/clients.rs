@@ -3,7 +3,7 @@
 //! what it saved, through the real PostgreSQL and Kafka started by `dev/up`.
 //!
 //! Each client runs the same cases: a committed business row and its message, saved together
-//! (pipelined in one round trip where the client can); a rolled-back transaction; a batch whose
+//! (in one round trip where the client can: sqlx's `execute_and_save`, tokio-postgres's pipelining); a rolled-back transaction; a batch whose
 //! order is kept; an invalid message refused before anything is written, leaving the
 //! transaction usable. Then what reached Kafka is checked record by record, and every client's
 //! rows are compared byte for byte with sqlx's.
@@ -13,7 +13,8 @@ use std::time::Duration;
 use outbox::{Error, InvalidMessage, Message, Outbox};
 use outbox_kafka_relay::{Relay, RelayConfig};
 use outbox_test_support::{
-    create_topic, database_url, kafka_bootstrap_servers, unique_topic, TestOutbox, TopicReader,
+    create_topic, database_url, kafka_bootstrap_servers, unique_topic, Fault, TcpProxy, TestOutbox,
+    TopicReader,
 };
 
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -111,16 +112,118 @@ impl Client for TokioPostgres {
         commit: bool,
     ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
         let tx = self.0.transaction().await.unwrap();
-        let insert = format!("INSERT INTO {schema}.thing (id) VALUES ($1)");
-        // Awaited together: tokio-postgres pipelines the two statements in one round trip.
-        let business = async { tx.execute(&insert, &[&thing]).await.unwrap() };
-        let first = if let [message] = &save[..] {
-            let (_, saved) =
-                tokio::join!(business, outbox.save_for_publishing(&tx, message.clone()));
-            saved.map(|sequence| vec![sequence])
+        let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
+        if commit {
+            tx.commit().await.unwrap();
         } else {
-            let (_, saved) = tokio::join!(business, outbox.save_all_for_publishing(&tx, save));
-            saved
+            tx.rollback().await.unwrap();
+        }
+        results
+    }
+}
+
+/// The cases' statements on a tokio-postgres transaction, the business statement pipelined with
+/// the first save (typed, so it needs no round trip of its own to be prepared).
+async fn tokio_postgres_transact(
+    tx: &tokio_postgres::Transaction<'_>,
+    outbox: &Outbox,
+    schema: &str,
+    thing: i64,
+    save: Vec<Message>,
+    more: Vec<Message>,
+) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+    let insert = format!("INSERT INTO {schema}.thing (id) VALUES ($1)");
+    let business = async {
+        tx.query_typed(&insert, &[(&thing, tokio_postgres::types::Type::INT8)])
+            .await
+            .unwrap()
+    };
+    let first = if let [message] = &save[..] {
+        let (_, saved) = tokio::join!(business, outbox.save_for_publishing(tx, message.clone()));
+        saved.map(|sequence| vec![sequence])
+    } else {
+        let (_, saved) = tokio::join!(business, outbox.save_all_for_publishing(tx, save));
+        saved
+    };
+    let mut results = Vec::new();
+    for message in more {
+        results.push(outbox.save_for_publishing(tx, message).await);
+    }
+    (first, results)
+}
+
+/// deadpool-postgres: its transaction dereferences to tokio-postgres's (`&*tx`).
+struct Deadpool(deadpool_postgres::Pool);
+
+impl Client for Deadpool {
+    const NAME: &'static str = "deadpool-postgres";
+
+    async fn connect() -> Self {
+        let config: tokio_postgres::Config = database_url().parse().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        Deadpool(
+            deadpool_postgres::Pool::builder(manager)
+                .max_size(2)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        let mut client = self.0.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        results
+    }
+}
+
+struct SeaOrm(sea_orm::DatabaseConnection);
+
+impl Client for SeaOrm {
+    const NAME: &'static str = "sea-orm";
+
+    async fn connect() -> Self {
+        SeaOrm(sea_orm::Database::connect(database_url()).await.unwrap())
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let tx = self.0.begin().await.unwrap();
+        tx.execute(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            format!("INSERT INTO {schema}.thing (id) VALUES ($1)"),
+            [thing.into()],
+        ))
+        .await
+        .unwrap();
+        let first = if let [message] = &save[..] {
+            outbox
+                .save_for_publishing(&tx, message.clone())
+                .await
+                .map(|sequence| vec![sequence])
+        } else {
+            outbox.save_all_for_publishing(&tx, save).await
         };
         let mut results = Vec::new();
         for message in more {
@@ -172,13 +275,28 @@ async fn conformance<C: Client>() {
         .await;
     let created = saved.unwrap()[0];
 
-    // Rolled back: neither the row nor the message.
+    // Rolled back: neither the row nor its messages, saved one by one and as a batch.
+    let (saved, more) = client
+        .transact(
+            &outbox.outbox,
+            &schema,
+            2,
+            vec![
+                Message::new(&topic, b"rolled back 1".to_vec()).key("thing-2"),
+                Message::new(&topic, b"rolled back 2".to_vec()).key("thing-2"),
+            ],
+            vec![Message::new(&topic, b"rolled back 3".to_vec()).key("thing-2")],
+            false,
+        )
+        .await;
+    saved.unwrap();
+    more[0].as_ref().unwrap();
     let (saved, _) = client
         .transact(
             &outbox.outbox,
             &schema,
             2,
-            vec![Message::new(&topic, b"rolled back".to_vec()).key("thing-2")],
+            vec![Message::new(&topic, b"rolled back 4".to_vec()).key("thing-2")],
             vec![],
             false,
         )
@@ -195,6 +313,17 @@ async fn conformance<C: Client>() {
     let batch = saved.unwrap();
     assert_eq!(batch.len(), 50, "{name}");
     assert!(batch.windows(2).all(|w| w[0] < w[1]), "{name}: {batch:?}");
+
+    // A batch larger than one statement of any client (SeaORM's hold 1,000), rolled back.
+    let large: Vec<Message> = (0..2_500)
+        .map(|n| Message::new(&topic, format!("large {n}")).key("thing-5"))
+        .collect();
+    let (saved, _) = client
+        .transact(&outbox.outbox, &schema, 5, large, vec![], false)
+        .await;
+    let large = saved.unwrap();
+    assert_eq!(large.len(), 2_500, "{name}");
+    assert!(large.windows(2).all(|w| w[0] < w[1]), "{name}");
 
     // An invalid message is refused before anything is written, and the transaction goes on.
     let (saved, more) = client
@@ -229,6 +358,41 @@ async fn conformance<C: Client>() {
         more[0]
     );
     let after = *more[1].as_ref().unwrap();
+
+    // A trigger that suppresses the inserts of one topic: the save fails, never succeeds short.
+    let suppressed = unique_topic("suppressed");
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION {schema}.suppress() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RETURN CASE WHEN NEW.topic = '{suppressed}' THEN NULL ELSE NEW END; END $$;
+         CREATE TRIGGER suppress BEFORE INSERT ON {schema}.message
+            FOR EACH ROW EXECUTE FUNCTION {schema}.suppress()"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let (saved, more) = client
+        .transact(
+            &outbox.outbox,
+            &schema,
+            6,
+            vec![
+                Message::new(&topic, b"kept".to_vec()),
+                Message::new(&suppressed, b"suppressed".to_vec()),
+            ],
+            vec![Message::new(&suppressed, b"suppressed".to_vec())],
+            false,
+        )
+        .await;
+    assert!(matches!(saved, Err(Error::NotSaved)), "{name}: {saved:?}");
+    assert!(
+        matches!(more[0], Err(Error::NotSaved)),
+        "{name}: {:?}",
+        more[0]
+    );
+    sqlx::raw_sql(&format!("DROP TRIGGER suppress ON {schema}.message"))
+        .execute(&outbox.pool)
+        .await
+        .unwrap();
 
     assert_eq!(
         things(format!("SELECT count(*) FROM {schema}.thing")).await,
@@ -274,6 +438,16 @@ async fn sqlx_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_conforms() {
     conformance::<TokioPostgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadpool_postgres_conforms() {
+    conformance::<Deadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sea_orm_conforms() {
+    conformance::<SeaOrm>().await;
 }
 
 /// The same messages saved through each client are the same rows, byte for byte: the relay
@@ -337,5 +511,87 @@ async fn every_client_writes_byte_identical_rows() {
     let from = saved.unwrap()[0];
     assert!(singles.iter().all(Result::is_ok));
     assert_eq!(rows(from).await, by_sqlx, "tokio-postgres against sqlx");
+
+    let mut sea_orm = SeaOrm::connect().await;
+    let (saved, singles) = sea_orm
+        .transact(&outbox.outbox, &schema, 3, messages(), messages(), true)
+        .await;
+    let from = saved.unwrap()[0];
+    assert!(singles.iter().all(Result::is_ok));
+    assert_eq!(rows(from).await, by_sqlx, "SeaORM against sqlx");
+    outbox.drop_schema().await;
+}
+
+/// tokio-postgres pipelines a save with the service's statement when both are awaited together
+/// and the statement is typed: on a link with 50 ms of latency each way, the pair takes one round
+/// trip, where one after the other they take two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_awaited_with_a_typed_statement_shares_its_round_trip() {
+    use std::time::Instant;
+    use tokio_postgres::types::Type;
+
+    let outbox = TestOutbox::new().await;
+    let schema = outbox.schema.as_str().to_owned();
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {schema}.thing (id bigint PRIMARY KEY)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let direct: tokio_postgres::Config = database_url().parse().unwrap();
+    let port = direct.get_ports().first().copied().unwrap_or(5432);
+    let proxy = TcpProxy::start(&format!("127.0.0.1:{port}")).await;
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(proxy.port());
+    config.user(direct.get_user().unwrap_or("postgres"));
+    config.dbname(direct.get_dbname().unwrap_or("postgres"));
+    if let Some(password) = direct.get_password() {
+        config.password(password);
+    }
+    let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    proxy.set(Fault::Latency(50));
+
+    let tx = client.transaction().await.unwrap();
+    let insert = format!("INSERT INTO {schema}.thing (id) VALUES ($1)");
+    let event = |n: i64| Message::new("pipelined", n.to_string()).key("k");
+    let started = Instant::now();
+    tx.query_typed("SELECT 1", &[]).await.unwrap();
+    let round_trip = started.elapsed();
+
+    let started = Instant::now();
+    tx.query_typed(&insert, &[(&1_i64, Type::INT8)])
+        .await
+        .unwrap();
+    outbox
+        .outbox
+        .save_for_publishing(&tx, event(1))
+        .await
+        .unwrap();
+    let one_after_the_other = started.elapsed();
+
+    let started = Instant::now();
+    let (inserted, saved) = tokio::join!(
+        tx.query_typed(&insert, &[(&2_i64, Type::INT8)]),
+        outbox.outbox.save_for_publishing(&tx, event(2)),
+    );
+    let together = started.elapsed();
+    inserted.unwrap();
+    saved.unwrap();
+    tx.commit().await.unwrap();
+
+    assert!(
+        one_after_the_other >= round_trip * 2 - round_trip / 4,
+        "one after the other: {one_after_the_other:?}, a round trip: {round_trip:?}"
+    );
+    assert!(
+        together < round_trip + round_trip / 2,
+        "awaited together: {together:?}, a round trip: {round_trip:?}"
+    );
+    assert!(
+        round_trip >= Duration::from_millis(100),
+        "not through the proxy: {round_trip:?}"
+    );
+    assert_eq!(outbox.pending().await, 2);
     outbox.drop_schema().await;
 }

@@ -11,8 +11,12 @@ use tokio::sync::watch;
 pub enum Fault {
     /// Forward everything.
     Pass,
-    /// Forward, but hold each chunk for this many milliseconds first.
+    /// Forward, but hold each chunk for this many milliseconds first, one chunk after another
+    /// (a stalled link: what arrives meanwhile waits its own turn).
     Delay(u64),
+    /// Forward each chunk this many milliseconds after it arrived, chunks in flight together (a
+    /// link with this one-way latency: two requests sent together arrive together).
+    Latency(u64),
     /// Accept and read, forward nothing (a network partition that does not reset connections).
     Blackhole,
     /// Reset every connection, and refuse new ones, until set back.
@@ -107,6 +111,7 @@ impl TcpProxy {
             Fault::Delay(ms) => (1, ms),
             Fault::Blackhole => (2, 0),
             Fault::Drop => (3, 0),
+            Fault::Latency(ms) => (4, ms),
         };
         self.delay_ms.store(delay, Ordering::SeqCst);
         self.mode.store(mode, Ordering::SeqCst);
@@ -134,39 +139,64 @@ impl Link {
     }
 }
 
+/// Forwards `from` to `to` as the proxy's fault says: a reader, and a writer that sends each
+/// chunk at the time the reader gave it.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     link: Link,
     mut changed: watch::Receiver<()>,
 ) {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        if link.mode() == 3 {
-            return;
-        }
-        let read = tokio::select! {
-            read = from.read(&mut buffer) => read,
-            // Wake to notice a switch to Drop while idle.
-            _ = changed.changed() => continue,
-        };
-        let Ok(n) = read else { return };
-        if n == 0 {
-            return;
-        }
-        // Blackhole: hold the data until the fault is lifted (or the connection is dropped).
-        while link.mode() == 2 {
-            if changed.changed().await.is_err() {
+    let (chunks, mut pending) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((at, chunk)) = pending.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
                 return;
             }
         }
-        match link.mode() {
-            1 => tokio::time::sleep(Duration::from_millis(link.delay.load(Ordering::SeqCst))).await,
-            3 => return,
-            _ => {}
+    };
+    let reader_link = link.clone();
+    let reader = async move {
+        let link = reader_link;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            if link.mode() == 3 {
+                return;
+            }
+            let read = tokio::select! {
+                read = from.read(&mut buffer) => read,
+                // Wake to notice a switch to Drop while idle.
+                _ = changed.changed() => continue,
+            };
+            let Ok(n) = read else { return };
+            if n == 0 {
+                return;
+            }
+            let arrived = tokio::time::Instant::now();
+            // Blackhole: hold the data until the fault is lifted (or the connection is dropped).
+            while link.mode() == 2 {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+            let delay = Duration::from_millis(link.delay.load(Ordering::SeqCst));
+            let at = match link.mode() {
+                1 => {
+                    tokio::time::sleep(delay).await;
+                    tokio::time::Instant::now()
+                }
+                3 => return,
+                4 => arrived + delay,
+                _ => arrived,
+            };
+            if chunks.send((at, buffer[..n].to_vec())).is_err() {
+                return;
+            }
         }
-        if to.write_all(&buffer[..n]).await.is_err() {
-            return;
-        }
-    }
+    };
+    // The reader ends on a closed or dropped connection, and the writer once it has sent what
+    // the reader gave it; the proxy closes both directions when either direction ends.
+    tokio::join!(reader, writer);
 }

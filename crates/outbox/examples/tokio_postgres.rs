@@ -5,6 +5,7 @@
 //! pointing at a database the outbox is migrated in (`outbox migrate`).
 
 use outbox::{Message, Outbox, OutboxConfig};
+use tokio_postgres::types::Type;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,12 +21,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tx = client.transaction().await?;
     let event = Message::new("thing_topic", format!(r#"{{"id":{id}}}"#)).key(id.to_string());
     let name = "a thing";
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &name];
-    // Awaited together, so tokio-postgres sends both before waiting for either.
+    // Awaited together, so tokio-postgres sends both before waiting for either. The business
+    // statement is typed, not text: text would be prepared first, a round trip of its own.
     let (inserted, sequence) = tokio::join!(
-        tx.execute("INSERT INTO thing (id, name) VALUES ($1, $2)", &params),
+        async {
+            let insert = "INSERT INTO thing (id, name) VALUES ($1, $2)";
+            tx.query_typed(insert, &[(&id, Type::INT8), (&name, Type::TEXT)])
+                .await
+        },
         outbox.save_for_publishing(&tx, event),
     );
+    // On either error, `?` returns and dropping `tx` rolls both back.
     inserted?;
     let sequence = sequence?;
     tx.commit().await?;

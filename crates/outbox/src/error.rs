@@ -20,11 +20,20 @@ pub enum Error {
     Database(sqlx::Error),
     /// The database rejected or failed a statement run through tokio-postgres.
     #[cfg(feature = "tokio-postgres")]
+    #[error("outbox database error: {}", crate::client::tokio_postgres::describe(.0))]
+    TokioPostgres(#[source] tokio_postgres::Error),
+    /// The database rejected or failed a statement run through SeaORM.
+    #[cfg(feature = "sea-orm")]
     #[error("outbox database error: {0}")]
-    TokioPostgres(#[from] tokio_postgres::Error),
-    /// The database returned no row for a message it was asked to save: something (a trigger
-    /// on the outbox table) suppressed the insert. The caller's transaction should not commit.
-    #[error("outbox database error: the insert of a message returned no row (does a trigger on the outbox table suppress it?)")]
+    SeaOrm(#[from] sea_orm::DbErr),
+    /// The caller's transaction is on a database other than PostgreSQL (a SeaORM connection to
+    /// MySQL or SQLite, say); nothing was written.
+    #[error("the outbox runs on PostgreSQL; the transaction given is on {0}")]
+    UnsupportedDatabase(String),
+    /// The database saved fewer rows than it was given messages: something (a trigger on the
+    /// outbox table returning NULL) suppressed an insert. Roll the transaction back: committed,
+    /// it would lose those messages.
+    #[error("outbox database error: a message's insert returned no row (does a trigger on the outbox table suppress it?)")]
     NotSaved,
     /// The connection goes through a pooler in transaction mode (PgBouncer's
     /// `pool_mode = transaction` before 1.21), which hands each transaction to any server

@@ -125,23 +125,31 @@ impl Outbox {
     /// Saves `message` for publishing as part of `tx`: it is published if and only if `tx`
     /// commits. Returns the message's sequence (`x-sequence`). `tx` is the transaction of any
     /// supported client library ([`ClientTransaction`]): `&mut tx` for sqlx, `&tx` for
-    /// tokio-postgres.
+    /// tokio-postgres and SeaORM.
     ///
     /// An invalid message is rejected with [`Error::InvalidMessage`] before anything is written;
-    /// the transaction stays usable and is the caller's to roll back or continue.
+    /// the transaction stays usable and is the caller's to roll back or continue. On any other
+    /// error, roll the transaction back.
     ///
     /// With tokio-postgres, the save and the service's own statement share one round trip when
-    /// they are awaited together (tokio-postgres pipelines them on the connection):
+    /// they are awaited together and the service's statement is typed (`query_typed`) or
+    /// prepared: tokio-postgres pipelines them on the connection. (A statement given as text is
+    /// prepared first, a round trip of its own.) Unlike [`Outbox::execute_and_save`], the
+    /// message is saved whatever the service's statement does, and that statement is already
+    /// sent when the save refuses an invalid message: on any error, roll back.
     ///
     /// ```no_run
     /// # #[cfg(feature = "tokio-postgres")]
-    /// # async fn f(outbox: outbox::Outbox, client: &mut tokio_postgres::Client) -> Result<(), outbox::Error> {
+    /// # async fn f(outbox: outbox::Outbox, client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio_postgres::types::Type;
     /// let tx = client.transaction().await?;
     /// let event = outbox::Message::new("things", br#"{"id":42}"#.to_vec()).key("42");
-    /// let (_, sequence) = tokio::try_join!(
-    ///     async { tx.execute("INSERT INTO thing (id) VALUES ($1)", &[&42_i64]).await.map_err(outbox::Error::from) },
+    /// let (inserted, sequence) = tokio::join!(
+    ///     async { tx.query_typed("INSERT INTO thing (id) VALUES ($1)", &[(&42_i64, Type::INT8)]).await },
     ///     outbox.save_for_publishing(&tx, event),
-    /// )?;
+    /// );
+    /// inserted?;
+    /// sequence?;
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```

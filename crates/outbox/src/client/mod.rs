@@ -1,8 +1,8 @@
 //! The PostgreSQL client libraries the writer saves through, and the statements it runs.
 //!
 //! Every client gets the same statements, bound to the same types, so every client writes
-//! byte-identical rows; what differs is only how a library binds and runs a statement
-//! ([`sqlx`](self::sqlx), [`tokio_postgres`](self::tokio_postgres)). The writer takes the caller's
+//! byte-identical rows; what differs is only how a library binds and runs a statement (`sqlx`,
+//! `tokio_postgres`, `sea_orm`). The writer takes the caller's
 //! *transaction* of each library, never a pool or a plain client, which could commit the message
 //! apart from the business data.
 //!
@@ -18,9 +18,11 @@ use crate::headers::encode_stored;
 use crate::message::Message;
 use crate::schema::SchemaName;
 
+#[cfg(feature = "sea-orm")]
+mod sea_orm;
 pub(crate) mod sqlx;
 #[cfg(feature = "tokio-postgres")]
-mod tokio_postgres;
+pub(crate) mod tokio_postgres;
 
 /// A transaction of a PostgreSQL client library that [`Outbox`](crate::Outbox) saves messages
 /// in; they are published if and only if it commits:
@@ -28,13 +30,21 @@ mod tokio_postgres;
 /// | library | argument |
 /// |---|---|
 /// | sqlx | `&mut sqlx::Transaction<'_, Postgres>` |
-/// | tokio-postgres, deadpool-postgres, bb8-postgres (feature `tokio-postgres`) | `&tokio_postgres::Transaction<'_>` |
+/// | tokio-postgres (feature `tokio-postgres`) | `&tokio_postgres::Transaction<'_>` |
+/// | deadpool-postgres, bb8-postgres (feature `tokio-postgres`) | `&*tx`: their transactions dereference to tokio-postgres's |
+/// | SeaORM (feature `sea-orm`, PostgreSQL) | `&sea_orm::DatabaseTransaction` |
 ///
 /// A tokio-postgres transaction is taken by shared reference, so the save can run beside the
 /// service's own statement and share its round trip (see
 /// [`Outbox::save_for_publishing`](crate::Outbox::save_for_publishing)).
 ///
-/// Sealed: the outbox's guarantees rest on how each library runs its statements.
+/// Only a transaction is taken, never a pool or a client, which could commit the message apart
+/// from the business data. Sealed: the outbox's guarantees rest on how each library runs its
+/// statements.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a transaction the outbox can save in",
+    note = "pass `&mut tx` for a `sqlx::Transaction` (`&mut *tx` if you hold a `&mut Transaction`), `&tx` for a `tokio_postgres::Transaction` (`&*tx` for deadpool-postgres), `&tx` for a `sea_orm::DatabaseTransaction`; pools and clients are refused: the message must commit with the business data"
+)]
 pub trait ClientTransaction: Send + sealed::Sealed {}
 
 pub(crate) mod sealed {

@@ -13,14 +13,15 @@ impl ClientTransaction for &mut Transaction<'_, Postgres> {}
 impl sealed::Sealed for &mut Transaction<'_, Postgres> {
     async fn insert_one(self, statements: &Statements, message: &Message) -> Result<i64, Error> {
         let row = Row::new(message);
-        Ok(sqlx::query_scalar(&statements.insert_one)
+        sqlx::query_scalar(&statements.insert_one)
             .bind(row.topic)
             .bind(row.key)
             .bind(row.payload)
             .bind(row.headers)
             .persistent(statements.persistent)
-            .fetch_one(&mut **self)
-            .await?)
+            .fetch_optional(&mut **self)
+            .await?
+            .ok_or(Error::NotSaved)
     }
 
     async fn insert_many(
@@ -29,14 +30,18 @@ impl sealed::Sealed for &mut Transaction<'_, Postgres> {
         messages: &[Message],
     ) -> Result<Vec<i64>, Error> {
         let columns = Columns::new(messages);
-        Ok(sqlx::query_scalar(&statements.insert_many)
+        let ids: Vec<i64> = sqlx::query_scalar(&statements.insert_many)
             .bind(columns.topics)
             .bind(columns.keys)
             .bind(columns.payloads)
             .bind(columns.headers)
             .persistent(statements.persistent)
             .fetch_all(&mut **self)
-            .await?)
+            .await?;
+        if ids.len() != messages.len() {
+            return Err(Error::NotSaved);
+        }
+        Ok(ids)
     }
 }
 

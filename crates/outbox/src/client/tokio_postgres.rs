@@ -4,8 +4,10 @@
 //!
 //! Each statement is sent with its parameter types ([`query_typed`]): parse, bind and execute
 //! in one round trip, with no named statement left on the connection, so it also runs behind a
-//! pooler in transaction mode. tokio-postgres pipelines the statements of one connection that are
-//! awaited together: a save joined with the service's own statement shares its round trip.
+//! pooler in transaction mode (and is parsed every time). tokio-postgres pipelines the requests
+//! of one connection that are awaited together: a save joined with the service's own statement
+//! shares its round trip, when that statement needs none of its own first (a statement given as
+//! text is prepared first, a round trip: give it typed, or prepared).
 //!
 //! [`query_typed`]: tokio_postgres::Transaction::query_typed
 
@@ -27,9 +29,12 @@ impl sealed::Sealed for &Transaction<'_> {
             (&row.payload, Type::BYTEA),
             (&row.headers, Type::JSONB),
         ];
-        let rows = self.query_typed(&statements.insert_one, &params).await?;
+        let rows = self
+            .query_typed(&statements.insert_one, &params)
+            .await
+            .map_err(Error::TokioPostgres)?;
         match rows.first() {
-            Some(row) => Ok(row.try_get(0)?),
+            Some(row) => row.try_get(0).map_err(Error::TokioPostgres),
             None => Err(Error::NotSaved),
         }
     }
@@ -46,9 +51,27 @@ impl sealed::Sealed for &Transaction<'_> {
             (&columns.payloads, Type::BYTEA_ARRAY),
             (&columns.headers, Type::JSONB_ARRAY),
         ];
-        let rows = self.query_typed(&statements.insert_many, &params).await?;
-        rows.iter()
-            .map(|row| row.try_get(0).map_err(Error::from))
-            .collect()
+        let rows = self
+            .query_typed(&statements.insert_many, &params)
+            .await
+            .map_err(Error::TokioPostgres)?;
+        let ids = rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(Error::TokioPostgres)?;
+        if ids.len() != messages.len() {
+            return Err(Error::NotSaved);
+        }
+        Ok(ids)
+    }
+}
+
+/// `error` with what the server said: tokio-postgres displays a server's error as "db error"
+/// alone, and its severity, code and message only through `as_db_error`.
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => error.to_string(),
     }
 }
