@@ -381,7 +381,7 @@ async fn a_wake_up_rolled_back_with_a_savepoint_is_queued_again() {
     outbox.drop_schema().await;
 }
 
-/// The topic check (cheaper since migration 0013) lets through exactly Kafka's topic names, for
+/// The topic check (without a counted repetition since migration 0016) lets through exactly Kafka's topic names, for
 /// writers that bypass the library: ASCII letters, digits, '.', '_' and '-', 1 to 249 of them,
 /// not "." or "..".
 #[tokio::test]

@@ -564,9 +564,11 @@ impl Statements {
     /// by $13: the claim lowers the floor to it. Held messages (`retry_at` set) may stay
     /// below it: the claim finds those that are due through their own index
     /// (migration 0012), so that ten thousand held keys are not walked over by every
-    /// claim (`ORDER BY m.id + 0`: ordered by `id` itself, the planner walks every id below the
-    /// floor instead whenever it expects due ones to be many, as without statistics). (A new lease term starts at floor 0, so a hold an operator removes by
-    /// hand with `retry_at = NULL` is found then; `retry_at = now()` is found at once.)
+    /// claim: `m.id + 0` in the bound and the order leaves the primary key nothing to offer, so
+    /// the planner cannot walk every id below the floor instead, as it did whenever it expected
+    /// due ones to be many (without statistics, or with statistics taken while they were due).
+    /// (A new lease term starts at floor 0, so a hold an operator removes by hand with
+    /// `retry_at = NULL` is found then; `retry_at = now()` is found at once.)
     /// The rise is a compare-and-set on the floor's
     /// generation: statements that lower the floor bump it, so one that is concurrent
     /// with this claim (even invisible to its snapshot) cancels the rise. Every claim
@@ -616,7 +618,7 @@ impl Statements {
                           AND (m.retry_at IS NULL OR m.retry_at <= now())
                         ORDER BY id LIMIT $1)
                       UNION ALL
-                      (SELECT {candidate} AND m.id < (SELECT floor FROM horizon)
+                      (SELECT {candidate} AND m.id + 0 < (SELECT floor FROM horizon)
                           AND m.retry_at IS NOT NULL AND m.retry_at <= now()
                         ORDER BY m.id + 0 LIMIT $1)) u
                      ORDER BY id

@@ -430,6 +430,28 @@ async fn the_held_key_test_is_an_index_lookup_whatever_is_held() {
             "limit {limit}: {plan}"
         );
     }
+    // Statistics that say every held message is due (analyzed while they were, as after an
+    // outage of their topic ended), now stale: the planner expects thousands of due rows, and
+    // walked every id below the floor rather than read them through `message_due` and sort
+    // them (the hostile-writers chaos scenario: claims of 10 ms instead of 0.3).
+    for sql in [
+        "UPDATE {0}.message SET retry_at = now() - interval '1 hour' WHERE topic = 'held'",
+        "ANALYZE {0}.message",
+        "UPDATE {0}.message SET retry_at = now() + interval '1 hour' WHERE topic = 'held'",
+    ] {
+        sqlx::raw_sql(&sql.replace("{0}", outbox.schema.as_str()))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    for limit in [10_i64, 5000] {
+        let plan = sql.explain_claim(&mut conn, limit, &fence).await.unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("Index Scan using message_due on message m_1"),
+            "stale statistics, limit {limit}: {plan}"
+        );
+    }
     let claimed = sql
         .claim(
             &mut conn,

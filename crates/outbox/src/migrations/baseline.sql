@@ -1,5 +1,5 @@
--- The schema of migrations 0001 to 0015 in one script: a new schema is created by this file alone
--- and recorded at version 15, while schemas made by earlier versions apply the migrations after
+-- The schema of migrations 0001 to 0016 in one script: a new schema is created by this file alone
+-- and recorded at version 16, while schemas made by earlier versions apply the migrations after
 -- theirs. The why of each object is in the migration that made it what it is (named below).
 -- The test `the_baseline_builds_the_schema_the_migrations_build` keeps the two paths equal:
 -- a new migration changes this file too, or runs after it.
@@ -21,9 +21,11 @@ CREATE TABLE {schema}.message (
     -- A message whose delivery failed is held until retry_at, and with it every later message
     -- of its key (0003).
     retry_at     timestamptz,
-    -- Kafka's topic name rules, enforced here too for writers that bypass the library.
+    -- Kafka's topic name rules, enforced here too for writers that bypass the library; no
+    -- counted repetition in the pattern, which would cost 20 us per row (0016).
     CONSTRAINT message_topic_is_legal CHECK (
-        topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic <> '.' AND topic <> '..'
+        length(topic) BETWEEN 1 AND 249 AND topic !~ '[^a-zA-Z0-9._-]'
+        AND topic <> '.' AND topic <> '..'
     )
 );
 
