@@ -238,6 +238,65 @@ impl Client for SeaOrm {
     }
 }
 
+/// diesel-async: the connection, in a transaction.
+struct DieselAsync(diesel_async::AsyncPgConnection);
+
+impl Client for DieselAsync {
+    const NAME: &'static str = "diesel-async";
+
+    async fn connect() -> Self {
+        use diesel_async::AsyncConnection as _;
+        DieselAsync(
+            diesel_async::AsyncPgConnection::establish(&database_url())
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        use diesel_async::{AnsiTransactionManager, RunQueryDsl as _, TransactionManager as _};
+        let conn = &mut self.0;
+        AnsiTransactionManager::begin_transaction(conn)
+            .await
+            .unwrap();
+        diesel::sql_query(format!("INSERT INTO {schema}.thing (id) VALUES ($1)"))
+            .bind::<diesel::sql_types::BigInt, _>(thing)
+            .execute(conn)
+            .await
+            .unwrap();
+        let first = if let [message] = &save[..] {
+            outbox
+                .save_for_publishing(&mut *conn, message.clone())
+                .await
+                .map(|sequence| vec![sequence])
+        } else {
+            outbox.save_all_for_publishing(&mut *conn, save).await
+        };
+        let mut results = Vec::new();
+        for message in more {
+            results.push(outbox.save_for_publishing(&mut *conn, message).await);
+        }
+        if commit {
+            AnsiTransactionManager::commit_transaction(conn)
+                .await
+                .unwrap();
+        } else {
+            AnsiTransactionManager::rollback_transaction(conn)
+                .await
+                .unwrap();
+        }
+        (first, results)
+    }
+}
+
 /// The cases every client passes; returns the rows it saved, as the relay's input.
 async fn conformance<C: Client>() {
     let outbox = TestOutbox::new().await;
@@ -446,6 +505,33 @@ async fn deadpool_postgres_conforms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diesel_async_conforms() {
+    conformance::<DieselAsync>().await;
+}
+
+/// diesel has no transaction type: a connection outside a transaction is refused, and nothing
+/// is written (the message would commit at once, apart from the business data).
+#[tokio::test]
+async fn a_diesel_connection_outside_a_transaction_is_refused() {
+    let outbox = TestOutbox::new().await;
+    let mut client = DieselAsync::connect().await;
+    let error = outbox
+        .outbox
+        .save_for_publishing(&mut client.0, Message::new("t", b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::NotInTransaction), "{error}");
+    let error = outbox
+        .outbox
+        .save_all_for_publishing(&mut client.0, [Message::new("t", b"x".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::NotInTransaction), "{error}");
+    assert_eq!(outbox.pending().await, 0);
+    outbox.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sea_orm_conforms() {
     conformance::<SeaOrm>().await;
 }
@@ -519,6 +605,14 @@ async fn every_client_writes_byte_identical_rows() {
     let from = saved.unwrap()[0];
     assert!(singles.iter().all(Result::is_ok));
     assert_eq!(rows(from).await, by_sqlx, "SeaORM against sqlx");
+
+    let mut diesel = DieselAsync::connect().await;
+    let (saved, singles) = diesel
+        .transact(&outbox.outbox, &schema, 4, messages(), messages(), true)
+        .await;
+    let from = saved.unwrap()[0];
+    assert!(singles.iter().all(Result::is_ok));
+    assert_eq!(rows(from).await, by_sqlx, "diesel-async against sqlx");
     outbox.drop_schema().await;
 }
 

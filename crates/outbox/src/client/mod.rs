@@ -18,6 +18,8 @@ use crate::headers::encode_stored;
 use crate::message::Message;
 use crate::schema::SchemaName;
 
+#[cfg(feature = "diesel-async")]
+mod diesel_async;
 #[cfg(feature = "sea-orm")]
 mod sea_orm;
 pub(crate) mod sqlx;
@@ -33,6 +35,7 @@ pub(crate) mod tokio_postgres;
 /// | tokio-postgres (feature `tokio-postgres`) | `&tokio_postgres::Transaction<'_>` |
 /// | deadpool-postgres, bb8-postgres (feature `tokio-postgres`) | `&*tx`: their transactions dereference to tokio-postgres's |
 /// | SeaORM (feature `sea-orm`, PostgreSQL) | `&sea_orm::DatabaseTransaction` |
+/// | diesel-async (feature `diesel-async`) | `&mut AsyncPgConnection`, inside its `transaction(..)`; outside one it is refused |
 ///
 /// A tokio-postgres transaction is taken by shared reference, so the save can run beside the
 /// service's own statement and share its round trip (see
@@ -43,7 +46,7 @@ pub(crate) mod tokio_postgres;
 /// statements.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a transaction the outbox can save in",
-    note = "pass `&mut tx` for a `sqlx::Transaction` (`&mut *tx` if you hold a `&mut Transaction`), `&tx` for a `tokio_postgres::Transaction` (`&*tx` for deadpool-postgres), `&tx` for a `sea_orm::DatabaseTransaction`; pools and clients are refused: the message must commit with the business data"
+    note = "pass `&mut tx` for a `sqlx::Transaction` (`&mut *tx` if you hold a `&mut Transaction`), `&tx` for a `tokio_postgres::Transaction` (`&*tx` for deadpool-postgres), `&tx` for a `sea_orm::DatabaseTransaction`, `conn` (a `&mut AsyncPgConnection`) inside diesel-async's `transaction(..)`; pools and clients are refused: the message must commit with the business data"
 )]
 pub trait ClientTransaction: Send + sealed::Sealed {}
 
