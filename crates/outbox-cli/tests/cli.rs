@@ -807,36 +807,84 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
 
-/// Every metric the alerting rules query is one the daemon exports, seen in its `/metrics`
-/// (a message to a missing topic makes the failure and held-message series appear), and is
-/// documented in docs/operations.md.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_alert_rules_query_is_exported_and_documented() {
-    let rules = std::fs::read_to_string(alert_rules().join("outbox-alerts.yml")).unwrap();
-    let mut queried: Vec<&str> = rules
+/// The metric names a query file names (`outbox_...`).
+fn queried_metrics(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
         .match_indices("outbox_")
         .map(|(at, _)| {
-            let name = &rules[at..];
+            let name = &text[at..];
             let end = name
                 .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
                 .unwrap_or(name.len());
-            &name[..end]
+            name[..end].to_owned()
         })
-        .filter(|name| !name.ends_with('_') && *name != "outbox_alerts")
+        .filter(|name| !name.ends_with('_') && name != "outbox_alerts")
         .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// The Grafana dashboard under `deploy/grafana`: every panel's queries, which must be valid
+/// PromQL (promtool checks them as recording rules, Grafana's `$__rate_interval` as `5m`).
+#[test]
+fn the_dashboards_queries_are_valid_promql() {
+    let path = alert_rules().join("../grafana/outbox-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let expr = expr.replace("$__rate_interval", "5m");
+            rules.push_str(&format!(
+                "      - record: outbox:dashboard:{queries}\n        expr: '{}'\n",
+                expr.replace('\'', "''")
+            ));
+            queries += 1;
+        }
+    }
+    assert!(queries >= 15, "{queries} queries");
+    let file = std::env::temp_dir().join(format!("outbox-dashboard-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let checked = promtool(&["check", "rules", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).ok();
+    assert!(
+        checked.contains(&format!("SUCCESS: {queries} rules found")),
+        "{checked}"
+    );
+}
+
+/// Every metric the alerting rules and the dashboard query is one the daemon exports, seen in
+/// its `/metrics` (a message published, and one to a missing topic: the failure and held
+/// series appear with them), and is documented in docs/operations.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alert_rules_and_the_dashboard_query_is_exported_and_documented() {
+    let mut queried =
+        queried_metrics(&std::fs::read_to_string(alert_rules().join("outbox-alerts.yml")).unwrap());
+    queried.extend(queried_metrics(
+        &std::fs::read_to_string(alert_rules().join("../grafana/outbox-dashboard.json")).unwrap(),
+    ));
     queried.sort_unstable();
     queried.dedup();
-    assert!(queried.len() >= 6, "{queried:?}");
+    assert!(queried.len() >= 15, "{queried:?}");
     let operations = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations.md"),
     )
     .unwrap();
     for name in &queried {
+        let documented = name
+            .strip_suffix("_bucket")
+            .unwrap_or(name.as_str())
+            .to_owned();
         assert!(
-            operations.contains(&format!("`{name}")),
+            operations.contains(&format!("`{documented}")),
             "{name} is not documented in docs/operations.md"
         );
     }
+    let queried: Vec<&str> = queried.iter().map(String::as_str).collect();
 
     let outbox = TestOutbox::new().await;
     let addr = free_addr();
@@ -846,9 +894,15 @@ async fn every_metric_the_alert_rules_query_is_exported_and_documented() {
             .env("OUTBOX_POLL_INTERVAL_MS", "200"),
         &["--metrics-addr", &addr],
     );
-    // No such topic (the dev broker creates none): the delivery fails and the message is held.
+    // One published; one to no such topic (the dev broker creates none): its delivery fails
+    // and it is held.
+    let topic = unique_topic("metrics");
+    create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     outbox
-        .commit_each([Message::new(unique_topic("missing"), b"x".to_vec()).key("k")])
+        .commit_each([
+            Message::new(&topic, b"x".to_vec()).key("k"),
+            Message::new(unique_topic("missing"), b"x".to_vec()).key("k"),
+        ])
         .await;
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -230,6 +230,7 @@ impl Relay {
     /// [`Relay::check_connection`] tells before starting.
     pub fn start(pool: PgPool, config: RelayConfig) -> Result<RelayHandle, RelayError> {
         config.validate()?;
+        metrics::register(&config.lease_name);
         // Everything below spawns tasks (the session pool too), which panics without one.
         tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
         let health = Arc::new(Health::new(config.stall_timeout, config.backoff_max));

@@ -47,6 +47,23 @@ pub const TRANSACTIONS: &str = "outbox_transactions_total";
 /// 1 while the relay is ready (see `health`).
 pub const READY: &str = "outbox_ready";
 
+/// Every series whose labels are known at start, at zero: a counter that first appears with its
+/// first event hides that event from `rate()` and `increase()`, and a dashboard or alert on it
+/// has nothing to show until then. (Series labelled by topic appear with their topic.)
+pub(crate) fn register(lease: &str) {
+    for name in [LEASE_ACQUIRED, LEASE_LOST] {
+        counter!(name, "lease" => lease.to_owned()).increment(0);
+    }
+    for name in [RETRIES, CLEANUP_RUNS, CLEANUP_DELETED, DEAD_LETTERED] {
+        counter!(name).increment(0);
+    }
+    for outcome in ["committed", "aborted"] {
+        counter!(TRANSACTIONS, "outcome" => outcome).increment(0);
+    }
+    lease_held(lease, false);
+    ready(false);
+}
+
 pub(crate) fn oldest_snapshot(age: Option<Duration>) {
     gauge!(OLDEST_SNAPSHOT).set(age.map_or(0.0, |d| d.as_secs_f64()));
 }
