@@ -1,14 +1,14 @@
 //! Scenario 10: the write path of each client library the writer supports, against the physical
 //! floor of "write one more row".
 //!
-//! One writer per client library (sqlx, tokio-postgres, SeaORM), on one connection, closed loop; per client, four
+//! One writer per client library (sqlx, tokio-postgres, SeaORM, diesel-async), on one connection, closed loop; per client, four
 //! transactions, rotated within every round:
 //! - the business transaction alone (one INSERT);
 //! - plus a plain INSERT of the message's bytes into a table with only a primary key (the floor:
 //!   what any second row costs), as a second statement;
 //! - plus the outbox message, as a second statement;
 //! - plus the outbox message in the same round trip: sqlx's `execute_and_save` (one statement),
-//!   tokio-postgres's pipelining (two statements awaited together); SeaORM has none.
+//!   tokio-postgres's pipelining (two statements awaited together); SeaORM and diesel-async have none.
 //!
 //! The outbox's cost is its transaction's latency over the floor's, same client, same round.
 
@@ -29,13 +29,15 @@ enum Library {
     Sqlx,
     TokioPostgres,
     SeaOrm,
+    DieselAsync,
 }
 
 impl Library {
-    /// SeaORM runs a transaction's statements one at a time: no one-round-trip form.
+    /// SeaORM and diesel-async run a transaction's statements one at a time: no one-round-trip
+    /// form.
     fn variants(self) -> &'static [Variant] {
         match self {
-            Library::SeaOrm => &VARIANTS[..3],
+            Library::SeaOrm | Library::DieselAsync => &VARIANTS[..3],
             Library::Sqlx | Library::TokioPostgres => &VARIANTS,
         }
     }
@@ -75,6 +77,7 @@ struct Writers {
     sqlx: sqlx::PgConnection,
     tokio_postgres: tokio_postgres::Client,
     sea_orm: sea_orm::DatabaseConnection,
+    diesel: diesel_async::AsyncPgConnection,
     /// The business and floor statements, prepared once on the tokio-postgres connection, as a
     /// service would (sqlx caches its own).
     prepared: [tokio_postgres::Statement; 2],
@@ -154,6 +157,33 @@ impl Writers {
                     Variant::Business | Variant::OutboxOneTrip => {}
                 }
                 tx.commit().await?;
+            }
+            Library::DieselAsync => {
+                use diesel::sql_types::{BigInt, Bytea, Integer, Text};
+                use diesel_async::{AnsiTransactionManager, RunQueryDsl, TransactionManager};
+                let conn = &mut self.diesel;
+                AnsiTransactionManager::begin_transaction(conn).await?;
+                diesel::sql_query(&self.business)
+                    .bind::<Integer, _>(account)
+                    .bind::<BigInt, _>(amount)
+                    .bind::<Text, _>(note)
+                    .execute(conn)
+                    .await?;
+                match variant {
+                    Variant::Floor => {
+                        diesel::sql_query(&self.floor)
+                            .bind::<Text, _>(&self.topic)
+                            .bind::<Bytea, _>(key.as_bytes())
+                            .bind::<Bytea, _>(&value)
+                            .execute(conn)
+                            .await?;
+                    }
+                    Variant::Outbox => {
+                        self.outbox.save_for_publishing(&mut *conn, message).await?;
+                    }
+                    Variant::Business | Variant::OutboxOneTrip => {}
+                }
+                AnsiTransactionManager::commit_transaction(conn).await?;
             }
             Library::TokioPostgres => {
                 let tx = self.tokio_postgres.transaction().await?;
@@ -235,6 +265,10 @@ pub(crate) async fn clients(ctx: &Ctx) -> anyhow::Result<()> {
         sqlx: sqlx::PgConnection::connect(&url).await?,
         tokio_postgres,
         sea_orm: sea_orm::Database::connect(&url).await?,
+        diesel: {
+            use diesel_async::AsyncConnection as _;
+            diesel_async::AsyncPgConnection::establish(&url).await?
+        },
         prepared,
         outbox: ctx.outbox.clone(),
         topic,
@@ -248,7 +282,12 @@ pub(crate) async fn clients(ctx: &Ctx) -> anyhow::Result<()> {
     let progress = spinner("client libraries");
     let mut n = 0u64;
     let mut details = Vec::new();
-    for library in [Library::Sqlx, Library::TokioPostgres, Library::SeaOrm] {
+    for library in [
+        Library::Sqlx,
+        Library::TokioPostgres,
+        Library::SeaOrm,
+        Library::DieselAsync,
+    ] {
         let variants = library.variants();
         for &variant in variants {
             writers

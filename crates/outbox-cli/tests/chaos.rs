@@ -592,9 +592,17 @@ impl Drop for KillOnDrop {
 
 /// The `outbox relay` daemon with its defaults (the chaos-tuned `relay_process` claims in
 /// batches of 50).
-fn default_relay_process(schema: &str) -> KillOnDrop {
+fn default_relay_process(schema: &str, delivery: Delivery) -> KillOnDrop {
+    let delivery = match delivery {
+        Delivery::AtLeastOnce => "at-least-once",
+        _ => "exactly-once",
+    };
     KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .env("OUTBOX_DELIVERY", delivery)
+            // The source is fixed ("chaos"), so the transactional id is the same for every
+            // schema: a progress topic of its own keeps one run's progress from another's.
+            .env("OUTBOX_PROGRESS_TOPIC", format!("chaos-progress-{schema}"))
             .env("DATABASE_URL", database_url())
             .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap_servers())
             .env("OUTBOX_SCHEMA", schema)
@@ -739,11 +747,11 @@ async fn hostile_writers(outbox: &TestOutbox, stop: CancellationToken) -> (Vec<i
 
 /// One run of the steady healthy load with the daemon, with or without hostile writers beside
 /// it. Returns the healthy load's (p50, p99) commit-to-publish latency.
-async fn steady_load(hostile: bool) -> (f64, f64) {
+async fn steady_load(hostile: bool, delivery: Delivery) -> (f64, f64) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-steady");
     create_topic(&kafka_bootstrap_servers(), &topic, 3).await;
-    let relay = default_relay_process(outbox.schema.as_str());
+    let relay = default_relay_process(outbox.schema.as_str(), delivery);
     let held = match hostile {
         true => hold_ten_thousand_keys(&outbox).await,
         false => Vec::new(),
@@ -777,7 +785,7 @@ async fn steady_load(hostile: bool) -> (f64, f64) {
     };
     settle_and_check(
         &outbox,
-        Delivery::AtLeastOnce,
+        delivery,
         scenario,
         bad.as_ref().map_or(0, |b| b.0.len()),
         &ledger,
@@ -844,8 +852,17 @@ async fn steady_load(hostile: bool) -> (f64, f64) {
     latency
 }
 
+/// At least once. Exactly once, the healthy messages are all published, in order, without
+/// duplicates, but waited ~60 s at the median (two runs): every claim's first rows are the held
+/// keys' due retries, which go in transactions apart, so the healthy ones get the rest of each
+/// batch only once most retries are held for longer. Not in the suite until claims keep the
+/// two apart (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
+    hostile_writers_beside_a_steady_load(Delivery::AtLeastOnce).await;
+}
+
+async fn hostile_writers_beside_a_steady_load(delivery: Delivery) {
     let _serial = serial().await;
     // The median must stay within 2x (plus 2 ms of scheduling noise): a real slowdown of every
     // healthy message shows there (a change that cost the relay 5 ms per cycle under hostile
@@ -862,8 +879,8 @@ async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
     };
     let mut pairs = Vec::new();
     for _ in 0..2 {
-        let (base_p50, base_p99) = steady_load(false).await;
-        let (p50, p99) = steady_load(true).await;
+        let (base_p50, base_p99) = steady_load(false, delivery).await;
+        let (p50, p99) = steady_load(true, delivery).await;
         println!(
             "healthy commit-to-publish latency: p50 {p50:.1} ms, p99 {p99:.1} ms with hostile writers; p50 {base_p50:.1} ms, p99 {base_p99:.1} ms without"
         );
@@ -873,8 +890,12 @@ async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
         }
     }
     let (p50, p99, base_p50, base_p99) = pairs[pairs.len() - 1];
+    let mode = match delivery {
+        Delivery::AtLeastOnce => "",
+        _ => " (exactly-once)",
+    };
     report_note(&format!(
-        "Scenario 8b: the steady load's commit-to-publish latency (writer's transaction start to \
+        "Scenario 8b{mode}: the steady load's commit-to-publish latency (writer's transaction start to \
          the relay's completion after Kafka's acknowledgement, database clock) was p50 {p50:.1} ms, \
          p99 {p99:.1} ms with the hostile writers, and p50 {base_p50:.1} ms, p99 {base_p99:.1} ms \
          without them (8a), the same daemon with its default settings in both{}.",

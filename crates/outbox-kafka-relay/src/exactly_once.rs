@@ -351,6 +351,17 @@ const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long delivery reports may trail the end of their transaction.
 const REPORTS_WAIT: Duration = Duration::from_secs(5);
 
+/// What goes into a transaction besides the batch it starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// More claims while there is a backlog (see `claim_into_transaction`).
+    MoreClaims,
+    /// Nothing.
+    AsIs,
+    /// Nothing; the batch is one message, whose refusal is its own.
+    Alone,
+}
+
 /// What one transaction left to do.
 struct Transacted {
     step: Step,
@@ -513,17 +524,69 @@ impl Pipeline {
         self.session.checked(result)
     }
 
-    /// Publishes `batch` in one transaction, then completes it. After a refusal shared by a
-    /// produce request (a record over its topic's size limit fails the whole request), the
-    /// messages of the keys concerned go one per transaction, in order, each key up to its
-    /// first failure (that one is held, or dead-lettered); the rest stays pending.
+    /// Publishes `batch` in one transaction, then completes it. Messages that failed before
+    /// (held, now due) go in a transaction of their own first: one that fails again aborts only
+    /// that one, not the new messages beside it (with 10,000 held keys coming due, every mixed
+    /// transaction aborted, and the healthy messages in them never got through).
     pub(crate) async fn publish_exactly_once(
         &mut self,
         term: &Term,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
     ) -> Step {
-        let transaction = self.transact(term, batch, claimed_at, false).await;
+        let (retries, fresh): (Vec<_>, Vec<_>) = batch.into_iter().partition(|m| m.attempts > 0);
+        if retries.is_empty() || fresh.is_empty() {
+            let fill = match fresh.is_empty() {
+                true => Fill::AsIs,
+                false => Fill::MoreClaims,
+            };
+            let batch = if fresh.is_empty() { retries } else { fresh };
+            return self.publish_batch(term, batch, claimed_at, fill).await;
+        }
+        // A key's newer messages wait for the next claim: its retry may be held again, and
+        // nothing may overtake it.
+        let retried: HashSet<(&str, &[u8])> = retries
+            .iter()
+            .filter_map(|m| Some((m.topic.as_str(), m.key.as_deref()?)))
+            .collect();
+        let (later, fresh): (Vec<_>, Vec<_>) = fresh.into_iter().partition(|m| {
+            m.key
+                .as_deref()
+                .is_some_and(|key| retried.contains(&(m.topic.as_str(), key)))
+        });
+        drop(retried);
+        self.floor.uncovered(later.iter().map(|m| m.id));
+        let step = self
+            .publish_batch(term, retries, claimed_at, Fill::AsIs)
+            .await;
+        let step = match step {
+            // After an abort, a new producer (see `commit`).
+            Step::More => self
+                .ready_for_transactions(term)
+                .await
+                .unwrap_or(Step::More),
+            step => step,
+        };
+        if !matches!(step, Step::More) || fresh.is_empty() {
+            self.floor.uncovered(fresh.iter().map(|m| m.id));
+            return step;
+        }
+        self.publish_batch(term, fresh, claimed_at, Fill::MoreClaims)
+            .await
+    }
+
+    /// `batch` in one transaction (filled as `fill` says). After a refusal shared by a
+    /// produce request (a record over its topic's size limit fails the whole request), the
+    /// messages of the keys concerned go one per transaction, in order, each key up to its
+    /// first failure (that one is held, or dead-lettered); the rest stays pending.
+    async fn publish_batch(
+        &mut self,
+        term: &Term,
+        batch: Vec<PendingMessage>,
+        claimed_at: Instant,
+        fill: Fill,
+    ) -> Step {
+        let transaction = self.transact(term, batch, claimed_at, fill).await;
         if !matches!(transaction.step, Step::More) || transaction.alone.is_empty() {
             return transaction.step;
         }
@@ -544,7 +607,7 @@ impl Pipeline {
                 Some(step) => step,
                 None => {
                     let alone = self
-                        .transact(term, vec![message], Instant::now(), true)
+                        .transact(term, vec![message], Instant::now(), Fill::Alone)
                         .await;
                     if !alone.committed {
                         // Held, or not published for another reason: the key's later messages
@@ -562,15 +625,14 @@ impl Pipeline {
         Step::More
     }
 
-    /// One transaction: `batch`'s records (and, while there is a backlog, more claims) and the
-    /// progress record, committed, then completed. `alone`: `batch` is one message, whose
-    /// refusal is its own.
+    /// One transaction: `batch`'s records (filled as `fill` says) and the progress record,
+    /// committed, then completed.
     async fn transact(
         &mut self,
         term: &Term,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
-        alone: bool,
+        fill: Fill,
     ) -> Transacted {
         if let Err(error) = self.publisher.begin_transaction() {
             let error = self.config.kafka.without_secrets(&error.to_string());
@@ -582,10 +644,10 @@ impl Pipeline {
         self.publisher
             .send(batch, claimed_at, &mut self.in_flight)
             .await;
-        if alone {
-            self.in_flight.all_alone();
-        } else {
-            self.claim_into_transaction(term).await;
+        match fill {
+            Fill::Alone => self.in_flight.all_alone(),
+            Fill::MoreClaims => self.claim_into_transaction(term).await,
+            Fill::AsIs => {}
         }
         let ids = self.in_flight.awaited_ids();
         let progress = Progress::new(self.transactions.next_batch, &ids);
@@ -688,7 +750,8 @@ impl Pipeline {
             && self.in_flight.bytes() < max_bytes
             && self.term_still_valid(term)
         {
-            let batch = match self.claim(term, false).await {
+            // Without the messages that failed before: they go in transactions apart.
+            let batch = match self.claim(term, false, true).await {
                 Ok(batch) if !batch.is_empty() => batch,
                 Ok(_) => break,
                 Err(error) => {

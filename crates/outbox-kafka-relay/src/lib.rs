@@ -303,6 +303,7 @@ impl Relay {
             completing: None,
             floor: Default::default(),
             floor_raised_at: tokio::time::Instant::now(),
+            retries_turn: false,
             backlog: false,
             claimed_last_id: None,
             claimed_wal_lsn: 0,

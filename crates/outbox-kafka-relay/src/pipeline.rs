@@ -52,6 +52,9 @@ pub(crate) struct Pipeline {
     /// is a write (a commit), so without a backlog it is done at most every `FLOOR_INTERVAL`.
     pub(crate) floor_raised_at: Instant,
     pub(crate) backlog: bool,
+    /// Exactly-once: whether the next claim may take messages that failed before and are due
+    /// again; claims alternate (see `exactly_once`).
+    pub(crate) retries_turn: bool,
     /// The id sequence's last value read by the latest claim that found messages.
     pub(crate) claimed_last_id: Option<i64>,
     /// The WAL position the latest claim that found messages read, and the session it ran on
@@ -237,7 +240,7 @@ impl Pipeline {
             }
         }
         let started = Instant::now();
-        let batch = match self.claim(term, true).await {
+        let batch = match self.claim_in_turn(term).await {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%error, "cannot claim messages");
@@ -437,10 +440,30 @@ impl Pipeline {
     /// not yet acknowledged. `hold_keys_in_flight`: also skipping the keys (and stalled topics)
     /// of unacknowledged messages; a claim that adds to an open Kafka transaction does not,
     /// as the transaction commits all of its records or none.
+    /// The next batch. At least once, anything claimable. Exactly once, every other claim leaves
+    /// out the messages that failed before and are due again (unless nothing else is pending):
+    /// they go in transactions apart, and otherwise claims of them alone, lowest ids first,
+    /// could fill every batch while they keep coming due.
+    async fn claim_in_turn(&mut self, term: &Term) -> Result<Vec<PendingMessage>, sqlx::Error> {
+        if self.config.delivery == Delivery::AtLeastOnce {
+            return self.claim(term, true, false).await;
+        }
+        self.retries_turn = !self.retries_turn;
+        if self.retries_turn {
+            return self.claim(term, true, false).await;
+        }
+        let batch = self.claim(term, true, true).await?;
+        match batch.is_empty() {
+            true => self.claim(term, true, false).await,
+            false => Ok(batch),
+        }
+    }
+
     pub(crate) async fn claim(
         &mut self,
         term: &Term,
         hold_keys_in_flight: bool,
+        without_retries: bool,
     ) -> Result<Vec<PendingMessage>, sqlx::Error> {
         let mut skip: Vec<i64> = self.in_flight.ids().collect();
         if let Some(completing) = &self.completing {
@@ -466,6 +489,7 @@ impl Pipeline {
                     keys: &waiting.keys,
                     keyless_topics: &waiting.keyless_topics,
                     stalled_topics: &waiting.stalled_topics,
+                    retries: without_retries,
                 },
                 request,
                 &term.fence,

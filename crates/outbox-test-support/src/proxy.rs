@@ -147,8 +147,8 @@ async fn pump(
     link: Link,
     mut changed: watch::Receiver<()>,
 ) {
-    let (chunks, mut pending) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    // Bounded: a destination that stops reading stops the reader too, as a link would.
+    let (chunks, mut pending) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(16);
     let writer = async move {
         while let Some((at, chunk)) = pending.recv().await {
             tokio::time::sleep_until(at).await;
@@ -191,7 +191,7 @@ async fn pump(
                 4 => arrived + delay,
                 _ => arrived,
             };
-            if chunks.send((at, buffer[..n].to_vec())).is_err() {
+            if chunks.send((at, buffer[..n].to_vec())).await.is_err() {
                 return;
             }
         }

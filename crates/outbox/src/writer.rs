@@ -208,9 +208,10 @@ impl Outbox {
             .await?)
     }
 
-    /// Saves many messages as part of `tx` in one statement. Sequences follow the input order,
-    /// so messages of one key are published in the order given. Nothing is written if any
-    /// message is invalid.
+    /// Saves many messages as part of `tx` in one statement (with SeaORM, one per 1,000
+    /// messages). Sequences follow the input order, so messages of one key are published in the
+    /// order given. Nothing is written if any message is invalid; on any other error, roll the
+    /// transaction back.
     pub async fn save_all_for_publishing(
         &self,
         tx: impl ClientTransaction,

@@ -448,7 +448,9 @@ async fn the_held_key_test_is_an_index_lookup_whatever_is_held() {
         let plan = sql.explain_claim(&mut conn, limit, &fence).await.unwrap();
         let plan = plan.join("\n");
         assert!(
-            plan.contains("Index Scan using message_due on message m_1"),
+            plan.contains("Index Scan using message_due on message m_1")
+                && plan.contains("Index Scan using message_held on message h")
+                && !plan.contains("using message_due on message h"),
             "stale statistics, limit {limit}: {plan}"
         );
     }

@@ -61,8 +61,13 @@ impl sealed::Sealed for &mut AsyncPgConnection {
     }
 }
 
-/// Refuses a connection outside a transaction.
+/// Refuses a connection outside a transaction, and one whose transaction state diesel no
+/// longer knows (a commit cancelled after it was sent leaves the depth at 1, and the
+/// transaction manager broken).
 fn in_transaction(conn: &mut AsyncPgConnection) -> Result<(), Error> {
+    if AnsiTransactionManager::is_broken_transaction_manager(conn) {
+        return Err(Error::NotInTransaction);
+    }
     match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(Error::NotInTransaction),

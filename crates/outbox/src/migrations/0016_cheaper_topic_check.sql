@@ -11,8 +11,8 @@
 -- moved autovacuum's ANALYZE to such a moment. The claim now cannot take that plan, and the
 -- scenario measures p50 2.3-3.1 ms with this check (2.2-2.4 with the old one).
 
--- Adding the constraint reads the table once, with writers waiting (as 0012 and 0014 did):
--- migrate when the backlog is small.
+-- Adding the constraint reads the table once under its exclusive lock, writers and relays
+-- waiting (as 0012 and 0014 did): migrate when the backlog is small.
 ALTER TABLE {schema}.message
     DROP CONSTRAINT message_topic_is_legal,
     ADD CONSTRAINT message_topic_is_legal CHECK (
