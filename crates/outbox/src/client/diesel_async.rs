@@ -61,13 +61,11 @@ impl sealed::Sealed for &mut AsyncPgConnection {
     }
 }
 
-/// Refuses a connection outside a transaction, and one whose transaction state diesel no
-/// longer knows (a commit cancelled after it was sent leaves the depth at 1, and the
-/// transaction manager broken).
+/// Refuses a connection outside a transaction, as diesel counts them. (A commit cancelled
+/// after it was sent leaves diesel's count at 1 with the transaction gone: diesel marks the
+/// connection broken, and pools discard it, but the mark is not public, so a save on such a
+/// connection itself would commit alone.)
 fn in_transaction(conn: &mut AsyncPgConnection) -> Result<(), Error> {
-    if AnsiTransactionManager::is_broken_transaction_manager(conn) {
-        return Err(Error::NotInTransaction);
-    }
     match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(Error::NotInTransaction),
