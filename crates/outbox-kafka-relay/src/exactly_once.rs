@@ -556,22 +556,29 @@ impl Pipeline {
         });
         drop(retried);
         self.floor.uncovered(later.iter().map(|m| m.id));
-        let step = self
-            .publish_batch(term, retries, claimed_at, Fill::AsIs)
-            .await;
-        let step = match step {
-            // After an abort, a new producer (see `commit`).
-            Step::More => self
-                .ready_for_transactions(term)
-                .await
-                .unwrap_or(Step::More),
-            step => step,
+        // The new messages first: a retry refused again costs an abort and a new producer, and
+        // the new ones would wait for that.
+        let step = match fresh.is_empty() {
+            true => Step::More,
+            false => {
+                let step = self
+                    .publish_batch(term, fresh, claimed_at, Fill::MoreClaims)
+                    .await;
+                match step {
+                    // After an abort, a new producer (see `commit`).
+                    Step::More => self
+                        .ready_for_transactions(term)
+                        .await
+                        .unwrap_or(Step::More),
+                    step => step,
+                }
+            }
         };
-        if !matches!(step, Step::More) || fresh.is_empty() {
-            self.floor.uncovered(fresh.iter().map(|m| m.id));
+        if !matches!(step, Step::More) {
+            self.floor.uncovered(retries.iter().map(|m| m.id));
             return step;
         }
-        self.publish_batch(term, fresh, claimed_at, Fill::MoreClaims)
+        self.publish_batch(term, retries, claimed_at, Fill::AsIs)
             .await
     }
 
