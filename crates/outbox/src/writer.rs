@@ -227,7 +227,12 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        tx.insert_many(&self.statements, &messages).await
+        let sequences = tx.insert_many(&self.statements, &messages).await?;
+        // Fewer rows than messages: a trigger suppressed some, whatever the client.
+        if sequences.len() != messages.len() {
+            return Err(Error::NotSaved);
+        }
+        Ok(sequences)
     }
 }
 

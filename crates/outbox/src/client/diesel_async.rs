@@ -54,9 +54,6 @@ impl sealed::Sealed for &mut AsyncPgConnection {
             .load(self)
             .await
             .map_err(Error::Diesel)?;
-        if ids.len() != messages.len() {
-            return Err(Error::NotSaved);
-        }
         Ok(ids.into_iter().map(|row| row.id).collect())
     }
 }

@@ -63,7 +63,7 @@ pub(crate) mod sealed {
         ) -> impl Future<Output = Result<i64, Error>> + Send;
 
         /// Inserts `messages` (at least one) in one statement; returns their sequences in input
-        /// order.
+        /// order, fewer when an insert was suppressed (the writer checks the count).
         fn insert_many(
             self,
             statements: &Statements,

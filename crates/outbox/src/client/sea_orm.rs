@@ -57,9 +57,6 @@ impl sealed::Sealed for &DatabaseTransaction {
                 .iter()
                 .map(|row| row.try_get_by_index(0))
                 .collect::<Result<Vec<i64>, _>>()?;
-            if chunk_ids.len() != chunk.len() {
-                return Err(Error::NotSaved);
-            }
             // RETURNING lists rows as inserted, which is the order listed; sorted, to rely on
             // nothing but the ids' own order.
             chunk_ids.sort_unstable();

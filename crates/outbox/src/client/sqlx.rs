@@ -38,9 +38,6 @@ impl sealed::Sealed for &mut Transaction<'_, Postgres> {
             .persistent(statements.persistent)
             .fetch_all(&mut **self)
             .await?;
-        if ids.len() != messages.len() {
-            return Err(Error::NotSaved);
-        }
         Ok(ids)
     }
 }

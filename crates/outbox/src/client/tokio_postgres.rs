@@ -60,9 +60,6 @@ impl sealed::Sealed for &Transaction<'_> {
             .map(|row| row.try_get(0))
             .collect::<Result<Vec<i64>, _>>()
             .map_err(Error::TokioPostgres)?;
-        if ids.len() != messages.len() {
-            return Err(Error::NotSaved);
-        }
         Ok(ids)
     }
 }
