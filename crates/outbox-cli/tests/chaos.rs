@@ -659,22 +659,31 @@ async fn hold_ten_thousand_keys(outbox: &TestOutbox) -> Vec<i64> {
     held
 }
 
-/// Writes the messages of every kind a careless or malicious writer can produce, one of each
-/// every `PAUSE`, until `stop`. Returns the sequences of the messages stored, and the enqueue
-/// calls refused.
-async fn hostile_writers(outbox: &TestOutbox, stop: CancellationToken) -> (Vec<i64>, usize) {
-    const PAUSE: Duration = Duration::from_millis(100);
-    let schema = outbox.schema.as_str();
-    let pool = &outbox.pool;
-    let oversized_topic = unique_topic("chaos-hostile-small");
+/// A topic that refuses records over 20,000 bytes.
+async fn small_topic() -> String {
+    let topic = unique_topic("chaos-hostile-small");
     create_topic_with_config(
         &kafka_bootstrap_servers(),
-        &oversized_topic,
+        &topic,
         1,
         1,
         &[("max.message.bytes", "20000")],
     )
     .await;
+    topic
+}
+
+/// Writes the messages of every kind a careless or malicious writer can produce, one of each
+/// every `PAUSE`, until `stop`; the oversized ones to `oversized_topic`. Returns the sequences
+/// of the messages stored, and the enqueue calls refused.
+async fn hostile_writers(
+    outbox: &TestOutbox,
+    oversized_topic: &str,
+    stop: CancellationToken,
+) -> (Vec<i64>, usize) {
+    const PAUSE: Duration = Duration::from_millis(100);
+    let schema = outbox.schema.as_str();
+    let pool = &outbox.pool;
     let held_topic = unique_topic("chaos-hostile-missing");
     let mut stored = Vec::new();
     let mut refused = 0;
@@ -734,7 +743,7 @@ async fn hostile_writers(outbox: &TestOutbox, stop: CancellationToken) -> (Vec<i
         if round % 2 == 0 {
             let noise: Vec<u8> = (0..60_000).map(|_| rand::random::<u8>()).collect();
             stored.push(
-                raw(None, oversized_topic.clone(), noise)
+                raw(None, oversized_topic.to_owned(), noise)
                     .fetch_one(pool)
                     .await
                     .unwrap(),
@@ -751,7 +760,26 @@ async fn steady_load(hostile: bool, delivery: Delivery) -> (f64, f64) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("chaos-steady");
     create_topic(&kafka_bootstrap_servers(), &topic, 3).await;
+    // Before the relay starts, so that it lists the topic: it does not probe topics it does not
+    // list with exactly-once delivery, and would hold the first records as for a missing topic.
+    let oversized_topic = small_topic().await;
     let relay = default_relay_process(outbox.schema.as_str(), delivery);
+    // The load starts on a running relay: its start (with exactly-once delivery, producers
+    // registered and the progress read, ~1 s) is not the load's latency.
+    let warm_up = outbox
+        .commit_each([Message::new(&oversized_topic, "warm-up")])
+        .await[0];
+    wait_until(Duration::from_secs(60), "the relay publishes", || async {
+        sqlx::query_scalar::<_, bool>(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {}.published WHERE id = $1)",
+            outbox.schema
+        ))
+        .bind(warm_up)
+        .fetch_one(&outbox.pool)
+        .await
+        .unwrap()
+    })
+    .await;
     let held = match hostile {
         true => hold_ten_thousand_keys(&outbox).await,
         false => Vec::new(),
@@ -761,7 +789,7 @@ async fn steady_load(hostile: bool, delivery: Delivery) -> (f64, f64) {
     let (bad, ()) = tokio::join!(
         async {
             match hostile {
-                true => Some(hostile_writers(&outbox, stop.clone()).await),
+                true => Some(hostile_writers(&outbox, &oversized_topic, stop.clone()).await),
                 false => None,
             }
         },
@@ -852,14 +880,17 @@ async fn steady_load(hostile: bool, delivery: Delivery) -> (f64, f64) {
     latency
 }
 
-/// At least once. Exactly once, the healthy messages are all published, in order, without
-/// duplicates, but waited ~60 s at the median (two runs): every claim's first rows are the held
-/// keys' due retries, which go in transactions apart, so the healthy ones get the rest of each
-/// batch only once most retries are held for longer. Not in the suite until claims keep the
-/// two apart (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
     hostile_writers_beside_a_steady_load(Delivery::AtLeastOnce).await;
+}
+
+/// The same in exactly-once mode, where a refused record aborts its whole transaction: the
+/// oversized records go in transactions of their own, the held keys' retries in transactions
+/// apart. (Before, the healthy messages waited ~40 s at the median.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load_exactly_once() {
+    hostile_writers_beside_a_steady_load(Delivery::ExactlyOnce).await;
 }
 
 async fn hostile_writers_beside_a_steady_load(delivery: Delivery) {

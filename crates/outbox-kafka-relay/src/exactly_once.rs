@@ -46,6 +46,10 @@
 //!
 //! # Isolation
 //! A Kafka transaction commits all its records or none, so one refused record aborts the batch.
+//! A record that may be over its topic's size limit (before compression; the limit is learned
+//! before the topic's first batch) is therefore set aside and sent after the batch, in a
+//! transaction of its own: a refusal aborts only that one, and needs no new producer (the
+//! abort bumps the producer's epoch). Its key's later messages wait for it.
 //! After an abort, the records that failed for themselves (too large, not authorized, a topic
 //! that does not exist) are held or dead-lettered as in at-least-once mode, and the rest of the
 //! batch is claimed again at once, without them and their keys. A refusal shared by a produce
@@ -321,6 +325,9 @@ mod tests {
 pub(crate) struct Transactions {
     /// The term (its token) whose producer ran `init_transactions`.
     initialized: Option<i64>,
+    /// The alternate producer aborted a transaction for a failed record, and must be replaced
+    /// before it runs another (see `commit`).
+    alternate_spent: bool,
     topic_ready: bool,
     /// The term and database session the last progress was read for: a new session (a
     /// reconnect, a failover) reads it again, in case the database lost a completion.
@@ -332,7 +339,8 @@ pub(crate) struct Transactions {
 }
 
 impl Transactions {
-    /// The producer must be created and initialised again before the next transaction.
+    /// The producers must be created and initialised again, and the progress read, before the
+    /// next transaction.
     pub(crate) fn reinitialize(&mut self) {
         self.initialized = None;
     }
@@ -404,7 +412,18 @@ impl Pipeline {
             }
             self.health.transaction_problem(None);
             self.transactions.initialized = Some(token);
+            self.transactions.alternate_spent = false;
             self.transactions.recovered = None;
+        } else if self.transactions.alternate_spent {
+            // Only that producer: the transaction it aborted is known to be aborted, so the
+            // progress need not be read again.
+            if let Err(error) = self.publisher.renew_alternate(INIT_TIMEOUT).await {
+                let reason = self.config.kafka.without_secrets(&error.to_string());
+                tracing::warn!(%reason, "cannot replace a transactional producer; replacing both");
+                self.transactions.reinitialize();
+                return Some(Step::Failed);
+            }
+            self.transactions.alternate_spent = false;
         }
         if let Err(error) = self.session.conn().await {
             tracing::warn!(%error, "cannot connect to the database");
@@ -597,9 +616,9 @@ impl Pipeline {
         if !matches!(transaction.step, Step::More) || transaction.alone.is_empty() {
             return transaction.step;
         }
-        tracing::info!(
+        tracing::debug!(
             count = transaction.alone.len(),
-            "a produce request was refused as a whole; publishing its keys' messages one per transaction"
+            "publishing messages one per transaction (records that may be too large, or the keys of a produce request refused as a whole)"
         );
         let mut stopped: HashSet<(String, Vec<u8>)> = HashSet::new();
         let mut messages = transaction.alone.into_iter();
@@ -649,7 +668,7 @@ impl Pipeline {
             return Transacted::not_committed(Step::Failed);
         }
         self.publisher
-            .send(batch, claimed_at, &mut self.in_flight)
+            .send(batch, claimed_at, &mut self.in_flight, fill == Fill::Alone)
             .await;
         match fill {
             Fill::Alone => self.in_flight.all_alone(),
@@ -658,7 +677,7 @@ impl Pipeline {
         }
         let ids = self.in_flight.awaited_ids();
         let progress = Progress::new(self.transactions.next_batch, &ids);
-        let end = self.commit(term, &progress).await;
+        let end = self.commit(term, &progress, fill == Fill::Alone).await;
         if !self
             .in_flight
             .settle_all(Instant::now() + REPORTS_WAIT)
@@ -682,7 +701,8 @@ impl Pipeline {
                 let step = self.hold(term, &settled.failed).await;
                 Transacted {
                     step,
-                    alone: Vec::new(),
+                    // Set aside as they may be too large (see `Publisher::send`).
+                    alone: settled.suspects,
                     committed: true,
                 }
             }
@@ -768,15 +788,15 @@ impl Pipeline {
                 }
             };
             self.publisher
-                .send(batch, Instant::now(), &mut self.in_flight)
+                .send(batch, Instant::now(), &mut self.in_flight, false)
                 .await;
         }
     }
 
     /// Adds the progress record and commits, or aborts. Records that held the commit up until
     /// its deadline are failed (retriable), so that they and their keys are held back while the
-    /// rest goes again.
-    async fn commit(&mut self, term: &Term, progress: &Progress) -> Ended {
+    /// rest goes again. `alone`: the transaction is one record's.
+    async fn commit(&mut self, term: &Term, progress: &Progress, alone: bool) -> Ended {
         let error = if progress.is_empty() {
             None
         } else if !self.term_still_valid(term) {
@@ -824,12 +844,15 @@ impl Pipeline {
                 ))
             });
         }
-        self.abort().await;
-        if error.is_some() {
-            // A transaction aborted for a failed record leaves librdkafka's idempotence
-            // sequence of its partition behind (the next transaction failed with "skipped
-            // sequence numbers"): the next one runs on a new producer, with a new epoch.
-            self.transactions.reinitialize();
+        let aborted = self.abort().await;
+        if aborted && error.as_ref().is_some_and(|e| !alone || timed_out(e)) {
+            // A transaction aborted for a failed record among others, or for records it did not
+            // wait for, leaves librdkafka's idempotence sequence of their partitions behind (the
+            // next transaction failed with "skipped sequence numbers"): that producer, now the
+            // alternate, is replaced before the next transaction. A record refused alone needs
+            // none: librdkafka bumps the epoch when it aborts (a new producer cost every
+            // oversized record ~0.2 s).
+            self.transactions.alternate_spent = true;
         }
         if !self.term_still_valid(term) {
             return Ended::Stopped(Step::NotLeader);
@@ -837,15 +860,21 @@ impl Pipeline {
         Ended::Aborted(error)
     }
 
-    async fn abort(&mut self) {
+    /// Aborts the open transaction; whether it did (else both producers are replaced, and the
+    /// progress read again).
+    async fn abort(&mut self) -> bool {
         match self.publisher.abort_transaction(ABORT_TIMEOUT).await {
-            Ok(()) => self.publisher.alternate(),
+            Ok(()) => {
+                self.publisher.alternate();
+                true
+            }
             Err(error) => {
                 // The next holder's (or this relay's next) init_transactions aborts it.
                 let error = self.config.kafka.without_secrets(&error.to_string());
                 tracing::warn!(%error, "cannot abort a Kafka transaction; creating new producers");
                 self.publisher.purge();
                 self.transactions.reinitialize();
+                false
             }
         }
     }

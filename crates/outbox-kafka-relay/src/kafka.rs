@@ -368,6 +368,10 @@ const MAX_PROBES: usize = 16;
 /// producer has one record in flight at a time and reports a refusal as that record's error.
 /// Per-key order holds: such a record is sent only while no earlier message of its key is in
 /// flight, and the next ones are sent after it was acknowledged.
+///
+/// With exactly-once delivery there is no lane: such a record is set aside as a suspect (see
+/// [`Publisher::send`]) and goes in a transaction of its own, so that a refusal aborts nothing
+/// else.
 pub(crate) struct Publisher {
     config: KafkaConfig,
     /// With exactly-once delivery: the two transactional ids, the active producer's first.
@@ -404,6 +408,24 @@ impl Publisher {
     /// the relay learned of the cluster stays.
     pub(crate) fn renew(&mut self) -> Result<(), KafkaError> {
         (self.producer, self.alternate) = producers(&self.config, self.transactional_ids.as_ref())?;
+        Ok(())
+    }
+
+    /// Replaces the alternate transactional producer (one that aborted a transaction for a
+    /// failed record) and registers it with its coordinator.
+    pub(crate) async fn renew_alternate(&mut self, timeout: Duration) -> Result<(), KafkaError> {
+        let Some(ids) = &self.transactional_ids else {
+            return Ok(());
+        };
+        let producer: FutureProducer<StatsContext> = self
+            .config
+            .transactional_client_config(&ids[1])
+            .create_with_context(StatsContext)?;
+        let registered = producer.clone();
+        tokio::task::spawn_blocking(move || registered.init_transactions(timeout))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))?;
+        self.alternate = Some(producer);
         Ok(())
     }
 
@@ -501,14 +523,25 @@ impl Publisher {
     /// `topic.metadata.propagation.max.ms`, 30 s by default), and the others fail at once as
     /// retriable, to be held and retried. So writers that enqueue to ever new topic names put
     /// at most `MAX_PROBES` messages in flight, not one per name.
+    ///
+    /// With exactly-once delivery, a record that may be over its topic's size limit is not sent
+    /// but set aside as a suspect (settled as refused with its request, not blamed on it), to go
+    /// in a transaction of its own, unless `own_transaction` says this is that transaction.
     pub(crate) async fn send(
         &mut self,
         batch: Vec<PendingMessage>,
         claimed_at: Instant,
         in_flight: &mut InFlight,
+        own_transaction: bool,
     ) {
         in_flight.start_batch();
         self.topics.first_listing(FIRST_LISTING_WAIT).await;
+        if self.transactional_ids.is_some() {
+            let mut topics: Vec<&str> = batch.iter().map(|m| m.topic.as_str()).collect();
+            topics.sort_unstable();
+            topics.dedup();
+            self.topics.limits(&topics, FIRST_LISTING_WAIT).await;
+        }
         let mut probing = in_flight.probing();
         // Keys with a record refused at once (rare: keys are cloned only then).
         let mut refused: HashSet<(String, Vec<u8>)> = HashSet::new();
@@ -524,11 +557,10 @@ impl Publisher {
                 && self.transactional_ids.is_none()
                 && probing.len() < MAX_PROBES
                 && probing.insert(message.topic.clone());
-            if self.transactional_ids.is_none()
-                && topic
-                    .limit
-                    .is_some_and(|limit| self.may_be_too_large(&message, limit))
-            {
+            let may_be_too_large = topic
+                .limit
+                .is_some_and(|limit| self.may_be_too_large(&message, limit));
+            if may_be_too_large && self.transactional_ids.is_none() {
                 // Through the lane it could overtake an earlier message of its key still in
                 // flight: then it (and the rest of its key) waits for a later claim, which
                 // holds the key back until that one is settled.
@@ -552,10 +584,17 @@ impl Publisher {
                 Err(DeliveryError::UnknownTopic(message.topic.clone()))
             } else if let Some(partition) = topic.no_leader {
                 Err(DeliveryError::NoLeader(message.topic.clone(), partition))
+            } else if may_be_too_large && !own_transaction {
+                // Refused with a request, so sent again alone (`InFlight::take_settled`).
+                Err(DeliveryError::Kafka(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageSizeTooLarge,
+                )))
             } else {
                 send_with(&self.producer, &self.source, &message, topic.partition).await
             };
-            // A record refused at once is refused for itself (`alone`), not for a request.
+            // A record refused at once is refused for itself (`alone`), not for a request,
+            // but for a suspect set aside.
+            let set_aside = may_be_too_large && !own_transaction;
             let sent = match sent {
                 Ok(delivery) => Sent {
                     outcome: Outcome::InFlight(delivery),
@@ -566,7 +605,7 @@ impl Publisher {
                     refused.extend(owned_key(&message));
                     Sent {
                         outcome: Outcome::Settled(Err(error)),
-                        alone: true,
+                        alone: !set_aside,
                         probe: false,
                     }
                 }

@@ -299,7 +299,7 @@ impl Pipeline {
             return self.publish_exactly_once(term, batch, claimed_at).await;
         }
         self.publisher
-            .send(batch, claimed_at, &mut self.in_flight)
+            .send(batch, claimed_at, &mut self.in_flight, false)
             .await;
         let wait = (self.typical_ack * BATCH_WAIT_FACTOR).max(MIN_BATCH_WAIT);
         let deadline = claimed_at + wait;

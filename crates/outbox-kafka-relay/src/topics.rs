@@ -54,24 +54,22 @@ struct State {
     describing: HashSet<String>,
 }
 
-enum Ask {
-    List,
-    Describe(String),
-}
-
 /// The cluster's topics as last learned; cheap to query.
 pub(crate) struct Topics {
     state: Arc<Mutex<State>>,
-    asks: mpsc::UnboundedSender<Ask>,
+    list_asks: mpsc::UnboundedSender<()>,
+    describe_asks: mpsc::UnboundedSender<String>,
     /// Keys are partitioned as Java's producer does (`murmur2_random`), so the relay knows a
     /// keyed message's partition before sending it.
     murmur2: bool,
     /// Becomes true once the first listing was tried.
     tried: watch::Receiver<bool>,
+    /// Counts the descriptions that landed.
+    described: watch::Receiver<u64>,
 }
 
 impl Topics {
-    /// Starts learning in the background, on the current Tokio runtime; the task ends when
+    /// Starts learning in the background, on the current Tokio runtime; the tasks end when
     /// this is dropped.
     pub(crate) fn start(config: &KafkaConfig) -> Result<Self, KafkaError> {
         let admin: AdminClient<DefaultClientContext> = config.metadata_client_config().create()?;
@@ -79,15 +77,21 @@ impl Topics {
             listing_asked: true,
             ..State::default()
         }));
-        let (asks, requests) = mpsc::unbounded_channel();
-        let _ = asks.send(Ask::List);
+        let admin = Arc::new(admin);
+        let (list_asks, asked) = mpsc::unbounded_channel();
+        let _ = list_asks.send(());
         let (tried_tx, tried) = watch::channel(false);
-        tokio::spawn(learn(admin, state.clone(), requests, tried_tx));
+        tokio::spawn(list(admin.clone(), state.clone(), asked, tried_tx));
+        let (describe_asks, asked) = mpsc::unbounded_channel();
+        let (described_tx, described) = watch::channel(0);
+        tokio::spawn(describe(admin, state.clone(), asked, described_tx));
         let murmur2 = config.get("partitioner") == Some("murmur2_random");
         Ok(Topics {
             state,
-            asks,
+            list_asks,
+            describe_asks,
             tried,
+            described,
             murmur2,
         })
     }
@@ -96,6 +100,27 @@ impl Topics {
     /// with a backlog already knows which of its topics exist.
     pub(crate) async fn first_listing(&mut self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.tried.wait_for(|tried| *tried)).await;
+    }
+
+    /// Waits (at most `timeout`) until the size limits of those of `topics` that are listed are
+    /// known, asking for them: with exactly-once delivery, a record over its topic's limit
+    /// must be known as such before it joins a transaction (see [`Publisher::send`](crate::kafka::Publisher::send)).
+    pub(crate) async fn limits(&mut self, topics: &[&str], timeout: Duration) {
+        for topic in topics {
+            self.get(topic, None);
+        }
+        let state = self.state.clone();
+        let known = move |_: &u64| {
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            topics.iter().all(|topic| {
+                state.limits.contains_key(*topic)
+                    || state
+                        .listed
+                        .as_ref()
+                        .is_none_or(|l| !l.contains_key(*topic))
+            })
+        };
+        let _ = tokio::time::timeout(timeout, self.described.wait_for(known)).await;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -123,11 +148,11 @@ impl Topics {
         let stale = state.listed_at.is_none_or(|at| at.elapsed() > max_age);
         if (stale || listed != Some(true)) && !state.listing_asked {
             state.listing_asked = true;
-            let _ = self.asks.send(Ask::List);
+            let _ = self.list_asks.send(());
         }
         let limit = state.limits.get(topic).copied();
         if listed == Some(true) && limit.is_none() && state.describing.insert(topic.to_owned()) {
-            let _ = self.asks.send(Ask::Describe(topic.to_owned()));
+            let _ = self.describe_asks.send(topic.to_owned());
         }
         Topic {
             unlisted: listed == Some(false),
@@ -167,7 +192,7 @@ impl Topics {
         let mut state = self.state();
         if !state.listing_asked {
             state.listing_asked = true;
-            let _ = self.asks.send(Ask::List);
+            let _ = self.list_asks.send(());
         }
     }
 
@@ -182,75 +207,80 @@ impl Topics {
     }
 }
 
-async fn learn(
-    admin: AdminClient<DefaultClientContext>,
+/// Lists the cluster's topics when asked, at most once per `LISTING_INTERVAL`.
+async fn list(
+    admin: Arc<AdminClient<DefaultClientContext>>,
     state: Arc<Mutex<State>>,
-    mut asks: mpsc::UnboundedReceiver<Ask>,
+    mut asks: mpsc::UnboundedReceiver<()>,
     tried: watch::Sender<bool>,
 ) {
-    let admin = Arc::new(admin);
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let mut listed_at: Option<Instant> = None;
+    while asks.recv().await.is_some() {
+        while asks.try_recv().is_ok() {}
+        if let Some(at) = listed_at {
+            tokio::time::sleep_until(at + LISTING_INTERVAL).await;
+        }
+        let client = admin.clone();
+        let listing = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(None, REQUEST_TIMEOUT)
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| {
+                            let mut partitions: Vec<_> = t.partitions().iter().collect();
+                            partitions.sort_by_key(|p| p.id());
+                            let leaders = partitions.iter().map(|p| p.leader() >= 0).collect();
+                            (t.name().to_owned(), leaders)
+                        })
+                        .collect::<HashMap<_, _>>()
+                })
+        })
+        .await;
+        listed_at = Some(Instant::now());
+        let mut state = lock();
+        state.listing_asked = false;
+        state.listed_at = listed_at;
+        match listing {
+            Ok(Ok(topics)) => {
+                state.leaderless = topics.values().flatten().any(|has: &bool| !has);
+                state.listed = Some(topics);
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "cannot list the cluster's topics"),
+            Err(_) => {}
+        }
+        drop(state);
+        tried.send_replace(true);
+    }
+}
+
+/// Describes the topics asked for, without waiting for a listing's interval: with exactly-once
+/// delivery a batch waits for its topics' limits.
+async fn describe(
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    state: Arc<Mutex<State>>,
+    mut asks: mpsc::UnboundedReceiver<String>,
+    described: watch::Sender<u64>,
+) {
     while let Some(first) = asks.recv().await {
-        let mut list = false;
-        let mut describe = Vec::new();
-        let mut ask = Some(first);
-        while let Some(next) = ask {
-            match next {
-                Ask::List => list = true,
-                Ask::Describe(topic) => describe.push(topic),
-            }
-            ask = asks.try_recv().ok();
+        let mut topics = vec![first];
+        while let Ok(topic) = asks.try_recv() {
+            topics.push(topic);
         }
-        if list {
-            if let Some(at) = listed_at {
-                tokio::time::sleep_until(at + LISTING_INTERVAL).await;
-            }
-            let client = admin.clone();
-            let listing = tokio::task::spawn_blocking(move || {
-                client
-                    .inner()
-                    .fetch_metadata(None, REQUEST_TIMEOUT)
-                    .map(|metadata| {
-                        metadata
-                            .topics()
-                            .iter()
-                            .filter(|t| t.error().is_none())
-                            .map(|t| {
-                                let mut partitions: Vec<_> = t.partitions().iter().collect();
-                                partitions.sort_by_key(|p| p.id());
-                                let leaders = partitions.iter().map(|p| p.leader() >= 0).collect();
-                                (t.name().to_owned(), leaders)
-                            })
-                            .collect::<HashMap<_, _>>()
-                    })
-            })
-            .await;
-            listed_at = Some(Instant::now());
-            let mut state = lock();
-            state.listing_asked = false;
-            state.listed_at = listed_at;
-            match listing {
-                Ok(Ok(topics)) => {
-                    state.leaderless = topics.values().flatten().any(|has: &bool| !has);
-                    state.listed = Some(topics);
-                }
-                Ok(Err(error)) => tracing::debug!(%error, "cannot list the cluster's topics"),
-                Err(_) => {}
-            }
-            drop(state);
-            tried.send_replace(true);
+        let limits = describe_limits(&admin, &topics).await;
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        for topic in topics {
+            state.describing.remove(&topic);
+            // A topic this relay may not describe: no limit known, nothing predicted.
+            let limit = limits.get(&topic).copied().unwrap_or(usize::MAX);
+            state.limits.insert(topic, limit);
         }
-        if !describe.is_empty() {
-            let limits = describe_limits(&admin, &describe).await;
-            let mut state = lock();
-            for topic in describe {
-                state.describing.remove(&topic);
-                // A topic this relay may not describe: no limit known, nothing predicted.
-                let limit = limits.get(&topic).copied().unwrap_or(usize::MAX);
-                state.limits.insert(topic, limit);
-            }
-        }
+        drop(state);
+        described.send_modify(|count| *count += 1);
     }
 }
 
