@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outbox::admin::Admin;
 use outbox::Message;
-use outbox_kafka_relay::{PoisonPolicy, Relay, RelayConfig};
+use outbox_kafka_relay::{Delivery, PoisonPolicy, Relay, RelayConfig};
 use outbox_test_support::chaos::{report, Figures};
 use outbox_test_support::{
     create_topic, kafka_bootstrap_servers, unique_topic, TestOutbox, TopicReader,
@@ -17,10 +17,19 @@ use outbox_test_support::{
 
 const READ: Duration = Duration::from_secs(60);
 
-fn config(outbox: &TestOutbox, policy: PoisonPolicy, small_limit: bool) -> RelayConfig {
+fn config(
+    outbox: &TestOutbox,
+    policy: PoisonPolicy,
+    small_limit: bool,
+    delivery: Delivery,
+) -> RelayConfig {
     let mut config = RelayConfig::new(kafka_bootstrap_servers(), "poison-tests");
     config.schema = outbox.schema.clone();
     config.poison_policy = policy;
+    config.delivery = delivery;
+    // A transactional id and a progress topic of the test's own.
+    config.lease_name = format!("lease-{}", outbox.schema);
+    config.progress_topic = format!("poison-progress-{}", outbox.schema);
     config.poll_interval = Duration::from_millis(100);
     config.backoff_initial = Duration::from_millis(100);
     config.backoff_max = Duration::from_millis(500);
@@ -74,23 +83,31 @@ fn payloads_of(reader: &TopicReader, key: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_fixed() {
-    block_policy(false).await;
+/// In a scenario's name in docs/reliability.md.
+fn mode(delivery: Delivery) -> &'static str {
+    match delivery {
+        Delivery::AtLeastOnce => "",
+        _ => " (exactly-once)",
+    }
+}
+
+async fn block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_fixed(
+    delivery: Delivery,
+) {
+    block_policy(false, delivery).await;
 }
 
 /// The same with a backlog drained in batches of two: the poison message fails in one batch
 /// while the next is claimed as soon as it is settled; that claim must already see the hold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_policy_holds_the_key_across_batches_of_a_backlog() {
-    block_policy(true).await;
+async fn block_policy_holds_the_key_across_batches_of_a_backlog(delivery: Delivery) {
+    block_policy(true, delivery).await;
 }
 
-async fn block_policy(backlog_in_small_batches: bool) {
+async fn block_policy(backlog_in_small_batches: bool, delivery: Delivery) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("poison-block");
     create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
-    let mut relay_config = config(&outbox, PoisonPolicy::Block, true);
+    let mut relay_config = config(&outbox, PoisonPolicy::Block, true, delivery);
     let mut poison = 0;
     if backlog_in_small_batches {
         relay_config.batch_size = 2;
@@ -135,7 +152,7 @@ async fn block_policy(backlog_in_small_batches: bool) {
     // Fixed: a relay that accepts the record publishes it, and then the rest of its key, in order.
     let relay = Relay::start(
         outbox.pool.clone(),
-        config(&outbox, PoisonPolicy::Block, false),
+        config(&outbox, PoisonPolicy::Block, false, delivery),
     )
     .unwrap();
     reader
@@ -148,13 +165,16 @@ async fn block_policy(backlog_in_small_batches: bool) {
         ["poison:0", "BIG", "poison:2", "poison:3"]
     );
     let duplicates = reader.assert_per_key_order();
+    if delivery == Delivery::ExactlyOnce {
+        assert_eq!(duplicates, 0, "duplicates exactly once");
+    }
     let scenario = if backlog_in_small_batches {
         "7c. poison message in a backlog drained in batches of 2, block policy"
     } else {
         "7a. poison message mid-stream, block policy (key resumes in order after the fix)"
     };
     report(
-        scenario,
+        &format!("{scenario}{}", mode(delivery)),
         1,
         &Figures {
             committed: 9,
@@ -167,14 +187,15 @@ async fn block_policy(backlog_in_small_batches: bool) {
     outbox.drop_schema().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_published() {
+async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_published(
+    delivery: Delivery,
+) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("poison-dlq");
     create_topic(&kafka_bootstrap_servers(), &topic, 2).await;
     let relay = Relay::start(
         outbox.pool.clone(),
-        config(&outbox, PoisonPolicy::DeadLetter, true),
+        config(&outbox, PoisonPolicy::DeadLetter, true, delivery),
     )
     .unwrap();
     let poison = write_messages(&outbox, &topic).await;
@@ -203,7 +224,7 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
     drop(conn);
     let relay = Relay::start(
         outbox.pool.clone(),
-        config(&outbox, PoisonPolicy::DeadLetter, false),
+        config(&outbox, PoisonPolicy::DeadLetter, false, delivery),
     )
     .unwrap();
     reader.read_at_least(9, READ).await;
@@ -214,8 +235,14 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
         "published with its original x-sequence"
     );
     let duplicates = reader.assert_per_key_order_except(poison);
+    if delivery == Delivery::ExactlyOnce {
+        assert_eq!(duplicates, 0, "duplicates exactly once");
+    }
     report(
-        "7b. poison message mid-stream, dead-letter policy (requeued and published)",
+        &format!(
+            "7b. poison message mid-stream, dead-letter policy (requeued and published){}",
+            mode(delivery)
+        ),
         1,
         &Figures {
             committed: 9,
@@ -227,3 +254,32 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }
+
+/// Each scenario at least once, and exactly once (a consumer reading with read_committed,
+/// librdkafka's default: it sees no duplicate).
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod at_least_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::AtLeastOnce).await
+                }
+            )*
+        }
+        mod exactly_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::ExactlyOnce).await
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_fixed,
+    block_policy_holds_the_key_across_batches_of_a_backlog,
+    dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_published,
+);
