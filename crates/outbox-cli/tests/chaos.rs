@@ -81,10 +81,7 @@ async fn settle_and_check(
     let recovery = started.elapsed();
     reader.read_for(Duration::from_millis(500)).await; // late duplicates, rolled-back strays
     let figures = ledger.lock().unwrap().verify(reader);
-    let scenario = match delivery {
-        Delivery::AtLeastOnce => scenario.to_owned(),
-        _ => format!("{scenario} (exactly-once)"),
-    };
+    let scenario = format!("{scenario}{}", mode(delivery));
     report(&scenario, faults, &figures, Some(recovery));
     if delivery == Delivery::ExactlyOnce {
         assert_eq!(figures.duplicates, 0, "{scenario}: duplicates: {figures:?}");
@@ -880,20 +877,10 @@ async fn steady_load(hostile: bool, delivery: Delivery) -> (f64, f64) {
     latency
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load() {
-    hostile_writers_beside_a_steady_load(Delivery::AtLeastOnce).await;
-}
-
-/// The same in exactly-once mode, where a refused record aborts its whole transaction: the
-/// oversized records go in transactions of their own, the held keys' retries in transactions
-/// apart. (Before, the healthy messages waited ~40 s at the median.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load_exactly_once() {
-    hostile_writers_beside_a_steady_load(Delivery::ExactlyOnce).await;
-}
-
-async fn hostile_writers_beside_a_steady_load(delivery: Delivery) {
+/// In exactly-once mode too, where a refused record aborts its whole transaction: the oversized
+/// records go in transactions of their own, the held keys' retries in transactions apart.
+/// (Before, the healthy messages waited ~40 s at the median.)
+async fn hostile_writers_neither_stop_nor_slow_a_steady_healthy_load(delivery: Delivery) {
     let _serial = serial().await;
     // The median must stay within 2x (plus 2 ms of scheduling noise): a real slowdown of every
     // healthy message shows there (a change that cost the relay 5 ms per cycle under hostile
@@ -921,10 +908,7 @@ async fn hostile_writers_beside_a_steady_load(delivery: Delivery) {
         }
     }
     let (p50, p99, base_p50, base_p99) = pairs[pairs.len() - 1];
-    let mode = match delivery {
-        Delivery::AtLeastOnce => "",
-        _ => " (exactly-once)",
-    };
+    let mode = mode(delivery);
     report_note(&format!(
         "Scenario 8b{mode}: the steady load's commit-to-publish latency (writer's transaction start to \
          the relay's completion after Kafka's acknowledgement, database clock) was p50 {p50:.1} ms, \
@@ -1035,9 +1019,23 @@ async fn a_partition_without_a_leader_delays_only_its_own_messages() {
 }
 
 /// The relay daemon through `endpoint`, publishing only what `wait_for_standbys` standbys have.
-fn failover_relay_process(endpoint: &str, wait_for_standbys: u32) -> KillOnDrop {
+fn failover_relay_process(
+    endpoint: &str,
+    wait_for_standbys: u32,
+    delivery: Delivery,
+) -> KillOnDrop {
+    let delivery = match delivery {
+        Delivery::AtLeastOnce => "at-least-once",
+        _ => "exactly-once",
+    };
     KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .env("OUTBOX_DELIVERY", delivery)
+            // Each run's progress apart (the source, hence the transactional id, is fixed).
+            .env(
+                "OUTBOX_PROGRESS_TOPIC",
+                unique_topic("chaos-failover-progress"),
+            )
             .env(
                 "DATABASE_URL",
                 format!("postgres://outbox:outbox@{endpoint}/outbox"),
@@ -1071,7 +1069,7 @@ fn failover_relay_process(endpoint: &str, wait_for_standbys: u32) -> KillOnDrop 
 /// standby promoted, the endpoint pointed at it and a new standby made from it (as Patroni
 /// rebuilds a failed primary); writers and relay go on by themselves. Kafka is then checked
 /// against what the promoted primary holds.
-async fn primary_failover(scenario: &str, wait_for_standbys: u32) -> usize {
+async fn primary_failover(scenario: &str, wait_for_standbys: u32, delivery: Delivery) -> usize {
     let primary = PostgresServer::primary();
     let replication = TcpProxy::start(&primary.addr()).await;
     replication.set(Fault::Delay(20));
@@ -1109,7 +1107,7 @@ async fn primary_failover(scenario: &str, wait_for_standbys: u32) -> usize {
     })
     .await;
 
-    let _relay = failover_relay_process(&endpoint.addr(), wait_for_standbys);
+    let _relay = failover_relay_process(&endpoint.addr(), wait_for_standbys, delivery);
     let ledger = Ledger::shared();
     let writer = tokio::spawn(write_messages(
         pool.clone(),
@@ -1140,6 +1138,7 @@ async fn primary_failover(scenario: &str, wait_for_standbys: u32) -> usize {
     let written = ledger.lock().unwrap().clone_committed();
     let truth = written.as_committed_in(&promoted, "outbox").await;
     let lost_by_replication = written.lost_by_the_database(&truth);
+    // librdkafka's default isolation: read_committed.
     let mut reader = TopicReader::new(&topic);
     let started = Instant::now();
     while !truth.all_received(&reader) {
@@ -1166,17 +1165,25 @@ async fn primary_failover(scenario: &str, wait_for_standbys: u32) -> usize {
     assert_eq!(figures.lost, 0, "{scenario}: lost messages: {figures:?}");
     assert_eq!(figures.rolled_back_published, 0, "{scenario}: {figures:?}");
     assert_eq!(figures.order_violations, 0, "{scenario}: {figures:?}");
+    if delivery == Delivery::ExactlyOnce {
+        assert_eq!(figures.duplicates, 0, "{scenario}: {figures:?}");
+    }
     assert!(figures.committed > 0);
     promoted.close().await;
     phantoms
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn primary_killed_and_standby_promoted_publishes_no_phantom_with_wait_for_standbys() {
+async fn primary_killed_and_standby_promoted_publishes_no_phantom_with_wait_for_standbys(
+    delivery: Delivery,
+) {
     let _serial = serial().await;
     let phantoms = primary_failover(
-        "10a. PostgreSQL primary killed, standby promoted (wait_for_standbys = 1)",
+        &format!(
+            "10a. PostgreSQL primary killed, standby promoted (wait_for_standbys = 1){}",
+            mode(delivery)
+        ),
         1,
+        delivery,
     )
     .await;
     assert_eq!(
@@ -1185,16 +1192,27 @@ async fn primary_killed_and_standby_promoted_publishes_no_phantom_with_wait_for_
     );
 }
 
+/// The control: without the setting, the commits the failover lost had been published. (Exactly
+/// once, a progress record may also name ids the promoted primary handed out again, and
+/// complete those messages unpublished: documented, not run.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_and_standby_promoted_without_wait_for_standbys() {
     let _serial = serial().await;
-    // The control: without the setting, the commits the failover lost had been published.
     let phantoms = primary_failover(
         "10b. PostgreSQL primary killed, standby promoted (wait_for_standbys = 0)",
         0,
+        Delivery::AtLeastOnce,
     )
     .await;
     assert!(phantoms > 0, "the scenario could not tell a phantom event");
+}
+
+/// In a scenario's name in docs/reliability.md.
+fn mode(delivery: Delivery) -> &'static str {
+    match delivery {
+        Delivery::AtLeastOnce => "",
+        _ => " (exactly-once)",
+    }
 }
 
 /// Each scenario at least once (duplicates allowed, and counted) and exactly once (none allowed,
@@ -1229,4 +1247,6 @@ in_both_modes!(
     network_to_kafka_delayed_blackholed_and_dropped,
     two_relays_with_a_lease_shorter_than_the_stall_never_publish_at_once,
     partition_leader_killed_in_a_three_broker_cluster,
+    primary_killed_and_standby_promoted_publishes_no_phantom_with_wait_for_standbys,
+    hostile_writers_neither_stop_nor_slow_a_steady_healthy_load,
 );
