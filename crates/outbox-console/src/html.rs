@@ -135,7 +135,6 @@ impl Layout<'_> {
         };
         format!(
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <meta name=\"referrer\" content=\"no-referrer\">\
              <title>{title} · outbox console</title><style>{CSS}</style></head>\
              <body><header><b>outbox</b> {nav} <span class=\"right\">{session}</span></header>\
              <main><h1>{title}</h1>\n{body}\n</main></body></html>\n"
