@@ -27,7 +27,7 @@
 //! - **Who may write**: a request with `Authorization: Bearer <token>` (scripts), or a browser
 //!   session opened by posting the token to the login form. The session id is 32 random bytes
 //!   in an `HttpOnly; SameSite=Strict` cookie, kept server-side (in memory, 8 hours). Tokens
-//!   are compared by digest without early exit ([`auth::same`]) and are never logged nor shown
+//!   are compared by digest without early exit and are never logged nor shown
 //!   (`Debug` of [`Token`] is masked).
 //! - **Cross-site requests cannot write**: writes are POST only; a session's write must carry
 //!   the session's CSRF token (a random synchronizer token rendered into its forms, which
