@@ -158,6 +158,7 @@ impl IntoResponse for Refusal {
         *self.0
     }
 }
+
 type Fields = HashMap<String, String>;
 
 /// What every handler needs from the request.
@@ -924,7 +925,11 @@ fn see_other(ctx: &Ctx, cookie: String) -> Reply {
     let mut response = StatusCode::SEE_OTHER.into_response();
     let headers = response.headers_mut();
     let location = ctx.layout().href("/");
-    let value = |v: String| HeaderValue::try_from(v).map_err(|e| ctx.database(e));
+    // The mount path comes from the router, the cookie's id is hex: both are header-safe.
+    let value = |v: String| {
+        HeaderValue::try_from(v)
+            .map_err(|e| ctx.fail(StatusCode::INTERNAL_SERVER_ERROR, &text(&e.to_string())))
+    };
     headers.insert(header::LOCATION, value(location)?);
     headers.insert(header::SET_COOKIE, value(cookie)?);
     Ok(response)
