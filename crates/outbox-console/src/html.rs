@@ -202,6 +202,12 @@ pub(crate) fn chart(intervals: &[PublishedInterval], interval: Duration) -> Stri
         if let Some(lag) = bucket.mean_lag {
             let y = height - lag.as_secs_f64() / longest_s * (height - 4.0);
             line.push(format!("{:.1},{y:.1}", x + step / 2.0));
+            // A dot too: a single interval with traffic makes no line.
+            let _ = write!(
+                svg,
+                "<circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"#e65100\"/>",
+                x + step / 2.0
+            );
         }
     }
     if !line.is_empty() {

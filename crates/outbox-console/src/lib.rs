@@ -443,7 +443,8 @@ async fn blocked(State(shared): State<Arc<Shared>>, ctx: Ctx) -> Reply {
     drop(tx);
     let mut body = String::from(
         "<p>Keys whose oldest pending message failed: it and every later message of the key wait \
-         for its next attempt (poison policy \"block\"), or until it is dead-lettered.</p>",
+         for its next attempt: a failure that may pass (a missing topic, a broker down), or any \
+         failure under poison policy \"block\".</p>",
     );
     if held.is_empty() {
         body.push_str("<p id=\"none\">No blocked keys.</p>");
