@@ -190,6 +190,8 @@ settings! {
         relay: RelaySettings,
         /// `[kafka]`: librdkafka producer properties, verbatim.
         kafka: KafkaTable,
+        /// `[console]`: the operator console's write actions.
+        console: ConsoleTable,
     }
 }
 
@@ -395,6 +397,49 @@ impl fmt::Debug for KafkaTable {
     }
 }
 
+/// The `[console]` table: whether the operator console (served with `outbox relay
+/// --console-addr`) may act, and the token that authorises it (docs/operations.md, "Console").
+/// No flags: a token on the command line shows in every process listing, and write access is
+/// a decision for the deployment's configuration.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleTable {
+    /// Enable write actions (retry and drop dead letters, republish); also OUTBOX_CONSOLE_WRITE.
+    pub write: Option<bool>,
+    /// The token that authorises them (at least 16 characters); also OUTBOX_CONSOLE_TOKEN.
+    pub token: Option<Secret>,
+}
+
+impl ConsoleTable {
+    /// Sets `key` from an environment variable's text; `None` if there is no such key. A bad
+    /// token is not echoed.
+    fn set_text(&mut self, key: &str, text: &str) -> Option<Result<(), String>> {
+        match key {
+            "write" => Some(
+                text.parse()
+                    .map(|write| self.write = Some(write))
+                    .map_err(|_| format!("must be true or false, not {text:?}")),
+            ),
+            "token" => {
+                self.token = Some(Secret(text.to_owned()));
+                Some(Ok(()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A secret setting's value. `Debug` never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
 /// The command line's settings of every command: [`Config`]'s, and Kafka's.
 #[derive(Default, Clone, clap::Args)]
 pub struct Flags {
@@ -461,6 +506,14 @@ impl Config {
         self.overlay(upper, |key| given(key, key.to_owned()));
         self.relay
             .overlay(&upper.relay, |key| given(key, format!("relay.{key}")));
+        if let Some(write) = upper.console.write {
+            self.console.write = Some(write);
+            given("write", "console.write".into());
+        }
+        if let Some(token) = &upper.console.token {
+            self.console.token = Some(token.clone());
+            given("token", "console.token".into());
+        }
         for (key, value) in &upper.kafka.0 {
             given(key, format!("kafka.{key}"));
             self.kafka.0.insert(key.clone(), value.clone());
@@ -507,6 +560,12 @@ impl Config {
             } else if let Some(set) = self.set_text(&key, &value) {
                 set.map_err(|reason| invalid(&reason))?;
                 key
+            } else if let Some(set) = key
+                .strip_prefix("console_")
+                .and_then(|rest| self.console.set_text(rest, &value))
+            {
+                set.map_err(|reason| invalid(&reason))?;
+                key.replacen("console_", "console.", 1)
             } else {
                 let set = self.relay.set_text(&key, &value);
                 set.ok_or_else(|| invalid("unknown environment variable"))?
@@ -551,6 +610,17 @@ pub struct Settings {
     /// No source was configured: the relay derives one from the database at startup
     /// ([`outbox::admin::Admin::default_source`]), unique per outbox.
     pub derive_source: bool,
+    /// The operator console's write access.
+    pub console: ConsoleSettings,
+}
+
+/// The operator console's settings (the `[console]` table, validated).
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleSettings {
+    /// Write actions are enabled.
+    pub write: bool,
+    /// The token that authorises them; set whenever `write` is.
+    pub token: Option<outbox_console::Token>,
 }
 
 const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
@@ -680,7 +750,21 @@ impl Settings {
             }
             ConfigError::invalid(&blamed.join(" and "), e.reason)
         })?;
+        let token = match config.console.token {
+            Some(Secret(token)) => Some(outbox_console::Token::new(token).map_err(|e| {
+                ConfigError::invalid(&name(&names, "console.token"), e.to_string())
+            })?),
+            None => None,
+        };
+        let write = config.console.write.unwrap_or(false);
+        if write && token.is_none() {
+            return Err(ConfigError::invalid(
+                &name(&names, "console.write"),
+                "write actions need a token: set console.token or OUTBOX_CONSOLE_TOKEN",
+            ));
+        }
         Ok(Settings {
+            console: ConsoleSettings { write, token },
             database_url,
             schema: relay.schema.clone(),
             derive_source: config.relay.source.is_none(),
@@ -708,6 +792,10 @@ impl Settings {
                     out.push_str(&format!("{key} = {value}\n"));
                 }
             }
+        }
+        out.push_str(&format!("\n[console]\nwrite = {}\n", self.console.write));
+        if self.console.token.is_some() {
+            out.push_str("# token: set, not shown\n");
         }
         out.push_str("\n[kafka]\n");
         for (key, value) in self.relay.kafka.masked() {
@@ -1323,6 +1411,39 @@ mod user_errors {
                 mask_url(conninfo)
             );
         }
+    }
+
+    #[test]
+    fn console_writes_need_a_token_which_never_shows() {
+        let e = error("[console]\nwrite = true\n", &[]);
+        assert!(e.contains("console.write") && e.contains("token"), "{e}");
+        let e = error("", &[("OUTBOX_CONSOLE_WRITE", "true")]);
+        assert!(e.contains("OUTBOX_CONSOLE_WRITE"), "{e}");
+        let e = error("", &[("OUTBOX_CONSOLE_WRITE", "yes")]);
+        assert!(e.contains("OUTBOX_CONSOLE_WRITE"), "{e}");
+        let e = error("[console]\ntoken = \"short-secret\"\n", &[]);
+        assert!(
+            e.contains("console.token") && !e.contains("short-secret"),
+            "{e}"
+        );
+        let e = error("", &[("OUTBOX_CONSOLE_TOKEN", "short-secret")]);
+        assert!(
+            e.contains("OUTBOX_CONSOLE_TOKEN") && !e.contains("short-secret"),
+            "{e}"
+        );
+        let e = error("[console]\nwritable = true\n", &[]);
+        assert!(e.contains("writable"), "{e}");
+
+        let file = "[console]\nwrite = true\ntoken = \"file-console-secret\"\n";
+        let settings =
+            resolve(file, &[("OUTBOX_CONSOLE_TOKEN", "env-console-secret")], &[]).unwrap();
+        assert!(settings.console.write && settings.console.token.is_some());
+        let parsed: Config = toml::from_str(file).unwrap();
+        let shown = format!("{} {settings:?} {parsed:?}", settings.to_masked_toml());
+        assert!(!shown.contains("console-secret"), "{shown}");
+        assert!(settings.to_masked_toml().contains("write = true"));
+        let off = resolve("", &[("OUTBOX_CONSOLE_WRITE", "false")], &[]).unwrap();
+        assert!(!off.console.write && off.console.token.is_none());
     }
 
     #[test]

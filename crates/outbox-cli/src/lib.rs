@@ -81,6 +81,12 @@ pub enum Command {
         /// Serve /metrics (Prometheus), /health/live and /health/ready on HOST:PORT.
         #[arg(long, env = "OUTBOX_METRICS_ADDR", value_name = "HOST:PORT")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Serve the operator console (web pages: backlog, blocked keys, dead letters,
+        /// republish) on HOST:PORT, a private address: reading needs no login. Read-only unless
+        /// the `[console]` table sets write = true and a token (OUTBOX_CONSOLE_WRITE,
+        /// OUTBOX_CONSOLE_TOKEN).
+        #[arg(long, env = "OUTBOX_CONSOLE_ADDR", value_name = "HOST:PORT")]
+        console_addr: Option<std::net::SocketAddr>,
         /// Settings that override the file's `[relay]` table and the environment.
         #[command(flatten)]
         settings: Box<RelaySettings>,
@@ -293,8 +299,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Relay {
             print_config: false,
             metrics_addr,
+            console_addr,
             ..
-        } => run_relay(settings, metrics_addr).await,
+        } => run_relay(settings, metrics_addr, console_addr).await,
         Command::Republish {
             id,
             from_id,
@@ -451,7 +458,15 @@ async fn connect(settings: &Settings) -> Result<PgPool, CliError> {
 async fn run_relay(
     mut settings: Settings,
     metrics_addr: Option<SocketAddr>,
+    console_addr: Option<SocketAddr>,
 ) -> Result<(), CliError> {
+    if settings.console.write && console_addr.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "console.write".into(),
+            reason: "the console is not served: set --console-addr (OUTBOX_CONSOLE_ADDR)".into(),
+        }
+        .into());
+    }
     let pool = connect(&settings).await?;
     // Fail at start, not in a retry loop, when the relay cannot have sessions of its own.
     Relay::check_connection(&pool)
@@ -482,14 +497,35 @@ async fn run_relay(
         kafka = ?settings.relay.kafka,
         "starting the relay"
     );
+    let console_admin = outbox::admin::Admin::new(&settings.schema);
     let mut relay =
-        Relay::start(pool, settings.relay).map_err(|e| CliError::Runtime(e.to_string()))?;
+        Relay::start(pool.clone(), settings.relay).map_err(|e| CliError::Runtime(e.to_string()))?;
     if let Some((addr, handle)) = metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| CliError::Runtime(format!("cannot listen on {addr} for metrics: {e}")))?;
         tracing::info!(%addr, "serving /metrics, /health/live and /health/ready");
         tokio::spawn(serve_http(listener, handle, relay.health()));
+    }
+    if let Some(addr) = console_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::Runtime(format!("cannot listen on {addr} for the console: {e}"))
+        })?;
+        let mut console = outbox_console::Console::new(pool, console_admin).health(relay.health());
+        match settings.console.token.filter(|_| settings.console.write) {
+            Some(token) => {
+                tracing::info!(%addr, "serving the operator console, write actions enabled");
+                console = console.writes(token);
+            }
+            None => tracing::info!(%addr, "serving the operator console, read-only"),
+        }
+        let app =
+            outbox_console::router(console).into_make_service_with_connect_info::<SocketAddr>();
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::error!(%error, "the console stopped");
+            }
+        });
     }
     let stopped = tokio::select! {
         signal = shutdown_signal() => {

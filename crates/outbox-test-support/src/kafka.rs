@@ -1,7 +1,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
@@ -81,6 +83,27 @@ async fn create(bootstrap: &str, topic: NewTopic<'_>, config: &[(&str, &str)]) {
         });
     for result in results {
         result.unwrap_or_else(|(name, code)| panic!("cannot create topic {name}: {code:?}"));
+    }
+}
+
+/// Sets topic-level settings of an existing `topic`, such as `("max.message.bytes", "1000000")`
+/// (the others keep their values).
+pub async fn alter_topic_config(bootstrap: &str, topic: &str, config: &[(&str, &str)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let alter = config.iter().fold(
+        AlterConfig::new(ResourceSpecifier::Topic(topic)),
+        |alter, (key, value)| alter.set(key, value),
+    );
+    let results = admin
+        .alter_configs(&[alter], &options)
+        .await
+        .unwrap_or_else(|error| panic!("cannot reach Kafka at {bootstrap}: {error}"));
+    for result in results {
+        result.unwrap_or_else(|(name, code)| panic!("cannot alter topic {name:?}: {code:?}"));
     }
 }
 

@@ -17,8 +17,8 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 
 pub use broker::{free_port, KafkaBroker};
 pub use kafka::{
-    create_replicated_topic, create_topic, create_topic_on, create_topic_with_config,
-    partition_leader, record_count, unique_topic, Received, TopicReader,
+    alter_topic_config, create_replicated_topic, create_topic, create_topic_on,
+    create_topic_with_config, partition_leader, record_count, unique_topic, Received, TopicReader,
 };
 pub use postgres_server::PostgresServer;
 pub use proxy::{Fault, TcpProxy};

@@ -48,6 +48,8 @@ pub struct Admin {
     republish_batch: String,
     leases: String,
     cleanup: String,
+    dead_letter_previews: String,
+    publish_history: String,
 }
 
 /// Backlog figures for status and health.
@@ -104,6 +106,8 @@ pub struct HeldKey {
     pub failed_messages: i64,
     /// The head's last error.
     pub last_error: Option<String>,
+    /// Time until the head's next attempt (zero: due now).
+    pub retry_in: Option<Duration>,
 }
 
 /// A dead letter, for listings.
@@ -122,6 +126,34 @@ pub struct DeadLetter {
     pub error: String,
     /// Time since it was dead-lettered.
     pub age: Duration,
+}
+
+/// A dead letter with the start of its payload and headers, for a console's preview.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetterPreview {
+    /// The dead letter.
+    pub letter: DeadLetter,
+    /// The payload's first bytes (`None`: no payload).
+    pub payload: Option<Vec<u8>>,
+    /// The whole payload's size in bytes.
+    pub payload_size: i64,
+    /// The headers' JSON text, cut to the same size (`None`: no headers).
+    pub headers: Option<String>,
+}
+
+/// Messages published in one interval of [`Admin::publish_history`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishedInterval {
+    /// How long ago the interval ended.
+    pub ended: Duration,
+    /// Messages completed in it.
+    pub published: i64,
+    /// Their mean time from insert to completion (`None`: none published).
+    pub mean_lag: Option<Duration>,
+    /// The longest of those times.
+    pub max_lag: Option<Duration>,
 }
 
 /// Which published messages to publish again. Unset fields match everything.
@@ -171,6 +203,18 @@ impl RepublishFilter {
         (self.since, self.until) = (since, until);
         self
     }
+}
+
+/// Relay sessions from one client address, for a console's "relays seen".
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayClient {
+    /// The client's address (`local socket` for Unix-socket sessions).
+    pub address: String,
+    /// Its sessions.
+    pub sessions: i64,
+    /// How long its oldest session has been connected.
+    pub connected: Duration,
 }
 
 /// The session whose snapshot is oldest: while it holds it, vacuum cannot remove the index
@@ -224,7 +268,9 @@ const ACTIVITY: &str = "SELECT (least(extract(epoch FROM now() - (SELECT max(pro
                        ORDER BY id LIMIT 1) f ON true";
 
 const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
-        (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id))
+        (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id)),
+        (SELECT (least(extract(epoch FROM retry_at - now()), 1e9) * 1000000)::bigint
+           FROM {schema}.message x WHERE x.id = min(h.id))
    FROM {schema}.message h
   WHERE retry_at IS NOT NULL
   GROUP BY topic, key
@@ -289,6 +335,34 @@ const LEASES: &str =
     "SELECT name, holder, token, (extract(epoch FROM expires_at - now()) * 1000)::bigint
    FROM {schema}.relay_lease ORDER BY name";
 
+// The payload and headers cut in the statement, so a 100 MB payload never leaves the database
+// for a preview; NULL id: all of them.
+const DEAD_LETTER_PREVIEWS: &str = "SELECT id, topic, key, attempts, error,
+        (extract(epoch FROM now() - dead_at) * 1000)::bigint,
+        substring(payload FROM 1 FOR $3), coalesce(octet_length(payload), 0)::bigint,
+        left(headers::text, $3)
+   FROM {schema}.dead_letter
+  WHERE $1::bigint IS NULL OR id = $1
+  ORDER BY id LIMIT $2";
+
+// Completions per interval ($1 intervals of $2 microseconds, ending now), from the history that
+// `completion = keep` writes (empty with `delete`). Reads the processed_at index over the window
+// only. The lag is insert (created_at: the writer's transaction time) to completion, which
+// follows Kafka's acknowledgement.
+const PUBLISH_HISTORY: &str = "WITH bounds AS (
+         SELECT now() - ($1 - n) * $2 * interval '1 microsecond' AS starts, n
+           FROM generate_series(0, $1 - 1) AS n),
+      done AS (
+         SELECT processed_at, extract(epoch FROM processed_at - created_at) AS lag
+           FROM {schema}.published
+          WHERE processed_at > now() - $1 * $2 * interval '1 microsecond'
+            AND isfinite(created_at))
+ SELECT ($1 - 1 - b.n)::bigint, count(d.processed_at),
+        (avg(d.lag) * 1000000)::bigint, (max(d.lag) * 1000000)::bigint
+   FROM bounds b
+   LEFT JOIN done d ON d.processed_at > b.starts AND d.processed_at <= b.starts + $2 * interval '1 microsecond'
+  GROUP BY b.n ORDER BY b.n";
+
 // Unfenced: rows published before the retention are never in flight, so deleting them is safe
 // from anywhere; the relay's leader runs it periodically.
 const CLEANUP: &str = "DELETE FROM {schema}.published
@@ -310,6 +384,13 @@ const OLDEST_SNAPSHOT: &str = "SELECT pid,
     AND pid <> pg_backend_pid()
   ORDER BY greatest(age(backend_xmin), age(backend_xid)) DESC NULLS LAST
   LIMIT 1";
+
+// Without pg_read_all_stats other roles' sessions show with a NULL client: still counted.
+const RELAY_SESSIONS: &str = "SELECT coalesce(host(client_addr), 'local socket'), count(*),
+        (extract(epoch FROM now() - min(backend_start)) * 1000000)::bigint
+   FROM pg_stat_activity
+  WHERE application_name = 'outbox-relay' AND datname = current_database()
+  GROUP BY 1 ORDER BY 1";
 
 fn bind_filter<'q, O>(
     query: QueryAs<'q, Postgres, O, PgArguments>,
@@ -353,6 +434,8 @@ impl Admin {
             republish_batch: render(REPUBLISH_BATCH),
             leases: render(LEASES),
             cleanup: render(CLEANUP),
+            dead_letter_previews: render(DEAD_LETTER_PREVIEWS),
+            publish_history: render(PUBLISH_HISTORY),
         }
     }
 
@@ -428,7 +511,15 @@ impl Admin {
         conn: &mut PgConnection,
         limit: i64,
     ) -> Result<Vec<HeldKey>, Error> {
-        type Row = (String, Option<Vec<u8>>, i64, i32, i64, Option<String>);
+        type Row = (
+            String,
+            Option<Vec<u8>>,
+            i64,
+            i32,
+            i64,
+            Option<String>,
+            Option<i64>,
+        );
         let rows: Vec<Row> = sqlx::query_as(&self.held_keys)
             .bind(limit)
             .persistent(self.persistent)
@@ -437,13 +528,14 @@ impl Admin {
         Ok(rows
             .into_iter()
             .map(
-                |(topic, key, head, attempts, failed_messages, last_error)| HeldKey {
+                |(topic, key, head, attempts, failed_messages, last_error, retry_us)| HeldKey {
                     topic,
                     key,
                     head,
                     attempts,
                     failed_messages,
                     last_error,
+                    retry_in: retry_us.map(duration_us),
                 },
             )
             .collect())
@@ -470,6 +562,99 @@ impl Admin {
                 attempts,
                 error,
                 age: Duration::from_millis(age_ms.max(0) as u64),
+            })
+            .collect())
+    }
+
+    /// Up to `limit` dead letters (or only `id`), oldest sequence first, each with the first
+    /// `preview_bytes` of its payload and of its headers' JSON.
+    pub async fn dead_letter_previews(
+        &self,
+        conn: &mut PgConnection,
+        id: Option<i64>,
+        limit: i64,
+        preview_bytes: i32,
+    ) -> Result<Vec<DeadLetterPreview>, Error> {
+        type Row = (
+            i64,
+            String,
+            Option<Vec<u8>>,
+            i32,
+            String,
+            i64,
+            Option<Vec<u8>>,
+            i64,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(&self.dead_letter_previews)
+            .bind(id)
+            .bind(limit)
+            .bind(preview_bytes.max(0))
+            .persistent(self.persistent)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, topic, key, attempts, error, age_ms, payload, payload_size, headers)| {
+                    DeadLetterPreview {
+                        letter: DeadLetter {
+                            id,
+                            topic,
+                            key,
+                            attempts,
+                            error,
+                            age: Duration::from_millis(age_ms.max(0) as u64),
+                        },
+                        payload,
+                        payload_size,
+                        headers,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// Messages completed in each of `intervals` intervals of `length` up to now, oldest
+    /// first: what a publish-rate and lag chart shows. Needs `completion = keep` (with
+    /// `delete` no history is kept, and every interval is empty).
+    pub async fn publish_history(
+        &self,
+        conn: &mut PgConnection,
+        intervals: u32,
+        length: Duration,
+    ) -> Result<Vec<PublishedInterval>, Error> {
+        let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> = sqlx::query_as(&self.publish_history)
+            .bind(i64::from(intervals.max(1)))
+            .bind(micros(length).max(1))
+            .persistent(self.persistent)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(ago, published, mean_us, max_us)| PublishedInterval {
+                ended: length * u32::try_from(ago.max(0)).unwrap_or(0),
+                published,
+                mean_lag: mean_us.map(duration_us),
+                max_lag: max_us.map(duration_us),
+            })
+            .collect())
+    }
+
+    /// The relay sessions connected to this database (`application_name` `outbox-relay`, the
+    /// relay's default), by client address: which relay hosts are up, leaders and standbys alike.
+    /// Relays of every schema of the database count.
+    pub async fn relay_sessions(&self, conn: &mut PgConnection) -> Result<Vec<RelayClient>, Error> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(RELAY_SESSIONS)
+            .persistent(self.persistent)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(address, sessions, oldest_us)| RelayClient {
+                address,
+                sessions,
+                connected: duration_us(oldest_us),
             })
             .collect())
     }
