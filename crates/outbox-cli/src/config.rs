@@ -408,6 +408,9 @@ pub struct ConsoleTable {
     pub write: Option<bool>,
     /// The token that authorises them (at least 16 characters); also OUTBOX_CONSOLE_TOKEN.
     pub token: Option<Secret>,
+    /// Names the console is reached by (behind a proxy, say), besides addresses and localhost:
+    /// requests for other hosts are refused; also OUTBOX_CONSOLE_HOSTS (comma-separated).
+    pub hosts: Option<Vec<String>>,
 }
 
 impl ConsoleTable {
@@ -422,6 +425,11 @@ impl ConsoleTable {
             ),
             "token" => {
                 self.token = Some(Secret(text.to_owned()));
+                Some(Ok(()))
+            }
+            "hosts" => {
+                let hosts = text.split(',').map(str::trim).filter(|h| !h.is_empty());
+                self.hosts = Some(hosts.map(str::to_owned).collect());
                 Some(Ok(()))
             }
             _ => None,
@@ -513,6 +521,10 @@ impl Config {
         if let Some(token) = &upper.console.token {
             self.console.token = Some(token.clone());
             given("token", "console.token".into());
+        }
+        if let Some(hosts) = &upper.console.hosts {
+            self.console.hosts = Some(hosts.clone());
+            given("hosts", "console.hosts".into());
         }
         for (key, value) in &upper.kafka.0 {
             given(key, format!("kafka.{key}"));
@@ -621,6 +633,8 @@ pub struct ConsoleSettings {
     pub write: bool,
     /// The token that authorises them; set whenever `write` is.
     pub token: Option<outbox_console::Token>,
+    /// Names the console answers to, besides addresses and localhost.
+    pub hosts: Vec<String>,
 }
 
 const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
@@ -764,7 +778,11 @@ impl Settings {
             ));
         }
         Ok(Settings {
-            console: ConsoleSettings { write, token },
+            console: ConsoleSettings {
+                write,
+                token,
+                hosts: config.console.hosts.unwrap_or_default(),
+            },
             database_url,
             schema: relay.schema.clone(),
             derive_source: config.relay.source.is_none(),
@@ -794,6 +812,8 @@ impl Settings {
             }
         }
         out.push_str(&format!("\n[console]\nwrite = {}\n", self.console.write));
+        let hosts: Vec<String> = self.console.hosts.iter().map(|h| toml_string(h)).collect();
+        out.push_str(&format!("hosts = [{}]\n", hosts.join(", ")));
         if self.console.token.is_some() {
             out.push_str("# token: set, not shown\n");
         }
@@ -1442,6 +1462,20 @@ mod user_errors {
         let shown = format!("{} {settings:?} {parsed:?}", settings.to_masked_toml());
         assert!(!shown.contains("console-secret"), "{shown}");
         assert!(settings.to_masked_toml().contains("write = true"));
+        let hosts = "[console]\nhosts = [\"console.example\"]\n";
+        let settings = resolve(hosts, &[], &[]).unwrap();
+        assert_eq!(settings.console.hosts, ["console.example"]);
+        let shown = settings.to_masked_toml();
+        assert!(shown.contains("hosts = [\"console.example\"]"), "{shown}");
+        let settings = resolve(
+            hosts,
+            &[("OUTBOX_CONSOLE_HOSTS", "a.example, b.example:8443")],
+            &[],
+        );
+        assert_eq!(
+            settings.unwrap().console.hosts,
+            ["a.example", "b.example:8443"]
+        );
         let off = resolve("", &[("OUTBOX_CONSOLE_WRITE", "false")], &[]).unwrap();
         assert!(!off.console.write && off.console.token.is_none());
     }

@@ -511,7 +511,9 @@ async fn run_relay(
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             CliError::Runtime(format!("cannot listen on {addr} for the console: {e}"))
         })?;
-        let mut console = outbox_console::Console::new(pool, console_admin).health(relay.health());
+        let mut console = outbox_console::Console::new(pool, console_admin)
+            .health(relay.health())
+            .hosts(settings.console.hosts.clone());
         match settings.console.token.filter(|_| settings.console.write) {
             Some(token) => {
                 tracing::info!(%addr, "serving the operator console, write actions enabled");
@@ -613,24 +615,18 @@ async fn republish(
     let pool = connect(settings).await?;
     let mut conn = pool.acquire().await.map_err(db_error)?;
     let admin = admin(settings);
-    let mut tx = conn.begin().await.map_err(db_error)?;
-    for (key, value) in [("--since", &filter.since), ("--until", &filter.until)] {
-        if let Some(value) = value {
-            if sqlx::query("SELECT $1::timestamptz")
-                .bind(value)
-                .persistent(false)
-                .execute(&mut *tx)
-                .await
-                .is_err()
-            {
-                return Err(ConfigError::Invalid {
-                    key: key.into(),
-                    reason: format!("{value:?} is not a timestamp (e.g. 2026-11-28T10:00:00Z)"),
-                }
-                .into());
-            }
+    if let Some((name, value)) = admin
+        .unreadable_time(&mut conn, &filter)
+        .await
+        .map_err(db_error)?
+    {
+        return Err(ConfigError::Invalid {
+            key: format!("--{name}"),
+            reason: format!("{value:?} is not a timestamp (e.g. 2026-11-28T10:00:00Z)"),
         }
+        .into());
     }
+    let mut tx = conn.begin().await.map_err(db_error)?;
     let total = admin
         .republish_count(&mut tx, &filter)
         .await
@@ -661,22 +657,10 @@ async fn republish(
         }
     }
     let bar = progress_bar(total, "republish")?;
-    let mut after = i64::MIN;
-    let mut done = 0;
-    loop {
-        let mut tx = conn.begin().await.map_err(db_error)?;
-        let (count, last) = admin
-            .republish_batch(&mut tx, &filter, after, 10_000)
-            .await
-            .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
-        done += count;
-        bar.set_position(done);
-        match last {
-            Some(last) => after = last,
-            None => break,
-        }
-    }
+    let done = admin
+        .republish(&mut conn, &filter, 10_000, |done| bar.set_position(done))
+        .await
+        .map_err(db_error)?;
     bar.finish_and_clear();
     println!("marked {done} messages for publishing again (original sequences kept); the relay sends them next");
     Ok(())

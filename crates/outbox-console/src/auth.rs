@@ -140,17 +140,48 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, value)| value)
 }
 
-/// The bearer token of an `Authorization` header: `None` without the header, `Some("")` when
-/// it is not a bearer token.
+/// The token of an `Authorization: Bearer` header (the scheme in any case). Another scheme (a
+/// proxy's Basic credentials, which browsers send on every request) is not the console's:
+/// `None`, and the session decides.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?;
-    let value = value.to_str().unwrap_or("");
-    Some(
-        value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .unwrap_or(""),
-    )
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// Why a request is refused for its `Host`: a name that is not `localhost` nor in `hosts`.
+/// A page of another site whose name was rebound to the console's address (DNS rebinding)
+/// reaches the console as same-origin, with that site's name as its `Host`: only the name
+/// tells it apart. An address (`10.0.0.5:9001`, `[::1]:9001`) cannot be rebound.
+pub(crate) fn foreign_host(headers: &HeaderMap, hosts: &[String]) -> Option<String> {
+    let host = headers.get(HOST)?;
+    let Ok(host) = host.to_str() else {
+        return Some("Host is not text".into());
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    let allowed = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name) || h.eq_ignore_ascii_case(host));
+    (!allowed)
+        .then(|| format!("Host {host:?} is not this console's (add its name to console.hosts)"))
+}
+
+/// Why a read is refused as another site's: a request of another site's page that is not a
+/// navigation (an image, a script's fetch), which could make the console count a large table,
+/// or read a page into another site. Links from other sites (a runbook, an alert) still open.
+pub(crate) fn cross_site_read(headers: &HeaderMap) -> Option<String> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let site = header("sec-fetch-site")?;
+    if matches!(site, "same-origin" | "none") || header("sec-fetch-mode") == Some("navigate") {
+        return None;
+    }
+    Some(format!("Sec-Fetch-Site is {site:?}, not a navigation"))
 }
 
 /// Why a request that says where it comes from is refused as another site's: `Sec-Fetch-Site`
@@ -207,5 +238,84 @@ mod tests {
         assert!(cross_site(&headers(&[host, ("origin", "null")])).is_some());
         assert!(cross_site(&headers(&[host, ("sec-fetch-site", "same-site")])).is_some());
         assert!(cross_site(&headers(&[host, ("sec-fetch-site", "same-origin")])).is_none());
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn only_addresses_localhost_and_listed_names_are_this_consoles_hosts() {
+        let hosts = ["console.example.com".to_owned()];
+        for ok in [
+            "127.0.0.1:9000",
+            "10.1.2.3",
+            "[::1]:9000",
+            "localhost:9000",
+            "LOCALHOST",
+            "console.example.com",
+            "Console.Example.com:8443",
+        ] {
+            assert_eq!(
+                foreign_host(&headers(&[("host", ok)]), &hosts),
+                None,
+                "{ok}"
+            );
+        }
+        for rebound in [
+            "attacker.example:9000",
+            "attacker.example",
+            "console.example.com.evil",
+        ] {
+            assert!(
+                foreign_host(&headers(&[("host", rebound)]), &hosts).is_some(),
+                "{rebound}"
+            );
+        }
+        assert_eq!(foreign_host(&HeaderMap::new(), &hosts), None);
+    }
+
+    #[test]
+    fn only_bearer_credentials_are_the_consoles() {
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "BEARER abc")])),
+            Some("abc")
+        );
+        assert_eq!(bearer(&headers(&[("authorization", "Bearer")])), Some(""));
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Basic dXNlcjpwdw==")])),
+            None
+        );
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn other_sites_may_link_to_pages_but_not_embed_or_fetch_them() {
+        let read = |pairs| cross_site_read(&headers(pairs));
+        assert!(read(&[]).is_none());
+        assert!(read(&[
+            ("sec-fetch-site", "same-origin"),
+            ("sec-fetch-mode", "cors")
+        ])
+        .is_none());
+        assert!(read(&[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate")
+        ])
+        .is_none());
+        assert!(read(&[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "no-cors")
+        ])
+        .is_some());
+        assert!(read(&[("sec-fetch-site", "same-site"), ("sec-fetch-mode", "cors")]).is_some());
     }
 }

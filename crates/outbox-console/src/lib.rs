@@ -22,6 +22,10 @@
 //!
 //! - **Reading** needs no login, like `/metrics`: serve the console on a private address. Pages
 //!   show payload previews.
+//! - **Only this console's host**: a request whose `Host` is a name other than `localhost` or
+//!   one given to [`Console::hosts`] is refused, so a page of another site whose name was
+//!   rebound to the console's address (DNS rebinding) reads nothing; and another site's page
+//!   may link to the console but not embed or fetch its pages (`Sec-Fetch-*`).
 //! - **Writes are off** unless [`Console::writes`] gave a token: then every write route answers
 //!   403 and no page shows an action.
 //! - **Who may write**: a request with `Authorization: Bearer <token>` (scripts), or a browser
@@ -33,7 +37,10 @@
 //!   the session's CSRF token (a random synchronizer token rendered into its forms, which
 //!   another site cannot read), and a request whose `Sec-Fetch-Site` or `Origin` says it comes
 //!   from another site is refused before anything else, login included. A bearer token is never
-//!   sent by a browser on its own, so it needs no CSRF token.
+//!   sent by a browser on its own, so it needs no CSRF token; other `Authorization` schemes (an
+//!   authenticating proxy's) are left to the session.
+//! - **A republish** does what its preview counted, or is previewed again, and runs to its end
+//!   in a task of its own, logged before and after, whether or not the browser waits.
 //! - **Output cannot inject**: every value from the database or the request goes through the
 //!   escape functions of `html` (markup, quotes, control and bidirectional characters); binary
 //!   keys and payloads show as hex, payloads cut to [`PREVIEW_BYTES`] by the database. Pages
@@ -53,10 +60,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Form, FromRequestParts, NestedPath, Path, Query, State};
+use axum::extract::{ConnectInfo, Form, FromRequestParts, NestedPath, Path, Query, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -86,6 +94,7 @@ pub struct Console {
     admin: Admin,
     health: Option<Arc<Health>>,
     token: Option<Token>,
+    hosts: Vec<String>,
 }
 
 impl Console {
@@ -96,7 +105,16 @@ impl Console {
             admin,
             health: None,
             token: None,
+            hosts: Vec::new(),
         }
+    }
+
+    /// The names (with or without a port) the console is reached by, besides addresses and
+    /// `localhost`: requests for any other `Host` are refused (a page of another site whose
+    /// name was rebound to the console's address would otherwise read it).
+    pub fn hosts(mut self, hosts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.hosts = hosts.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Shows this relay's health report on the overview.
@@ -117,6 +135,7 @@ struct Shared {
     admin: Admin,
     health: Option<Arc<Health>>,
     writes: Option<Writes>,
+    hosts: Vec<String>,
 }
 
 struct Writes {
@@ -135,6 +154,7 @@ pub fn router(console: Console) -> Router {
             token,
             sessions: auth::Sessions::default(),
         }),
+        hosts: console.hosts,
     });
     Router::new()
         .route("/", get(overview))
@@ -145,7 +165,32 @@ pub fn router(console: Console) -> Router {
         .route("/republish", get(republish_preview).post(republish))
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
+        .layer(middleware::from_fn_with_state(shared.clone(), guard))
         .with_state(shared)
+}
+
+/// Before every route: the request is for this console's host (see `auth::foreign_host`), and a
+/// read is not another site's embedding or fetch (see `auth::cross_site_read`; writes are
+/// checked in [`Ctx::authorize`]).
+async fn guard(
+    ctx: Ctx,
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let refused = auth::foreign_host(request.headers(), &shared.hosts).or_else(|| {
+        (request.method() == Method::GET)
+            .then(|| auth::cross_site_read(request.headers()))
+            .flatten()
+    });
+    match refused {
+        Some(why) => {
+            tracing::warn!(peer = %ctx.peer(), %why, "console: refused a request");
+            let message = text(&format!("Refused: {why}."));
+            ctx.fail(StatusCode::FORBIDDEN, &message).into_response()
+        }
+        None => next.run(request).await,
+    }
 }
 
 type Reply = Result<Response, Refusal>;
@@ -389,7 +434,7 @@ async fn overview(State(shared): State<Arc<Shared>>, ctx: Ctx) -> Reply {
                 "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
                 text(&relay.address),
                 relay.sessions,
-                html::duration(relay.connected)
+                relay.connected.map_or_else(|| "-".into(), html::duration)
             );
         }
         body.push_str("</table>");
@@ -706,6 +751,7 @@ const FILTER_FIELDS: [(&str, &str); 6] = [
 /// The filter the fields describe; empty fields match everything.
 async fn republish_filter(
     ctx: &Ctx,
+    admin: &Admin,
     tx: &mut Transaction<'static, Postgres>,
     fields: &Fields,
 ) -> Result<RepublishFilter, Refusal> {
@@ -724,25 +770,14 @@ async fn republish_filter(
             field("since").map(Into::into),
             field("until").map(Into::into),
         );
-    for name in ["since", "until"] {
-        if let Some(value) = field(name) {
-            // PostgreSQL's own reading, as the filter's statement will read it; in a savepoint,
-            // so that a refusal leaves the transaction usable.
-            let mut check = sqlx::Connection::begin(&mut **tx)
-                .await
-                .map_err(|e| ctx.database(e))?;
-            if sqlx::query("SELECT $1::timestamptz")
-                .bind(value)
-                .execute(&mut *check)
-                .await
-                .is_err()
-            {
-                return Err(ctx.bad_input(&format!(
-                    "{name}: {value:?} is not a timestamp (e.g. 2026-11-28T10:00:00Z)"
-                )));
-            }
-            check.commit().await.map_err(|e| ctx.database(e))?;
-        }
+    if let Some((name, value)) = admin
+        .unreadable_time(tx, &filter)
+        .await
+        .map_err(|e| ctx.database(e))?
+    {
+        return Err(ctx.bad_input(&format!(
+            "{name}: {value:?} is not a timestamp (e.g. 2026-11-28T10:00:00Z)"
+        )));
     }
     if let Some(key) = field("key") {
         filter = filter.key(key);
@@ -787,7 +822,7 @@ async fn republish_preview(
     );
     if fields.contains_key("preview") {
         let mut tx = begin(&shared, &ctx).await?;
-        let filter = republish_filter(&ctx, &mut tx, &fields).await?;
+        let filter = republish_filter(&ctx, &shared.admin, &mut tx, &fields).await?;
         let count = shared
             .admin
             .republish_count(&mut tx, &filter)
@@ -802,6 +837,7 @@ async fn republish_preview(
             let _ = write!(
                 body,
                 "<form method=\"post\" action=\"{}\" class=\"danger\">{}{}\
+                 <input type=\"hidden\" name=\"expected\" value=\"{count}\">\
                  <p><input type=\"checkbox\" name=\"confirm\" value=\"yes\" id=\"confirm\" required> \
                  <label for=\"confirm\">I confirm</label></p><button id=\"do\">Republish {count} messages</button></form>",
                 ctx.href("/republish"),
@@ -826,26 +862,53 @@ async fn republish(
 ) -> Reply {
     let who = ctx.authorize(&shared, &fields)?;
     confirmed(&ctx, &fields)?;
-    let db = |e| ctx.database(e);
     let mut tx = begin(&shared, &ctx).await?;
-    let filter = republish_filter(&ctx, &mut tx, &fields).await?;
+    let filter = republish_filter(&ctx, &shared.admin, &mut tx, &fields).await?;
+    let count = shared
+        .admin
+        .republish_count(&mut tx, &filter)
+        .await
+        .map_err(|e| ctx.database(e))?;
     drop(tx);
-    let (mut after, mut done) = (i64::MIN, 0u64);
-    loop {
-        let mut tx = begin(&shared, &ctx).await?;
-        let (count, last) = shared
-            .admin
-            .republish_batch(&mut tx, &filter, after, REPUBLISH_BATCH)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(|e| ctx.database(e))?;
-        done += count;
-        match last {
-            Some(last) => after = last,
-            None => break,
-        }
+    // What was confirmed is the preview's count: a filter that matches another number now (new
+    // messages in a time window left open, say) is previewed again.
+    let expected = fields.get("expected").map_or("", |v| v.trim());
+    if expected != count.to_string() {
+        let message = format!(
+            "{count} published messages match now, not the {} previewed: <a href=\"{}\">preview again</a>.",
+            text(expected),
+            ctx.href("/republish")
+        );
+        return Err(ctx.fail(StatusCode::CONFLICT, &message));
     }
-    tracing::info!(%who, action = "republish", filter = ?filter, count = done, "console write");
+    tracing::info!(%who, action = "republish", filter = ?filter, count, "console write: republishing");
+    // In a task of its own, without the pages' statement timeout: a browser that goes away (or
+    // a proxy's timeout) does not stop it halfway, and its end is logged either way.
+    let (pool, admin) = (shared.pool.clone(), shared.admin.clone());
+    let task = tokio::spawn(async move {
+        let mut done = 0;
+        let result = match pool.acquire().await {
+            Ok(mut conn) => {
+                admin
+                    .republish(&mut conn, &filter, REPUBLISH_BATCH, |d| done = d)
+                    .await
+            }
+            Err(error) => Err(error.into()),
+        };
+        match &result {
+            Ok(done) => {
+                tracing::info!(%who, action = "republish", count = done, "console write: republished")
+            }
+            Err(error) => {
+                tracing::warn!(%who, action = "republish", count = done, %error, "console write: republish failed; the messages counted were republished")
+            }
+        }
+        result
+    });
+    let done = match task.await {
+        Ok(result) => result.map_err(|e| ctx.database(e))?,
+        Err(error) => return Err(ctx.database(error)),
+    };
     let body = format!(
         "<p id=\"result\">Marked {done} messages for publishing again (original sequences kept); the relay sends them next.</p>"
     );

@@ -12,7 +12,8 @@ use tower::ServiceExt as _;
 const TOKEN: &str = "test-token-0123456789";
 
 fn console(outbox: &TestOutbox, writes: bool) -> Router {
-    let console = Console::new(outbox.pool.clone(), Admin::new(&outbox.schema));
+    let console =
+        Console::new(outbox.pool.clone(), Admin::new(&outbox.schema)).hosts(["console.test"]);
     let console = match writes {
         true => console.writes(Token::new(TOKEN).unwrap()),
         false => console,
@@ -436,11 +437,28 @@ async fn republish_previews_the_count_then_moves_the_matching_messages() {
     );
 
     let bearer = format!("Bearer {TOKEN}");
+    // Confirmed for another count than the filter matches now: previewed again, nothing moved.
+    let stale = send(
+        &app,
+        post(
+            "/republish",
+            "key=k1&to_id=5&from_id=&confirm=yes&expected=2",
+            &[("authorization", &bearer)],
+        ),
+    )
+    .await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(
+        stale.body.contains("3 published messages match now"),
+        "{}",
+        stale.body
+    );
+    assert_eq!(count(&outbox, "message").await, 0);
     let done = send(
         &app,
         post(
             "/republish",
-            "key=k1&to_id=5&from_id=&confirm=yes",
+            "key=k1&to_id=5&from_id=&confirm=yes&expected=3",
             &[("authorization", &bearer)],
         ),
     )
@@ -476,5 +494,93 @@ async fn links_follow_where_the_console_is_nested() {
     .await;
     let cookie = login.headers[header::SET_COOKIE].to_str().unwrap();
     assert!(cookie.contains("Path=/ops/outbox;"), "{cookie}");
+    outbox.drop_schema().await;
+}
+
+/// An authenticating proxy's own credentials (Basic, sent by the browser on every request) are
+/// not a wrong console token: the session decides.
+#[tokio::test]
+async fn a_proxys_basic_credentials_leave_the_session_to_decide() {
+    let outbox = TestOutbox::new().await;
+    dead_letter(&outbox, 7).await;
+    let app = console(&outbox, true);
+    let (cookie, csrf) = log_in(&app).await;
+    let headers = [
+        ("cookie", cookie.as_str()),
+        ("authorization", "Basic b3BlcmF0b3I6cGFzc3dvcmQ="),
+        ("origin", "http://console.test"),
+    ];
+    let form = format!("id=7&confirm=yes&csrf={csrf}");
+    let dropped = send(&app, post("/dead-letters/drop", &form, &headers)).await;
+    assert_eq!(dropped.status, StatusCode::OK, "{}", dropped.body);
+    assert_eq!(count(&outbox, "dead_letter").await, 0);
+    outbox.drop_schema().await;
+}
+
+/// A page of another site whose name was rebound to the console's address reaches it with its
+/// own name as `Host`: refused, reads included. Another site may link to a page, not fetch it.
+#[tokio::test]
+async fn pages_answer_only_their_own_host_and_other_sites_links() {
+    let outbox = TestOutbox::new().await;
+    dead_letter(&outbox, 7).await;
+    let app = console(&outbox, false);
+    for host in [
+        "127.0.0.1:9091",
+        "[::1]:9091",
+        "localhost:9091",
+        "console.test",
+    ] {
+        let page = send(&app, get("/dead-letters", &[("host", host)])).await;
+        assert_eq!(page.status, StatusCode::OK, "{host}");
+    }
+    let rebound = send(
+        &app,
+        get("/dead-letters", &[("host", "attacker.example:9091")]),
+    )
+    .await;
+    assert_eq!(rebound.status, StatusCode::FORBIDDEN);
+    assert!(
+        !rebound.body.contains("Message size too large"),
+        "{}",
+        rebound.body
+    );
+    let fetched = get(
+        "/republish?preview=1",
+        &[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "no-cors"),
+        ],
+    );
+    assert_eq!(send(&app, fetched).await.status, StatusCode::FORBIDDEN);
+    let linked = get(
+        "/dead-letters",
+        &[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ],
+    );
+    assert_eq!(send(&app, linked).await.status, StatusCode::OK);
+    outbox.drop_schema().await;
+}
+
+/// Rows written by hand with times PostgreSQL cannot subtract (`infinity`) still show.
+#[tokio::test]
+async fn infinite_times_written_by_hand_do_not_break_a_page() {
+    let outbox = TestOutbox::new().await;
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {0}.message (topic, key, payload, attempts, last_error, retry_at)
+         VALUES ('orders', 'k', 'p', 1, 'failed', 'infinity');
+         INSERT INTO {0}.dead_letter (id, topic, key, payload, created_at, attempts, error, dead_at)
+         VALUES (9, 'orders', 'k', 'p', now(), 3, 'refused', '-infinity')",
+        outbox.schema
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    let app = console(&outbox, false);
+    for page in ["/blocked", "/dead-letters", "/"] {
+        let reply = send(&app, get(page, &[])).await;
+        assert_eq!(reply.status, StatusCode::OK, "{page}: {}", reply.body);
+    }
     outbox.drop_schema().await;
 }

@@ -213,8 +213,8 @@ pub struct RelayClient {
     pub address: String,
     /// Its sessions.
     pub sessions: i64,
-    /// How long its oldest session has been connected.
-    pub connected: Duration,
+    /// How long its oldest session has been connected (`None`: not visible to this role).
+    pub connected: Option<Duration>,
 }
 
 /// The session whose snapshot is oldest: while it holds it, vacuum cannot remove the index
@@ -269,7 +269,9 @@ const ACTIVITY: &str = "SELECT (least(extract(epoch FROM now() - (SELECT max(pro
 
 const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
         (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id)),
-        (SELECT (least(extract(epoch FROM retry_at - now()), 1e9) * 1000000)::bigint
+        (SELECT CASE WHEN isfinite(retry_at)
+                     THEN (greatest(least(extract(epoch FROM retry_at - now()), 1e9), -1e9)
+                           * 1000000)::bigint END
            FROM {schema}.message x WHERE x.id = min(h.id))
    FROM {schema}.message h
   WHERE retry_at IS NOT NULL
@@ -278,8 +280,14 @@ const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
   LIMIT $1";
 
 const DEAD_LETTERS: &str = "SELECT id, topic, key, attempts, error,
-        (extract(epoch FROM now() - dead_at) * 1000)::bigint
+        {dead_for}
    FROM {schema}.dead_letter ORDER BY id LIMIT $1";
+
+/// How long a dead letter has been one, in ms: finite and clamped (a row written by hand may
+/// say `infinity`, which the subtraction refuses).
+const DEAD_FOR: &str = "CASE WHEN isfinite(dead_at)
+             THEN (greatest(least(extract(epoch FROM now() - dead_at), 1e9), 0) * 1000)::bigint
+             ELSE 0 END";
 
 /// A CTE that lowers every lease's claim floor to the lowest id in CTE `inserted`: messages put
 /// back with their old ids must not sit below it. It always writes the row and bumps the
@@ -338,7 +346,7 @@ const LEASES: &str =
 // The payload and headers cut in the statement, so a 100 MB payload never leaves the database
 // for a preview; NULL id: all of them.
 const DEAD_LETTER_PREVIEWS: &str = "SELECT id, topic, key, attempts, error,
-        (extract(epoch FROM now() - dead_at) * 1000)::bigint,
+        {dead_for},
         substring(payload FROM 1 FOR $3), coalesce(octet_length(payload), 0)::bigint,
         left(headers::text, $3)
    FROM {schema}.dead_letter
@@ -385,8 +393,12 @@ const OLDEST_SNAPSHOT: &str = "SELECT pid,
   ORDER BY greatest(age(backend_xmin), age(backend_xid)) DESC NULLS LAST
   LIMIT 1";
 
-// Without pg_read_all_stats other roles' sessions show with a NULL client: still counted.
-const RELAY_SESSIONS: &str = "SELECT coalesce(host(client_addr), 'local socket'), count(*),
+// Without pg_read_all_stats, other roles' sessions show with NULL client and start: counted
+// apart, not taken for Unix-socket sessions.
+const RELAY_SESSIONS: &str = "SELECT CASE WHEN backend_start IS NULL
+                 THEN 'not visible (another role; grant pg_read_all_stats)'
+                 ELSE coalesce(host(client_addr), 'local socket') END,
+        count(*),
         (extract(epoch FROM now() - min(backend_start)) * 1000000)::bigint
    FROM pg_stat_activity
   WHERE application_name = 'outbox-relay' AND datname = current_database()
@@ -419,6 +431,7 @@ impl Admin {
         let render = |sql: &str| {
             sql.replace("{filter}", REPUBLISH_FILTER)
                 .replace("{lower_floor}", LOWER_FLOOR)
+                .replace("{dead_for}", DEAD_FOR)
                 .replace("{schema}", schema.as_str())
         };
         Admin {
@@ -645,7 +658,7 @@ impl Admin {
     /// relay's default), by client address: which relay hosts are up, leaders and standbys alike.
     /// Relays of every schema of the database count.
     pub async fn relay_sessions(&self, conn: &mut PgConnection) -> Result<Vec<RelayClient>, Error> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(RELAY_SESSIONS)
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(RELAY_SESSIONS)
             .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
@@ -654,7 +667,7 @@ impl Admin {
             .map(|(address, sessions, oldest_us)| RelayClient {
                 address,
                 sessions,
-                connected: duration_us(oldest_us),
+                connected: oldest_us.map(duration_us),
             })
             .collect())
     }
@@ -698,6 +711,58 @@ impl Admin {
             .fetch_one(conn)
             .await?;
         Ok(count)
+    }
+
+    /// The first of `filter`'s times (`"since"` or `"until"`, and its text) that PostgreSQL
+    /// cannot read as a `timestamptz`, as the filter's statements would read it; checked in a
+    /// transaction (or savepoint) of its own, rolled back, so a refusal leaves `conn` usable.
+    pub async fn unreadable_time<'f>(
+        &self,
+        conn: &mut PgConnection,
+        filter: &'f RepublishFilter,
+    ) -> Result<Option<(&'static str, &'f str)>, Error> {
+        use sqlx::Connection as _;
+        for (name, value) in [("since", &filter.since), ("until", &filter.until)] {
+            let Some(value) = value else { continue };
+            let mut check = conn.begin().await?;
+            let readable = sqlx::query("SELECT $1::timestamptz")
+                .bind(value)
+                .persistent(self.persistent)
+                .execute(&mut *check)
+                .await
+                .is_ok();
+            check.rollback().await?;
+            if !readable {
+                return Ok(Some((name, value)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves every published message matching `filter` back into the outbox (they keep their
+    /// sequence), `batch` per transaction, so a large republish holds no long transaction;
+    /// `progress` is told the running count after each one. Returns how many moved. On an error,
+    /// the batches already committed stay moved: `progress` last heard how many.
+    pub async fn republish(
+        &self,
+        conn: &mut PgConnection,
+        filter: &RepublishFilter,
+        batch: i64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, Error> {
+        use sqlx::Connection as _;
+        let (mut after, mut done) = (i64::MIN, 0);
+        loop {
+            let mut tx = conn.begin().await?;
+            let (count, last) = self.republish_batch(&mut tx, filter, after, batch).await?;
+            tx.commit().await?;
+            done += count;
+            progress(done);
+            match last {
+                Some(last) => after = last,
+                None => return Ok(done),
+            }
+        }
     }
 
     /// Moves up to `limit` published messages matching `filter` with a sequence above `after`
