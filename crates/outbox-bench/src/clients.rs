@@ -1,14 +1,15 @@
 //! Scenario 10: the write path of each client library the writer supports, against the physical
 //! floor of "write one more row".
 //!
-//! One writer per client library (sqlx, tokio-postgres, SeaORM, diesel-async), on one connection, closed loop; per client, four
+//! One writer per client library (sqlx, tokio-postgres, SeaORM, diesel-async, blocking diesel),
+//! on one connection, closed loop; per client, four
 //! transactions, rotated within every round:
 //! - the business transaction alone (one INSERT);
 //! - plus a plain INSERT of the message's bytes into a table with only a primary key (the floor:
 //!   what any second row costs), as a second statement;
 //! - plus the outbox message, as a second statement;
 //! - plus the outbox message in the same round trip: sqlx's `execute_and_save` (one statement),
-//!   tokio-postgres's pipelining (two statements awaited together); SeaORM and diesel-async have none.
+//!   tokio-postgres's pipelining (two statements awaited together); SeaORM and diesel have none.
 //!
 //! The outbox's cost is its transaction's latency over the floor's, same client, same round.
 
@@ -30,14 +31,15 @@ enum Library {
     TokioPostgres,
     SeaOrm,
     DieselAsync,
+    /// diesel's blocking `PgConnection`, in `block_in_place`.
+    Diesel,
 }
 
 impl Library {
-    /// SeaORM and diesel-async run a transaction's statements one at a time: no one-round-trip
-    /// form.
+    /// SeaORM and diesel run a transaction's statements one at a time: no one-round-trip form.
     fn variants(self) -> &'static [Variant] {
         match self {
-            Library::SeaOrm | Library::DieselAsync => &VARIANTS[..3],
+            Library::SeaOrm | Library::DieselAsync | Library::Diesel => &VARIANTS[..3],
             Library::Sqlx | Library::TokioPostgres => &VARIANTS,
         }
     }
@@ -77,7 +79,8 @@ struct Writers {
     sqlx: sqlx::PgConnection,
     tokio_postgres: tokio_postgres::Client,
     sea_orm: sea_orm::DatabaseConnection,
-    diesel: diesel_async::AsyncPgConnection,
+    diesel_async: diesel_async::AsyncPgConnection,
+    diesel: diesel::PgConnection,
     /// The business and floor statements, prepared once on the tokio-postgres connection, as a
     /// service would (sqlx caches its own).
     prepared: [tokio_postgres::Statement; 2],
@@ -161,7 +164,7 @@ impl Writers {
             Library::DieselAsync => {
                 use diesel::sql_types::{BigInt, Bytea, Integer, Text};
                 use diesel_async::{AnsiTransactionManager, RunQueryDsl, TransactionManager};
-                let conn = &mut self.diesel;
+                let conn = &mut self.diesel_async;
                 AnsiTransactionManager::begin_transaction(conn).await?;
                 diesel::sql_query(&self.business)
                     .bind::<Integer, _>(account)
@@ -184,6 +187,36 @@ impl Writers {
                     Variant::Business | Variant::OutboxOneTrip => {}
                 }
                 AnsiTransactionManager::commit_transaction(conn).await?;
+            }
+            Library::Diesel => {
+                use diesel::connection::{AnsiTransactionManager, TransactionManager};
+                use diesel::sql_types::{BigInt, Bytea, Integer, Text};
+                use diesel::RunQueryDsl;
+                let conn = &mut self.diesel;
+                tokio::task::block_in_place(|| -> anyhow::Result<()> {
+                    AnsiTransactionManager::begin_transaction(conn)?;
+                    diesel::sql_query(&self.business)
+                        .bind::<Integer, _>(account)
+                        .bind::<BigInt, _>(amount)
+                        .bind::<Text, _>(note)
+                        .execute(conn)?;
+                    match variant {
+                        Variant::Floor => {
+                            diesel::sql_query(&self.floor)
+                                .bind::<Text, _>(&self.topic)
+                                .bind::<Bytea, _>(key.as_bytes())
+                                .bind::<Bytea, _>(&value)
+                                .execute(conn)?;
+                        }
+                        Variant::Outbox => {
+                            self.outbox
+                                .save_for_publishing_blocking(&mut *conn, message)?;
+                        }
+                        Variant::Business | Variant::OutboxOneTrip => {}
+                    }
+                    AnsiTransactionManager::commit_transaction(conn)?;
+                    Ok(())
+                })?;
             }
             Library::TokioPostgres => {
                 let tx = self.tokio_postgres.transaction().await?;
@@ -265,9 +298,13 @@ pub(crate) async fn clients(ctx: &Ctx) -> anyhow::Result<()> {
         sqlx: sqlx::PgConnection::connect(&url).await?,
         tokio_postgres,
         sea_orm: sea_orm::Database::connect(&url).await?,
-        diesel: {
+        diesel_async: {
             use diesel_async::AsyncConnection as _;
             diesel_async::AsyncPgConnection::establish(&url).await?
+        },
+        diesel: {
+            use diesel::Connection as _;
+            diesel::PgConnection::establish(&url)?
         },
         prepared,
         outbox: ctx.outbox.clone(),
@@ -287,6 +324,7 @@ pub(crate) async fn clients(ctx: &Ctx) -> anyhow::Result<()> {
         Library::TokioPostgres,
         Library::SeaOrm,
         Library::DieselAsync,
+        Library::Diesel,
     ] {
         let variants = library.variants();
         for &variant in variants {

@@ -87,8 +87,8 @@ pub(crate) enum Scenario {
     Steady,
     /// 9: CPU per saved row of each way of enqueueing, against a plain INSERT.
     Enqueue,
-    /// 10: each client library's write path (sqlx, tokio-postgres) against the floor of a plain
-    /// second INSERT.
+    /// 10: each client library's write path (sqlx, tokio-postgres, SeaORM, diesel-async,
+    /// diesel) against the floor of a plain second INSERT.
     Clients,
 }
 

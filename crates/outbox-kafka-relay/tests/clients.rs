@@ -1,5 +1,6 @@
 //! One conformance suite, run against every PostgreSQL client library the writer supports
-//! (`outbox::ClientTransaction`): each saves in the caller's transaction, and the relay publishes
+//! (`outbox::ClientTransaction`, and diesel's blocking connection through
+//! `outbox::BlockingClientTransaction`): each saves in the caller's transaction, and the relay publishes
 //! what it saved, through the real PostgreSQL and Kafka started by `dev/up`.
 //!
 //! Each client runs the same cases: a committed business row and its message, saved together
@@ -297,6 +298,66 @@ impl Client for DieselAsync {
     }
 }
 
+/// diesel (blocking): the connection, in a transaction, on a blocking thread.
+struct Diesel(Option<diesel::PgConnection>);
+
+impl Client for Diesel {
+    const NAME: &'static str = "diesel";
+
+    async fn connect() -> Self {
+        use diesel::Connection as _;
+        let url = database_url();
+        let conn = tokio::task::spawn_blocking(move || diesel::PgConnection::establish(&url))
+            .await
+            .unwrap()
+            .unwrap();
+        Diesel(Some(conn))
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        let mut conn = self.0.take().expect("connected");
+        let (outbox, schema) = (outbox.clone(), schema.to_owned());
+        let (conn, results) = tokio::task::spawn_blocking(move || {
+            use diesel::connection::{AnsiTransactionManager, TransactionManager as _};
+            use diesel::RunQueryDsl as _;
+            AnsiTransactionManager::begin_transaction(&mut conn).unwrap();
+            diesel::sql_query(format!("INSERT INTO {schema}.thing (id) VALUES ($1)"))
+                .bind::<diesel::sql_types::BigInt, _>(thing)
+                .execute(&mut conn)
+                .unwrap();
+            let first = if let [message] = &save[..] {
+                outbox
+                    .save_for_publishing_blocking(&mut conn, message.clone())
+                    .map(|sequence| vec![sequence])
+            } else {
+                outbox.save_all_for_publishing_blocking(&mut conn, save)
+            };
+            let results = more
+                .into_iter()
+                .map(|message| outbox.save_for_publishing_blocking(&mut conn, message))
+                .collect();
+            if commit {
+                AnsiTransactionManager::commit_transaction(&mut conn).unwrap();
+            } else {
+                AnsiTransactionManager::rollback_transaction(&mut conn).unwrap();
+            }
+            (conn, (first, results))
+        })
+        .await
+        .unwrap();
+        self.0 = Some(conn);
+        results
+    }
+}
+
 /// The cases every client passes; returns the rows it saved, as the relay's input.
 async fn conformance<C: Client>() {
     let outbox = TestOutbox::new().await;
@@ -509,11 +570,28 @@ async fn diesel_async_conforms() {
     conformance::<DieselAsync>().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diesel_conforms() {
+    conformance::<Diesel>().await;
+}
+
 /// diesel has no transaction type: a connection outside a transaction is refused, and nothing
 /// is written (the message would commit at once, apart from the business data).
 #[tokio::test]
 async fn a_diesel_connection_outside_a_transaction_is_refused() {
     let outbox = TestOutbox::new().await;
+    let mut client = Diesel::connect().await;
+    let conn = client.0.as_mut().expect("connected");
+    let error = outbox
+        .outbox
+        .save_for_publishing_blocking(&mut *conn, Message::new("t", b"x".to_vec()))
+        .unwrap_err();
+    assert!(matches!(error, Error::NotInTransaction), "{error}");
+    let error = outbox
+        .outbox
+        .save_all_for_publishing_blocking(conn, [Message::new("t", b"x".to_vec())])
+        .unwrap_err();
+    assert!(matches!(error, Error::NotInTransaction), "{error}");
     let mut client = DieselAsync::connect().await;
     let error = outbox
         .outbox
@@ -613,6 +691,14 @@ async fn every_client_writes_byte_identical_rows() {
     let from = saved.unwrap()[0];
     assert!(singles.iter().all(Result::is_ok));
     assert_eq!(rows(from).await, by_sqlx, "diesel-async against sqlx");
+
+    let mut diesel = Diesel::connect().await;
+    let (saved, singles) = diesel
+        .transact(&outbox.outbox, &schema, 5, messages(), messages(), true)
+        .await;
+    let from = saved.unwrap()[0];
+    assert!(singles.iter().all(Result::is_ok));
+    assert_eq!(rows(from).await, by_sqlx, "diesel against sqlx");
     outbox.drop_schema().await;
 }
 

@@ -26,11 +26,11 @@ pub enum Error {
     #[cfg(feature = "sea-orm")]
     #[error("outbox database error: {0}")]
     SeaOrm(#[from] sea_orm::DbErr),
-    /// The database rejected or failed a statement run through diesel-async.
-    #[cfg(feature = "diesel-async")]
+    /// The database rejected or failed a statement run through diesel or diesel-async.
+    #[cfg(any(feature = "diesel", feature = "diesel-async"))]
     #[error("outbox database error: {0}")]
     Diesel(#[source] diesel::result::Error),
-    /// The diesel-async connection given is not in a transaction: the message would commit at
+    /// The diesel (or diesel-async) connection given is not in a transaction: the message would commit at
     /// once, apart from the business data. Nothing was written; save inside
     /// `conn.transaction(..)`.
     #[error("the connection is not in a transaction: save outbox messages inside the transaction that writes the business data")]

@@ -42,6 +42,8 @@ pub mod trace;
 pub mod typed;
 mod writer;
 
+#[cfg(feature = "diesel")]
+pub use client::BlockingClientTransaction;
 pub use client::ClientTransaction;
 pub use error::{Error, InvalidMessage};
 pub use inbox::Inbox;

@@ -2,6 +2,8 @@ use std::sync::Arc;
 
 use sqlx::{Execute, PgPool, Postgres, Transaction};
 
+#[cfg(feature = "diesel")]
+use crate::client::BlockingClientTransaction;
 use crate::client::{ClientTransaction, Statements};
 use crate::error::Error;
 use crate::message::Message;
@@ -158,8 +160,7 @@ impl Outbox {
         tx: impl ClientTransaction,
         message: Message,
     ) -> Result<Sequence, Error> {
-        let message = self.with_current_trace(message);
-        message.validate(self.max_message_bytes)?;
+        let message = self.prepare(message)?;
         tx.insert_one(&self.statements, &message).await
     }
 
@@ -195,8 +196,7 @@ impl Outbox {
     where
         E: Execute<'q, Postgres>,
     {
-        let message = self.with_current_trace(message);
-        message.validate(self.max_message_bytes)?;
+        let message = self.prepare(message)?;
         let sql = single_statement(statement.sql())?;
         let arguments = statement
             .take_arguments()
@@ -217,33 +217,86 @@ impl Outbox {
         tx: impl ClientTransaction,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
-        let messages: Vec<Message> = messages
-            .into_iter()
-            .map(|m| self.with_current_trace(m))
-            .collect();
-        for message in &messages {
-            message.validate(self.max_message_bytes)?;
-        }
+        let messages = self.prepare_all(messages)?;
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let sequences = tx.insert_many(&self.statements, &messages).await?;
-        // Fewer rows than messages: a trigger suppressed some, whatever the client.
-        if sequences.len() != messages.len() {
-            return Err(Error::NotSaved);
+        all_saved(
+            &messages,
+            tx.insert_many(&self.statements, &messages).await?,
+        )
+    }
+
+    /// [`Outbox::save_for_publishing`] through a blocking client: diesel's `PgConnection`
+    /// inside its `transaction(..)` ([`BlockingClientTransaction`]). Blocks the thread for the
+    /// round trip: on an async runtime, call it where blocking is allowed (`spawn_blocking`,
+    /// deadpool-diesel's `interact`).
+    ///
+    /// ```no_run
+    /// # fn f(outbox: &outbox::Outbox, conn: &mut diesel::PgConnection) -> Result<(), Box<dyn std::error::Error>> {
+    /// use diesel::Connection;
+    /// conn.transaction(|conn| {
+    ///     diesel::sql_query("INSERT INTO thing (id) VALUES (42)").execute(conn)?;
+    ///     let event = outbox::Message::new("things", br#"{"id":42}"#.to_vec()).key("42");
+    ///     outbox.save_for_publishing_blocking(conn, event)?;
+    ///     Ok::<_, Box<dyn std::error::Error>>(())
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "diesel")]
+    pub fn save_for_publishing_blocking(
+        &self,
+        tx: impl BlockingClientTransaction,
+        message: Message,
+    ) -> Result<Sequence, Error> {
+        let message = self.prepare(message)?;
+        tx.insert_one(&self.statements, &message)
+    }
+
+    /// [`Outbox::save_all_for_publishing`] through a blocking client (see
+    /// [`Outbox::save_for_publishing_blocking`]).
+    #[cfg(feature = "diesel")]
+    pub fn save_all_for_publishing_blocking(
+        &self,
+        tx: impl BlockingClientTransaction,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Vec<Sequence>, Error> {
+        let messages = self.prepare_all(messages)?;
+        if messages.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(sequences)
+        all_saved(&messages, tx.insert_many(&self.statements, &messages)?)
     }
 }
 
 impl Outbox {
-    /// The message, with the current trace context if this outbox saves it.
-    fn with_current_trace(&self, message: Message) -> Message {
+    /// The message as saved (with the current trace context if this outbox saves it), if it is
+    /// valid.
+    fn prepare(&self, message: Message) -> Result<Message, Error> {
         #[cfg(feature = "otel")]
-        if self.trace_context {
-            return message.with_trace_context(&opentelemetry::Context::current());
-        }
-        message
+        let message = match self.trace_context {
+            true => message.with_trace_context(&opentelemetry::Context::current()),
+            false => message,
+        };
+        message.validate(self.max_message_bytes)?;
+        Ok(message)
+    }
+
+    /// The messages as saved, if every one is valid.
+    fn prepare_all(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Vec<Message>, Error> {
+        messages.into_iter().map(|m| self.prepare(m)).collect()
+    }
+}
+
+/// `sequences` of the rows a batch insert returned, if it saved every one of `messages`: fewer
+/// rows than messages means a trigger suppressed some, whatever the client.
+fn all_saved(messages: &[Message], sequences: Vec<Sequence>) -> Result<Vec<Sequence>, Error> {
+    match sequences.len() == messages.len() {
+        true => Ok(sequences),
+        false => Err(Error::NotSaved),
     }
 }
 

@@ -1,35 +1,20 @@
 //! diesel-async: the writer's statements on the caller's `AsyncPgConnection`, inside its
-//! `transaction(..)` (or between `begin_test_transaction` and its end).
-//!
-//! diesel has no transaction type: the connection is in a transaction or not. A connection
-//! that is not is refused ([`Error::NotInTransaction`]), before anything is written, since the
-//! message would commit at once, apart from the business data.
+//! `transaction(..)` (or between `begin_test_transaction` and its end). The statements and the
+//! transaction check are diesel's (see the `diesel` module).
 
-use diesel::sql_types::{Array, BigInt, Bytea, Jsonb, Nullable, Text};
-use diesel::QueryableByName;
 use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
 
+use super::diesel::{in_transaction, insert_many, insert_one, Id};
 use super::{sealed, ClientTransaction, Columns, Row, Statements};
 use crate::error::Error;
 use crate::message::Message;
 
 impl ClientTransaction for &mut AsyncPgConnection {}
 
-#[derive(QueryableByName)]
-struct Id {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-}
-
 impl sealed::Sealed for &mut AsyncPgConnection {
     async fn insert_one(self, statements: &Statements, message: &Message) -> Result<i64, Error> {
-        in_transaction(self)?;
-        let row = Row::new(message);
-        let ids: Vec<Id> = diesel::sql_query(&statements.insert_one)
-            .bind::<Text, _>(row.topic)
-            .bind::<Nullable<Bytea>, _>(row.key)
-            .bind::<Nullable<Bytea>, _>(row.payload)
-            .bind::<Nullable<Jsonb>, _>(row.headers)
+        in_transaction(AnsiTransactionManager::transaction_manager_status_mut(self))?;
+        let ids: Vec<Id> = insert_one(statements, Row::new(message))
             .load(self)
             .await
             .map_err(Error::Diesel)?;
@@ -44,28 +29,11 @@ impl sealed::Sealed for &mut AsyncPgConnection {
         statements: &Statements,
         messages: &[Message],
     ) -> Result<Vec<i64>, Error> {
-        in_transaction(self)?;
-        let columns = Columns::new(messages);
-        let ids: Vec<Id> = diesel::sql_query(&statements.insert_many)
-            .bind::<Array<Text>, _>(columns.topics)
-            .bind::<Array<Nullable<Bytea>>, _>(columns.keys)
-            .bind::<Array<Nullable<Bytea>>, _>(columns.payloads)
-            .bind::<Array<Nullable<Jsonb>>, _>(columns.headers)
+        in_transaction(AnsiTransactionManager::transaction_manager_status_mut(self))?;
+        let ids: Vec<Id> = insert_many(statements, Columns::new(messages))
             .load(self)
             .await
             .map_err(Error::Diesel)?;
         Ok(ids.into_iter().map(|row| row.id).collect())
-    }
-}
-
-/// Refuses a connection outside a transaction, as diesel counts them. (A commit cancelled
-/// after it was sent leaves diesel's count at 1 with the transaction gone: diesel marks the
-/// connection broken, and pools discard it, but the mark is not public, so a save on such a
-/// connection itself would commit alone.)
-fn in_transaction(conn: &mut AsyncPgConnection) -> Result<(), Error> {
-    match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(Error::NotInTransaction),
-        Err(error) => Err(Error::Diesel(error)),
     }
 }

@@ -18,6 +18,8 @@ use crate::headers::encode_stored;
 use crate::message::Message;
 use crate::schema::SchemaName;
 
+#[cfg(any(feature = "diesel", feature = "diesel-async"))]
+mod diesel;
 #[cfg(feature = "diesel-async")]
 mod diesel_async;
 #[cfg(feature = "sea-orm")]
@@ -37,6 +39,9 @@ pub(crate) mod tokio_postgres;
 /// | SeaORM (feature `sea-orm`, PostgreSQL) | `&sea_orm::DatabaseTransaction` |
 /// | diesel-async (feature `diesel-async`) | `&mut AsyncPgConnection`, inside its `transaction(..)`; outside one it is refused |
 ///
+/// diesel's blocking `PgConnection` saves with the `_blocking` methods
+/// ([`BlockingClientTransaction`], feature `diesel`).
+///
 /// A tokio-postgres transaction is taken by shared reference, so the save can run beside the
 /// service's own statement and share its round trip (see
 /// [`Outbox::save_for_publishing`](crate::Outbox::save_for_publishing)).
@@ -49,6 +54,37 @@ pub(crate) mod tokio_postgres;
     note = "pass `&mut tx` for a `sqlx::Transaction` (`&mut *tx` if you hold a `&mut Transaction`), `&tx` for a `tokio_postgres::Transaction` (`&*tx` for deadpool-postgres), `&tx` for a `sea_orm::DatabaseTransaction`, `conn` (a `&mut AsyncPgConnection`) inside diesel-async's `transaction(..)`; pools and clients are refused: the message must commit with the business data"
 )]
 pub trait ClientTransaction: Send + sealed::Sealed {}
+
+/// A transaction of a blocking PostgreSQL client library that [`Outbox`](crate::Outbox) saves
+/// messages in, with [`Outbox::save_for_publishing_blocking`](crate::Outbox::save_for_publishing_blocking):
+///
+/// | library | argument |
+/// |---|---|
+/// | diesel (feature `diesel`) | `&mut PgConnection`, inside its `transaction(..)`; outside one it is refused |
+///
+/// Sealed, like [`ClientTransaction`].
+#[cfg(feature = "diesel")]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a blocking transaction the outbox can save in",
+    note = "pass `conn` (a `&mut diesel::PgConnection`) inside diesel's `transaction(..)`; for async clients use `save_for_publishing`"
+)]
+pub trait BlockingClientTransaction: blocking::Sealed {}
+
+#[cfg(feature = "diesel")]
+pub(crate) mod blocking {
+    use super::*;
+
+    /// What the writer needs of a blocking client (see [`super::sealed::Sealed`]).
+    pub trait Sealed {
+        fn insert_one(self, statements: &Statements, message: &Message) -> Result<i64, Error>;
+
+        fn insert_many(
+            self,
+            statements: &Statements,
+            messages: &[Message],
+        ) -> Result<Vec<i64>, Error>;
+    }
+}
 
 pub(crate) mod sealed {
     use super::*;
