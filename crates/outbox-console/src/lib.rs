@@ -720,7 +720,7 @@ async fn act_on_dead_letters(
             .await
             .map_err(db)?;
         tx.commit().await.map_err(|e| ctx.database(e))?;
-        tracing::info!(%who, action = "retry dead letters", %target, count = requeued.len(), "console write");
+        tracing::info!(%who, action = "retry dead letters", %target, count = requeued.len(), sequences = ?requeued, "console write");
         format!("Requeued {} dead letter(s) with their original sequences; the relay publishes them next.", requeued.len())
     } else {
         let dropped = shared
@@ -755,6 +755,10 @@ async fn republish_filter(
     tx: &mut Transaction<'static, Postgres>,
     fields: &Fields,
 ) -> Result<RepublishFilter, Refusal> {
+    // PostgreSQL's text cannot hold NUL: refused here, not by the database.
+    if let Some((name, _)) = fields.iter().find(|(_, v)| v.contains('\0')) {
+        return Err(ctx.bad_input(&format!("{name}: text with a NUL character")));
+    }
     let field = |name: &str| fields.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
     let id = |name: &str| {
         field(name)

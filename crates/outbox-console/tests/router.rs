@@ -374,6 +374,10 @@ async fn bad_input_is_a_400_naming_what_was_typed() {
             "since: &quot;last tuesday&quot; is not a timestamp",
         ),
         (
+            get("/republish?preview=1&topic=or%00ders", &[]),
+            "topic: text with a NUL character",
+        ),
+        (
             post(
                 "/dead-letters/retry",
                 "id=seven&confirm=yes",
