@@ -245,15 +245,26 @@ fn a_transactional_id_set_by_hand_is_refused() {
 /// published once and in order, its later ones wait, other keys flow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_record_holds_its_key_and_nothing_overtakes_it() {
+    refused_record_holds_its_key(None).await;
+}
+
+/// The same drained in batches of two: many transactions of several claims each; the refused
+/// record's key's next messages, claimed in the same transaction or the next, must not go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_holds_its_key_across_transactions_of_a_backlog() {
+    refused_record_holds_its_key(Some(2)).await;
+}
+
+async fn refused_record_holds_its_key(batch_size: Option<usize>) {
     let outbox = TestOutbox::new().await;
     let topic = unique_topic("eos-oversized-block");
     let progress = unique_topic("eos-progress");
     let (sequences, oversized) = oversized_backlog(&outbox, &topic).await;
-    let relay = Relay::start(
-        outbox.pool.clone(),
-        config(&outbox, Delivery::ExactlyOnce, &progress),
-    )
-    .unwrap();
+    let mut config = config(&outbox, Delivery::ExactlyOnce, &progress);
+    if let Some(batch_size) = batch_size {
+        config.batch_size = batch_size;
+    }
+    let relay = Relay::start(outbox.pool.clone(), config).unwrap();
     // Small message i (key k{i % 4}) sits at index i, or i + 1 after the oversized one.
     let expected: Vec<i64> = (0..20)
         .filter(|i| !(*i >= 10 && i % 4 == 2))
