@@ -234,7 +234,7 @@ impl Outbox {
     ///
     /// ```no_run
     /// # fn f(outbox: &outbox::Outbox, conn: &mut diesel::PgConnection) -> Result<(), Box<dyn std::error::Error>> {
-    /// use diesel::Connection;
+    /// use diesel::{Connection, RunQueryDsl};
     /// conn.transaction(|conn| {
     ///     diesel::sql_query("INSERT INTO thing (id) VALUES (42)").execute(conn)?;
     ///     let event = outbox::Message::new("things", br#"{"id":42}"#.to_vec()).key("42");

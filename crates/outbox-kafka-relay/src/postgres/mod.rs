@@ -36,6 +36,10 @@ pub(crate) struct PendingMessage {
     pub(crate) age: Duration,
     /// Failed delivery attempts so far.
     pub(crate) attempts: i32,
+    /// Held after a failed delivery and due again (`retry_at` set): what the claim's `$14`
+    /// leaves out, and exactly-once sends in transactions apart. Not `attempts > 0`: a dead
+    /// letter put back keeps its attempts with no hold, and is a new message to every claim.
+    pub(crate) due_retry: bool,
     /// Why the stored row cannot be published as it is (headers of another shape, or naming a
     /// header the relay sets): a row written by a raw INSERT. The relay never sends it; it
     /// treats it as a permanent failure of this message alone.
@@ -281,6 +285,7 @@ const IN_IDS: &str = "id >= lower((SELECT $1::text::int8multirange))
 /// instead, as it did per candidate with statistics taken while they were due (claims of 318 ms
 /// instead of 5).
 const CANDIDATE: &str = "id, topic, key, payload, headers, attempts,
+        m.retry_at IS NOT NULL AS due_retry,
         CASE WHEN isfinite(created_at)
              THEN (least(greatest(date_part('epoch', now() - created_at), 0), 1e9) * 1000000)::bigint
              ELSE 0 END AS age_us,
@@ -616,7 +621,7 @@ impl Statements {
         SELECT EXISTS (SELECT 1 FROM {schema}.message
                         WHERE retry_at IS NOT NULL
                           AND (retry_at > now() OR $14)) AS yes)
-    SELECT id, topic, key, payload, headers, attempts, age_us,
+    SELECT id, topic, key, payload, headers, attempts, due_retry, age_us,
            (SELECT floor FROM horizon) AS floor, (SELECT last_id FROM horizon) AS last_id,
            (SELECT xmin FROM horizon) AS xmin, (SELECT wal_lsn FROM horizon) AS wal_lsn
       FROM (SELECT c.*, sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - size AS before
@@ -690,6 +695,7 @@ impl Statements {
                     headers,
                     age: Duration::from_micros(age_us.max(0) as u64),
                     attempts: row.try_get("attempts")?,
+                    due_retry: row.try_get("due_retry")?,
                     invalid,
                 })
             })
