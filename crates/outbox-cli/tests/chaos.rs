@@ -1215,30 +1215,9 @@ fn mode(delivery: Delivery) -> &'static str {
     }
 }
 
-/// Each scenario at least once (duplicates allowed, and counted) and exactly once (none allowed,
-/// read with `isolation.level=read_committed`).
-macro_rules! in_both_modes {
-    ($($scenario:ident),* $(,)?) => {
-        mod at_least_once {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(outbox_kafka_relay::Delivery::AtLeastOnce).await
-                }
-            )*
-        }
-        mod exactly_once {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(outbox_kafka_relay::Delivery::ExactlyOnce).await
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
+// Each scenario at least once (duplicates allowed, and counted) and exactly once (none allowed,
+// read with `isolation.level=read_committed`).
+outbox_test_support::in_both_modes!(
     relay_process_sigkilled_twenty_times_mid_stream,
     kafka_broker_killed_and_restarted_mid_stream,
     relay_database_connections_terminated_repeatedly,

@@ -748,6 +748,22 @@ const FILTER_FIELDS: [(&str, &str); 6] = [
     ("until", "Created until"),
 ];
 
+/// The filter the fields describe, and how many published messages it matches now.
+async fn republish_matches(
+    shared: &Shared,
+    ctx: &Ctx,
+    fields: &Fields,
+) -> Result<(RepublishFilter, i64), Refusal> {
+    let mut tx = begin(shared, ctx).await?;
+    let filter = republish_filter(ctx, &shared.admin, &mut tx, fields).await?;
+    let count = shared
+        .admin
+        .republish_count(&mut tx, &filter)
+        .await
+        .map_err(|e| ctx.database(e))?;
+    Ok((filter, count))
+}
+
 /// The filter the fields describe; empty fields match everything.
 async fn republish_filter(
     ctx: &Ctx,
@@ -825,14 +841,7 @@ async fn republish_preview(
         filter_inputs(&fields, "text")
     );
     if fields.contains_key("preview") {
-        let mut tx = begin(&shared, &ctx).await?;
-        let filter = republish_filter(&ctx, &shared.admin, &mut tx, &fields).await?;
-        let count = shared
-            .admin
-            .republish_count(&mut tx, &filter)
-            .await
-            .map_err(|e| ctx.database(e))?;
-        drop(tx);
+        let (_, count) = republish_matches(&shared, &ctx, &fields).await?;
         let _ = write!(
             body,
             "<h2>Preview</h2><p id=\"count\">{count} published messages match.</p>"
@@ -866,14 +875,7 @@ async fn republish(
 ) -> Reply {
     let who = ctx.authorize(&shared, &fields)?;
     confirmed(&ctx, &fields)?;
-    let mut tx = begin(&shared, &ctx).await?;
-    let filter = republish_filter(&ctx, &shared.admin, &mut tx, &fields).await?;
-    let count = shared
-        .admin
-        .republish_count(&mut tx, &filter)
-        .await
-        .map_err(|e| ctx.database(e))?;
-    drop(tx);
+    let (filter, count) = republish_matches(&shared, &ctx, &fields).await?;
     // What was confirmed is the preview's count: a filter that matches another number now (new
     // messages in a time window left open, say) is previewed again.
     let expected = fields.get("expected").map_or("", |v| v.trim());

@@ -255,30 +255,9 @@ async fn dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_publis
     outbox.drop_schema().await;
 }
 
-/// Each scenario at least once, and exactly once (a consumer reading with read_committed,
-/// librdkafka's default: it sees no duplicate).
-macro_rules! in_both_modes {
-    ($($scenario:ident),* $(,)?) => {
-        mod at_least_once {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(outbox_kafka_relay::Delivery::AtLeastOnce).await
-                }
-            )*
-        }
-        mod exactly_once {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(outbox_kafka_relay::Delivery::ExactlyOnce).await
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
+// Each scenario at least once, and exactly once (a consumer reading with read_committed,
+// librdkafka's default: it sees no duplicate).
+outbox_test_support::in_both_modes!(
     block_policy_holds_the_key_while_others_flow_and_resumes_in_order_once_fixed,
     block_policy_holds_the_key_across_batches_of_a_backlog,
     dead_letter_policy_moves_the_message_aside_and_a_requeued_one_is_published,

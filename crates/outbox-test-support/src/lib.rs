@@ -457,3 +457,27 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Declares each scenario `async fn(Delivery)` given as a test in two modules, `at_least_once` and
+/// `exactly_once`, run with `outbox_kafka_relay::Delivery` (a path the calling crate resolves).
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod at_least_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::AtLeastOnce).await
+                }
+            )*
+        }
+        mod exactly_once {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(outbox_kafka_relay::Delivery::ExactlyOnce).await
+                }
+            )*
+        }
+    };
+}
