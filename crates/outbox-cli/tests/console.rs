@@ -222,8 +222,11 @@ async fn an_operator_sees_a_blocked_key_and_retries_a_dead_letter_into_kafka() {
         .click()
         .await
         .unwrap();
+    // A form's submission returns before the next page has loaded: wait for it.
     if client
-        .find(Locator::Css("header form button"))
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("header form button"))
         .await
         .is_err()
     {
@@ -261,24 +264,10 @@ async fn an_operator_sees_a_blocked_key_and_retries_a_dead_letter_into_kafka() {
         .click()
         .await
         .unwrap();
-    client
-        .find(Locator::Id("confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    client
-        .find(Locator::Id("do"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let result = client
-        .find(Locator::Id("result"))
-        .await
-        .expect("the action's result");
+    let next = |id| client.wait().at_most(WAIT).for_element(Locator::Id(id));
+    next("confirm").await.unwrap().click().await.unwrap();
+    next("do").await.unwrap().click().await.unwrap();
+    let result = next("result").await.expect("the action's result");
     let result = result.text().await.unwrap();
     assert!(result.contains("Requeued 1 dead letter"), "{result}");
 
