@@ -350,6 +350,18 @@ impl RelayConfig {
             ));
         }
         if self.delivery == Delivery::ExactlyOnce {
+            // A transaction's progress record names its ids as ranges, one per id at worst: a
+            // batch must fit in a record Kafka takes (see `exactly_once::MAX_RANGES`).
+            if self.batch_size > crate::exactly_once::MAX_RANGES {
+                return Err(InvalidConfig::new(
+                    "batch_size",
+                    format!(
+                        "must be at most {} with delivery = \"exactly-once\" (found {})",
+                        crate::exactly_once::MAX_RANGES,
+                        self.batch_size
+                    ),
+                ));
+            }
             let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
             let topic = &self.progress_topic;
             if topic.is_empty()

@@ -122,6 +122,11 @@ impl Progress {
         self.ranges.is_empty()
     }
 
+    /// How many ranges name `ids` (sorted or not).
+    pub(crate) fn ranges_of(ids: &[i64]) -> usize {
+        Progress::new(0, ids).ranges.len()
+    }
+
     pub(crate) fn ids(&self) -> Vec<i64> {
         self.ranges
             .iter()
@@ -152,6 +157,11 @@ impl Progress {
 }
 
 const MAX_IDS: i64 = 1_000_000;
+/// The most id ranges a progress record names: at ~44 bytes a range at worst (two 19-digit ids),
+/// ~440 KB, under librdkafka's default `message.max.bytes` (1,000,000) with room to spare. A
+/// transaction adds no claim that could pass it (ids fragmented by held keys can make every id
+/// a range of its own), and `batch_size` is bounded by it in this mode.
+pub(crate) const MAX_RANGES: usize = 10_000;
 /// Batch numbers count transactions: a record beyond this is not the relay's (and would
 /// overflow the count).
 const MAX_BATCH: i64 = 1 << 62;
@@ -318,6 +328,19 @@ mod tests {
             assert_eq!(Progress::decode(hostile.as_bytes()), None, "{hostile}");
         }
         assert_eq!(Progress::new(1, &[]).ids(), Vec::<i64>::new());
+    }
+
+    /// The worst case: every id a range of its own, ids of 19 digits.
+    #[test]
+    fn the_most_ranges_fit_in_a_record_kafka_takes() {
+        let ids: Vec<i64> = (0..MAX_RANGES as i64).map(|i| i64::MAX - 2 * i).collect();
+        let progress = Progress::new(i64::MAX / 4, &ids);
+        assert_eq!(Progress::ranges_of(&ids), MAX_RANGES);
+        assert!(
+            progress.encode().len() < 500_000,
+            "{}",
+            progress.encode().len()
+        );
     }
 }
 
@@ -773,6 +796,8 @@ impl Pipeline {
         // only once the transaction ends: a claim before that would take its key's next ones.
         while self.backlog
             && !self.in_flight.any_failed()
+            && Progress::ranges_of(&self.in_flight.awaited_ids()) + self.config.batch_size
+                <= MAX_RANGES
             && self.config.wait_for_standbys == 0
             && self.in_flight.len() < max_messages
             && self.in_flight.bytes() < max_bytes

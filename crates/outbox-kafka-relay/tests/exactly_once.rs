@@ -239,6 +239,15 @@ fn a_transactional_id_set_by_hand_is_refused() {
     let error = config.validate().unwrap_err();
     assert_eq!(error.key, "progress_topic");
     assert!(error.to_string().contains("no spaces"), "{error}");
+    // A batch's ids must fit in one progress record.
+    let mut config = RelayConfig::new("localhost:9092", "svc");
+    config.delivery = Delivery::ExactlyOnce;
+    config.batch_size = 20_000;
+    let error = config.validate().unwrap_err();
+    assert_eq!(error.key, "batch_size");
+    assert!(error.to_string().contains("20000"), "{error}");
+    config.delivery = Delivery::AtLeastOnce;
+    assert!(config.validate().is_ok());
 }
 
 /// Under the block policy the refused record holds its key: the key's earlier messages are
