@@ -963,11 +963,19 @@ async fn login(State(shared): State<Arc<Shared>>, ctx: Ctx, Form(fields): Form<F
         let page = ctx.layout().page("Log in", &body);
         return Err(Refusal(Box::new(respond(StatusCode::UNAUTHORIZED, page))));
     }
+    // The browser's previous session, if any, ends: one session per browser.
+    writes.sessions.end(&ctx.headers);
     let (id, session) = writes.sessions.start();
     tracing::info!(peer = %ctx.peer(), session = %session.label, "console: logged in");
     let path = if ctx.base.is_empty() { "/" } else { &ctx.base };
+    // Behind a proxy that terminates TLS, the cookie is for HTTPS only. (A client that sends the
+    // header itself only makes its own cookie stricter.)
+    let secure = match ctx.headers.get("x-forwarded-proto") {
+        Some(proto) if proto.as_bytes().eq_ignore_ascii_case(b"https") => "; Secure",
+        _ => "",
+    };
     let cookie = format!(
-        "{}={id}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{}={id}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         auth::COOKIE_NAME,
         auth::SESSION_TTL.as_secs()
     );

@@ -588,3 +588,38 @@ async fn infinite_times_written_by_hand_do_not_break_a_page() {
     }
     outbox.drop_schema().await;
 }
+
+/// A new login ends the browser's previous session; behind a TLS-terminating proxy the cookie is
+/// for HTTPS only.
+#[tokio::test]
+async fn a_new_login_ends_the_previous_session_and_https_cookies_are_secure() {
+    let outbox = TestOutbox::new().await;
+    dead_letter(&outbox, 7).await;
+    let app = console(&outbox, true);
+    let (cookie, csrf) = log_in(&app).await;
+    let again = send(
+        &app,
+        post(
+            "/login",
+            &format!("token={TOKEN}"),
+            &[("cookie", cookie.as_str()), ("x-forwarded-proto", "https")],
+        ),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER, "{}", again.body);
+    let set_cookie = again.headers[header::SET_COOKIE].to_str().unwrap();
+    assert!(set_cookie.contains("; Secure"), "{set_cookie}");
+    let form = format!("id=7&confirm=yes&csrf={csrf}");
+    let old = send(
+        &app,
+        post("/dead-letters/drop", &form, &[("cookie", cookie.as_str())]),
+    )
+    .await;
+    assert_eq!(
+        old.status,
+        StatusCode::UNAUTHORIZED,
+        "the old session ended"
+    );
+    assert_eq!(count(&outbox, "dead_letter").await, 1);
+    outbox.drop_schema().await;
+}
