@@ -888,14 +888,12 @@ fn key_text(key: Option<&[u8]>) -> Option<String> {
 }
 
 /// `text` safe to print on a terminal: control characters (escape sequences could clear the
-/// screen or forge lines) and bidirectional overrides (which reorder what is shown) are escaped
+/// screen or forge lines) and invisible formatting (bidirectional overrides reorder what is
+/// shown, zero-width characters hide), see [`outbox::admin::is_invisible_format`], are escaped
 /// as `\u{..}`. Any SQL writer can store keys, topics and errors; JSON output is escaped by the
 /// serializer instead.
 fn printable(text: &str) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
+    let unsafe_char = |c: char| c.is_control() || outbox::admin::is_invisible_format(c);
     if !text.contains(unsafe_char) {
         return Cow::Borrowed(text);
     }
@@ -921,6 +919,7 @@ mod tests {
             printable("\x1b[2Jok\r\u{202e}\u{9b}"),
             "\\u{1b}[2Jok\\u{d}\\u{202e}\\u{9b}"
         );
+        assert_eq!(printable("a\u{200b}b"), "a\\u{200b}b");
     }
 
     #[test]

@@ -26,9 +26,10 @@ pub(crate) fn text(value: &str) -> String {
     out
 }
 
+/// Control characters but line breaks and tabs (payloads show in `<pre>`), and the invisible
+/// ones that reorder or hide text.
 fn hidden(c: char) -> bool {
-    (c.is_control() && c != '\n' && c != '\t')
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+    (c.is_control() && c != '\n' && c != '\t') || outbox::admin::is_invisible_format(c)
 }
 
 /// A key or other short bytes: as text when they are UTF-8, else as hex (marked so).

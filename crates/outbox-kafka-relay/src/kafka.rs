@@ -580,21 +580,22 @@ impl Publisher {
                 in_flight.push(message, claimed_at, sent);
                 continue;
             }
+            // Exactly once: to go in a transaction of its own (see the function's docs).
+            let set_aside = may_be_too_large && !own_transaction;
             let sent = if unlisted && !probe {
                 Err(DeliveryError::UnknownTopic(message.topic.clone()))
             } else if let Some(partition) = topic.no_leader {
                 Err(DeliveryError::NoLeader(message.topic.clone(), partition))
-            } else if may_be_too_large && !own_transaction {
-                // Refused with a request, so sent again alone (`InFlight::take_settled`).
+            } else if set_aside {
+                // As if refused with a request, so sent again alone (`InFlight::take_settled`).
                 Err(DeliveryError::Kafka(KafkaError::MessageProduction(
                     RDKafkaErrorCode::MessageSizeTooLarge,
                 )))
             } else {
                 send_with(&self.producer, &self.source, &message, topic.partition).await
             };
-            // A record refused at once is refused for itself (`alone`), not for a request,
-            // but for a suspect set aside.
-            let set_aside = may_be_too_large && !own_transaction;
+            // A record refused at once is refused for itself (`alone`), not for a request, but
+            // for one set aside. (Only a refusal shared by a request reads `alone`.)
             let sent = match sent {
                 Ok(delivery) => Sent {
                     outcome: Outcome::InFlight(delivery),

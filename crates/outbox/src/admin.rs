@@ -17,6 +17,22 @@ use crate::error::Error;
 use crate::schema::SchemaName;
 use crate::writer::Sequence;
 
+/// Whether `c` changes how the text around it reads without showing itself: bidirectional
+/// marks and overrides, zero-width characters. What shows stored keys, topics and errors (any SQL
+/// writer chose them) escapes these, and control characters: the `outbox` command and the
+/// console both.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
 /// Operator statements on one outbox schema.
 ///
 /// ```no_run
@@ -146,14 +162,10 @@ pub struct DeadLetterPreview {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PublishedInterval {
-    /// How long ago the interval ended.
-    pub ended: Duration,
     /// Messages completed in it.
     pub published: i64,
     /// Their mean time from insert to completion (`None`: none published).
     pub mean_lag: Option<Duration>,
-    /// The longest of those times.
-    pub max_lag: Option<Duration>,
 }
 
 /// Which published messages to publish again. Unset fields match everything.
@@ -365,8 +377,7 @@ const PUBLISH_HISTORY: &str = "WITH bounds AS (
            FROM {schema}.published
           WHERE processed_at > now() - $1 * $2 * interval '1 microsecond'
             AND isfinite(created_at))
- SELECT ($1 - 1 - b.n)::bigint, count(d.processed_at),
-        (avg(d.lag) * 1000000)::bigint, (max(d.lag) * 1000000)::bigint
+ SELECT count(d.processed_at), (avg(d.lag) * 1000000)::bigint
    FROM bounds b
    LEFT JOIN done d ON d.processed_at > b.starts AND d.processed_at <= b.starts + $2 * interval '1 microsecond'
   GROUP BY b.n ORDER BY b.n";
@@ -637,7 +648,7 @@ impl Admin {
         intervals: u32,
         length: Duration,
     ) -> Result<Vec<PublishedInterval>, Error> {
-        let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> = sqlx::query_as(&self.publish_history)
+        let rows: Vec<(i64, Option<i64>)> = sqlx::query_as(&self.publish_history)
             .bind(i64::from(intervals.max(1)))
             .bind(micros(length).max(1))
             .persistent(self.persistent)
@@ -645,11 +656,9 @@ impl Admin {
             .await?;
         Ok(rows
             .into_iter()
-            .map(|(ago, published, mean_us, max_us)| PublishedInterval {
-                ended: length * u32::try_from(ago.max(0)).unwrap_or(0),
+            .map(|(published, mean_us)| PublishedInterval {
                 published,
                 mean_lag: mean_us.map(duration_us),
-                max_lag: max_us.map(duration_us),
             })
             .collect())
     }
