@@ -131,6 +131,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "0016_cheaper_topic_check.sql",
         "the topic check without a counted repetition"
     ),
+    migration!(
+        17,
+        "0017_topic_domain.sql",
+        "the topic check as a domain, planned once per session"
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -138,7 +143,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The version a new schema is created at: `migrations/baseline.sql` builds what migrations 1 to
 /// this one build.
-pub const BASELINE_VERSION: i32 = 16;
+pub const BASELINE_VERSION: i32 = 17;
 
 const BASELINE: &str = include_str!("migrations/baseline.sql");
 
