@@ -715,6 +715,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
                         serde_json::json!({
                             "sequence": d.id, "topic": d.topic,
                             "key": d.key.as_deref().map(String::from_utf8_lossy),
+                            "key_cut": d.key_cut,
                             "attempts": d.attempts, "error": d.error,
                             "age_ms": d.age.as_millis() as u64,
                         })
@@ -729,7 +730,7 @@ async fn dead_letters(settings: &Settings, action: DeadLetterAction) -> Result<(
                         "sequence {} topic {} key {} attempts {} ({:.0}s ago): {}",
                         d.id,
                         printable(&d.topic),
-                        key_text(d.key.as_deref()).unwrap_or_else(|| "-".into()),
+                        key_text(d.key.as_deref(), d.key_cut),
                         d.attempts,
                         d.age.as_secs_f64(),
                         printable(&d.error)
@@ -807,7 +808,8 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             "held": backlog.held,
             "dead_letters": backlog.dead_letters,
             "blocked_keys": held.iter().map(|h| serde_json::json!({
-                "topic": h.topic, "key": h.key.as_deref().map(String::from_utf8_lossy), "head_sequence": h.head,
+                "topic": h.topic, "key": h.key.as_deref().map(String::from_utf8_lossy),
+                "key_cut": h.key_cut, "head_sequence": h.head,
                 "attempts": h.attempts, "failed_messages": h.failed_messages, "last_error": h.last_error,
             })).collect::<Vec<_>>(),
             "oldest_failure": activity.oldest_failure.as_ref().map(|f| {
@@ -849,7 +851,7 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
             println!(
                 "blocked key:         topic {} key {} at sequence {} ({} attempts): {}",
                 printable(&h.topic),
-                key_text(h.key.as_deref()).unwrap_or_else(|| "-".into()),
+                key_text(h.key.as_deref(), h.key_cut),
                 h.head,
                 h.attempts,
                 printable(h.last_error.as_deref().unwrap_or("-"))
@@ -883,8 +885,20 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
 }
 
 /// A message key for a terminal: UTF-8 (invalid bytes replaced), control characters escaped.
-fn key_text(key: Option<&[u8]>) -> Option<String> {
-    key.map(|k| printable(&String::from_utf8_lossy(k)).into_owned())
+/// A key as listings read it: `-` for none, and "…" after a key cut at
+/// [`outbox::admin::SHOWN_KEY_BYTES`].
+fn key_text(key: Option<&[u8]>, cut: bool) -> String {
+    match key {
+        None => "-".into(),
+        Some(key) => {
+            let text = printable(&String::from_utf8_lossy(key)).into_owned();
+            if cut {
+                text + "…"
+            } else {
+                text
+            }
+        }
+    }
 }
 
 /// `text` safe to print on a terminal: control characters (escape sequences could clear the

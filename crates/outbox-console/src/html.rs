@@ -32,33 +32,27 @@ fn hidden(c: char) -> bool {
     (c.is_control() && c != '\n' && c != '\t') || outbox::admin::is_invisible_format(c)
 }
 
-/// A key or other short bytes: as text when they are UTF-8, else as hex (marked so).
-pub(crate) fn bytes(value: Option<&[u8]>) -> String {
-    match value {
-        None => "<i>none</i>".into(),
-        Some(value) => match std::str::from_utf8(value) {
-            Ok(utf8) => format!("<code>{}</code>", text(utf8)),
-            Err(_) => format!("<code>hex {}</code>", hex(value)),
-        },
-    }
+/// A key as the listings read it: as text when it is UTF-8, else as hex (marked so); a key cut
+/// at `outbox::admin::SHOWN_KEY_BYTES` says so.
+pub(crate) fn key(value: Option<&[u8]>, cut: bool) -> String {
+    let Some(value) = value else {
+        return "<i>none</i>".into();
+    };
+    let body = match utf8(value, cut) {
+        Some(utf8) => text(utf8),
+        None => format!("hex {}", hex(value)),
+    };
+    let cut = if cut { " <small>(cut)</small>" } else { "" };
+    format!("<code>{body}</code>{cut}")
 }
 
 /// A payload preview: `shown` is its first bytes (cut by the database), `size` the whole size.
-/// UTF-8 shows as text (a character cut at the end of the preview is dropped), anything else as
-/// hex.
+/// UTF-8 shows as text, anything else as hex.
 pub(crate) fn payload(shown: Option<&[u8]>, size: i64) -> String {
     let Some(shown) = shown else {
         return "<i>no payload</i>".into();
     };
-    let utf8 = match std::str::from_utf8(shown) {
-        Ok(utf8) => Some(utf8),
-        // Only the last character is incomplete: the cut, not binary data.
-        Err(e) if e.error_len().is_none() && shown.len() as i64 != size => {
-            std::str::from_utf8(&shown[..e.valid_up_to()]).ok()
-        }
-        Err(_) => None,
-    };
-    let body = match utf8 {
+    let body = match utf8(shown, shown.len() as i64 != size) {
         Some(utf8) => text(utf8),
         None => format!("hex {}", hex(shown)),
     };
@@ -68,6 +62,18 @@ pub(crate) fn payload(shown: Option<&[u8]>, size: i64) -> String {
         String::new()
     };
     format!("<pre>{body}</pre>{cut}")
+}
+
+/// `shown` as text if it is UTF-8; when it is the start of something longer (`cut`), a
+/// character cut at its end is dropped: the cut, not binary data.
+fn utf8(shown: &[u8], cut: bool) -> Option<&str> {
+    match std::str::from_utf8(shown) {
+        Ok(utf8) => Some(utf8),
+        Err(e) if cut && e.error_len().is_none() => {
+            std::str::from_utf8(&shown[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
 }
 
 fn hex(value: &[u8]) -> String {
@@ -247,8 +253,14 @@ mod tests {
 
     #[test]
     fn binary_shows_as_hex_and_a_cut_character_is_not_binary() {
-        assert_eq!(bytes(Some(b"\xff\x00<")), "<code>hex ff 00 3c</code>");
-        assert_eq!(bytes(Some(b"<k>")), "<code>&lt;k&gt;</code>");
+        assert_eq!(key(Some(b"\xff\x00<"), false), "<code>hex ff 00 3c</code>");
+        assert_eq!(key(Some(b"<k>"), false), "<code>&lt;k&gt;</code>");
+        // A key cut inside a character, and one that ends with an incomplete one whole.
+        assert_eq!(
+            key(Some(b"caf\xc3"), true),
+            "<code>caf</code> <small>(cut)</small>"
+        );
+        assert_eq!(key(Some(b"caf\xc3"), false), "<code>hex 63 61 66 c3</code>");
         // "é" is two bytes; the preview kept one.
         assert_eq!(
             payload(Some(b"caf\xc3"), 5),

@@ -503,7 +503,7 @@ async fn blocked(State(shared): State<Arc<Shared>>, ctx: Ctx) -> Reply {
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 text(&key.topic),
-                html::bytes(key.key.as_deref()),
+                html::key(key.key.as_deref(), key.key_cut),
                 key.head,
                 key.attempts,
                 key.failed_messages,
@@ -580,7 +580,7 @@ async fn dead_letters(State(shared): State<Arc<Shared>>, ctx: Ctx) -> Reply {
             letter.id,
             letter.id,
             text(&letter.topic),
-            html::bytes(letter.key.as_deref()),
+            html::key(letter.key.as_deref(), letter.key_cut),
             letter.attempts,
             text(&letter.error),
             html::duration(letter.age),
@@ -661,7 +661,7 @@ async fn confirm_dead_letters(
             format!(
                 "dead letter {id} (topic {}, key {}, error {})<br>{}",
                 text(&preview.letter.topic),
-                html::bytes(preview.letter.key.as_deref()),
+                html::key(preview.letter.key.as_deref(), preview.letter.key_cut),
                 text(&preview.letter.error),
                 html::payload(preview.payload.as_deref(), preview.payload_size)
             )

@@ -359,6 +359,60 @@ async fn payload_previews_are_cut_by_the_database() {
     outbox.drop_schema().await;
 }
 
+/// Keys and errors are cut by the database too: any SQL writer can store a key or an error of
+/// megabytes, which the listings, and every page and `outbox status` built on them, read whole.
+#[tokio::test]
+async fn huge_keys_and_errors_are_cut_by_the_database() {
+    use outbox::admin::{SHOWN_ERROR_CHARS, SHOWN_KEY_BYTES};
+    let outbox = TestOutbox::new().await;
+    let schema = &outbox.schema;
+    for insert in [
+        "INSERT INTO {schema}.message (topic, key, payload, attempts, last_error, retry_at)
+         VALUES ('t', convert_to(repeat('k', 5000000), 'UTF8'), 'x', 2, repeat('é', 2000000),
+                 now() + interval '1 hour')",
+        "INSERT INTO {schema}.dead_letter (id, topic, key, payload, created_at, attempts, error)
+         VALUES (1, 't', convert_to(repeat('k', 5000000), 'UTF8'), 'x', now(), 1,
+                 repeat('é', 2000000)),
+                (2, 't', convert_to(repeat('k', 1024), 'UTF8'), 'x', now(), 1, repeat('e', 4096))",
+    ] {
+        sqlx::query(&insert.replace("{schema}", schema.as_str()))
+            .execute(&outbox.pool)
+            .await
+            .unwrap();
+    }
+    let admin = Admin::new(schema);
+    let mut conn = outbox.pool.acquire().await.unwrap();
+    let held = admin.held_keys(&mut conn, 10).await.unwrap();
+    let cut_error = "é".repeat(SHOWN_ERROR_CHARS) + "…";
+    assert_eq!(held[0].key.as_ref().unwrap().len(), SHOWN_KEY_BYTES);
+    assert!(held[0].key_cut);
+    assert_eq!(held[0].last_error.as_deref(), Some(cut_error.as_str()));
+    let failure = admin.activity(&mut conn).await.unwrap().oldest_failure;
+    assert_eq!(failure.unwrap().error, cut_error);
+    let letters = admin.dead_letters(&mut conn, 10).await.unwrap();
+    assert_eq!(letters[0].key.as_ref().unwrap().len(), SHOWN_KEY_BYTES);
+    assert!(letters[0].key_cut);
+    assert_eq!(letters[0].error, cut_error);
+    // Exactly at the limits: whole, not flagged.
+    assert_eq!(letters[1].key.as_ref().unwrap().len(), SHOWN_KEY_BYTES);
+    assert!(!letters[1].key_cut);
+    assert_eq!(letters[1].error, "e".repeat(SHOWN_ERROR_CHARS));
+    drop(conn);
+
+    let app = console(&outbox, false);
+    for uri in ["/", "/blocked", "/dead-letters"] {
+        let page = send(&app, get(uri, &[])).await;
+        assert_eq!(page.status, StatusCode::OK, "{uri}");
+        assert!(
+            page.body.len() < 100_000,
+            "{uri}: {} bytes",
+            page.body.len()
+        );
+    }
+    let blocked = send(&app, get("/blocked", &[])).await.body;
+    assert!(blocked.contains("(cut)"), "{blocked}");
+    outbox.drop_schema().await;
+}
 #[tokio::test]
 async fn bad_input_is_a_400_naming_what_was_typed() {
     let outbox = TestOutbox::new().await;

@@ -102,8 +102,42 @@ pub struct Failure {
     pub sequence: Sequence,
     /// Failed attempts so far.
     pub attempts: i32,
-    /// The last error.
+    /// The last error (cut as [`SHOWN_ERROR_CHARS`] says).
     pub error: String,
+}
+
+/// How much of a key the listings read ([`Admin::held_keys`], [`Admin::dead_letters`],
+/// [`Admin::dead_letter_previews`]): any SQL writer can store a key of up to 1 GB, which would
+/// otherwise be read whole into an operator's terminal or page. A longer key is cut in the
+/// statement and flagged (`key_cut`).
+pub const SHOWN_KEY_BYTES: usize = 1024;
+
+/// How much of an error the listings read, for the same reason: a longer one is cut in the
+/// statement and ends with "…" after this many characters.
+pub const SHOWN_ERROR_CHARS: usize = 4096;
+
+/// What the statements read: one more than is shown, to tell a cut from an exact fit.
+const READ_KEY_BYTES: i32 = SHOWN_KEY_BYTES as i32 + 1;
+const READ_ERROR_CHARS: i32 = SHOWN_ERROR_CHARS as i32 + 1;
+
+/// A key as read: at most [`SHOWN_KEY_BYTES`], and whether it was longer.
+fn shown_key(key: Option<Vec<u8>>) -> (Option<Vec<u8>>, bool) {
+    match key {
+        Some(mut key) if key.len() > SHOWN_KEY_BYTES => {
+            key.truncate(SHOWN_KEY_BYTES);
+            (Some(key), true)
+        }
+        key => (key, false),
+    }
+}
+
+/// An error as read: at most [`SHOWN_ERROR_CHARS`], then "…" if it was longer.
+fn shown_error(mut error: String) -> String {
+    if let Some((end, _)) = error.char_indices().nth(SHOWN_ERROR_CHARS) {
+        error.truncate(end);
+        error.push('…');
+    }
+    error
 }
 
 /// A key whose head message failed and holds back the key's later messages.
@@ -112,15 +146,17 @@ pub struct Failure {
 pub struct HeldKey {
     /// Topic.
     pub topic: String,
-    /// Key (`None`: a single message without key).
+    /// Key (`None`: a single message without key), at most [`SHOWN_KEY_BYTES`] of it.
     pub key: Option<Vec<u8>>,
+    /// The key is longer than [`SHOWN_KEY_BYTES`]: `key` is its start.
+    pub key_cut: bool,
     /// Sequence of the failed head message.
     pub head: Sequence,
     /// Its attempts so far.
     pub attempts: i32,
     /// Pending messages of the key that have failed at least once.
     pub failed_messages: i64,
-    /// The head's last error.
+    /// The head's last error (cut as [`SHOWN_ERROR_CHARS`] says).
     pub last_error: Option<String>,
     /// Time until the head's next attempt (zero: due now).
     pub retry_in: Option<Duration>,
@@ -134,14 +170,39 @@ pub struct DeadLetter {
     pub id: Sequence,
     /// Topic.
     pub topic: String,
-    /// Key.
+    /// Key, at most [`SHOWN_KEY_BYTES`] of it.
     pub key: Option<Vec<u8>>,
+    /// The key is longer than [`SHOWN_KEY_BYTES`]: `key` is its start.
+    pub key_cut: bool,
     /// Delivery attempts.
     pub attempts: i32,
-    /// The permanent error.
+    /// The permanent error (cut as [`SHOWN_ERROR_CHARS`] says).
     pub error: String,
     /// Time since it was dead-lettered.
     pub age: Duration,
+}
+
+impl DeadLetter {
+    /// From a listing's row: key and error as read, the age in milliseconds.
+    fn new(
+        id: Sequence,
+        topic: String,
+        key: Option<Vec<u8>>,
+        attempts: i32,
+        error: String,
+        age_ms: i64,
+    ) -> Self {
+        let (key, key_cut) = shown_key(key);
+        DeadLetter {
+            id,
+            topic,
+            key,
+            key_cut,
+            attempts,
+            error: shown_error(error),
+            age: Duration::from_millis(age_ms.max(0) as u64),
+        }
+    }
 }
 
 /// A dead letter with the start of its payload and headers, for a console's preview.
@@ -273,14 +334,15 @@ const BACKLOG: &str = "SELECT count(*),
 const ACTIVITY: &str = "SELECT (least(extract(epoch FROM now() - (SELECT max(processed_at) FILTER (WHERE isfinite(processed_at))
                                                         FROM {schema}.published)), 1e9) * 1000000)::bigint,
         (SELECT count(*) FROM {schema}.message WHERE attempts > 0),
-        f.id, f.attempts, f.last_error
+        f.id, f.attempts, left(f.last_error, $1)
    FROM (SELECT 1) one
    LEFT JOIN LATERAL (SELECT id, attempts, last_error FROM {schema}.message
                        WHERE attempts > 0
                        ORDER BY id LIMIT 1) f ON true";
 
-const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
-        (SELECT last_error FROM {schema}.message x WHERE x.id = min(h.id)),
+const HELD_KEYS: &str =
+    "SELECT topic, substring(key FROM 1 FOR $2), min(id), max(attempts), count(*),
+        (SELECT left(last_error, $3) FROM {schema}.message x WHERE x.id = min(h.id)),
         (SELECT CASE WHEN isfinite(retry_at)
                      THEN (greatest(least(extract(epoch FROM retry_at - now()), 1e9), -1e9)
                            * 1000000)::bigint END
@@ -291,7 +353,8 @@ const HELD_KEYS: &str = "SELECT topic, key, min(id), max(attempts), count(*),
   ORDER BY min(id)
   LIMIT $1";
 
-const DEAD_LETTERS: &str = "SELECT id, topic, key, attempts, error,
+const DEAD_LETTERS: &str =
+    "SELECT id, topic, substring(key FROM 1 FOR $2), attempts, left(error, $3),
         {dead_for}
    FROM {schema}.dead_letter ORDER BY id LIMIT $1";
 
@@ -356,8 +419,10 @@ const LEASES: &str =
    FROM {schema}.relay_lease ORDER BY name";
 
 // The payload and headers cut in the statement, so a 100 MB payload never leaves the database
-// for a preview; NULL id: all of them.
-const DEAD_LETTER_PREVIEWS: &str = "SELECT id, topic, key, attempts, error,
+// for a preview (keys and errors as in every listing: see `SHOWN_KEY_BYTES`); NULL id: all of
+// them.
+const DEAD_LETTER_PREVIEWS: &str =
+    "SELECT id, topic, substring(key FROM 1 FOR $4), attempts, left(error, $5),
         {dead_for},
         substring(payload FROM 1 FOR $3), coalesce(octet_length(payload), 0)::bigint,
         left(headers::text, $3)
@@ -515,6 +580,7 @@ impl Admin {
     pub async fn activity(&self, conn: &mut PgConnection) -> Result<Activity, Error> {
         type Row = (Option<i64>, i64, Option<i64>, Option<i32>, Option<String>);
         let (since_us, failing, id, attempts, error): Row = sqlx::query_as(&self.activity)
+            .bind(READ_ERROR_CHARS)
             .persistent(self.persistent)
             .fetch_one(conn)
             .await?;
@@ -524,7 +590,7 @@ impl Admin {
             oldest_failure: id.map(|sequence| Failure {
                 sequence,
                 attempts: attempts.unwrap_or(0),
-                error: error.unwrap_or_default(),
+                error: shown_error(error.unwrap_or_default()),
             }),
         })
     }
@@ -546,20 +612,26 @@ impl Admin {
         );
         let rows: Vec<Row> = sqlx::query_as(&self.held_keys)
             .bind(limit)
+            .bind(READ_KEY_BYTES)
+            .bind(READ_ERROR_CHARS)
             .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
         Ok(rows
             .into_iter()
             .map(
-                |(topic, key, head, attempts, failed_messages, last_error, retry_us)| HeldKey {
-                    topic,
-                    key,
-                    head,
-                    attempts,
-                    failed_messages,
-                    last_error,
-                    retry_in: retry_us.map(duration_us),
+                |(topic, key, head, attempts, failed_messages, last_error, retry_us)| {
+                    let (key, key_cut) = shown_key(key);
+                    HeldKey {
+                        topic,
+                        key,
+                        key_cut,
+                        head,
+                        attempts,
+                        failed_messages,
+                        last_error: last_error.map(shown_error),
+                        retry_in: retry_us.map(duration_us),
+                    }
                 },
             )
             .collect())
@@ -574,18 +646,15 @@ impl Admin {
         type Row = (i64, String, Option<Vec<u8>>, i32, String, i64);
         let rows: Vec<Row> = sqlx::query_as(&self.dead_letters)
             .bind(limit)
+            .bind(READ_KEY_BYTES)
+            .bind(READ_ERROR_CHARS)
             .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, topic, key, attempts, error, age_ms)| DeadLetter {
-                id,
-                topic,
-                key,
-                attempts,
-                error,
-                age: Duration::from_millis(age_ms.max(0) as u64),
+            .map(|(id, topic, key, attempts, error, age_ms)| {
+                DeadLetter::new(id, topic, key, attempts, error, age_ms)
             })
             .collect())
     }
@@ -614,6 +683,8 @@ impl Admin {
             .bind(id)
             .bind(limit)
             .bind(preview_bytes.max(0))
+            .bind(READ_KEY_BYTES)
+            .bind(READ_ERROR_CHARS)
             .persistent(self.persistent)
             .fetch_all(conn)
             .await?;
@@ -622,14 +693,7 @@ impl Admin {
             .map(
                 |(id, topic, key, attempts, error, age_ms, payload, payload_size, headers)| {
                     DeadLetterPreview {
-                        letter: DeadLetter {
-                            id,
-                            topic,
-                            key,
-                            attempts,
-                            error,
-                            age: Duration::from_millis(age_ms.max(0) as u64),
-                        },
+                        letter: DeadLetter::new(id, topic, key, attempts, error, age_ms),
                         payload,
                         payload_size,
                         headers,
