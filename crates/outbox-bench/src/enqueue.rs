@@ -11,8 +11,9 @@
 //! thread that runs the writer: a current-thread runtime, so sqlx's work stays on it). Each case
 //! has a connection of its own, warmed up before the rounds; within a round the cases take turns
 //! in short slices, and the ratios to the floor are taken round by round. The outbox table is
-//! emptied between rounds. No relay runs, but the lease table holds a busy relay's lease, so the
-//! insert trigger does what it does beside a relay that is working.
+//! emptied between rounds. No relay runs, but the lease table holds a busy relay's lease and the
+//! busy mark a working relay keeps (migration 0018), so the insert trigger does what it does
+//! beside a relay that is working.
 
 use std::str::FromStr as _;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 
-use crate::util::{key, payload, spinner, Spread};
+use crate::util::{busy_mark, key, payload, spinner, Spread};
 use crate::Ctx;
 
 /// Rows per transaction in the bulk case.
@@ -144,7 +145,9 @@ pub(crate) async fn enqueue(ctx: &Ctx) -> anyhow::Result<()> {
              id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
              topic text NOT NULL, key bytea, payload bytea, headers jsonb);
          INSERT INTO {schema}.relay_lease (name, holder, token, idle, acquired_at, renewed_at, expires_at)
-         VALUES ('bench', 'busy', 1, false, now(), now(), now() + interval '1 day');"
+         VALUES ('bench', 'busy', 1, false, now(), now(), now() + interval '1 day');
+         {BUSY_MARK}",
+        BUSY_MARK = busy_mark(&schema, true)
     ))
     .execute(&ctx.pool)
     .await?;
@@ -468,7 +471,7 @@ fn report(ctx: &Ctx, runs: &[Vec<Run>]) {
             "seconds_per_run": ctx.args.enqueue_seconds,
             "payload_bytes": ctx.args.payload_bytes,
             "headers": null,
-            "lease": "one busy relay (idle = false)",
+            "lease": "one busy relay (idle = false, busy mark set)",
             "cases": details,
         }),
     );

@@ -40,6 +40,14 @@ pub(crate) struct Pipeline {
     pub(crate) health: Arc<Health>,
     /// What this relay last told writers (`relay_lease.idle`): while busy, they skip NOTIFY.
     pub(crate) idle: bool,
+    /// When this relay last set (or, its role lacking the privilege, tried to set) the busy
+    /// mark ahead in this busy spell (migration 0018).
+    pub(crate) busy_marked_at: Option<Instant>,
+    /// The mark may be ahead: a statement set it (even one that failed, as the mark is not
+    /// transactional) and none reset it since.
+    pub(crate) mark_maybe_ahead: bool,
+    /// Warn once when the role may not set the mark.
+    pub(crate) mark_warning: bool,
     /// Consecutive empty claims while idle, for the short grace polls after going idle.
     pub(crate) idle_rounds: u32,
     /// The lease term the flags above belong to.
@@ -126,6 +134,7 @@ impl Pipeline {
                         // Acquiring the lease cleared the idle flag and the claim floor.
                         self.term_token = Some(term.fence.token);
                         self.idle = false;
+                        self.busy_marked_at = None;
                         self.floor = FloorTracker::default();
                         self.claimed_last_id = None;
                     }
@@ -259,7 +268,9 @@ impl Pipeline {
             if self.in_flight.is_empty() {
                 self.health.progress(false);
             }
-            if self.idle {
+            // Idle, unless a failed statement may have left the mark ahead: writers would not
+            // wake us, so going idle again resets it.
+            if self.idle && !self.mark_maybe_ahead {
                 return Step::Idle;
             }
             // Going idle: ask writers to notify, then claim once more, so that a commit that
@@ -276,7 +287,12 @@ impl Pipeline {
                 }
             };
         }
-        if self.idle {
+        // Busy: say so, and keep the mark ahead while it lasts (a third of a lease term before
+        // it would lapse, like the lease's renewal).
+        let mark_due = self
+            .busy_marked_at
+            .is_none_or(|at| at.elapsed() >= self.config.lease_ttl / 3);
+        if self.idle || mark_due {
             if let Err(error) = self.set_idle(term, false).await {
                 tracing::warn!(%error, "cannot update the idle flag");
             }
@@ -425,13 +441,26 @@ impl Pipeline {
     }
 
     async fn set_idle(&mut self, term: &Term, idle: bool) -> Result<(), sqlx::Error> {
+        // The mark changes as the statement runs, committed or not: until a later statement
+        // resets it, it may be ahead, whatever the outcome here.
+        self.mark_maybe_ahead |= !idle;
         let conn = self.session.conn().await?;
         let result = self
             .statements
-            .lease_set_idle(conn, &term.fence, idle)
+            .lease_set_idle(conn, &term.fence, idle, self.config.lease_ttl)
             .await;
-        self.session.checked(result)?;
+        let marked = self.session.checked(result)?;
+        if marked == Some(false) && std::mem::take(&mut self.mark_warning) {
+            tracing::warn!(
+                schema = %self.config.schema,
+                "the relay's role may not update relay_busy_until: writers run the wake-up \
+                 trigger's function at every statement (grant UPDATE on that sequence to the \
+                 relay's role, and to no writer, to spare them)"
+            );
+        }
         self.idle = idle;
+        self.busy_marked_at = (!idle).then(Instant::now);
+        self.mark_maybe_ahead &= !idle;
         Ok(())
     }
 

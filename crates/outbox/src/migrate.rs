@@ -136,6 +136,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "0017_topic_domain.sql",
         "the topic check as a domain, planned once per session"
     ),
+    migration!(
+        18,
+        "0018_busy_mark.sql",
+        "writers skip the wake-up trigger while the relay is busy"
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -143,7 +148,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The version a new schema is created at: `migrations/baseline.sql` builds what migrations 1 to
 /// this one build.
-pub const BASELINE_VERSION: i32 = 17;
+pub const BASELINE_VERSION: i32 = 18;
 
 const BASELINE: &str = include_str!("migrations/baseline.sql");
 

@@ -499,30 +499,50 @@ impl Statements {
         })
     }
 
+    /// With the busy mark (migration 0018), set by the lease holder alone: `$5` milliseconds
+    /// ahead of the database's clock while busy, but never past the end of the term (a successor
+    /// that does not keep the mark, or a relay of another lease name, would otherwise wait
+    /// without wake-ups while it lasts); 0 when going idle. `setval` is not transactional: the
+    /// mark changes at once, before the idle flag commits; writers that meet it reset call the
+    /// trigger's function, which sees the flag once committed, as before the mark existed.
+    /// Without `UPDATE` on the mark, nothing is set and the statement says so (false).
     const LEASE_SET_IDLE: &'static str = "UPDATE {schema}.relay_lease SET idle = $4
-     WHERE name = $1 AND holder = $2 AND token = $3";
+     WHERE name = $1 AND holder = $2 AND token = $3
+    RETURNING CASE WHEN has_sequence_privilege('{schema}.relay_busy_until', 'UPDATE')
+        THEN setval('{schema}.relay_busy_until',
+            CASE WHEN $4 THEN 0
+                 ELSE least((extract(epoch FROM now()) * 1000)::bigint + $5,
+                            (extract(epoch FROM expires_at) * 1000)::bigint) END) >= 0
+        ELSE false END";
 
     /// Tells writers whether this relay waits for work (`true`: they send NOTIFY) or is busy and
-    /// claims again by itself (`false`: they skip the NOTIFY and its commit-time lock).
+    /// claims again by itself (`false`: they skip the NOTIFY and its commit-time lock, and
+    /// the trigger's function too, for `busy_for` or until the term ends). Returns whether the
+    /// busy mark could be set (`None`: the lease is not ours).
     pub(crate) async fn lease_set_idle(
         &self,
         conn: &mut PgConnection,
         fence: &Fence,
         idle: bool,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(&self.lease_set_idle)
+        busy_for: Duration,
+    ) -> Result<Option<bool>, sqlx::Error> {
+        sqlx::query_scalar(&self.lease_set_idle)
             .bind(&fence.lease)
             .bind(&fence.holder)
             .bind(fence.token)
             .bind(idle)
-            .execute(conn)
-            .await?;
-        Ok(())
+            .bind(busy_for.as_millis().min(86_400_000) as i64)
+            .fetch_optional(conn)
+            .await
     }
 
+    /// Also resets the busy mark (migration 0018): the successor takes over at once, and may be
+    /// one that does not keep the mark.
     const LEASE_RELEASE: &'static str =
         "UPDATE {schema}.relay_lease SET expires_at = now(), idle = true
-     WHERE name = $1 AND holder = $2 AND token = $3";
+     WHERE name = $1 AND holder = $2 AND token = $3
+     RETURNING CASE WHEN has_sequence_privilege('{schema}.relay_busy_until', 'UPDATE')
+                    THEN setval('{schema}.relay_busy_until', 0) END";
 
     /// Ends our term now and wakes standbys, so one takes over at once.
     pub(crate) async fn lease_release(

@@ -1,5 +1,5 @@
--- The schema of migrations 0001 to 0017 in one script: a new schema is created by this file alone
--- and recorded at version 17, while schemas made by earlier versions apply the migrations after
+-- The schema of migrations 0001 to 0018 in one script: a new schema is created by this file alone
+-- and recorded at version 18, while schemas made by earlier versions apply the migrations after
 -- theirs. The why of each object is in the migration that made it what it is (named below).
 -- The test `the_baseline_builds_the_schema_the_migrations_build` keeps the two paths equal:
 -- a new migration changes this file too, or runs after it.
@@ -114,8 +114,19 @@ BEGIN
 END
 $$;
 
+-- While the relay holding the lease is busy it keeps `relay_busy_until` ahead of the clock
+-- (milliseconds since the epoch), and writers skip the function: the WHEN clause reads the mark
+-- without a query, and takes the transaction id itself (0018).
+CREATE SEQUENCE {schema}.relay_busy_until AS bigint MINVALUE 0 START 0;
+SELECT setval('{schema}.relay_busy_until', 0, true);
+GRANT SELECT ON SEQUENCE {schema}.relay_busy_until TO PUBLIC;
+
 CREATE TRIGGER message_notify BEFORE INSERT ON {schema}.message
-    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_message();
+    FOR EACH STATEMENT
+    WHEN (CASE WHEN pg_current_xact_id() IS NULL THEN true
+               ELSE coalesce(pg_sequence_last_value('{schema}.relay_busy_until'), 0)
+                    <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint END)
+    EXECUTE FUNCTION {schema}.notify_message();
 
 -- Enqueueing from SQL (0001, 0011, 0013): the header rules, one message, many messages.
 CREATE FUNCTION {schema}.stored_headers(headers jsonb, caller text) RETURNS jsonb
