@@ -696,18 +696,6 @@ async fn a_backlog_without_statistics_is_claimed_without_rereading_it() {
     outbox.drop_schema().await;
 }
 
-/// The busy mark (migration 0018) and how far ahead of the database's clock it is, in ms.
-async fn busy_mark_ahead(outbox: &TestOutbox) -> i64 {
-    sqlx::query_scalar(&format!(
-        "SELECT pg_sequence_last_value('{}.relay_busy_until')
-                - (extract(epoch FROM now()) * 1000)::bigint",
-        outbox.schema
-    ))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap()
-}
-
 /// The relay keeps the busy mark about one lease term ahead while it works, and resets it before
 /// it waits for a wake-up, also when it finds one a predecessor left far ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,13 +703,7 @@ async fn a_busy_relay_keeps_the_busy_mark_ahead_and_resets_it_before_it_waits() 
     let outbox = TestOutbox::new().await;
     let topic = topic(3).await;
     // A predecessor's mark, an hour ahead.
-    sqlx::query(&format!(
-        "SELECT setval('{}.relay_busy_until', (extract(epoch FROM now()) * 1000)::bigint + 3600000)",
-        outbox.schema
-    ))
-    .execute(&outbox.pool)
-    .await
-    .unwrap();
+    outbox.set_busy_mark(Some(3_600_000)).await;
     outbox
         .commit_all(
             (0..20_000)
@@ -734,7 +716,7 @@ async fn a_busy_relay_keeps_the_busy_mark_ahead_and_resets_it_before_it_waits() 
     let relay = Relay::start(outbox.pool.clone(), config.clone()).unwrap();
     let marked_while_busy = std::cell::Cell::new(false);
     wait_until(Duration::from_secs(60), "the backlog drained", || async {
-        let ahead = busy_mark_ahead(&outbox).await;
+        let ahead = outbox.busy_mark_ahead().await;
         if (0..=lease_ttl).contains(&ahead) {
             marked_while_busy.set(true);
         }
@@ -756,7 +738,7 @@ async fn a_busy_relay_keeps_the_busy_mark_ahead_and_resets_it_before_it_waits() 
         .unwrap()
     })
     .await;
-    assert!(busy_mark_ahead(&outbox).await < 0, "reset before it waits");
+    assert!(outbox.busy_mark_ahead().await < 0, "reset before it waits");
     relay.shutdown().await.unwrap();
     outbox.drop_schema().await;
 }

@@ -197,6 +197,34 @@ impl TestOutbox {
         }
     }
 
+    /// How far the busy mark a working relay keeps (migration 0018) is ahead of the database's
+    /// clock, in ms: negative once it has passed or was reset.
+    pub async fn busy_mark_ahead(&self) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT pg_sequence_last_value('{}.relay_busy_until')
+                    - (extract(epoch FROM now()) * 1000)::bigint",
+            self.schema
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .expect("read the busy mark")
+    }
+
+    /// Sets the busy mark `ahead_ms` ahead of the database's clock (negative: passed), or resets
+    /// it (`None`), as a relay would.
+    pub async fn set_busy_mark(&self, ahead_ms: Option<i64>) {
+        sqlx::query(&format!(
+            "SELECT setval('{}.relay_busy_until',
+                    CASE WHEN $1::bigint IS NULL THEN 0
+                         ELSE (extract(epoch FROM now()) * 1000)::bigint + $1 END)",
+            self.schema
+        ))
+        .bind(ahead_ms)
+        .execute(&self.pool)
+        .await
+        .expect("set the busy mark");
+    }
+
     /// Writes the lease row of a relay that holds the lease and, with `idle`, waits for work:
     /// what writers' insert trigger reads to decide whether to wake it. For tests of the write
     /// side without a relay.

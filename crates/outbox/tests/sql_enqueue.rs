@@ -432,21 +432,6 @@ async fn the_message_table_accepts_exactly_kafkas_topic_names() {
     outbox.drop_schema().await;
 }
 
-/// Sets the busy mark a working relay keeps (migration 0018) `ahead_ms` ahead of the database's
-/// clock (negative: passed), or to 0.
-async fn busy_mark(outbox: &TestOutbox, ahead_ms: Option<i64>) {
-    sqlx::query(&format!(
-        "SELECT setval('{}.relay_busy_until',
-                CASE WHEN $1::bigint IS NULL THEN 0
-                     ELSE (extract(epoch FROM now()) * 1000)::bigint + $1 END)",
-        outbox.schema
-    ))
-    .bind(ahead_ms)
-    .execute(&outbox.pool)
-    .await
-    .unwrap();
-}
-
 /// While the busy mark is ahead of the clock, inserts skip the trigger's function: no read of the
 /// lease table, no wake-up (the relay that keeps the mark resets it before it waits). Once the
 /// mark has passed (its relay died) or is reset, inserts look for a waiting relay again.
@@ -457,7 +442,7 @@ async fn inserts_skip_the_trigger_function_while_the_busy_mark_is_ahead() {
     listener.listen(&outbox.schema.channel()).await.unwrap();
     outbox.relay_waits(true).await;
 
-    busy_mark(&outbox, Some(3_600_000)).await;
+    outbox.set_busy_mark(Some(3_600_000)).await;
     let mut tx = outbox.pool.begin().await.unwrap();
     let before = lease_reads(&outbox, &mut tx).await;
     for i in 0..3 {
@@ -475,7 +460,7 @@ async fn inserts_skip_the_trigger_function_while_the_busy_mark_is_ahead() {
     );
 
     for (mark, case) in [(Some(-1_000), "passed"), (None, "reset")] {
-        busy_mark(&outbox, mark).await;
+        outbox.set_busy_mark(mark).await;
         let mut tx = outbox.pool.begin().await.unwrap();
         let before = lease_reads(&outbox, &mut tx).await;
         enqueue(&outbox, &mut tx, case).await;

@@ -901,18 +901,6 @@ async fn operator_statements_survive_rows_written_by_hand() {
     outbox.drop_schema().await;
 }
 
-/// The busy mark (migration 0018) as ms ahead of the database's clock.
-async fn mark_ahead(outbox: &TestOutbox) -> i64 {
-    sqlx::query_scalar(&format!(
-        "SELECT pg_sequence_last_value('{}.relay_busy_until')
-                - (extract(epoch FROM now()) * 1000)::bigint",
-        outbox.schema
-    ))
-    .fetch_one(&outbox.pool)
-    .await
-    .unwrap()
-}
-
 /// Only the lease holder sets the busy mark, never past the end of its term, and a role without
 /// UPDATE on it sets nothing and is told so, its idle flag updated all the same; a release resets
 /// the mark.
@@ -925,7 +913,7 @@ async fn the_busy_mark_is_the_holders_within_its_term_and_needs_the_privilege() 
     let hour = Duration::from_secs(3600);
     let marked = sql.lease_set_idle(&mut conn, &fence, false, hour).await;
     assert_eq!(marked.unwrap(), Some(true));
-    let ahead = mark_ahead(&outbox).await;
+    let ahead = outbox.busy_mark_ahead().await;
     assert!(
         (25_000..=30_000).contains(&ahead),
         "capped at the term: {ahead} ms"
@@ -938,12 +926,12 @@ async fn the_busy_mark_is_the_holders_within_its_term_and_needs_the_privilege() 
     let marked = sql.lease_set_idle(&mut conn, &deposed, true, hour).await;
     assert_eq!(marked.unwrap(), None, "not the holder");
     assert!(
-        mark_ahead(&outbox).await > 0,
+        outbox.busy_mark_ahead().await > 0,
         "a deposed holder changes nothing"
     );
     let marked = sql.lease_set_idle(&mut conn, &fence, true, hour).await;
     assert_eq!(marked.unwrap(), Some(true));
-    assert!(mark_ahead(&outbox).await < 0, "reset before waiting");
+    assert!(outbox.busy_mark_ahead().await < 0, "reset before waiting");
 
     let role = format!("no_mark_{}", outbox_test_support::short_id());
     sqlx::raw_sql(&format!(
@@ -962,7 +950,7 @@ async fn the_busy_mark_is_the_holders_within_its_term_and_needs_the_privilege() 
     let marked = sql.lease_set_idle(&mut conn, &fence, false, hour).await;
     sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
     assert_eq!(marked.unwrap(), Some(false), "no privilege, said so");
-    assert!(mark_ahead(&outbox).await < 0, "nothing set");
+    assert!(outbox.busy_mark_ahead().await < 0, "nothing set");
     let idle: bool = sqlx::query_scalar(&format!(
         "SELECT idle FROM {}.relay_lease WHERE name = 'relay'",
         outbox.schema
@@ -975,9 +963,9 @@ async fn the_busy_mark_is_the_holders_within_its_term_and_needs_the_privilege() 
     sql.lease_set_idle(&mut conn, &fence, false, hour)
         .await
         .unwrap();
-    assert!(mark_ahead(&outbox).await > 0);
+    assert!(outbox.busy_mark_ahead().await > 0);
     sql.lease_release(&mut conn, &fence).await.unwrap();
-    assert!(mark_ahead(&outbox).await < 0, "reset at release");
+    assert!(outbox.busy_mark_ahead().await < 0, "reset at release");
     sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
         .execute(&mut *conn)
         .await
