@@ -1,10 +1,9 @@
 -- Writers skip the wake-up trigger's function while the relay is busy.
 --
 -- The function ran once per INSERT statement to find out, with a query of `relay_lease`, whether
--- a relay waits for a NOTIFY. Once per transaction that query and PL/pgSQL's setup cost 30 to
--- 70 us of a one-message transaction's backend CPU (perf; pgbench: a third of what the outbox
--- row added to a plain INSERT's transaction, docs/performance.md), and while a relay is busy
--- its answer is always "no".
+-- a relay waits for a NOTIFY. Once per transaction that query and PL/pgSQL's setup cost ~30 us
+-- of a one-message transaction's backend CPU (a third of what the outbox row adds to a plain
+-- INSERT, docs/performance.md), and while a relay is busy its answer is always "no".
 --
 -- The relay holding the lease now keeps a mark, `relay_busy_until` (milliseconds since the
 -- epoch, database clock): while busy, a time up to one lease term ahead and never past the end
