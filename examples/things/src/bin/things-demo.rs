@@ -378,7 +378,11 @@ async fn main() -> anyhow::Result<()> {
             "waiting for the consumer: stored {stored}, published {published}, consumed {consumed}"
         ));
         spinner.tick();
-        if (difference == 0 && published == stored) || Instant::now() > deadline {
+        // All three, not only the difference: the counts are read before it, one statement
+        // each, so the last event can be applied between them (a CI run saw consumed 89 of 90
+        // with the difference already 0).
+        let caught_up = difference == 0 && published == stored && consumed == stored;
+        if caught_up || Instant::now() > deadline {
             break (stored, consumed, published, difference);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
