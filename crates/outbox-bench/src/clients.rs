@@ -23,9 +23,8 @@ use serde_json::json;
 use sqlx::Connection as _;
 use tokio::time::Instant;
 
-use crate::util::{
-    busy_mark, histogram, histogram_json, key, payload, quantile_ms, record, spinner, Spread,
-};
+use crate::enqueue::BUSY_FOR_MS;
+use crate::util::{histogram, histogram_json, key, payload, quantile_ms, record, spinner, Spread};
 use crate::Ctx;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,13 +319,9 @@ pub(crate) async fn clients(ctx: &Ctx) -> anyhow::Result<()> {
     };
     // Writers beside a working relay: the busy mark it keeps lets them skip the wake-up
     // trigger's function. Reset after, for the scenarios that run a relay in this schema.
-    sqlx::query(&busy_mark(schema, true))
-        .execute(&ctx.pool)
-        .await?;
+    outbox_test_support::set_busy_mark(&ctx.pool, schema, Some(BUSY_FOR_MS)).await;
     let measured = measure(ctx, &mut writers).await;
-    sqlx::query(&busy_mark(schema, false))
-        .execute(&ctx.pool)
-        .await?;
+    outbox_test_support::set_busy_mark(&ctx.pool, schema, None).await;
     measured
 }
 

@@ -24,9 +24,11 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 
-use crate::util::{busy_mark, key, payload, spinner, Spread};
+use crate::util::{key, payload, spinner, Spread};
 use crate::Ctx;
 
+/// How far ahead the busy mark is set: beyond any run.
+pub(crate) const BUSY_FOR_MS: i64 = 86_400_000;
 /// Rows per transaction in the bulk case.
 const BULK: usize = 1000;
 /// The topic of every message (no Kafka is involved).
@@ -145,12 +147,11 @@ pub(crate) async fn enqueue(ctx: &Ctx) -> anyhow::Result<()> {
              id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
              topic text NOT NULL, key bytea, payload bytea, headers jsonb);
          INSERT INTO {schema}.relay_lease (name, holder, token, idle, acquired_at, renewed_at, expires_at)
-         VALUES ('bench', 'busy', 1, false, now(), now(), now() + interval '1 day');
-         {BUSY_MARK}",
-        BUSY_MARK = busy_mark(&schema, true)
+         VALUES ('bench', 'busy', 1, false, now(), now(), now() + interval '1 day');"
     ))
     .execute(&ctx.pool)
     .await?;
+    outbox_test_support::set_busy_mark(&ctx.pool, &schema, Some(BUSY_FOR_MS)).await;
     let seconds = ctx.args.enqueue_seconds;
     let rounds = ctx.args.rounds;
     let payloads: Vec<Vec<u8>> = (0..BULK as u64)

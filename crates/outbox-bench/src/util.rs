@@ -252,17 +252,6 @@ pub(crate) fn utc_now() -> String {
     )
 }
 
-/// The statement that sets (`busy`: a day ahead) or resets the busy mark a working relay keeps
-/// (migration 0018), for scenarios that measure writers beside a busy relay without running one.
-pub(crate) fn busy_mark(schema: &outbox::SchemaName, busy: bool) -> String {
-    let until = if busy {
-        "(extract(epoch FROM now()) * 1000)::bigint + 86400000"
-    } else {
-        "0"
-    };
-    format!("SELECT setval('{schema}.relay_busy_until', {until})")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

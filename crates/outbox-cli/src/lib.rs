@@ -884,9 +884,8 @@ async fn status(settings: &Settings, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A message key for a terminal: UTF-8 (invalid bytes replaced), control characters escaped.
-/// A key as listings read it: `-` for none, and "…" after a key cut at
-/// [`outbox::admin::SHOWN_KEY_BYTES`].
+/// A message key for a terminal: UTF-8 (invalid bytes replaced), control characters escaped,
+/// `-` for none, and "…" after a key the listings cut at [`outbox::admin::SHOWN_KEY_BYTES`].
 fn key_text(key: Option<&[u8]>, cut: bool) -> String {
     match key {
         None => "-".into(),

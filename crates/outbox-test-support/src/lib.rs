@@ -210,19 +210,9 @@ impl TestOutbox {
         .expect("read the busy mark")
     }
 
-    /// Sets the busy mark `ahead_ms` ahead of the database's clock (negative: passed), or resets
-    /// it (`None`), as a relay would.
+    /// Sets the busy mark (see [`set_busy_mark`]).
     pub async fn set_busy_mark(&self, ahead_ms: Option<i64>) {
-        sqlx::query(&format!(
-            "SELECT setval('{}.relay_busy_until',
-                    CASE WHEN $1::bigint IS NULL THEN 0
-                         ELSE (extract(epoch FROM now()) * 1000)::bigint + $1 END)",
-            self.schema
-        ))
-        .bind(ahead_ms)
-        .execute(&self.pool)
-        .await
-        .expect("set the busy mark");
+        set_busy_mark(&self.pool, &self.schema, ahead_ms).await;
     }
 
     /// Writes the lease row of a relay that holds the lease and, with `idle`, waits for work:
@@ -463,6 +453,21 @@ pub fn incompressible(len: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// Sets the busy mark a working relay keeps (migration 0018) in `schema` `ahead_ms` ahead of
+/// the database's clock (negative: passed), or resets it (`None`), as a relay would: for tests
+/// and benchmarks of writers beside a busy relay without one running.
+pub async fn set_busy_mark(pool: &PgPool, schema: &SchemaName, ahead_ms: Option<i64>) {
+    sqlx::query(&format!(
+        "SELECT setval('{schema}.relay_busy_until',
+                CASE WHEN $1::bigint IS NULL THEN 0
+                     ELSE (extract(epoch FROM now()) * 1000)::bigint + $1 END)"
+    ))
+    .bind(ahead_ms)
+    .execute(pool)
+    .await
+    .expect("set the busy mark");
 }
 
 /// A short random id for names.
