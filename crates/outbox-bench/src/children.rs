@@ -1,10 +1,12 @@
 //! The processes the steady and soak scenarios run beside the bench: writer processes (this
 //! binary's hidden `writer-child` subcommand), which enqueue through `outbox.enqueue` as a service
-//! in another language would, and the `outbox relay` daemon, found beside this binary.
+//! in another language would, and the `outbox relay` daemon, found beside this binary. With
+//! `--produce-to`, a writer process produces the same messages straight to Kafka instead: the
+//! steady scenario's baseline, what a service's own producer spends on the same traffic.
 //!
-//! A writer prints one `<sequence> <commit µs>` line per committed message on its stdout, in
-//! chunks about once a second (so a long run can be followed while it goes, and no file is left
-//! behind), then one JSON line with its totals.
+//! A writer prints one `<sequence> <commit µs>` line per committed message (produced: handed to
+//! the producer) on its stdout, in chunks about once a second (so a long run can be followed
+//! while it goes, and no file is left behind), then one JSON line with its totals.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,9 @@ use serde_json::{json, Value};
 use sqlx::{Connection as _, PgPool};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
+
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use rdkafka::producer::FutureRecord;
 
 use crate::util::{cpu_seconds, key, now_micros, payload};
 
@@ -43,7 +48,17 @@ pub(crate) struct WriterChildArgs {
     /// The phase carried in the payload.
     #[arg(long)]
     phase: u16,
+    /// Produce to Kafka at these bootstrap servers instead of enqueueing (see [`produce_child`]).
+    #[arg(long)]
+    produce_to: Option<String>,
+    /// Producer properties over the relay's defaults, KEY=VALUE (with `--produce-to`).
+    #[arg(long, value_delimiter = ',')]
+    kafka: Vec<String>,
 }
+
+/// Where the sequences of produced messages start, far above any outbox id of a bench run, so
+/// that the consumer tells them apart.
+const PRODUCED_SEQUENCES: i64 = 1 << 40;
 
 /// How often a writer hands its commit lines to its parent.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -55,6 +70,9 @@ pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
         args.rate.is_finite() && args.rate > 0.0 && args.seconds.is_finite() && args.seconds >= 0.0,
         "--rate must be positive and --seconds not negative"
     );
+    if let Some(bootstrap) = &args.produce_to {
+        return produce_child(bootstrap, &args).await;
+    }
     let schema = SchemaName::new(args.schema)?;
     let mut conn = sqlx::PgConnection::connect(&outbox_test_support::database_url()).await?;
     let sql = format!("SELECT {schema}.enqueue($1, $2, $3)");
@@ -62,7 +80,7 @@ pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
     // Blocking writes, about once a second: this process has nothing else to do meanwhile.
     let mut stdout = std::io::stdout().lock();
     let mut lines = String::new();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
     let mut flushed = started;
     for i in 0..count {
         let due = started + Duration::from_secs_f64(i as f64 / args.rate);
@@ -82,8 +100,21 @@ pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
             flushed = Instant::now();
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(std::process::id());
+    finish(stdout, lines, count, (started, cpu))
+}
+
+/// Prints the last commit lines and the totals: the time and CPU since `since` (the start of
+/// the loop, so that connecting is not counted).
+fn finish(
+    mut stdout: std::io::StdoutLock<'_>,
+    mut lines: String,
+    count: u64,
+    since: (Instant, Option<f64>),
+) -> anyhow::Result<()> {
+    let seconds = since.0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id())
+        .zip(since.1)
+        .map(|(now, then)| now - then);
     lines.push_str(&format!(
         "{}\n",
         json!({"sent": count, "seconds": seconds, "cpu_seconds": cpu})
@@ -91,6 +122,61 @@ pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
     stdout.write_all(lines.as_bytes())?;
     stdout.flush()?;
     Ok(())
+}
+
+/// Produces the writer's messages straight to Kafka, open loop like the writers, with the
+/// relay's headers and producer settings (and `--kafka` over them): a message is handed over
+/// when it is due, its acknowledgement awaited alongside, as a service producing in its request
+/// handler does. A line is printed per message as it is handed over (the consumer's latency is
+/// measured from then); every acknowledgement is awaited before the totals.
+async fn produce_child(bootstrap: &str, args: &WriterChildArgs) -> anyhow::Result<()> {
+    let producer = crate::kafka::producer(bootstrap, &args.kafka)?;
+    // A service's producer is long-lived: connected, with its producer id, before the clock
+    // starts. A record without the bench's headers, which the consumer ignores, proves it.
+    let warm_up = FutureRecord::<str, str>::to(&args.topic).key("warm-up");
+    match producer.send_result(warm_up) {
+        Ok(delivery) => crate::kafka::delivered(delivery.await)?,
+        Err((error, _)) => bail!("cannot hand a message to the producer: {error}"),
+    }
+    let count = (args.rate * args.seconds).round() as u64;
+    let mut deliveries = FuturesUnordered::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut lines = String::new();
+    let (started, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
+    let mut flushed = started;
+    for i in 0..count {
+        let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => break,
+                Some(result) = deliveries.next() => crate::kafka::delivered(result)?,
+            }
+        }
+        let n = args.first + i;
+        let sequence = PRODUCED_SEQUENCES + n as i64;
+        let handed_over = now_micros();
+        let value = payload(args.payload_bytes, handed_over, args.phase, n);
+        let key = key(n, args.keys);
+        let record = FutureRecord::to(&args.topic)
+            .headers(crate::kafka::wire_headers(sequence))
+            .key(key.as_bytes())
+            .payload(&value[..]);
+        match producer.send_result(record) {
+            Ok(delivery) => deliveries.push(delivery),
+            Err((error, _)) => bail!("cannot hand a message to the producer: {error}"),
+        }
+        lines.push_str(&format!("{sequence} {handed_over}\n"));
+        if flushed.elapsed() >= FLUSH_EVERY {
+            stdout.write_all(lines.as_bytes())?;
+            stdout.flush()?;
+            lines.clear();
+            flushed = Instant::now();
+        }
+    }
+    while let Some(result) = deliveries.next().await {
+        crate::kafka::delivered(result)?;
+    }
+    finish(stdout, lines, count, (started, cpu))
 }
 
 /// A line a writer printed.
@@ -141,6 +227,9 @@ pub(crate) struct WriterSpec<'a> {
     pub(crate) keys: usize,
     pub(crate) first: u64,
     pub(crate) phase: u16,
+    /// Produce to Kafka at these bootstrap servers, with these producer properties over the
+    /// relay's, instead of enqueueing.
+    pub(crate) produce: Option<(&'a str, &'a [String])>,
 }
 
 impl WriterSpec<'_> {
@@ -155,6 +244,11 @@ impl WriterSpec<'_> {
             .args(["--keys", &self.keys.to_string()])
             .args(["--first", &self.first.to_string()])
             .args(["--phase", &self.phase.to_string()])
+            .args(self.produce.iter().flat_map(|(bootstrap, kafka)| {
+                ["--produce-to".to_owned(), bootstrap.to_string()]
+                    .into_iter()
+                    .chain(kafka.iter().flat_map(|p| ["--kafka".to_owned(), p.clone()]))
+            }))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -129,7 +129,14 @@ pub(crate) fn wire_headers(sequence: i64) -> OwnedHeaders {
 }
 
 async fn await_delivery(delivery: DeliveryFuture) -> anyhow::Result<()> {
-    match delivery.await {
+    delivered(delivery.await)
+}
+
+/// A delivery's outcome as an error when it failed.
+pub(crate) fn delivered(
+    result: <DeliveryFuture as std::future::Future>::Output,
+) -> anyhow::Result<()> {
+    match result {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((error, _))) => bail!("delivery failed: {error}"),
         Err(_) => bail!("delivery canceled"),

@@ -324,10 +324,13 @@ pub(crate) fn apply_overrides(config: &mut RelayConfig, overrides: &[String]) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A writer process does one thing at a time, like the daemon it is compared with on one
+    // runtime thread.
+    let mut builder = match cli.command {
+        Some(Command::WriterChild(_)) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the Tokio runtime: {error}");

@@ -7,6 +7,15 @@
 //!
 //! Latency is commit → consumer receipt: each writer notes when its commit returned, by
 //! sequence, and the consumer when it polled the record.
+//!
+//! The baselines, in the same rounds: the same messages produced straight to Kafka, with the
+//! relay's producer settings and `linger.ms` at the relay's `batch_linger`, no database and no
+//! relay (see `children.rs`), by one process (what librdkafka itself spends on this traffic: the
+//! floor of the relay's CPU per message) and by as many processes as there are writers (what
+//! the services would spend producing directly, each with its own producer). Their latency is
+//! from handing a message to the producer to the consumer. And the writers alone, no relay and
+//! no consumer (the table emptied after each phase): the rate and the PostgreSQL CPU they reach
+//! without a relay, so that what the relay costs them is measured, not guessed.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -57,21 +66,21 @@ async fn start_daemon(ctx: &Ctx, variant: Variant) -> anyhow::Result<Daemon> {
     .await
 }
 
-/// Runs `writers` writer processes offering `rate` in total for `seconds`.
+/// Runs `writers` writer processes offering `rate` in total for `seconds`, with `relay` running
+/// (or, producing, with none); with neither, the writers alone, whose messages nobody reads.
 async fn phase(
     ctx: &Ctx,
-    topic: &str,
-    relay: &Daemon,
-    consumer: &ConsumerThread,
-    rate: f64,
-    id: u16,
-    first: u64,
+    (topic, consumer): (&str, &ConsumerThread),
+    relay: Option<&Daemon>,
+    (rate, id, first): (f64, u16, u64),
+    writers: usize,
+    produce: Option<&[String]>,
 ) -> anyhow::Result<Phase> {
     let args = &ctx.args;
-    let writers = args.steady_writers.max(1);
     let seconds = args.steady_seconds as f64;
     let expected = consumer.distinct();
-    let before = CpuSample::now(relay.pid());
+    let relay_pid = relay.map_or(0, Daemon::pid);
+    let before = CpuSample::now(relay_pid);
     let mut children = Vec::new();
     for w in 0..writers {
         let spec = WriterSpec {
@@ -83,6 +92,7 @@ async fn phase(
             keys: args.keys,
             first: first + w as u64 * 10_000_000,
             phase: id,
+            produce: produce.map(|kafka| (ctx.bootstrap.as_str(), kafka)),
         };
         children.push(spec.spawn()?);
     }
@@ -108,13 +118,18 @@ async fn phase(
         writers_cpu += totals.cpu_seconds;
     }
     let committed = commits.len() as u64;
-    if !consumer
-        .wait_for(expected + committed, Duration::from_secs(60))
-        .await
+    let read = relay.is_some() || produce.is_some();
+    if read
+        && !consumer
+            .wait_for(expected + committed, Duration::from_secs(60))
+            .await
     {
         bail!("the consumer did not receive every message within 60 s of the writers' end");
     }
-    let after = CpuSample::now(relay.pid());
+    let after = CpuSample::now(relay_pid);
+    if !read {
+        ctx.truncate().await?;
+    }
     Ok(Phase {
         offered: (rate * seconds).round() as u64,
         committed,
@@ -130,9 +145,21 @@ async fn phase(
     })
 }
 
-/// The relay daemon's settings compared.
+/// What runs in a phase.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// The writers and the relay daemon.
+    Relay,
+    /// This many processes produce straight to Kafka with `linger.ms` = `linger_ms`.
+    Producers(usize),
+    /// The writers alone.
+    WritersAlone,
+}
+
+/// The relay daemon's settings compared, or a baseline.
 #[derive(Debug, Clone, Copy)]
 struct Variant {
+    kind: Kind,
     linger_ms: u64,
     wait_for_standbys: u32,
     /// `delivery`, when compared.
@@ -141,6 +168,13 @@ struct Variant {
 
 impl Variant {
     fn name(&self, standby: bool) -> String {
+        match self.kind {
+            Kind::Producers(n) => {
+                return format!("{n} raw producer process(es), linger.ms {}", self.linger_ms)
+            }
+            Kind::WritersAlone => return "the writers alone, no relay".to_owned(),
+            Kind::Relay => {}
+        }
         let mut name = format!("batch_linger {} ms", self.linger_ms);
         if standby {
             name.push_str(&format!(
@@ -185,12 +219,30 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         for &wait_for_standbys in &waits {
             for &delivery in &deliveries {
                 variants.push(Variant {
+                    kind: Kind::Relay,
                     linger_ms,
                     wait_for_standbys,
                     delivery,
                 });
             }
         }
+    }
+    // The floor (one producer, at the first linger compared) first: the relay is compared
+    // with it.
+    let floor = variants.len();
+    let writers = args.steady_writers.max(1);
+    let mut baselines = vec![Kind::Producers(1)];
+    if writers > 1 {
+        baselines.push(Kind::Producers(writers));
+    }
+    baselines.push(Kind::WritersAlone);
+    for kind in baselines {
+        variants.push(Variant {
+            kind,
+            linger_ms: lingers_ms[0],
+            wait_for_standbys: 0,
+            delivery: None,
+        });
     }
     // For the whole scenario, so that the variants differ only in the relay's setting.
     let _standby = match standby {
@@ -206,6 +258,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
     };
     ctx.truncate().await?;
     let topic = ctx.topic("bench-steady").await;
+    let mut producing = ctx.args.relay_kafka.clone();
+    producing.push(format!("linger.ms={}", lingers_ms[0]));
     let consumer = ConsumerThread::start(&ctx.bootstrap, &topic)?;
     let mut first = 0;
     // (linger index, rate index, run), rotated within each round.
@@ -216,10 +270,20 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         order.rotate_left(shift);
         for l in order {
             let variant = variants[l];
-            let relay = start_daemon(ctx, variant).await?;
+            let relay = match variant.kind {
+                Kind::Relay => Some(start_daemon(ctx, variant).await?),
+                _ => None,
+            };
+            let (processes, produce) = match variant.kind {
+                Kind::Producers(n) => (n, Some(producing.clone())),
+                _ => (writers, None),
+            };
+            let produce = produce.as_deref();
+            let run = (&topic[..], &consumer);
             // Warm-up, not reported: connections, the producer's metadata, the consumer's
             // fetches.
-            phase(ctx, &topic, &relay, &consumer, 200.0, 0, first).await?;
+            let warm_up = (200.0, 0, first);
+            phase(ctx, run, relay.as_ref(), warm_up, processes, produce).await?;
             first += 100_000_000;
             let mut order: Vec<usize> = (0..args.steady_rates.len()).collect();
             if round % 2 == 1 {
@@ -228,20 +292,35 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             for i in order {
                 let rate = args.steady_rates[i];
                 let id = (phases.len() + 1) as u16;
-                let run = phase(ctx, &topic, &relay, &consumer, rate, id, first).await?;
+                let run = phase(
+                    ctx,
+                    run,
+                    relay.as_ref(),
+                    (rate, id, first),
+                    processes,
+                    produce,
+                )
+                .await?;
                 first += 100_000_000;
+                let per_message = |k: usize| 1e6 * run.cpu[k] / run.committed as f64;
+                let relay = match variant.kind {
+                    Kind::Relay => format!("relay {:.1}, ", per_message(0)),
+                    _ => String::new(),
+                };
                 say(format!(
-                    "steady round {}/{}, {}: {rate} msg/s offered, {:.0} achieved, relay {:.1} µs CPU/msg, PostgreSQL {:.1} µs/msg",
+                    "steady round {}/{}, {}: {rate} msg/s offered, {:.0} achieved; CPU µs per message: {relay}PostgreSQL {:.1}, writers {:.1}",
                     round + 1,
                     args.rounds,
                     variant.name(standby),
                     run.committed as f64 / run.writer_seconds,
-                    1e6 * run.cpu[0] / run.committed as f64,
-                    1e6 * run.cpu[1] / run.committed as f64,
+                    per_message(1),
+                    per_message(4),
                 ));
                 phases.push((l, i, run));
             }
-            relay.stop().await?;
+            if let Some(relay) = relay {
+                relay.stop().await?;
+            }
         }
     }
     let (receipts, duplicates) = consumer.stop();
@@ -252,23 +331,28 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
 
     let mut report = ctx.report();
     let mut details = Vec::new();
+    let runs_of = |l: usize, i: usize| -> Vec<&Phase> {
+        phases
+            .iter()
+            .filter(|(m, j, _)| (*m, *j) == (l, i))
+            .map(|(_, _, p)| p)
+            .collect()
+    };
     for ((l, variant), (i, &rate)) in variants
         .iter()
         .enumerate()
         .flat_map(|l| args.steady_rates.iter().enumerate().map(move |r| (l, r)))
     {
-        let runs: Vec<&Phase> = phases
-            .iter()
-            .filter(|(m, j, _)| (*m, *j) == (l, i))
-            .map(|(_, _, p)| p)
-            .collect();
+        let runs = runs_of(l, i);
         let mut p50 = Vec::new();
         let mut p99 = Vec::new();
         let mut per_round = Vec::new();
         for run in &runs {
             let mut latency = histogram();
             let mut missing = 0u64;
-            for (sequence, commit_us) in &run.commits {
+            // Nobody reads what the writers alone write.
+            let read = variant.kind != Kind::WritersAlone;
+            for (sequence, commit_us) in run.commits.iter().filter(|_| read) {
                 match received.get(sequence) {
                     Some(at) => {
                         latency.saturating_record(at.saturating_sub(*commit_us).max(1));
@@ -291,7 +375,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 "commit_to_consumer": histogram_json(&latency),
             }));
         }
-        let per_message = |k: usize| -> Vec<f64> {
+        let per_message = |runs: &[&Phase], k: usize| -> Vec<f64> {
             runs.iter()
                 .map(|r| 1e6 * r.cpu[k] / r.committed as f64)
                 .collect()
@@ -306,11 +390,75 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             args.steady_writers
         );
         report.row(&scenario, "writers' achieved rate", "msg/s", &achieved);
+        if variant.kind == Kind::WritersAlone {
+            report.row(
+                &scenario,
+                "PostgreSQL CPU per message (all its processes)",
+                "µs",
+                &per_message(&runs, 1),
+            );
+            report.row(
+                &scenario,
+                "writer processes' CPU per message",
+                "µs",
+                &per_message(&runs, 4),
+            );
+            details.push(json!({"rate": rate, "writers_alone": true, "rounds": per_round}));
+            continue;
+        }
+        if let Kind::Producers(processes) = variant.kind {
+            report.row(&scenario, "hand-over → consumer p50", "ms", &p50);
+            report.row(&scenario, "hand-over → consumer p99", "ms", &p99);
+            report.row(
+                &scenario,
+                "producer processes' CPU per message",
+                "µs",
+                &per_message(&runs, 4),
+            );
+            report.row(
+                &scenario,
+                "Kafka broker CPU per message",
+                "µs",
+                &per_message(&runs, 2),
+            );
+            details.push(json!({
+                "rate": rate, "raw_producer_processes": processes,
+                "raw_producer_linger_ms": variant.linger_ms, "rounds": per_round,
+            }));
+            continue;
+        }
         report.row(&scenario, "commit → consumer p50", "ms", &p50);
         report.row(&scenario, "commit → consumer p99", "ms", &p99);
-        let relay_cpu = per_message(0);
-        let postgres_cpu = per_message(1);
+        let relay_cpu = per_message(&runs, 0);
+        let postgres_cpu = per_message(&runs, 1);
         report.row(&scenario, "relay daemon CPU per message", "µs", &relay_cpu);
+        // Round by round against the one raw producer, and the writers alone, at the same rate.
+        let ratios = |ours: &[f64], theirs: &[f64]| -> Vec<f64> {
+            ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
+        };
+        let over_raw = ratios(&relay_cpu, &per_message(&runs_of(floor, i), 4));
+        let alone = runs_of(variants.len() - 1, i);
+        let alone_rate: Vec<f64> = alone
+            .iter()
+            .map(|r| r.committed as f64 / r.writer_seconds)
+            .collect();
+        report.row(
+            &scenario,
+            "writers' rate / the writers' rate alone (same round)",
+            "x",
+            &ratios(&achieved, &alone_rate),
+        );
+        let beyond_alone: Vec<f64> = postgres_cpu
+            .iter()
+            .zip(per_message(&alone, 1))
+            .map(|(with, without)| with - without)
+            .collect();
+        report.row(
+            &scenario,
+            "relay CPU per message / one raw producer's (same round)",
+            "x",
+            &over_raw,
+        );
         report.row(
             &scenario,
             "PostgreSQL CPU per message (all its processes)",
@@ -319,18 +467,25 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         );
         report.row(
             &scenario,
+            "PostgreSQL CPU per message beyond the writers alone (same round)",
+            "µs",
+            &beyond_alone,
+        );
+        report.row(
+            &scenario,
             "Kafka broker CPU per message",
             "µs",
-            &per_message(2),
+            &per_message(&runs, 2),
         );
         report.row(
             &scenario,
             "writer processes' CPU per message",
             "µs",
-            &per_message(4),
+            &per_message(&runs, 4),
         );
         let p99s = Spread::of(&p99);
         let relay = Spread::of(&relay_cpu);
+        let over_raw_spread = Spread::of(&over_raw);
         let rate_ok = Spread::of(&achieved).median >= 0.98 * rate;
         let wanted_p99 = match (variant.delivery, rate <= 500.0) {
             (Some("exactly-once"), _) => 25.0,
@@ -355,7 +510,15 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             report.target(
                 &format!("steady {rate} msg/s, {name}: relay CPU per message"),
                 "<= 20 µs",
-                format!("{:.1} µs ({:.1}-{:.1})", relay.median, relay.min, relay.max),
+                format!(
+                    "{:.1} µs ({:.1}-{:.1}); {:.2}x one raw producer's ({:.2}-{:.2})",
+                    relay.median,
+                    relay.min,
+                    relay.max,
+                    over_raw_spread.median,
+                    over_raw_spread.min,
+                    over_raw_spread.max
+                ),
                 relay.median <= 20.0,
             );
         }
@@ -364,6 +527,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "wait_for_standbys": standby.then_some(variant.wait_for_standbys),
             "delivery": variant.delivery, "rounds": per_round,
             "relay_cpu_us_per_message": relay.json(&relay_cpu),
+            "relay_cpu_over_one_raw_producer": over_raw_spread.json(&over_raw),
             "postgres_cpu_us_per_message": Spread::of(&postgres_cpu).json(&postgres_cpu),
         }));
     }

@@ -456,6 +456,7 @@ async fn run(
             keys: args.keys as usize,
             first: u64::from(w) * 1_000_000_000_000,
             phase: 1,
+            produce: None,
         }
         .spawn()?;
         writers.spawn(follow_writer(child, commit_sender.clone()));
