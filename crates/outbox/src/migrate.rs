@@ -141,6 +141,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "0018_busy_mark.sql",
         "writers skip the wake-up trigger while the relay is busy"
     ),
+    migration!(
+        19,
+        "0019_mark_read_in_the_function.sql",
+        "the busy mark read in the trigger's function, not at every statement"
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -148,7 +153,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The version a new schema is created at: `migrations/baseline.sql` builds what migrations 1 to
 /// this one build.
-pub const BASELINE_VERSION: i32 = 18;
+pub const BASELINE_VERSION: i32 = 19;
 
 const BASELINE: &str = include_str!("migrations/baseline.sql");
 

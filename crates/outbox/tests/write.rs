@@ -286,8 +286,9 @@ async fn inbox_lets_one_of_two_racing_consumers_apply_a_message() {
 /// The claim floor needs every inserting transaction to hold its transaction id before the
 /// identity hands out its ids (see migration 0008). A row trigger sees the row with its id built
 /// and checks that the transaction already has an id, for a transaction whose first write is the
-/// message, through each way of enqueueing. (Without the statement trigger nextval assigns one
-/// only when it logs, once in 32 calls.)
+/// message, through each way of enqueueing, whether or not a busy relay's mark spares the
+/// trigger its wake-up (migrations 0018, 0019). (Without the statement trigger nextval assigns
+/// one only when it logs, once in 32 calls.)
 #[tokio::test]
 async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids() {
     let outbox = TestOutbox::new().await;
@@ -307,6 +308,10 @@ async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids()
     .await
     .unwrap();
     for round in 0..4 {
+        // A relay at work keeps its mark a lease term ahead.
+        outbox
+            .set_busy_mark((round % 2 == 1).then_some(30_000))
+            .await;
         let one = Message::new("t", format!("{round}").into_bytes());
         outbox.commit_each([one]).await;
         let many = (0..3).map(|i| Message::new("t", format!("{round}.{i}").into_bytes()));

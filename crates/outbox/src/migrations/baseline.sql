@@ -1,5 +1,5 @@
--- The schema of migrations 0001 to 0018 in one script: a new schema is created by this file alone
--- and recorded at version 18, while schemas made by earlier versions apply the migrations after
+-- The schema of migrations 0001 to 0019 in one script: a new schema is created by this file alone
+-- and recorded at version 19, while schemas made by earlier versions apply the migrations after
 -- theirs. The why of each object is in the migration that made it what it is (named below).
 -- The test `the_baseline_builds_the_schema_the_migrations_build` keeps the two paths equal:
 -- a new migration changes this file too, or runs after it.
@@ -96,16 +96,26 @@ CREATE TABLE {schema}.published (
 -- Retention cleanup and "last publish" read this one.
 CREATE INDEX published_processed ON {schema}.published (processed_at);
 
--- The insert trigger (0007, 0010, 0013): takes the transaction id before the identity hands out
--- ids (the claim floor needs it) and wakes a waiting relay, once per transaction.
+-- While the relay holding the lease is busy it keeps `relay_busy_until` ahead of the clock
+-- (milliseconds since the epoch) and writers have no one to wake (0018).
+CREATE SEQUENCE {schema}.relay_busy_until AS bigint MINVALUE 0 START 0;
+SELECT setval('{schema}.relay_busy_until', 0, true);
+GRANT SELECT ON SEQUENCE {schema}.relay_busy_until TO PUBLIC;
+
+-- The insert trigger (0007, 0010, 0013, 0018, 0019): takes the transaction id before the
+-- identity hands out ids (the claim floor needs it) and wakes a waiting relay, once per
+-- transaction, unless the busy mark is ahead. The mark is read here, not in a WHEN clause, which
+-- would be prepared again at every statement (0019).
 CREATE FUNCTION {schema}.notify_message() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     transaction_id xid8;
 BEGIN
-    IF current_setting('outbox.notified_{schema}', true) = 'on' THEN
+    transaction_id := pg_current_xact_id();
+    IF coalesce(pg_sequence_last_value('{schema}.relay_busy_until'), 0)
+           > (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+       OR current_setting('outbox.notified_{schema}', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    transaction_id := pg_current_xact_id();
     IF EXISTS (SELECT 1 FROM {schema}.relay_lease WHERE idle AND expires_at > now()) THEN
         PERFORM pg_notify('{channel}', 'message');
         PERFORM set_config('outbox.notified_{schema}', 'on', true);
@@ -114,19 +124,8 @@ BEGIN
 END
 $$;
 
--- While the relay holding the lease is busy it keeps `relay_busy_until` ahead of the clock
--- (milliseconds since the epoch), and writers skip the function: the WHEN clause reads the mark
--- without a query, and takes the transaction id itself (0018).
-CREATE SEQUENCE {schema}.relay_busy_until AS bigint MINVALUE 0 START 0;
-SELECT setval('{schema}.relay_busy_until', 0, true);
-GRANT SELECT ON SEQUENCE {schema}.relay_busy_until TO PUBLIC;
-
 CREATE TRIGGER message_notify BEFORE INSERT ON {schema}.message
-    FOR EACH STATEMENT
-    WHEN (CASE WHEN pg_current_xact_id() IS NULL THEN true
-               ELSE coalesce(pg_sequence_last_value('{schema}.relay_busy_until'), 0)
-                    <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint END)
-    EXECUTE FUNCTION {schema}.notify_message();
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.notify_message();
 
 -- Enqueueing from SQL (0001, 0011, 0013): the header rules, one message, many messages.
 CREATE FUNCTION {schema}.stored_headers(headers jsonb, caller text) RETURNS jsonb
