@@ -146,6 +146,11 @@ pub const MIGRATIONS: &[Migration] = &[
         "0019_mark_read_in_the_function.sql",
         "the busy mark read in the trigger's function, not at every statement"
     ),
+    migration!(
+        20,
+        "0020_trigger_function_names_pg_catalog.sql",
+        "the trigger's function names PostgreSQL's functions with their schema"
+    ),
 ];
 
 /// The schema version these statements are written for: the last embedded migration.
@@ -153,7 +158,7 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// The version a new schema is created at: `migrations/baseline.sql` builds what migrations 1 to
 /// this one build.
-pub const BASELINE_VERSION: i32 = 19;
+pub const BASELINE_VERSION: i32 = 20;
 
 const BASELINE: &str = include_str!("migrations/baseline.sql");
 

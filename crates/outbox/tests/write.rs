@@ -287,8 +287,10 @@ async fn inbox_lets_one_of_two_racing_consumers_apply_a_message() {
 /// identity hands out its ids (see migration 0008). A row trigger sees the row with its id built
 /// and checks that the transaction already has an id, for a transaction whose first write is the
 /// message, through each way of enqueueing, whether or not a busy relay's mark spares the
-/// trigger its wake-up (migrations 0018, 0019). (Without the statement trigger nextval assigns
-/// one only when it logs, once in 32 calls.)
+/// trigger its wake-up (migrations 0018, 0019), a waiting relay is woken, or the transaction
+/// woke it already; also for a writer whose `search_path` puts its own `pg_current_xact_id()`
+/// before PostgreSQL's (migration 0020). (Without the statement trigger nextval assigns one only
+/// when it logs, once in 32 calls.)
 #[tokio::test]
 async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids() {
     let outbox = TestOutbox::new().await;
@@ -308,10 +310,11 @@ async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids()
     .await
     .unwrap();
     for round in 0..4 {
-        // A relay at work keeps its mark a lease term ahead.
+        // A relay at work keeps its mark a lease term ahead; an idle one waits to be woken.
         outbox
             .set_busy_mark((round % 2 == 1).then_some(30_000))
             .await;
+        outbox.relay_waits(round >= 2).await;
         let one = Message::new("t", format!("{round}").into_bytes());
         outbox.commit_each([one]).await;
         let many = (0..3).map(|i| Message::new("t", format!("{round}.{i}").into_bytes()));
@@ -327,7 +330,37 @@ async fn inserting_transactions_hold_a_transaction_id_before_their_message_ids()
         .await
         .unwrap();
     }
-    assert_eq!(outbox.pending().await, 4 * 7);
+    // Two statements in one transaction: the second finds the transaction notified.
+    sqlx::raw_sql(&format!(
+        "SELECT {schema}.enqueue('t', NULL, NULL); SELECT {schema}.enqueue('t', NULL, NULL)"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    // A writer that may create functions somewhere it puts before pg_catalog.
+    let mimic = format!("{schema}_mimic");
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA {mimic};
+         CREATE FUNCTION {mimic}.pg_current_xact_id() RETURNS xid8
+             LANGUAGE sql AS $$ SELECT '1'::xid8 $$;"
+    ))
+    .execute(&outbox.pool)
+    .await
+    .unwrap();
+    for mark in [None, Some(30_000)] {
+        outbox.set_busy_mark(mark).await;
+        sqlx::raw_sql(&format!(
+            "SET LOCAL search_path = {mimic}, pg_catalog; SELECT {schema}.enqueue('t', NULL, NULL)"
+        ))
+        .execute(&outbox.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::raw_sql(&format!("DROP SCHEMA {mimic} CASCADE"))
+        .execute(&outbox.pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox.pending().await, 4 * 7 + 2 + 2);
     outbox.drop_schema().await;
 }
 

@@ -1,5 +1,5 @@
--- The schema of migrations 0001 to 0019 in one script: a new schema is created by this file alone
--- and recorded at version 19, while schemas made by earlier versions apply the migrations after
+-- The schema of migrations 0001 to 0020 in one script: a new schema is created by this file alone
+-- and recorded at version 20, while schemas made by earlier versions apply the migrations after
 -- theirs. The why of each object is in the migration that made it what it is (named below).
 -- The test `the_baseline_builds_the_schema_the_migrations_build` keeps the two paths equal:
 -- a new migration changes this file too, or runs after it.
@@ -102,23 +102,24 @@ CREATE SEQUENCE {schema}.relay_busy_until AS bigint MINVALUE 0 START 0;
 SELECT setval('{schema}.relay_busy_until', 0, true);
 GRANT SELECT ON SEQUENCE {schema}.relay_busy_until TO PUBLIC;
 
--- The insert trigger (0007, 0010, 0013, 0018, 0019): takes the transaction id before the
+-- The insert trigger (0007, 0010, 0013, 0018, 0019, 0020): takes the transaction id before the
 -- identity hands out ids (the claim floor needs it) and wakes a waiting relay, once per
 -- transaction, unless the busy mark is ahead. The mark is read here, not in a WHEN clause, which
--- would be prepared again at every statement (0019).
+-- would be prepared again at every statement (0019). PostgreSQL's functions are named with their
+-- schema, whatever the writer's search_path (0020).
 CREATE FUNCTION {schema}.notify_message() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     transaction_id xid8;
 BEGIN
-    transaction_id := pg_current_xact_id();
-    IF coalesce(pg_sequence_last_value('{schema}.relay_busy_until'), 0)
-           > (extract(epoch FROM clock_timestamp()) * 1000)::bigint
-       OR current_setting('outbox.notified_{schema}', true) = 'on' THEN
+    transaction_id := pg_catalog.pg_current_xact_id();
+    IF coalesce(pg_catalog.pg_sequence_last_value('{schema}.relay_busy_until'), 0)
+           > (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000)::bigint
+       OR pg_catalog.current_setting('outbox.notified_{schema}', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    IF EXISTS (SELECT 1 FROM {schema}.relay_lease WHERE idle AND expires_at > now()) THEN
-        PERFORM pg_notify('{channel}', 'message');
-        PERFORM set_config('outbox.notified_{schema}', 'on', true);
+    IF EXISTS (SELECT 1 FROM {schema}.relay_lease WHERE idle AND expires_at > pg_catalog.now()) THEN
+        PERFORM pg_catalog.pg_notify('{channel}', 'message');
+        PERFORM pg_catalog.set_config('outbox.notified_{schema}', 'on', true);
     END IF;
     RETURN NULL;
 END
