@@ -22,6 +22,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use futures::stream::{FuturesUnordered, StreamExt as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::FutureRecord;
 
 use crate::util::{cpu_seconds, key, now_micros, payload};
@@ -54,6 +55,10 @@ pub(crate) struct WriterChildArgs {
     /// Producer properties over the relay's defaults, KEY=VALUE (with `--produce-to`).
     #[arg(long, value_delimiter = ',')]
     kafka: Vec<String>,
+    /// With `--produce-to`: hand over the messages due every this many milliseconds, not each
+    /// as it becomes due.
+    #[arg(long)]
+    produce_every_ms: Option<u64>,
 }
 
 /// Where the sequences of produced messages start, far above any outbox id of a bench run, so
@@ -125,10 +130,12 @@ fn finish(
 }
 
 /// Produces the writer's messages straight to Kafka, open loop like the writers, with the
-/// relay's headers and producer settings (and `--kafka` over them): a message is handed over
-/// when it is due, its acknowledgement awaited alongside, as a service producing in its request
-/// handler does. A line is printed per message as it is handed over (the consumer's latency is
-/// measured from then); every acknowledgement is awaited before the totals.
+/// relay's headers and producer settings (and `--kafka` over them), acknowledgements awaited
+/// alongside: each message as it becomes due, as a service producing in its request handler
+/// does, or with `--produce-every-ms`, every message due by then at each tick, as a relay hands
+/// over a claimed batch. A line is printed per message with the time it became due (the
+/// consumer's latency is measured from then); every acknowledgement is awaited before the
+/// totals.
 async fn produce_child(bootstrap: &str, args: &WriterChildArgs) -> anyhow::Result<()> {
     let producer = crate::kafka::producer(bootstrap, &args.kafka)?;
     // A service's producer is long-lived: connected, with its producer id, before the clock
@@ -139,33 +146,53 @@ async fn produce_child(bootstrap: &str, args: &WriterChildArgs) -> anyhow::Resul
         Err((error, _)) => bail!("cannot hand a message to the producer: {error}"),
     }
     let count = (args.rate * args.seconds).round() as u64;
+    let every = args.produce_every_ms.map(Duration::from_millis);
     let mut deliveries = FuturesUnordered::new();
     let mut stdout = std::io::stdout().lock();
     let mut lines = String::new();
     let (started, cpu) = (Instant::now(), cpu_seconds(std::process::id()));
+    let started_us = now_micros();
+    let due = |i: u64| Duration::from_secs_f64(i as f64 / args.rate);
     let mut flushed = started;
-    for i in 0..count {
-        let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+    let mut next = 0;
+    while next < count {
+        let wake = match every {
+            None => due(next),
+            Some(every) => every * (due(next).as_nanos().div_ceil(every.as_nanos()) as u32),
+        };
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(due) => break,
+                _ = tokio::time::sleep_until(started + wake) => break,
                 Some(result) = deliveries.next() => crate::kafka::delivered(result)?,
             }
         }
-        let n = args.first + i;
-        let sequence = PRODUCED_SEQUENCES + n as i64;
-        let handed_over = now_micros();
-        let value = payload(args.payload_bytes, handed_over, args.phase, n);
-        let key = key(n, args.keys);
-        let record = FutureRecord::to(&args.topic)
-            .headers(crate::kafka::wire_headers(sequence))
-            .key(key.as_bytes())
-            .payload(&value[..]);
-        match producer.send_result(record) {
-            Ok(delivery) => deliveries.push(delivery),
-            Err((error, _)) => bail!("cannot hand a message to the producer: {error}"),
+        let now = started.elapsed();
+        while next < count && due(next) <= now {
+            let n = args.first + next;
+            let sequence = PRODUCED_SEQUENCES + n as i64;
+            let due_us = started_us + due(next).as_micros() as u64;
+            let value = payload(args.payload_bytes, due_us, args.phase, n);
+            let key = key(n, args.keys);
+            let mut record = FutureRecord::to(&args.topic)
+                .headers(crate::kafka::wire_headers(sequence))
+                .key(key.as_bytes())
+                .payload(&value[..]);
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => break deliveries.push(delivery),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        match deliveries.next().await {
+                            Some(result) => crate::kafka::delivered(result)?,
+                            None => bail!("the producer's queue is full with nothing in flight"),
+                        }
+                    }
+                    Err((error, _)) => bail!("cannot hand a message to the producer: {error}"),
+                }
+            }
+            lines.push_str(&format!("{sequence} {due_us}\n"));
+            next += 1;
         }
-        lines.push_str(&format!("{sequence} {handed_over}\n"));
         if flushed.elapsed() >= FLUSH_EVERY {
             stdout.write_all(lines.as_bytes())?;
             stdout.flush()?;
@@ -227,9 +254,18 @@ pub(crate) struct WriterSpec<'a> {
     pub(crate) keys: usize,
     pub(crate) first: u64,
     pub(crate) phase: u16,
-    /// Produce to Kafka at these bootstrap servers, with these producer properties over the
-    /// relay's, instead of enqueueing.
-    pub(crate) produce: Option<(&'a str, &'a [String])>,
+    /// Produce to Kafka instead of enqueueing (see [`Produce`]).
+    pub(crate) produce: Option<Produce<'a>>,
+}
+
+/// How a writer process produces straight to Kafka.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Produce<'a> {
+    pub(crate) bootstrap: &'a str,
+    /// Producer properties over the relay's.
+    pub(crate) kafka: &'a [String],
+    /// Hand over what is due every this many milliseconds, not each message as it is due.
+    pub(crate) every_ms: Option<u64>,
 }
 
 impl WriterSpec<'_> {
@@ -244,10 +280,19 @@ impl WriterSpec<'_> {
             .args(["--keys", &self.keys.to_string()])
             .args(["--first", &self.first.to_string()])
             .args(["--phase", &self.phase.to_string()])
-            .args(self.produce.iter().flat_map(|(bootstrap, kafka)| {
-                ["--produce-to".to_owned(), bootstrap.to_string()]
+            .args(self.produce.iter().flat_map(|p| {
+                ["--produce-to".to_owned(), p.bootstrap.to_owned()]
                     .into_iter()
-                    .chain(kafka.iter().flat_map(|p| ["--kafka".to_owned(), p.clone()]))
+                    .chain(
+                        p.kafka
+                            .iter()
+                            .flat_map(|k| ["--kafka".to_owned(), k.clone()]),
+                    )
+                    .chain(
+                        p.every_ms
+                            .iter()
+                            .flat_map(|ms| ["--produce-every-ms".to_owned(), ms.to_string()]),
+                    )
             }))
             .stdout(Stdio::piped())
             .kill_on_drop(true)

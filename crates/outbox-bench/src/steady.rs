@@ -9,11 +9,15 @@
 //! sequence, and the consumer when it polled the record.
 //!
 //! The baselines, in the same rounds: the same messages produced straight to Kafka, with the
-//! relay's producer settings and `linger.ms` at the relay's `batch_linger`, no database and no
-//! relay (see `children.rs`), by one process (what librdkafka itself spends on this traffic: the
-//! floor of the relay's CPU per message) and by as many processes as there are writers (what
-//! the services would spend producing directly, each with its own producer). Their latency is
-//! from handing a message to the producer to the consumer. And the writers alone, no relay and
+//! relay's producer settings and `linger.ms` at the relay's `batch_linger`, no database, no
+//! writers and no relay (see `children.rs`): by one process handing over each message as it
+//! becomes due (a service producing in its request handler); by as many such processes as
+//! there are writers (the services producing directly, each with its own producer); and by one
+//! process handing over what is due every `batch_linger` (batches, as the relay hands them over:
+//! what librdkafka spends on this traffic when fed as the relay feeds it). Their latency is from
+//! when a message became due to the consumer. Their CPU is counted from the start of their loop
+//! to their last acknowledgement; the relay's from before the writers start until the consumer
+//! has every message (its idle time included). And the writers alone, no relay and
 //! no consumer (the table emptied after each phase): the rate and the PostgreSQL CPU they reach
 //! without a relay, so that what the relay costs them is measured, not guessed.
 
@@ -23,7 +27,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde_json::json;
 
-use crate::children::{daemon_beside_bench, kafka_override_env, Daemon, WriterLine, WriterSpec};
+use crate::children::{
+    daemon_beside_bench, kafka_override_env, Daemon, Produce, WriterLine, WriterSpec,
+};
 use crate::kafka::ConsumerThread;
 use crate::util::{histogram, histogram_json, quantile_ms, say, CpuSample, Spread};
 use crate::Ctx;
@@ -74,7 +80,7 @@ async fn phase(
     relay: Option<&Daemon>,
     (rate, id, first): (f64, u16, u64),
     writers: usize,
-    produce: Option<&[String]>,
+    produce: Option<Produce<'_>>,
 ) -> anyhow::Result<Phase> {
     let args = &ctx.args;
     let seconds = args.steady_seconds as f64;
@@ -92,15 +98,19 @@ async fn phase(
             keys: args.keys,
             first: first + w as u64 * 10_000_000,
             phase: id,
-            produce: produce.map(|kafka| (ctx.bootstrap.as_str(), kafka)),
+            produce,
         };
         children.push(spec.spawn()?);
     }
     let mut commits = Vec::new();
     let mut writer_seconds: f64 = 0.0;
     let mut writers_cpu = 0.0;
+    // A stalled broker or database must not hang the bench.
+    let deadline = Duration::from_secs_f64(seconds) + Duration::from_secs(120);
     for child in children {
-        let output = child.wait_with_output().await?;
+        let output = tokio::time::timeout(deadline, child.wait_with_output())
+            .await
+            .context("a writer did not finish within 120 s of its end")??;
         anyhow::ensure!(
             output.status.success(),
             "a writer failed: {}",
@@ -150,8 +160,9 @@ async fn phase(
 enum Kind {
     /// The writers and the relay daemon.
     Relay,
-    /// This many processes produce straight to Kafka with `linger.ms` = `linger_ms`.
-    Producers(usize),
+    /// This many processes produce straight to Kafka with `linger.ms` = `linger_ms`, each
+    /// message as it is due or, `batched`, what is due every `linger_ms`.
+    Producers { processes: usize, batched: bool },
     /// The writers alone.
     WritersAlone,
 }
@@ -169,8 +180,15 @@ struct Variant {
 impl Variant {
     fn name(&self, standby: bool) -> String {
         match self.kind {
-            Kind::Producers(n) => {
-                return format!("{n} raw producer process(es), linger.ms {}", self.linger_ms)
+            Kind::Producers { processes, batched } => {
+                let feed = match batched {
+                    true => format!("batches every {} ms", self.linger_ms),
+                    false => "each message as due".to_owned(),
+                };
+                return format!(
+                    "{processes} producer process(es), {feed}, linger.ms {}",
+                    self.linger_ms
+                );
             }
             Kind::WritersAlone => return "the writers alone, no relay".to_owned(),
             Kind::Relay => {}
@@ -227,13 +245,25 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             }
         }
     }
-    // The floor (one producer, at the first linger compared) first: the relay is compared
-    // with it.
-    let floor = variants.len();
+    // The baselines, at the first linger compared; the relay is compared with the two
+    // single-process producers.
+    let (per_message_baseline, batched_baseline) = (variants.len(), variants.len() + 1);
     let writers = args.steady_writers.max(1);
-    let mut baselines = vec![Kind::Producers(1)];
+    let mut baselines = vec![
+        Kind::Producers {
+            processes: 1,
+            batched: false,
+        },
+        Kind::Producers {
+            processes: 1,
+            batched: true,
+        },
+    ];
     if writers > 1 {
-        baselines.push(Kind::Producers(writers));
+        baselines.push(Kind::Producers {
+            processes: writers,
+            batched: false,
+        });
     }
     baselines.push(Kind::WritersAlone);
     for kind in baselines {
@@ -275,10 +305,16 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 _ => None,
             };
             let (processes, produce) = match variant.kind {
-                Kind::Producers(n) => (n, Some(producing.clone())),
+                Kind::Producers { processes, batched } => {
+                    let produce = Produce {
+                        bootstrap: &ctx.bootstrap,
+                        kafka: &producing,
+                        every_ms: batched.then_some(variant.linger_ms),
+                    };
+                    (processes, Some(produce))
+                }
                 _ => (writers, None),
             };
-            let produce = produce.as_deref();
             let run = (&topic[..], &consumer);
             // Warm-up, not reported: connections, the producer's metadata, the consumer's
             // fetches.
@@ -406,9 +442,9 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             details.push(json!({"rate": rate, "writers_alone": true, "rounds": per_round}));
             continue;
         }
-        if let Kind::Producers(processes) = variant.kind {
-            report.row(&scenario, "hand-over → consumer p50", "ms", &p50);
-            report.row(&scenario, "hand-over → consumer p99", "ms", &p99);
+        if let Kind::Producers { processes, batched } = variant.kind {
+            report.row(&scenario, "due → consumer p50", "ms", &p50);
+            report.row(&scenario, "due → consumer p99", "ms", &p99);
             report.row(
                 &scenario,
                 "producer processes' CPU per message",
@@ -422,8 +458,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 &per_message(&runs, 2),
             );
             details.push(json!({
-                "rate": rate, "raw_producer_processes": processes,
-                "raw_producer_linger_ms": variant.linger_ms, "rounds": per_round,
+                "rate": rate, "producer_processes": processes, "batched": batched,
+                "producer_linger_ms": variant.linger_ms, "rounds": per_round,
             }));
             continue;
         }
@@ -432,11 +468,15 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         let relay_cpu = per_message(&runs, 0);
         let postgres_cpu = per_message(&runs, 1);
         report.row(&scenario, "relay daemon CPU per message", "µs", &relay_cpu);
-        // Round by round against the one raw producer, and the writers alone, at the same rate.
+        // Round by round against the single producers, and the writers alone, at the same rate.
         let ratios = |ours: &[f64], theirs: &[f64]| -> Vec<f64> {
             ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
         };
-        let over_raw = ratios(&relay_cpu, &per_message(&runs_of(floor, i), 4));
+        let over_each = ratios(
+            &relay_cpu,
+            &per_message(&runs_of(per_message_baseline, i), 4),
+        );
+        let over_batched = ratios(&relay_cpu, &per_message(&runs_of(batched_baseline, i), 4));
         let alone = runs_of(variants.len() - 1, i);
         let alone_rate: Vec<f64> = alone
             .iter()
@@ -455,9 +495,15 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             .collect();
         report.row(
             &scenario,
-            "relay CPU per message / one raw producer's (same round)",
+            "relay CPU per message / a producer fed each message's (same round)",
             "x",
-            &over_raw,
+            &over_each,
+        );
+        report.row(
+            &scenario,
+            "relay CPU per message / a producer fed batches' (same round)",
+            "x",
+            &over_batched,
         );
         report.row(
             &scenario,
@@ -485,7 +531,7 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
         );
         let p99s = Spread::of(&p99);
         let relay = Spread::of(&relay_cpu);
-        let over_raw_spread = Spread::of(&over_raw);
+        let over_batched_spread = Spread::of(&over_batched);
         let rate_ok = Spread::of(&achieved).median >= 0.98 * rate;
         let wanted_p99 = match (variant.delivery, rate <= 500.0) {
             (Some("exactly-once"), _) => 25.0,
@@ -511,13 +557,13 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
                 &format!("steady {rate} msg/s, {name}: relay CPU per message"),
                 "<= 20 µs",
                 format!(
-                    "{:.1} µs ({:.1}-{:.1}); {:.2}x one raw producer's ({:.2}-{:.2})",
+                    "{:.1} µs ({:.1}-{:.1}); {:.2}x a producer fed batches ({:.2}-{:.2})",
                     relay.median,
                     relay.min,
                     relay.max,
-                    over_raw_spread.median,
-                    over_raw_spread.min,
-                    over_raw_spread.max
+                    over_batched_spread.median,
+                    over_batched_spread.min,
+                    over_batched_spread.max
                 ),
                 relay.median <= 20.0,
             );
@@ -527,7 +573,8 @@ pub(crate) async fn run(ctx: &Ctx) -> anyhow::Result<()> {
             "wait_for_standbys": standby.then_some(variant.wait_for_standbys),
             "delivery": variant.delivery, "rounds": per_round,
             "relay_cpu_us_per_message": relay.json(&relay_cpu),
-            "relay_cpu_over_one_raw_producer": over_raw_spread.json(&over_raw),
+            "relay_cpu_over_producer_fed_each_message": Spread::of(&over_each).json(&over_each),
+            "relay_cpu_over_producer_fed_batches": over_batched_spread.json(&over_batched),
             "postgres_cpu_us_per_message": Spread::of(&postgres_cpu).json(&postgres_cpu),
         }));
     }
