@@ -72,8 +72,13 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// sends at once, so a slow database shows as a lower achieved rate, not as hidden waits).
 pub(crate) async fn writer_child(args: WriterChildArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.rate.is_finite() && args.rate > 0.0 && args.seconds.is_finite() && args.seconds >= 0.0,
-        "--rate must be positive and --seconds not negative"
+        args.rate.is_finite() && args.rate > 0.0 && (0.0..=1e6).contains(&args.seconds),
+        "--rate must be positive and --seconds between 0 and 1,000,000"
+    );
+    anyhow::ensure!(
+        args.produce_every_ms
+            .is_none_or(|ms| (1..=60_000).contains(&ms)),
+        "--produce-every-ms must be between 1 and 60,000"
     );
     if let Some(bootstrap) = &args.produce_to {
         return produce_child(bootstrap, &args).await;

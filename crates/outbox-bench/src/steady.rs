@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::json;
+use tokio::process::Child;
 
 use crate::children::{
     daemon_beside_bench, kafka_override_env, Daemon, Produce, WriterLine, WriterSpec,
@@ -105,12 +106,18 @@ async fn phase(
     let mut commits = Vec::new();
     let mut writer_seconds: f64 = 0.0;
     let mut writers_cpu = 0.0;
-    // A stalled broker or database must not hang the bench.
+    // Every writer's output is read while they run: one whose pipe is not read blocks on its
+    // next flush (a pipe holds 64 KiB, about 2,500 lines) and falls behind its schedule. A
+    // stalled broker or database must not hang the bench.
     let deadline = Duration::from_secs_f64(seconds) + Duration::from_secs(120);
-    for child in children {
-        let output = tokio::time::timeout(deadline, child.wait_with_output())
-            .await
-            .context("a writer did not finish within 120 s of its end")??;
+    let outputs = tokio::time::timeout(
+        deadline,
+        futures::future::join_all(children.into_iter().map(Child::wait_with_output)),
+    )
+    .await
+    .context("the writers did not finish within 120 s of their end")?;
+    for output in outputs {
+        let output = output?;
         anyhow::ensure!(
             output.status.success(),
             "a writer failed: {}",
