@@ -217,14 +217,13 @@ impl Outbox {
         tx: impl ClientTransaction,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
-        let messages = self.prepare_all(messages)?;
-        if messages.is_empty() {
-            return Ok(Vec::new());
+        match self.prepare_all(messages)?.as_slice() {
+            [] => Ok(Vec::new()),
+            // The one-row statement: a set-based insert of one row costs the server more (its
+            // arrays unnested, its rows ordered).
+            [message] => Ok(vec![tx.insert_one(&self.statements, message).await?]),
+            messages => all_saved(messages, tx.insert_many(&self.statements, messages).await?),
         }
-        all_saved(
-            &messages,
-            tx.insert_many(&self.statements, &messages).await?,
-        )
     }
 
     /// [`Outbox::save_for_publishing`] through a blocking client: diesel's `PgConnection`
@@ -261,11 +260,12 @@ impl Outbox {
         tx: impl BlockingClientTransaction,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Vec<Sequence>, Error> {
-        let messages = self.prepare_all(messages)?;
-        if messages.is_empty() {
-            return Ok(Vec::new());
+        match self.prepare_all(messages)?.as_slice() {
+            [] => Ok(Vec::new()),
+            // The one-row statement, as in `save_all_for_publishing`.
+            [message] => Ok(vec![tx.insert_one(&self.statements, message)?]),
+            messages => all_saved(messages, tx.insert_many(&self.statements, messages)?),
         }
-        all_saved(&messages, tx.insert_many(&self.statements, &messages)?)
     }
 }
 
