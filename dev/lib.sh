@@ -26,6 +26,12 @@ die() { echo "dev: error: $*" >&2; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Kafka's tools, on the broker's own jars.
+kafka_tool() {
+  java -Xmx256m -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.yaml" \
+    -cp "$KAFKA_HOME/libs/*" "$@"
+}
+
 # Waits until `$2...` succeeds, at most $1 seconds.
 wait_for() {
   local seconds=$1; shift
