@@ -191,6 +191,44 @@ impl Client for Deadpool {
     }
 }
 
+/// bb8-postgres: its pooled connection dereferences to tokio-postgres's `Client`, whose
+/// transaction is tokio-postgres's own (`&tx`).
+struct Bb8(bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>);
+
+impl Client for Bb8 {
+    const NAME: &'static str = "bb8-postgres";
+
+    async fn connect() -> Self {
+        let config: tokio_postgres::Config = database_url().parse().unwrap();
+        let manager = bb8_postgres::PostgresConnectionManager::new(config, tokio_postgres::NoTls);
+        Bb8(bb8::Pool::builder()
+            .max_size(2)
+            .build(manager)
+            .await
+            .unwrap())
+    }
+
+    async fn transact(
+        &mut self,
+        outbox: &Outbox,
+        schema: &str,
+        thing: i64,
+        save: Vec<Message>,
+        more: Vec<Message>,
+        commit: bool,
+    ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+        let mut client = self.0.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.rollback().await.unwrap();
+        }
+        results
+    }
+}
+
 struct SeaOrm(sea_orm::DatabaseConnection);
 
 impl Client for SeaOrm {
@@ -563,6 +601,11 @@ async fn tokio_postgres_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadpool_postgres_conforms() {
     conformance::<Deadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bb8_postgres_conforms() {
+    conformance::<Bb8>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,8 @@ pub(crate) mod tokio_postgres;
 /// |---|---|
 /// | sqlx | `&mut sqlx::Transaction<'_, Postgres>` |
 /// | tokio-postgres (feature `tokio-postgres`) | `&tokio_postgres::Transaction<'_>` |
-/// | deadpool-postgres, bb8-postgres (feature `tokio-postgres`) | `&*tx`: their transactions dereference to tokio-postgres's |
+/// | deadpool-postgres (feature `tokio-postgres`) | `&*tx`: its transaction dereferences to tokio-postgres's |
+/// | bb8-postgres (feature `tokio-postgres`) | `&tx`: its pooled connection dereferences to tokio-postgres's `Client`, whose transaction this is |
 /// | SeaORM (feature `sea-orm`, PostgreSQL) | `&sea_orm::DatabaseTransaction` |
 /// | diesel-async (feature `diesel-async`) | `&mut AsyncPgConnection`, inside its `transaction(..)`; outside one it is refused |
 ///
