@@ -1,4 +1,4 @@
-# Shared by dev/up and dev/down. Logs go to stderr so that stdout stays `eval`-able.
+# Shared by dev/up, dev/down and dev/test. Logs go to stderr so that stdout stays `eval`-able.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # One cache for every checkout on this machine, so a CI clone reuses what dev/up already fetched.
 CACHE="${OUTBOX_DEV_CACHE:-$HOME/.cache/outbox-dev}"
@@ -26,9 +26,10 @@ die() { echo "dev: error: $*" >&2; exit 1; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# Kafka's tools, on the broker's own jars.
+# Kafka's tools, on the broker's own jars; given up after two minutes (a tool's admin client
+# waits a minute per call for a broker that does not answer).
 kafka_tool() {
-  java -Xmx256m -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.yaml" \
+  timeout 120 java -Xmx256m -Dlog4j2.configurationFile="$ROOT/dev/kafka/log4j2.yaml" \
     -cp "$KAFKA_HOME/libs/*" "$@"
 }
 

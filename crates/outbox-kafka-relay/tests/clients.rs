@@ -23,13 +23,16 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// One of the client libraries, driven the same way for every case.
 trait Client: Sized {
     const NAME: &'static str;
+    /// Whether `transact` saves a single message of `save` with `save_all_for_publishing`, not
+    /// with the client's one-round-trip form.
+    const ONE_AS_BATCH: bool = true;
 
     async fn connect() -> Self;
 
-    /// In one transaction: inserts business row `thing`, saves `save` (one message through
-    /// `save_for_publishing`, several through `save_all_for_publishing`), then saves each of
-    /// `more` on its own, keeping going after a refusal; commits if `commit`. Returns the result
-    /// of the first save and of each of `more`.
+    /// In one transaction: inserts business row `thing`, saves `save` (one message through the
+    /// one-round-trip form where the client has one, see `ONE_AS_BATCH`; else through
+    /// `save_all_for_publishing`), then saves each of `more` on its own, keeping going after a
+    /// refusal; commits if `commit`. Returns the result of the first save and of each of `more`.
     async fn transact(
         &mut self,
         outbox: &Outbox,
@@ -45,6 +48,7 @@ struct Sqlx(sqlx::PgConnection);
 
 impl Client for Sqlx {
     const NAME: &'static str = "sqlx";
+    const ONE_AS_BATCH: bool = false;
 
     async fn connect() -> Self {
         use sqlx::Connection as _;
@@ -94,6 +98,7 @@ struct TokioPostgres(tokio_postgres::Client);
 
 impl Client for TokioPostgres {
     const NAME: &'static str = "tokio-postgres";
+    const ONE_AS_BATCH: bool = false;
 
     async fn connect() -> Self {
         let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
@@ -158,6 +163,7 @@ struct Deadpool(deadpool_postgres::Pool);
 
 impl Client for Deadpool {
     const NAME: &'static str = "deadpool-postgres";
+    const ONE_AS_BATCH: bool = false;
 
     async fn connect() -> Self {
         let config: tokio_postgres::Config = database_url().parse().unwrap();
@@ -197,6 +203,7 @@ struct Bb8(bb8::Pool<bb8_postgres::PostgresConnectionManager<tokio_postgres::NoT
 
 impl Client for Bb8 {
     const NAME: &'static str = "bb8-postgres";
+    const ONE_AS_BATCH: bool = false;
 
     async fn connect() -> Self {
         let config: tokio_postgres::Config = database_url().parse().unwrap();
@@ -256,14 +263,8 @@ impl Client for SeaOrm {
         ))
         .await
         .unwrap();
-        let first = if let [message] = &save[..] {
-            outbox
-                .save_for_publishing(&tx, message.clone())
-                .await
-                .map(|sequence| vec![sequence])
-        } else {
-            outbox.save_all_for_publishing(&tx, save).await
-        };
+        // One message too: `more` goes through `save_for_publishing`.
+        let first = outbox.save_all_for_publishing(&tx, save).await;
         let mut results = Vec::new();
         for message in more {
             results.push(outbox.save_for_publishing(&tx, message).await);
@@ -311,14 +312,8 @@ impl Client for DieselAsync {
             .execute(conn)
             .await
             .unwrap();
-        let first = if let [message] = &save[..] {
-            outbox
-                .save_for_publishing(&mut *conn, message.clone())
-                .await
-                .map(|sequence| vec![sequence])
-        } else {
-            outbox.save_all_for_publishing(&mut *conn, save).await
-        };
+        // One message too: `more` goes through `save_for_publishing`.
+        let first = outbox.save_all_for_publishing(&mut *conn, save).await;
         let mut results = Vec::new();
         for message in more {
             results.push(outbox.save_for_publishing(&mut *conn, message).await);
@@ -371,13 +366,8 @@ impl Client for Diesel {
                 .bind::<diesel::sql_types::BigInt, _>(thing)
                 .execute(&mut conn)
                 .unwrap();
-            let first = if let [message] = &save[..] {
-                outbox
-                    .save_for_publishing_blocking(&mut conn, message.clone())
-                    .map(|sequence| vec![sequence])
-            } else {
-                outbox.save_all_for_publishing_blocking(&mut conn, save)
-            };
+            // One message too: `more` goes through `save_for_publishing_blocking`.
+            let first = outbox.save_all_for_publishing_blocking(&mut conn, save);
             let results = more
                 .into_iter()
                 .map(|message| outbox.save_for_publishing_blocking(&mut conn, message))
@@ -547,6 +537,19 @@ async fn conformance<C: Client>() {
         "{name}: {:?}",
         more[0]
     );
+    if C::ONE_AS_BATCH {
+        let (saved, _) = client
+            .transact(
+                &outbox.outbox,
+                &schema,
+                7,
+                vec![Message::new(&suppressed, b"suppressed".to_vec())],
+                vec![],
+                false,
+            )
+            .await;
+        assert!(matches!(saved, Err(Error::NotSaved)), "{name}: {saved:?}");
+    }
     sqlx::raw_sql(&format!("DROP TRIGGER suppress ON {schema}.message"))
         .execute(&outbox.pool)
         .await
@@ -630,11 +633,16 @@ async fn a_diesel_connection_outside_a_transaction_is_refused() {
         .save_for_publishing_blocking(&mut *conn, Message::new("t", b"x".to_vec()))
         .unwrap_err();
     assert!(matches!(error, Error::NotInTransaction), "{error}");
-    let error = outbox
-        .outbox
-        .save_all_for_publishing_blocking(conn, [Message::new("t", b"x".to_vec())])
-        .unwrap_err();
-    assert!(matches!(error, Error::NotInTransaction), "{error}");
+    for count in [1, 2] {
+        let error = outbox
+            .outbox
+            .save_all_for_publishing_blocking(
+                &mut *conn,
+                vec![Message::new("t", b"x".to_vec()); count],
+            )
+            .unwrap_err();
+        assert!(matches!(error, Error::NotInTransaction), "{count}: {error}");
+    }
     let mut client = DieselAsync::connect().await;
     let error = outbox
         .outbox
@@ -642,12 +650,14 @@ async fn a_diesel_connection_outside_a_transaction_is_refused() {
         .await
         .unwrap_err();
     assert!(matches!(error, Error::NotInTransaction), "{error}");
-    let error = outbox
-        .outbox
-        .save_all_for_publishing(&mut client.0, [Message::new("t", b"x".to_vec())])
-        .await
-        .unwrap_err();
-    assert!(matches!(error, Error::NotInTransaction), "{error}");
+    for count in [1, 2] {
+        let error = outbox
+            .outbox
+            .save_all_for_publishing(&mut client.0, vec![Message::new("t", b"x".to_vec()); count])
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::NotInTransaction), "{count}: {error}");
+    }
     assert_eq!(outbox.pending().await, 0);
     outbox.drop_schema().await;
 }
