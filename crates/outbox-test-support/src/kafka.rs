@@ -13,10 +13,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use crate::{kafka_bootstrap_servers, short_id};
 
 /// A topic name no other test uses. Under `dev/test` it carries the run's tag
-/// (`OUTBOX_TEST_RUN`, hex digits), so that the script deletes this run's topics at its end and
+/// (`DEV_TEST_RUN`, hex digits), so that the script deletes this run's topics at its end and
 /// no one else's.
 pub fn unique_topic(prefix: &str) -> String {
-    match std::env::var("OUTBOX_TEST_RUN") {
+    match std::env::var("DEV_TEST_RUN") {
         Ok(run) if (1..=16).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_hexdigit()) => {
             format!("{prefix}-{run}-{}", short_id())
         }
