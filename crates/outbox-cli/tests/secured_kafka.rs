@@ -11,8 +11,8 @@ use std::time::Duration;
 use outbox::Message;
 use outbox_test_support::{
     create_topic, database_url, free_port, kafka_bootstrap_servers, kafka_sasl_ca,
-    kafka_sasl_properties, short_id, wait_until, TestOutbox, TopicReader, SASL_CONSUMER,
-    SASL_RELAY,
+    kafka_sasl_properties, short_id, unique_topic, wait_until, TestOutbox, TopicReader,
+    SASL_CONSUMER, SASL_RELAY,
 };
 
 /// A relay daemon and the file its stderr goes to; SIGKILLed on drop.
@@ -146,7 +146,7 @@ async fn commit(outbox: &TestOutbox, topic: &str, payloads: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_publishes_over_sasl_ssl_and_the_consumer_user_reads() {
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
+    let topic = unique_topic("secured");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     let properties = kafka_sasl_properties(&SASL_RELAY, SASL_RELAY.password, &kafka_sasl_ca());
     let daemon = start(&outbox, &properties);
@@ -176,7 +176,7 @@ async fn the_relay_publishes_over_sasl_ssl_and_the_consumer_user_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_password_is_named_and_nothing_is_completed() {
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
+    let topic = unique_topic("secured");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     commit(&outbox, &topic, &["waits"]).await;
     let wrong = "wrong-password-7c1e";
@@ -192,7 +192,7 @@ async fn a_refused_password_is_named_and_nothing_is_completed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_is_named_and_nothing_is_completed() {
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
+    let topic = unique_topic("secured");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     commit(&outbox, &topic, &["waits"]).await;
     // A CA that did not sign the broker's certificate (dev/up makes it beside the real one).
@@ -211,8 +211,8 @@ async fn an_untrusted_certificate_is_named_and_nothing_is_completed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_acl_holds_only_its_topic_and_is_named() {
     let outbox = TestOutbox::new().await;
-    let allowed = format!("secured-{}", short_id());
-    let refused = format!("unlisted-{}", short_id());
+    let allowed = unique_topic("secured");
+    let refused = unique_topic("unlisted");
     create_topic(&kafka_bootstrap_servers(), &allowed, 1).await;
     create_topic(&kafka_bootstrap_servers(), &refused, 1).await;
     commit(&outbox, &refused, &["refused"]).await;
@@ -248,8 +248,8 @@ async fn a_missing_acl_holds_only_its_topic_and_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_publishes_in_transactions_with_its_transactional_id_acl() {
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
-    let progress = format!("secured-progress-{}", short_id());
+    let topic = unique_topic("secured");
+    let progress = unique_topic("secured-progress");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     // The relay's principal may not create topics: the operator creates the progress topic.
     create_topic(&kafka_bootstrap_servers(), &progress, 1).await;
@@ -286,8 +286,8 @@ async fn exactly_once_publishes_in_transactions_with_its_transactional_id_acl() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_without_a_transactional_id_acl_is_named_and_nothing_is_completed() {
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
-    let progress = format!("secured-progress-{}", short_id());
+    let topic = unique_topic("secured");
+    let progress = unique_topic("secured-progress");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     create_topic(&kafka_bootstrap_servers(), &progress, 1).await;
     commit(&outbox, &topic, &["waits"]).await;

@@ -338,7 +338,7 @@ async fn a_partition_revoked_during_a_slow_handler_does_not_stop_the_consumer() 
 async fn consumes_over_sasl_ssl_with_its_users_rights() {
     use outbox_test_support::{kafka_sasl_ca, kafka_sasl_properties, SASL_CONSUMER};
     let outbox = TestOutbox::new().await;
-    let topic = format!("secured-{}", short_id());
+    let topic = unique_topic("secured");
     create_topic(&kafka_bootstrap_servers(), &topic, 1).await;
     produce(&topic, &[(1, "one"), (2, "two")]).await;
 
