@@ -37,17 +37,22 @@ fn libs_dir() -> PathBuf {
 /// return a just-released port again, and two listeners of one broker (or two brokers of one
 /// cluster) on the same port make Kafka refuse its configuration.
 pub fn free_port() -> u16 {
-    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        if handed_out.insert(port) {
+        if claim_port(port) {
             return port;
         }
     }
+}
+
+/// Whether `port` was not handed out before in this process; it is from now on.
+pub(crate) fn claim_port(port: u16) -> bool {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    handed_out.insert(port)
 }
 
 impl KafkaBroker {

@@ -38,10 +38,18 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Listens on a free loopback port and forwards to `target` (`host:port`).
     pub async fn start(target: &str) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", crate::free_port()))
-            .await
-            .expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
+        // Bound at once (a port found free and bound later may be taken meanwhile, by another
+        // listener or an outgoing connection's ephemeral port), but never one handed out to a
+        // broker that has yet to start.
+        let (listener, port) = loop {
+            let listener = TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .expect("bind the proxy");
+            let port = listener.local_addr().expect("proxy address").port();
+            if crate::broker::claim_port(port) {
+                break (listener, port);
+            }
+        };
         let (changed, _) = watch::channel(());
         let proxy = TcpProxy {
             port,
