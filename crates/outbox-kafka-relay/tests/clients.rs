@@ -117,15 +117,28 @@ impl Client for TokioPostgres {
         more: Vec<Message>,
         commit: bool,
     ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
-        let tx = self.0.transaction().await.unwrap();
-        let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
-        if commit {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-        results
+        transact_on(&mut self.0, outbox, schema, thing, save, more, commit).await
     }
+}
+
+/// `Client::transact` on a tokio-postgres client (bb8's pooled connections dereference to one).
+async fn transact_on(
+    client: &mut tokio_postgres::Client,
+    outbox: &Outbox,
+    schema: &str,
+    thing: i64,
+    save: Vec<Message>,
+    more: Vec<Message>,
+    commit: bool,
+) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
+    let tx = client.transaction().await.unwrap();
+    let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
+    if commit {
+        tx.commit().await.unwrap();
+    } else {
+        tx.rollback().await.unwrap();
+    }
+    results
 }
 
 /// The cases' statements on a tokio-postgres transaction, the business statement pipelined with
@@ -225,14 +238,7 @@ impl Client for Bb8 {
         commit: bool,
     ) -> (Result<Vec<i64>, Error>, Vec<Result<i64, Error>>) {
         let mut client = self.0.get().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        let results = tokio_postgres_transact(&tx, outbox, schema, thing, save, more).await;
-        if commit {
-            tx.commit().await.unwrap();
-        } else {
-            tx.rollback().await.unwrap();
-        }
-        results
+        transact_on(&mut client, outbox, schema, thing, save, more, commit).await
     }
 }
 
